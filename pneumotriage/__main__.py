@@ -1,0 +1,3 @@
+from pneumotriage.cli import main
+
+main()
