@@ -1,0 +1,519 @@
+"""Reading chest radiographs from DICOM files.
+
+Two entry points:
+
+- :func:`read_header` / :func:`discover`: a header-only pass (pixel data is never read) that says what a file is
+  and whether it can be decoded here. Used to index folders before any expensive work.
+- :func:`read_dicom`: the full decode to a float32 image in [0, 1] where **higher means denser** (bone bright),
+  whatever the photometric interpretation, bit depth or compression.
+
+The grey-level pipeline follows DICOM PS3.3 C.11 (the "grayscale pipeline"): stored values -> Modality LUT
+(rescale slope/intercept or a LUT) -> VOI LUT or window -> Presentation (MONOCHROME1 is inverted *after* the
+LUTs) -> a robust percentile normalisation to [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGExtended12Bit,
+)
+
+from pneumotriage.errors import (
+    CorruptPixelDataError,
+    DicomError,
+    NoPixelDataError,
+    NotDicomError,
+    UnsupportedTransferSyntaxError,
+)
+
+__all__ = [
+    "DicomHeader",
+    "DicomImage",
+    "SkippedFile",
+    "discover",
+    "image_id_for",
+    "read_dicom",
+    "read_header",
+]
+
+#: File name endings stripped to get the image id; anything else is part of the id (SIIM names are UIDs with dots).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+#: Errors pydicom and its codecs raise on malformed bytes. Caught only around parsing and decoding.
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    EOFError,
+    OverflowError,
+    AttributeError,
+    NotImplementedError,
+    RuntimeError,
+    OSError,
+    MemoryError,
+)
+
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+NO_PIXELS = "no pixel data (not an image object)"
+
+# Which optional extra brings a decoder for each transfer syntax pydicom cannot decode with Pillow alone.
+_CODECS_HINT = "pip install 'pneumotriage[codecs]'"
+_CODECS_GPL_HINT = "pip install 'pneumotriage[codecs-gpl]' (GPLv3 libjpeg)"
+_EXTRA_FOR_SYNTAX = {
+    "1.2.840.10008.1.2.4.57": _CODECS_GPL_HINT,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _CODECS_GPL_HINT,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.51": _CODECS_GPL_HINT,  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.80": _CODECS_HINT,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _CODECS_HINT,  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.201": _CODECS_HINT,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _CODECS_HINT,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _CODECS_HINT,  # HTJ2K
+}
+
+# Low and high percentiles used to normalise to [0, 1]: robust to burned-in labels and collimator edges.
+_NORM_PERCENTILES = (0.5, 99.5)
+
+
+def image_id_for(path: str | Path) -> str:
+    """The image id of a file: its name less a DICOM suffix (``ID_0011fe81e.dcm`` -> ``ID_0011fe81e``).
+
+    Only known DICOM suffixes are stripped: a SIIM file named by its UID without a suffix keeps every dot.
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in DICOM_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What the header of one DICOM file says, read without touching its pixel data."""
+
+    path: Path
+    image_id: str
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_datetime: datetime | None
+    modality: str | None
+    view_position: str | None
+    rows: int | None
+    columns: int | None
+    frames: int
+    samples_per_pixel: int
+    photometric: str | None
+    bits_stored: int | None
+    transfer_syntax: str | None
+    transfer_syntax_name: str | None
+    pixel_spacing_mm: tuple[float, float] | None
+    #: Why the file cannot be decoded here (no pixel data, codec missing), or None if it can.
+    problem: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        if self.rows is None or self.columns is None:
+            return None
+        return (self.rows, self.columns)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file met during discovery that is not a DICOM data set at all."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class DicomImage:
+    """A decoded radiograph: ``pixels`` is float32 H x W in [0, 1], bone bright."""
+
+    path: Path
+    pixels: np.ndarray
+    image_id: str
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_datetime: datetime | None
+    modality: str | None
+    view_position: str | None
+    pixel_spacing_mm: tuple[float, float] | None
+    original_shape: tuple[int, int]
+    photometric: str
+    transfer_syntax: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Opening files
+
+
+def _sniff(path: Path) -> str:
+    """'part10' for a file with the DICM preamble, 'raw' for a bare data set, else raise NotDicomError."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise NotDicomError(f"cannot be read: {exc.strerror or exc}", path=path, hint="check the path") from None
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "part10"
+    # A data set written without preamble starts with its lowest tag: group 0x0002 (meta) or 0x0008
+    # (identifying) in either byte order. Anything else is not worth handing to a forced parse.
+    if len(head) >= 8:
+        group_le = int.from_bytes(head[0:2], "little")
+        group_be = int.from_bytes(head[0:2], "big")
+        if group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008):
+            return "raw"
+    raise NotDicomError("not a DICOM file", path=path, hint="remove it from the input or point at DICOM files")
+
+
+def _ensure_transfer_syntax(ds: Dataset, notes: list[str]) -> None:
+    """Give a data set read without file meta a transfer syntax matching how it was parsed."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    implicit = True if implicit is None else implicit
+    little = True if little is None else little
+    if implicit:
+        syntax = ImplicitVRLittleEndian
+    else:
+        syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    meta.TransferSyntaxUID = syntax
+    notes.append(f"no transfer syntax in the file meta; assumed {syntax.name}")
+
+
+def _open(path: Path, *, header_only: bool) -> tuple[Dataset, list[str], bool]:
+    """Parse ``path``; returns the data set, notes for the user and whether pixel data is present.
+
+    With ``header_only`` pydicom stops at the pixel data element and leaves the file positioned on its tag,
+    so presence is read from the next four bytes without loading any pixel value.
+    """
+    kind = _sniff(path)
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, open(path, "rb") as fh:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fh, stop_before_pixels=header_only, force=(kind == "raw"))
+            # Touch every element now, inside the guard: pydicom parses values lazily.
+            for _ in ds.iterall():
+                pass
+            if header_only:
+                little = getattr(ds, "original_encoding", (None, True))[1] is not False
+                has_pixels = _next_tag_is_pixels(fh.read(4), little=little)
+            else:
+                has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
+    except _PARSE_ERRORS as exc:
+        raise NotDicomError(
+            f"DICOM header does not parse ({type(exc).__name__}: {_first_line(exc)})",
+            path=path,
+            hint="the file is damaged; re-export it from the PACS",
+        ) from None
+    notes.extend(_first_line(w.message) for w in caught)
+    if kind == "raw":
+        if len(ds) == 0:
+            raise NotDicomError("not a DICOM file", path=path, hint="remove it from the input")
+        notes.append("no DICOM preamble or file meta; read as a bare data set")
+    _ensure_transfer_syntax(ds, notes)
+    return ds, notes, has_pixels
+
+
+def _next_tag_is_pixels(raw: bytes, *, little: bool) -> bool:
+    if len(raw) < 4:
+        return False
+    order: Literal["little", "big"] = "little" if little else "big"
+    group = int.from_bytes(raw[0:2], order)
+    element = int.from_bytes(raw[2:4], order)
+    # (7FE0,0008) Float, (7FE0,0009) Double Float and (7FE0,0010) Pixel Data.
+    return group == 0x7FE0 and element in (0x0008, 0x0009, 0x0010)
+
+
+def _first_line(obj: object) -> str:
+    text = str(obj).strip()
+    return text.splitlines()[0] if text else type(obj).__name__
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Header fields
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except _PARSE_ERRORS:
+        return None
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except _PARSE_ERRORS:
+        return None
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """Row and column spacing in mm; None where missing, malformed or non-positive (``0\\0`` is common)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            parts = [float(v) for v in (value if isinstance(value, MultiValue | list | tuple) else [value])]
+        except _PARSE_ERRORS:
+            continue
+        if len(parts) == 2 and all(np.isfinite(p) and p > 0 for p in parts):
+            return (parts[0], parts[1])
+    return None
+
+
+def _study_datetime(ds: Dataset) -> datetime | None:
+    date = (_text(ds, "StudyDate") or _text(ds, "AcquisitionDate") or "").replace(".", "")
+    if len(date) != 8 or not date.isdigit():
+        return None
+    time = (_text(ds, "StudyTime") or _text(ds, "AcquisitionTime") or "").replace(":", "")
+    digits = time.split(".")[0]
+    digits = (digits + "000000")[:6] if digits.isdigit() else "000000"
+    try:
+        return datetime.strptime(date + digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def _syntax(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    value = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(value)) if value else None
+
+
+def _pixel_problem(ds: Dataset, has_pixels: bool) -> str | None:
+    """Why the pixel data of ``ds`` cannot be decoded here, or None."""
+    if not has_pixels:
+        return NO_PIXELS
+    syntax = _syntax(ds)
+    if syntax is None:
+        return "no transfer syntax"
+    if not syntax.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"unsupported transfer syntax {syntax} ({syntax.name}): no decoder exists for it"
+    if not decoder.is_available:
+        return f"transfer syntax {syntax.name} needs a decoder: {_EXTRA_FOR_SYNTAX.get(str(syntax), _CODECS_HINT)}"
+    bits = _int(ds, "BitsStored") or 8
+    if syntax == JPEGExtended12Bit and bits > 8 and set(decoder.available_plugins) <= {"pillow"}:
+        return f"12-bit {syntax.name} needs a decoder: {_CODECS_GPL_HINT}"
+    return None
+
+
+def _header_from(ds: Dataset, path: Path, notes: list[str], has_pixels: bool) -> DicomHeader:
+    syntax = _syntax(ds)
+    return DicomHeader(
+        path=path,
+        image_id=image_id_for(path),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_datetime=_study_datetime(ds),
+        modality=_text(ds, "Modality"),
+        view_position=_text(ds, "ViewPosition"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=max(_int(ds, "NumberOfFrames") or 1, 1),
+        samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+        photometric=_text(ds, "PhotometricInterpretation"),
+        bits_stored=_int(ds, "BitsStored"),
+        transfer_syntax=str(syntax) if syntax else None,
+        transfer_syntax_name=syntax.name if syntax else None,
+        pixel_spacing_mm=_pixel_spacing(ds),
+        problem=_pixel_problem(ds, has_pixels),
+        warnings=tuple(notes),
+    )
+
+
+def read_header(path: str | Path) -> DicomHeader:
+    """Read the header of one file, never its pixel data. Raises :class:`NotDicomError` for non-DICOM files."""
+    path = Path(path)
+    ds, notes, has_pixels = _open(path, header_only=True)
+    return _header_from(ds, path, notes, has_pixels)
+
+
+def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader | SkippedFile]:
+    """Walk files and folders (any depth, any or no extension) and yield one result per file.
+
+    The order is stable: each folder's files by name, then its sub-folders by name.
+
+    Header-only: no pixel data is read. Hidden files (``.DS_Store`` and friends) are passed over.
+    """
+    roots = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    for root in roots:
+        for path in _walk(root):
+            try:
+                yield read_header(path)
+            except DicomError as err:
+                yield SkippedFile(path=path, reason=err.message)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    if not root.is_dir():
+        yield root  # read_header then reports that it cannot be read
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def read_dicom(path: str | Path) -> DicomImage:
+    """Decode one radiograph to float32 H x W in [0, 1], bone bright.
+
+    Raises a :class:`~pneumotriage.errors.DicomError` subclass naming the file and the remedy.
+    """
+    path = Path(path)
+    ds, notes, has_pixels = _open(path, header_only=False)
+    header = _header_from(ds, path, notes, has_pixels)
+    if header.problem is not None:
+        if not has_pixels:
+            raise NoPixelDataError(header.problem, path=path, hint="only image objects can be triaged")
+        syntax = header.transfer_syntax_name or "unknown"
+        raise UnsupportedTransferSyntaxError(
+            header.problem, path=path, hint=_EXTRA_FOR_SYNTAX.get(header.transfer_syntax or "", syntax)
+        )
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
+        if keyword not in ds:
+            raise CorruptPixelDataError(
+                f"required image element {keyword} is missing", path=path, hint="re-export the image"
+            )
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
+            grey = _to_grey(arr, ds, photometric, notes)
+    except _PARSE_ERRORS as exc:
+        raise CorruptPixelDataError(
+            f"pixel data does not decode ({_first_line(exc)})",
+            path=path,
+            hint="the file is truncated or damaged; re-export it",
+        ) from None
+    notes.extend(_first_line(w.message) for w in caught)
+    if header.frames > 1:
+        notes.append(f"{header.frames} frames; using the first")
+    pixels = _normalise(grey, notes)
+    return DicomImage(
+        path=path,
+        pixels=pixels,
+        image_id=header.image_id,
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        patient_id=header.patient_id,
+        accession_number=header.accession_number,
+        study_datetime=header.study_datetime,
+        modality=header.modality,
+        view_position=header.view_position,
+        pixel_spacing_mm=header.pixel_spacing_mm,
+        original_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
+        photometric=photometric,
+        transfer_syntax=header.transfer_syntax or "",
+        warnings=notes,
+    )
+
+
+def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -> np.ndarray:
+    """Stored values -> display values (denser = larger) as float32, following the grayscale pipeline."""
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        notes.append("palette colour image converted to grey")
+        photometric = "RGB"
+    if arr.ndim == 3:
+        # pydicom hands back RGB for YBR_* by default; reduce with Rec. 601 luma weights.
+        notes.append(f"{photometric} colour image converted to grey")
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.asarray(arr[..., :3], dtype=np.float32) @ weights
+    if arr.ndim != 2:
+        raise ValueError(f"unexpected pixel array shape {arr.shape}")
+    out = apply_modality_lut(arr, ds)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        try:
+            out = apply_voi_lut(out, ds, index=0, prefer_lut=True)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            notes.append(f"VOI LUT/window not applied ({_first_line(exc)})")
+    out = np.asarray(out, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1: the minimum value is displayed white. Invert after the LUTs (PS3.3 C.7.6.3.1.2).
+        out = -out
+    return out
+
+
+def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Clip at robust percentiles (estimated on a sub-grid, which is exact enough and fast) and scale to [0, 1]."""
+    step = max(1, min(grey.shape) // 256)
+    sample = grey[::step, ::step]
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        notes.append("no finite pixel values")
+        return np.zeros(grey.shape, dtype=np.float32)
+    lo, hi = np.percentile(finite, _NORM_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        notes.append("constant image")
+        return np.zeros(grey.shape, dtype=np.float32)
+    out = (grey - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    result: np.ndarray = np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)
+    return result
