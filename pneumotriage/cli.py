@@ -1,0 +1,246 @@
+"""The command-line layer: argument parsing, console output and exit codes. All work happens in the library.
+
+Exit codes: 0 all went well; 1 an error stopped the command; 2 usage error; 3 weights missing;
+4 some inputs could not be used (the rest were processed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pneumotriage import __version__
+from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
+from pneumotriage.errors import DicomError, PneumotriageError
+
+EXIT_INPUTS_FAILED = 4
+
+app = typer.Typer(
+    name="pneumotriage",
+    help="Triage chest radiographs for pneumothorax from folders of DICOMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reports_errors(func: F) -> F:
+    """Turn a library error into one red line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PneumotriageError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pneumotriage {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Triage chest radiographs for pneumothorax from folders of DICOMs."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _header_row(found: DicomHeader | SkippedFile, decode: bool) -> dict[str, Any]:
+    if isinstance(found, SkippedFile):
+        return {"path": str(found.path), "status": "skip", "reason": found.reason}
+    h = found
+    row: dict[str, Any] = {
+        "path": str(h.path),
+        "status": "ok" if h.usable else "skip",
+        "reason": h.problem,
+        "image_id": h.image_id,
+        "sop_instance_uid": h.sop_instance_uid,
+        "study_instance_uid": h.study_instance_uid,
+        "patient_id": h.patient_id,
+        "modality": h.modality,
+        "view_position": h.view_position,
+        "rows": h.rows,
+        "columns": h.columns,
+        "frames": h.frames,
+        "photometric": h.photometric,
+        "bits_stored": h.bits_stored,
+        "transfer_syntax": h.transfer_syntax,
+        "transfer_syntax_name": h.transfer_syntax_name,
+        "pixel_spacing_mm": list(h.pixel_spacing_mm) if h.pixel_spacing_mm else None,
+        "study_datetime": h.study_datetime.isoformat() if h.study_datetime else None,
+        "warnings": list(h.warnings),
+    }
+    if decode and h.usable:
+        try:
+            image = read_dicom(h.path)
+            row["warnings"] = image.warnings
+        except DicomError as exc:
+            row["status"], row["reason"] = "skip", exc.message
+    return row
+
+
+@app.command()
+@_reports_errors
+def inspect(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Also decode the pixels, to catch damaged pixel data.")
+    ] = False,
+) -> None:
+    """List the DICOMs found (header only) and say why any file would be skipped."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        from pneumotriage.errors import UsageError
+
+        raise UsageError("no such file or folder", path=missing[0], hint="check the path")
+    rows = [_header_row(found, decode) for found in discover(paths)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        table = Table(title=f"{len(rows)} files", show_lines=False)
+        for col in ("image id", "modality", "size", "photometric", "bits", "syntax", "spacing mm", "status"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            if "image_id" not in row:
+                table.add_row(row["path"], "", "", "", "", "", "", f"[red]skip:[/] {row['reason']}")
+                continue
+            size = f"{row['rows']}x{row['columns']}" if row["rows"] else "?"
+            spacing = "x".join(f"{v:.3g}" for v in row["pixel_spacing_mm"]) if row["pixel_spacing_mm"] else "-"
+            status = "[green]ok[/]" if row["status"] == "ok" else f"[red]skip:[/] {row['reason']}"
+            if row["status"] == "ok" and row["warnings"]:
+                status += f" [yellow]({'; '.join(row['warnings'])})[/]"
+            table.add_row(
+                row["image_id"],
+                row["modality"] or "?",
+                size,
+                row["photometric"] or "?",
+                str(row["bits_stored"] or "?"),
+                row["transfer_syntax_name"] or "?",
+                spacing,
+                status,
+            )
+        out.print(table)
+    skipped = sum(r["status"] != "ok" for r in rows)
+    err.print(f"{len(rows) - skipped} usable, {skipped} skipped", highlight=False)
+    if skipped:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# synth
+
+
+@app.command()
+@_reports_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the study into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 20,
+    positive_rate: Annotated[float, typer.Option(help="Share of images with a pneumothorax.")] = 0.3,
+    size: Annotated[str, typer.Option(help="Image size: N or ROWSxCOLS.")] = "1024",
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
+    photometric: Annotated[str, typer.Option(help="MONOCHROME2 (SIIM) or MONOCHROME1.")] = "MONOCHROME2",
+    bits: Annotated[int, typer.Option(help="8 (JPEG Baseline, as SIIM), 12 or 16 (uncompressed).")] = 8,
+    mask_shapes: Annotated[
+        Path | None, typer.Option(help="SIIM label CSV whose real outlines shape the pneumothoraces.")
+    ] = None,
+) -> None:
+    """Write a synthetic study of chest-radiograph phantoms with a SIIM-form train-rle.csv."""
+    from rich.progress import Progress
+
+    from pneumotriage.synth import parse_size, write_study
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("rendering phantoms", total=n)
+        summary = write_study(
+            out_dir,
+            n,
+            positive_rate=positive_rate,
+            size=parse_size(size),
+            seed=seed,
+            photometric=photometric,
+            bits=bits,
+            mask_shapes=mask_shapes,
+            progress=lambda done, total: progress.update(task, completed=done),
+        )
+    err.print(
+        f"wrote {len(summary.images)} images ({summary.n_positive} with pneumothorax) to {summary.out}; "
+        f"labels in {summary.labels_csv}",
+        highlight=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo
+
+
+@app.command()
+@_reports_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo study.")] = Path("demo-out"),
+    n: Annotated[int, typer.Option("--n", help="Number of synthetic images.")] = 12,
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 512,
+) -> None:
+    """Make a synthetic study and read it back (the triage scan joins once it is built)."""
+    from pneumotriage.labels import index_dataset
+    from pneumotriage.synth import write_study
+
+    study = out_dir / "study"
+    summary = write_study(study, n, positive_rate=0.4, size=(size, size), seed=7)
+    index = index_dataset(study, summary.labels_csv)
+    table = Table(title=f"synthetic study: {study}")
+    for col in ("image id", "patient", "pneumothorax", "mask px", "grey lung/spine"):
+        table.add_column(col)
+    for record in index.records:
+        image = read_dicom(record.path)
+        h, w = image.pixels.shape
+        lung = float(image.pixels[h // 3 : h // 2, w // 5 : w // 3].mean())
+        spine = float(image.pixels[h // 3 : h // 2, w // 2 - w // 40 : w // 2 + w // 40].mean())
+        table.add_row(
+            record.image_id[-18:],
+            (record.patient_id or "?")[:8],
+            "yes" if record.positive else "no",
+            str(record.mask_area),
+            f"{lung:.2f} / {spine:.2f}",
+        )
+    out.print(table)
+    err.print(
+        f"{len(index.records)} images, {index.n_positive} with pneumothorax, labels in {summary.labels_csv}.\n"
+        "The triage cascade (pneumotriage scan) is not yet built; this demo shows the synthetic study it will scan.",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pneumotriage import __version__
+from pneumotriage.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"pneumotriage {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("inspect", "synth", "demo"):
+        assert command in result.stdout
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "pneumotriage", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_inspect_json_and_exit_codes(study) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, ["inspect", "--json", str(study.out)])
+    assert result.exit_code == 4  # manifest.json and train-rle.csv are not DICOM
+    rows = json.loads(result.stdout)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 12 and {r["image_id"] for r in ok} == {im.image_id for im in study.images}
+    assert all(r["rows"] == 128 and r["transfer_syntax"] == "1.2.840.10008.1.2.4.50" for r in ok)
+    skipped = {Path(r["path"]).name: r["reason"] for r in rows if r["status"] == "skip"}
+    assert skipped == {"manifest.json": "not a DICOM file", "train-rle.csv": "not a DICOM file"}
+    one = study.out / study.images[0].path
+    result = runner.invoke(app, ["inspect", "--decode", str(one)])
+    assert result.exit_code == 0 and "ok" in result.stdout
+
+
+def test_inspect_reports_damaged_pixels_with_decode(study, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = (study.out / study.images[1].path).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(src[: len(src) * 2 // 3])
+    assert runner.invoke(app, ["inspect", "--json", str(cut)]).exit_code == 0  # the header alone looks fine
+    result = runner.invoke(app, ["inspect", "--json", "--decode", str(cut)])
+    assert result.exit_code == 4
+    assert json.loads(result.stdout)[0]["status"] == "skip"
+
+
+def test_missing_path_is_one_line_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "nope: no such file or folder" in result.output
+
+
+def test_synth_command_and_bad_option(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["synth", str(tmp_path / "s"), "--n", "3", "--size", "64", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "s").rglob("*.dcm"))) == 3
+    assert (tmp_path / "s" / "train-rle.csv").is_file()
+    result = runner.invoke(app, ["synth", str(tmp_path / "t"), "--size", "big"])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "4", "--size", "128"])
+    assert result.exit_code == 0, result.output
+    assert "not yet built" in result.output
+    assert len(list((tmp_path / "demo").rglob("*.dcm"))) == 4
