@@ -18,10 +18,10 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -49,6 +49,7 @@ from pneumotriage.errors import (
 
 __all__ = [
     "DicomHeader",
+    "DicomIdentity",
     "DicomImage",
     "SkippedFile",
     "discover",
@@ -112,8 +113,8 @@ def image_id_for(path: str | Path) -> str:
 
 
 @dataclass(frozen=True)
-class DicomHeader:
-    """What the header of one DICOM file says, read without touching its pixel data."""
+class DicomIdentity:
+    """Who and what an image is: the fields a worklist row carries, shared by headers and decoded images."""
 
     path: Path
     image_id: str
@@ -125,6 +126,13 @@ class DicomHeader:
     study_datetime: datetime | None
     modality: str | None
     view_position: str | None
+    pixel_spacing_mm: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class DicomHeader(DicomIdentity):
+    """What the header of one DICOM file says, read without touching its pixel data."""
+
     rows: int | None
     columns: int | None
     frames: int
@@ -133,7 +141,6 @@ class DicomHeader:
     bits_stored: int | None
     transfer_syntax: str | None
     transfer_syntax_name: str | None
-    pixel_spacing_mm: tuple[float, float] | None
     #: Why the file cannot be decoded here (no pixel data, codec missing), or None if it can.
     problem: str | None = None
     warnings: tuple[str, ...] = ()
@@ -148,6 +155,9 @@ class DicomHeader:
             return None
         return (self.rows, self.columns)
 
+    def identity(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(DicomIdentity)}
+
 
 @dataclass(frozen=True)
 class SkippedFile:
@@ -157,22 +167,11 @@ class SkippedFile:
     reason: str
 
 
-@dataclass
-class DicomImage:
+@dataclass(frozen=True)
+class DicomImage(DicomIdentity):
     """A decoded radiograph: ``pixels`` is float32 H x W in [0, 1], bone bright."""
 
-    path: Path
     pixels: np.ndarray
-    image_id: str
-    sop_instance_uid: str | None
-    study_instance_uid: str | None
-    series_instance_uid: str | None
-    patient_id: str | None
-    accession_number: str | None
-    study_datetime: datetime | None
-    modality: str | None
-    view_position: str | None
-    pixel_spacing_mm: tuple[float, float] | None
     original_shape: tuple[int, int]
     photometric: str
     transfer_syntax: str
@@ -454,18 +453,8 @@ def read_dicom(path: str | Path) -> DicomImage:
         notes.append(f"{header.frames} frames; using the first")
     pixels = _normalise(grey, notes)
     return DicomImage(
-        path=path,
+        **header.identity(),
         pixels=pixels,
-        image_id=header.image_id,
-        sop_instance_uid=header.sop_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
-        patient_id=header.patient_id,
-        accession_number=header.accession_number,
-        study_datetime=header.study_datetime,
-        modality=header.modality,
-        view_position=header.view_position,
-        pixel_spacing_mm=header.pixel_spacing_mm,
         original_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
         photometric=photometric,
         transfer_syntax=header.transfer_syntax or "",
