@@ -427,10 +427,9 @@ def read_dicom(path: str | Path) -> DicomImage:
     if header.problem is not None:
         if not has_pixels:
             raise NoPixelDataError(header.problem, path=path, hint="only image objects can be triaged")
-        syntax = header.transfer_syntax_name or "unknown"
-        raise UnsupportedTransferSyntaxError(
-            header.problem, path=path, hint=_EXTRA_FOR_SYNTAX.get(header.transfer_syntax or "", syntax)
-        )
+        # The problem text already names the extra to install where one exists.
+        hint = None if "pip install" in header.problem else "convert it to an uncompressed transfer syntax"
+        raise UnsupportedTransferSyntaxError(header.problem, path=path, hint=hint)
     for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
         if keyword not in ds:
             raise CorruptPixelDataError(
