@@ -501,7 +501,8 @@ def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:
     if hi <= lo:
         notes.append("constant image")
         return np.zeros(grey.shape, dtype=np.float32)
-    out = (grey - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    out: np.ndarray = ((grey - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32, copy=False)
     np.clip(out, 0.0, 1.0, out=out)
-    result: np.ndarray = np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)
-    return result
+    if not np.isfinite(out).all():  # only float pixel data can carry NaN; nan_to_num alone costs ~5 ms/MPixel
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
