@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", default=f"1,{os.cpu_count() or 1}")
     parser.add_argument("--folder", type=Path)
+    parser.add_argument("--repeat", type=int, default=1, help="decode the file list this many times")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.folder:
@@ -65,8 +66,9 @@ def main() -> int:
         else:
             study = write_study(Path(tmp), args.n, positive_rate=0.3, size=(args.size, args.size), seed=0)
             files = [study.out / im.path for im in study.images]
+        files = files * args.repeat
         streams = [_codestream(p) for p in files]
-        print(f"{len(files)} JPEG Baseline DICOMs, {args.size} px, {os.cpu_count()} CPUs visible")
+        print(f"{len(files)} decodes of JPEG Baseline DICOMs, {args.size} px, {os.cpu_count()} CPUs visible")
         for workers in sorted({int(w) for w in args.workers.split(",")}):
             base = _rate(_pillow, streams, workers)
             ours = _rate(_read, files, workers)
