@@ -18,7 +18,7 @@ from rich.table import Table
 
 from pneumotriage import __version__
 from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
-from pneumotriage.errors import DicomError, PneumotriageError
+from pneumotriage.errors import DicomError, PneumotriageError, UsageError
 
 EXIT_INPUTS_FAILED = 4
 
@@ -118,8 +118,6 @@ def inspect(
     """List the DICOMs found (header only) and say why any file would be skipped."""
     missing = [p for p in paths if not p.exists()]
     if missing:
-        from pneumotriage.errors import UsageError
-
         raise UsageError("no such file or folder", path=missing[0], hint="check the path")
     rows = [_header_row(found, decode) for found in discover(paths)]
     if as_json:
