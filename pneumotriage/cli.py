@@ -196,6 +196,169 @@ def synth(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# weights
+
+weights_app = typer.Typer(
+    help="The weights registry (weights.toml) and the local cache: list, fetch, verify, import, path.",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app, name="weights")
+
+_STATUS_STYLE = {"verified": "green", "cached": "yellow", "missing": "dim", "corrupt": "bold red"}
+
+
+def _cache() -> Any:
+    from pneumotriage.weights import WeightCache, load_registry
+
+    return WeightCache(load_registry())
+
+
+def _specs(cache: Any, names: list[str] | None) -> list[Any]:
+    return [cache.registry.get_spec(n) for n in names] if names else list(cache.registry.values())
+
+
+@weights_app.command("list")
+@_reports_errors
+def weights_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout instead of a table.")] = False,
+    rehash: Annotated[bool, typer.Option("--verify", help="Re-hash cached files (slow for big files).")] = False,
+) -> None:
+    """Every weight in the registry with its cache status: verified, cached (not yet checked), missing, corrupt."""
+    cache = _cache()
+    rows = []
+    for spec in cache.registry.values():
+        st = cache.status(spec, rehash=rehash)
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "arch": spec.arch,
+                "encoder": spec.encoder,
+                "input_size": spec.input_size,
+                "url": spec.url,
+                "sha256": spec.sha256,
+                "sha256_prefix": spec.sha256_prefix,
+                "pinned": spec.pinned,
+                "observed_sha256": st.sha256,
+                "status": st.status,
+                "path": str(st.path),
+                "size_mb": spec.size_mb,
+                "licence": spec.licence,
+                "clinical": spec.clinical,
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"weights in {cache.registry.path} (cache {cache.dir})", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "model", "size", "sha256", "status"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        model = row["arch"] + (f" / {row['encoder']}" if row["encoder"] else "") + f" @{row['input_size']}"
+        sha = row["sha256"][:12] + "…" if row["sha256"] else (row["sha256_prefix"] or "unpinned") + "…"
+        size = f"{row['size_mb']:.0f} MB" if row["size_mb"] else "?"
+        style = _STATUS_STYLE[row["status"]]
+        table.add_row(row["name"], row["kind"], model, size, sha, f"[{style}]{row['status']}[/]")
+    out.print(table)
+
+
+@weights_app.command("fetch")
+@_reports_errors
+def weights_fetch(
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Registry names (see `weights list`).")],
+    mirror: Annotated[
+        str | None,
+        typer.Option(envvar="PNEUMOTRIAGE_MIRROR", help="Base URL that replaces the publisher's: MIRROR/<file>."),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option(envvar="PNEUMOTRIAGE_OFFLINE", help="Forbid the network (use `weights import`).")
+    ] = False,
+    allow_unpinned: Annotated[
+        bool, typer.Option(help="Accept a weight whose publisher gives no hash, and record the hash seen.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Download again even if a verified copy is cached.")] = False,
+) -> None:
+    """Download weights into the cache, verifying each file's sha256 before it is kept."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    cache = _cache()
+    specs = _specs(cache, names)
+    for spec in specs:
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(spec.name, total=None)
+
+            def report(done: int, total: int | None, task: Any = task, progress: Any = progress) -> None:
+                progress.update(task, completed=done, total=total)
+
+            path, digest = cache.fetch(
+                spec, mirror=mirror, offline=offline, allow_unpinned=allow_unpinned, force=force, progress=report
+            )
+        note = "" if spec.pinned else " (unpinned: this hash is now recorded and checked from here on)"
+        err.print(f"[green]ok[/] {spec.name}: sha256 {digest}{note}", highlight=False)
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@weights_app.command("verify")
+@_reports_errors
+def weights_verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="[NAME...]", help="Registry names; default every cached weight.")
+    ] = None,
+) -> None:
+    """Re-hash cached weights. Exit 1 if any named weight is missing or any cached file does not match."""
+    cache = _cache()
+    failed = 0
+    for spec in _specs(cache, names):
+        st = cache.status(spec, rehash=True)
+        if st.status == "missing" and not names:
+            continue
+        if st.status == "verified":
+            err.print(f"[green]verified[/] {spec.name}: {st.sha256}", highlight=False)
+            continue
+        failed += 1
+        try:
+            cache.verify(spec)
+        except PneumotriageError as exc:
+            err.print(f"[bold red]{st.status}[/] {exc}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@weights_app.command("import")
+@_reports_errors
+def weights_import(
+    name: Annotated[str, typer.Argument(help="Registry name.")],
+    file: Annotated[Path, typer.Argument(help="The file, copied by hand (USB, internal share).")],
+    allow_unpinned: Annotated[
+        bool, typer.Option(help="Accept a weight whose publisher gives no hash, and record this file's hash.")
+    ] = False,
+) -> None:
+    """Side-load a weight file into the cache after checking its sha256."""
+    cache = _cache()
+    path, digest = cache.import_file(cache.registry.get_spec(name), file, allow_unpinned=allow_unpinned)
+    err.print(f"[green]ok[/] {name}: sha256 {digest}", highlight=False)
+    out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@weights_app.command("path")
+@_reports_errors
+def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) -> None:
+    """Print the cached file of a weight (exit 3 with the commands that get it if it is missing)."""
+    cache = _cache()
+    out.print(str(cache.require(cache.registry.get_spec(name))), highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # demo
 
 

@@ -29,3 +29,11 @@ def real_data() -> Path:
 def study(tmp_path_factory: pytest.TempPathFactory) -> StudySummary:
     """Twelve 128-px phantoms, five of them positive."""
     return write_study(tmp_path_factory.mktemp("study"), 12, positive_rate=5 / 12, size=(128, 128), seed=11)
+
+
+@pytest.fixture(autouse=True)
+def _private_weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's real weights cache."""
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(tmp_path_factory.mktemp("pneumotriage-home")))
+    monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE", raising=False)
+    monkeypatch.delenv("PNEUMOTRIAGE_MIRROR", raising=False)

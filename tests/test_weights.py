@@ -1,0 +1,400 @@
+"""The weights registry and cache, downloading for real from an HTTP server the test starts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pneumotriage.cli import app
+from pneumotriage.errors import UsageError
+from pneumotriage.weights import (
+    UnsafeWeightsError,
+    WeightCache,
+    WeightError,
+    WeightFetchError,
+    WeightHashError,
+    WeightMissingError,
+    load_registry,
+    load_state_dict,
+    resolve,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves files from ``server.root`` at ``/<f>`` and ``/mirror/<f>``; ``/truncated/<f>`` promises the full
+    length and sends half."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.server.hits.append(self.path)  # type: ignore[attr-defined]
+        prefix, _, name = self.path.rpartition("/")
+        truncated = prefix == "/truncated"
+        path = self.server.root / name  # type: ignore[attr-defined]
+        if prefix not in ("", "/mirror", "/truncated") or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if truncated else data)
+        if truncated:
+            self.wfile.flush()
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[http.server.ThreadingHTTPServer]:
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.root = root  # type: ignore[attr-defined]
+    httpd.hits = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _base(httpd: http.server.ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def _weight_file(path: Path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    torch.save({"conv.weight": torch.randn(4, 1, 3, 3), "conv.bias": torch.zeros(4)}, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, server: http.server.ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A registry of three weights served by ``server``: pinned in full, pinned by prefix, unpinned."""
+    root: Path = server.root  # type: ignore[attr-defined]
+    full = _weight_file(root / "full.pt", 1)
+    prefix = _weight_file(root / "prefix.pt", 2)
+    unpinned = _weight_file(root / "free.pt", 3)
+    base = _base(server)
+    registry = tmp_path / "weights.toml"
+    registry.write_text(
+        f"""
+[full]
+kind = "segmenter"
+arch = "unet"
+encoder = "resnet34"
+input_size = 256
+normalisation = "imagenet"
+url = "{base}/full.pt"
+file = "full.pt"
+sha256 = "{full}"
+
+[prefix]
+kind = "backbone"
+arch = "resnet34"
+input_size = 224
+normalisation = "imagenet"
+url = "{base}/prefix.pt"
+file = "prefix.pt"
+sha256_prefix = "{prefix[:8]}"
+
+[free]
+kind = "classifier"
+arch = "resnet50"
+input_size = 512
+normalisation = "xrv"
+url = "{base}/free.pt"
+file = "free.pt"
+""",
+        encoding="utf-8",
+    )
+    home = tmp_path / "home"
+    monkeypatch.setenv("PNEUMOTRIAGE_REGISTRY", str(registry))
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
+    monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE", raising=False)
+    monkeypatch.delenv("PNEUMOTRIAGE_MIRROR", raising=False)
+    reg = load_registry(registry)
+    return {
+        "root": root,
+        "base": base,
+        "hashes": {"full": full, "prefix": prefix, "free": unpinned},
+        "home": home,
+        "registry": reg,
+        "cache": WeightCache(reg, home),
+    }
+
+
+def _leftovers(cache: WeightCache) -> list[str]:
+    return sorted(p.name for p in cache.dir.glob("*.part")) if cache.dir.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shipped registry
+
+
+def test_shipped_registry_parses_and_matches_torchvision() -> None:
+    import torchvision.models as tvm
+
+    reg = load_registry(REPO / "weights.toml")
+    enums = {
+        "densenet121": tvm.DenseNet121_Weights.IMAGENET1K_V1,
+        "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2,
+        "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
+        "efficientnet_b0": tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
+        "vgg19_bn": tvm.VGG19_BN_Weights.IMAGENET1K_V1,
+    }
+    backbones = {s.arch: s for s in reg.values() if s.kind == "backbone"}
+    assert set(backbones) == set(enums)
+    for arch, enum in enums.items():
+        spec = backbones[arch]
+        assert spec.url == enum.url
+        assert spec.sha256_prefix and spec.url.endswith(f"-{spec.sha256_prefix}.pth")
+    xrv = reg["xrv-resnet50-res512-all"]
+    assert not xrv.pinned and xrv.output_label == "Pneumothorax" and xrv.output_index == 3 and xrv.outputs == 18
+    assert xrv.normalisation == "xrv" and "Apache" in xrv.licence
+
+
+_ENTRY = '[x]\nkind = "backbone"\narch = "a"\nurl = "u"\nfile = "f"\ninput_size = 1\nnormalisation = "unit"\n'
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('"backbone"', '"detector"'), "kind 'detector'"),
+        (('"f"', '"../f"'), "path in it"),
+        (("", 'sha265 = "00"\n'), "unknown fields sha265"),
+        (("", 'sha256 = "abc"\n'), "64"),
+        (('url = "u"\n', ""), "lacks url"),
+    ],
+)
+def test_registry_rejects_bad_entries(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    bad = tmp_path / "w.toml"
+    old, new = change
+    bad.write_text(_ENTRY.replace(old, new, 1) if old else _ENTRY + new)
+    with pytest.raises(WeightError, match=message):
+        load_registry(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fetch
+
+
+def test_fetch_downloads_verifies_and_caches(setup: dict, server: http.server.ThreadingHTTPServer) -> None:
+    cache: WeightCache = setup["cache"]
+    spec = setup["registry"]["full"]
+    seen: list[tuple[int, int | None]] = []
+    path, digest = cache.fetch(spec, progress=lambda done, total: seen.append((done, total)))
+    assert path == cache.dir / "full.pt" and digest == setup["hashes"]["full"]
+    assert path.read_bytes() == (setup["root"] / "full.pt").read_bytes()
+    assert seen[-1][0] == seen[-1][1] == path.stat().st_size
+    assert cache.status(spec).status == "verified"
+    assert _leftovers(cache) == []
+    # a second fetch keeps the verified copy and does not download again
+    cache.fetch(spec)
+    assert server.hits == ["/full.pt"]  # type: ignore[attr-defined]
+
+
+def test_fetch_by_prefix(setup: dict) -> None:
+    path, digest = setup["cache"].fetch(setup["registry"]["prefix"])
+    assert digest == setup["hashes"]["prefix"] and path.is_file()
+
+
+def test_hash_mismatch_leaves_nothing(setup: dict, server: http.server.ThreadingHTTPServer) -> None:
+    cache: WeightCache = setup["cache"]
+    _weight_file(setup["root"] / "full.pt", 99)  # the server now has a different file
+    with pytest.raises(WeightHashError) as err:
+        cache.fetch(setup["registry"]["full"])
+    assert setup["hashes"]["full"] in str(err.value) and "nothing was kept" in str(err.value)
+    assert not (cache.dir / "full.pt").exists() and _leftovers(cache) == []
+
+
+def test_truncated_transfer_leaves_nothing(setup: dict) -> None:
+    cache: WeightCache = setup["cache"]
+    with pytest.raises(WeightFetchError, match="truncated|broke off"):
+        cache.fetch(setup["registry"]["full"], mirror=setup["base"] + "/truncated")
+    assert not (cache.dir / "full.pt").exists() and _leftovers(cache) == []
+
+
+def test_server_down(setup: dict) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    with pytest.raises(WeightFetchError, match="cannot reach"):
+        setup["cache"].fetch(setup["registry"]["full"], mirror=f"http://127.0.0.1:{port}")
+    assert _leftovers(setup["cache"]) == []
+
+
+def test_http_404(setup: dict) -> None:
+    with pytest.raises(WeightFetchError, match="HTTP 404"):
+        setup["cache"].fetch(setup["registry"]["full"], mirror=setup["base"] + "/nowhere")
+
+
+def test_offline_mode_refuses_network(setup: dict, server: http.server.ThreadingHTTPServer) -> None:
+    with pytest.raises(WeightFetchError, match="offline"):
+        setup["cache"].fetch(setup["registry"]["full"], offline=True)
+    assert server.hits == []  # type: ignore[attr-defined]
+
+
+def test_mirror_replaces_base_url(setup: dict, server: http.server.ThreadingHTTPServer) -> None:
+    # the same server under another path prefix stands in for a hospital's internal mirror
+    path, _ = setup["cache"].fetch(setup["registry"]["full"], mirror=setup["base"] + "/mirror/")
+    assert path.is_file() and server.hits == ["/mirror/full.pt"]  # type: ignore[attr-defined]
+
+
+def test_unpinned_needs_consent_then_is_recorded(setup: dict) -> None:
+    cache: WeightCache = setup["cache"]
+    spec = setup["registry"]["free"]
+    with pytest.raises(WeightHashError, match="unpinned"):
+        cache.fetch(spec)
+    assert not cache.path(spec).exists()
+    path, digest = cache.fetch(spec, allow_unpinned=True)
+    assert digest == setup["hashes"]["free"]
+    assert cache.observed()["free"]["sha256"] == digest
+    assert cache.verify(spec).status == "verified"
+    # the publisher swaps the file: a forced re-fetch no longer matches the hash recorded at first use
+    _weight_file(setup["root"] / "free.pt", 42)
+    with pytest.raises(WeightHashError, match="differs from the one recorded"):
+        cache.fetch(spec, force=True, allow_unpinned=True)
+    assert cache.verify(spec).sha256 == digest  # the trusted copy is still there
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# import, verify, resolve, load
+
+
+def test_import_checks_hash(setup: dict, tmp_path: Path) -> None:
+    cache: WeightCache = setup["cache"]
+    spec = setup["registry"]["full"]
+    wrong = tmp_path / "wrong.pt"
+    _weight_file(wrong, 7)
+    with pytest.raises(WeightHashError):
+        cache.import_file(spec, wrong)
+    assert not cache.path(spec).exists() and _leftovers(cache) == []
+    path, digest = cache.import_file(spec, setup["root"] / "full.pt")
+    assert digest == setup["hashes"]["full"] and cache.status(spec).status == "verified"
+
+
+def test_verify_finds_corrupted_cache_file(setup: dict) -> None:
+    cache: WeightCache = setup["cache"]
+    spec = setup["registry"]["full"]
+    path, _ = cache.fetch(spec)
+    with open(path, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\xff\x00\xff")
+    assert cache.status(spec).status == "cached"  # the stamp no longer matches the file
+    with pytest.raises(WeightHashError, match="does not match"):
+        cache.verify(spec)
+    with pytest.raises(WeightHashError):
+        resolve("full", registry=setup["registry"], home=setup["home"])
+
+
+def test_resolve_name_or_path(setup: dict, tmp_path: Path) -> None:
+    reg, home = setup["registry"], setup["home"]
+    with pytest.raises(WeightMissingError) as err:
+        resolve("full", registry=reg, home=home)
+    assert err.value.exit_code == 3
+    msg = str(err.value)
+    assert "weights fetch full" in msg and "weights import full" in msg and setup["hashes"]["full"] in msg
+    setup["cache"].fetch(reg["full"])
+    path, spec = resolve("full", registry=reg, home=home)
+    assert spec is not None and spec.arch == "unet" and path.is_file()
+    own = tmp_path / "mine.pt"
+    _weight_file(own)
+    assert resolve(str(own), registry=reg, home=home) == (own, None)
+    with pytest.raises(UsageError, match="no such weight file"):
+        resolve(str(tmp_path / "absent.pt"), registry=reg, home=home)
+    with pytest.raises(UsageError, match="valid names: full, prefix, free"):
+        resolve("fulll", registry=reg, home=home)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pickled_code_is_refused_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"state": _Payload(marker)}, fh, protocol=2)
+    with pytest.raises(UnsafeWeightsError, match="refused"):
+        load_state_dict(evil)
+    assert not marker.exists()
+    evil2 = tmp_path / "evil2.pt"
+    torch.save({"state": _Payload(marker)}, evil2)
+    with pytest.raises(UnsafeWeightsError):
+        load_state_dict(evil2)
+    assert not marker.exists()
+    good = tmp_path / "good.pt"
+    _weight_file(good)
+    assert set(load_state_dict(good)) == {"conv.weight", "conv.bias"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_list_fetch_verify_path_import(setup: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["weights", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["full", "prefix", "free"]
+    assert all({"name", "kind", "url", "sha256", "status"} <= set(r) for r in rows)
+    assert {r["status"] for r in rows} == {"missing"}
+
+    result = runner.invoke(app, ["weights", "path", "full"])
+    assert result.exit_code == 3 and "weights fetch full" in result.output
+
+    result = runner.invoke(app, ["weights", "fetch", "full", "prefix"])
+    assert result.exit_code == 0, result.output
+    assert "free" not in result.stdout
+    result = runner.invoke(app, ["weights", "fetch", "free"])
+    assert result.exit_code == 1 and "--allow-unpinned" in result.output
+    result = runner.invoke(app, ["weights", "fetch", "free", "--allow-unpinned"])
+    assert result.exit_code == 0 and setup["hashes"]["free"] in result.output
+
+    result = runner.invoke(app, ["weights", "list"])
+    assert result.exit_code == 0 and "verified" in result.stdout and "missing" not in result.stdout
+
+    result = runner.invoke(app, ["weights", "path", "full"])
+    assert result.exit_code == 0 and result.stdout.strip() == str(setup["home"] / "weights" / "full.pt")
+
+    result = runner.invoke(app, ["weights", "verify"])
+    assert result.exit_code == 0 and result.output.count("verified") == 3
+    (setup["home"] / "weights" / "prefix.pt").write_bytes(b"not the file")
+    result = runner.invoke(app, ["weights", "verify", "prefix"])
+    assert result.exit_code == 1 and "corrupt" in result.output
+
+    result = runner.invoke(app, ["weights", "import", "prefix", str(setup["root"] / "prefix.pt")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["weights", "verify", "prefix"])
+    assert result.exit_code == 0
+
+
+def test_cli_offline_and_mirror_from_environment(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    monkeypatch.setenv("PNEUMOTRIAGE_OFFLINE", "1")
+    result = runner.invoke(app, ["weights", "fetch", "full"])
+    assert result.exit_code == 1 and "offline" in result.output and "Traceback" not in result.output
+    monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE")
+    monkeypatch.setenv("PNEUMOTRIAGE_MIRROR", setup["base"] + "/mirror")
+    result = runner.invoke(app, ["weights", "fetch", "full"])
+    assert result.exit_code == 0, result.output
