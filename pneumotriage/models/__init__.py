@@ -1,0 +1,260 @@
+"""Models of the cascade, their registries, and the one self-describing checkpoint format.
+
+- Classifiers (:data:`CLASSIFIERS`): ``densenet121`` (CheXNet-style, default), ``resnet50``, ``resnet34``,
+  ``efficientnet_b0``.
+- Segmenters (:data:`SEGMENTERS`): ``unet``, ``unetpp``, ``double_unet``, each over an encoder of
+  :data:`ENCODERS`: ``vgg19_bn``, ``resnet34``, ``efficientnet_b0``, ``densenet121``.
+
+A checkpoint is a plain dict (loadable with ``torch.load(..., weights_only=True)``): what to build
+(:class:`ModelSpec`), the operating thresholds, the training config, a fingerprint of the training data, the
+validation metrics, the package version and the state dict. :func:`load_model` rebuilds the model from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pneumotriage import __version__
+from pneumotriage.errors import UsageError
+from pneumotriage.io import atomic_write_bytes
+from pneumotriage.models.classifiers import CLASSIFIERS, Classifier
+from pneumotriage.models.encoders import ENCODERS
+from pneumotriage.models.normalise import NORMALISATIONS
+from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
+from pneumotriage.weights import WeightError, load_state_dict
+
+__all__ = [
+    "CLASSIFIERS",
+    "ENCODERS",
+    "SEGMENTERS",
+    "Classifier",
+    "LoadedModel",
+    "ModelSpec",
+    "Segmenter",
+    "build_model",
+    "imagenet_state",
+    "load_model",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "pneumotriage-checkpoint"
+CHECKPOINT_VERSION = 1
+
+#: Default operating thresholds, used until validation (or ``pneumotriage tune``) chooses others. The triplet
+#: values are the SIIM-ACR winners'; ``min_area`` is in pixels at 1024 x 1024 and scales with the image area.
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "classifier": {"gate": 0.5},
+    "segmenter": {"top_score": 0.75, "min_area": 2000.0, "bottom_score": 0.3, "min_component": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: enough to rebuild a model from a state dict."""
+
+    kind: str  # "classifier" | "segmenter"
+    arch: str
+    encoder: str | None = None
+    input_size: int = 512
+    normalisation: str = "imagenet"
+    outputs: int = 1
+    output_index: int = 0
+    empty_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind == "classifier":
+            _check(self.arch, CLASSIFIERS, "classifier")
+        elif self.kind == "segmenter":
+            _check(self.arch, SEGMENTERS, "segmenter")
+            _check(self.encoder or "", ENCODERS, "encoder")
+        else:
+            raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
+        _check(self.normalisation, NORMALISATIONS, "normalisation")
+        if self.input_size < 32:
+            raise UsageError(f"input size {self.input_size} is below 32 pixels")
+
+    @property
+    def title(self) -> str:
+        return f"{self.arch}/{self.encoder}" if self.encoder else self.arch
+
+
+def _check(name: str, registry: dict[str, Any], what: str) -> None:
+    if name not in registry:
+        raise UsageError(f"unknown {what} {name!r}; valid: {', '.join(registry)}")
+
+
+def imagenet_state(backbone: str, *, home: str | Path | None = None) -> dict[str, Any] | None:
+    """The ImageNet state dict of a torchvision backbone if its registry weight is in the verified cache, else None.
+
+    Never downloads: ``pneumotriage weights fetch <backbone>-imagenet`` does that.
+    """
+    from pneumotriage.weights import WeightCache, load_registry
+
+    try:
+        registry = load_registry()
+    except WeightError:
+        return None
+    spec = next((s for s in registry.values() if s.kind == "backbone" and s.arch == backbone), None)
+    if spec is None:
+        return None
+    cache = WeightCache(registry, home)
+    if cache.status(spec).status == "missing":
+        return None
+    return load_state_dict(cache.require(spec))
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
+    """A fresh model; with ``pretrained`` the encoder/backbone starts from cached ImageNet weights when present.
+
+    The model carries ``spec`` (and, once loaded from a checkpoint, ``thresholds`` and ``meta``).
+    """
+    model: nn.Module
+    if spec.kind == "classifier":
+        state = imagenet_state(spec.arch) if pretrained else None
+        model = Classifier(
+            spec.arch, state, outputs=spec.outputs, output_index=spec.output_index, normalisation=spec.normalisation
+        )
+    else:
+        assert spec.encoder is not None
+        state = imagenet_state(ENCODERS[spec.encoder][1]) if pretrained else None
+        model = SEGMENTERS[spec.arch](spec.encoder, state, empty_head=spec.empty_head, normalisation=spec.normalisation)
+    model.spec = spec  # type: ignore[assignment]
+    model.thresholds = dict(DEFAULT_THRESHOLDS[spec.kind])  # type: ignore[assignment]
+    model.meta = {"pretrained": state is not None}  # type: ignore[assignment]
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def checkpoint_dict(
+    model: nn.Module,
+    *,
+    thresholds: dict[str, float] | None = None,
+    config: dict[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    bare = unwrap(model)
+    spec: ModelSpec = bare.spec  # type: ignore[assignment]
+    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        **asdict(spec),
+        "thresholds": dict(thresholds if thresholds is not None else getattr(bare, "thresholds", {})),
+        "config": dict(config or {}),
+        "data_fingerprint": data_fingerprint,
+        "metrics": dict(metrics or {}),
+        "epoch": epoch,
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+        "state_dict": state,
+    }
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **fields: Any) -> Path:
+    """Write a checkpoint atomically (see :func:`checkpoint_dict` for the fields)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint_dict(model, **fields), buffer)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint or a registry weight, in eval mode, with what describes it."""
+
+    model: nn.Module
+    spec: ModelSpec
+    thresholds: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str | None = None
+    name: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+
+_SPEC_FIELDS = tuple(ModelSpec.__dataclass_fields__)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a model from a pneumotriage checkpoint, or from a registry weight (name or file) holding a plain
+    state dict, such as TorchXRayVision's ResNet50. Loading is ``weights_only``: a file cannot run code."""
+    from pneumotriage.weights import resolve
+
+    path, registry_spec = resolve(name_or_path)
+    data = load_state_dict(path)
+    if data.get("format") == CHECKPOINT_FORMAT:
+        if int(data.get("format_version", 0)) > CHECKPOINT_VERSION:
+            raise WeightError(
+                f"checkpoint format {data['format_version']} is newer than this pneumotriage reads "
+                f"({CHECKPOINT_VERSION})",
+                path=path,
+                hint="upgrade pneumotriage",
+            )
+        spec = ModelSpec(**{k: data[k] for k in _SPEC_FIELDS if k in data})
+        state = data["state_dict"]
+        thresholds = {**DEFAULT_THRESHOLDS[spec.kind], **data.get("thresholds", {})}
+        meta = {k: v for k, v in data.items() if k != "state_dict"}
+    elif registry_spec is not None and registry_spec.kind in ("classifier", "segmenter"):
+        spec = ModelSpec(
+            kind=registry_spec.kind,
+            arch=registry_spec.arch,
+            encoder=registry_spec.encoder,
+            input_size=registry_spec.input_size,
+            normalisation=registry_spec.normalisation,
+            outputs=registry_spec.outputs or 1,
+            output_index=registry_spec.output_index or 0,
+        )
+        state = data
+        thresholds = {**DEFAULT_THRESHOLDS[spec.kind], **registry_spec.thresholds}
+        meta = {"registry": registry_spec.name, "licence": registry_spec.licence, "clinical": registry_spec.clinical}
+    else:
+        raise WeightError(
+            "not a pneumotriage checkpoint (no 'format' field) and not a registry model",
+            path=path,
+            hint="pass a best.pt/last.pt written by `pneumotriage train`, or a registry name",
+        )
+    model = build_model(spec)
+    target = model.get_submodule("backbone") if spec.kind == "classifier" and "format" not in data else model
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightError(f"weights do not fit a {spec.title}: {first}", path=path) from None
+    model.thresholds = thresholds  # type: ignore[assignment]
+    model.meta = meta  # type: ignore[assignment]
+    model.to(map_location).eval()
+    name = registry_spec.name if registry_spec is not None else None
+    return LoadedModel(model, spec, thresholds, meta, path, _sha256(path), name)

@@ -1,0 +1,33 @@
+"""Input scaling, part of every model so that callers always pass grey images in [0, 1]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: name -> (offset, scale): the network sees (x - offset) / scale.
+NORMALISATIONS: dict[str, tuple[float, float]] = {
+    # ImageNet's channel means and standard deviations averaged over RGB: the grey image seen by a first
+    # convolution whose RGB weights were summed.
+    "imagenet": (0.449, 0.226),
+    # TorchXRayVision's convention: 8-bit pixels mapped to [-1024, 1024].
+    "xrv": (0.5, 1.0 / 2048.0),
+    "unit": (0.0, 1.0),
+}
+
+
+class Normalise(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in NORMALISATIONS:
+            raise KeyError(f"unknown normalisation {name!r}; valid: {', '.join(NORMALISATIONS)}")
+        self.name = name
+        self.offset, self.scale = NORMALISATIONS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset == 0.0 and self.scale == 1.0:
+            return x
+        return (x - self.offset) / self.scale
+
+    def extra_repr(self) -> str:
+        return self.name
