@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -169,6 +170,9 @@ def synth(
     mask_shapes: Annotated[
         Path | None, typer.Option(help="SIIM label CSV whose real outlines shape the pneumothoraces.")
     ] = None,
+    ptx_scale: Annotated[
+        float, typer.Option(help="Size of the procedural pneumothoraces: 1 varied, 2 moderate to large.")
+    ] = 1.0,
 ) -> None:
     """Write a synthetic study of chest-radiograph phantoms with a SIIM-form train-rle.csv."""
     from rich.progress import Progress
@@ -186,6 +190,7 @@ def synth(
             photometric=photometric,
             bits=bits,
             mask_shapes=mask_shapes,
+            ptx_scale=ptx_scale,
             progress=lambda done, total: progress.update(task, completed=done),
         )
     err.print(
@@ -356,6 +361,224 @@ def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) ->
     """Print the cached file of a weight (exit 3 with the commands that get it if it is missing)."""
     cache = _cache()
     out.print(str(cache.require(cache.registry.get_spec(name))), highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train
+
+train_app = typer.Typer(
+    help="Train the classifier or the segmenter on DICOMs and a SIIM-form label CSV.", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
+
+DataArg = Annotated[Path, typer.Argument(metavar="DATA", help="Folder of training DICOMs (searched recursively).")]
+LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="SIIM-form RLE label CSV.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
+
+
+def _share(text: str | None) -> tuple[float, float] | None:
+    if text is None or text.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        parts = [float(p) for p in text.replace("->", ":").split(":")]
+    except ValueError:
+        raise UsageError(f"--positive-share {text!r}: give START:END such as 0.8:0.4, or one number") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise UsageError(f"--positive-share {text!r}: give START:END such as 0.8:0.4")
+    return parts[0], parts[1]
+
+
+def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: Any) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pneumotriage.train import TrainConfig, train
+
+    if resume is not None:
+        cfg = TrainConfig(kind=kind, data="", labels="", out=str(resume))
+    else:
+        if options["labels"] is None:
+            raise UsageError("--labels is required (a SIIM-form RLE CSV)")
+        if not options["data"].is_dir():
+            raise UsageError("no such folder", path=options["data"])
+        params: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        cfg = TrainConfig(kind=kind, **params)
+    rank = int(os.environ.get("RANK", "0"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=err, disable=not progress_on or rank != 0) as bar:
+        epochs = bar.add_task("epochs", total=cfg.epochs, info="")
+        batches = bar.add_task("batches", total=None, info="")
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind_ = event["event"]
+            if kind_ == "data":
+                err.print(
+                    f"train {event['train']} images ({event['train_positive']} positive), validation "
+                    f"{event['val']} ({event['val_positive']} positive) on {event['device']}"
+                    + (f" x{event['world_size']} processes" if event["world_size"] > 1 else ""),
+                    highlight=False,
+                )
+            elif kind_ == "epoch_start":
+                bar.update(epochs, completed=event["epoch"], total=event["epochs"])
+                bar.reset(batches, total=event["batches"], info="")
+            elif kind_ == "batch":
+                bar.update(batches, completed=event["batch"], info=f"loss {event['loss']:.4f}")
+            elif kind_ == "epoch_end":
+                m = event["metrics"]
+                bar.update(epochs, completed=event["epoch"] + 1)
+                sel = event["selection"]
+                figures = ", ".join(
+                    f"{k[4:]} {v:.3f}"
+                    for k, v in m.items()
+                    if k.startswith("val_")
+                    and isinstance(v, float)
+                    and k[4:] in (sel, "auc", "recall", "dice_positives")
+                )
+                star = " [green]*best[/]" if m.get("best") else ""
+                err.print(
+                    f"epoch {event['epoch'] + 1}: loss {m.get('train_loss', float('nan')):.4f}, {figures}{star}",
+                    highlight=False,
+                )
+
+        result = train(cfg, resume=resume is not None, progress=on_event)
+    if rank == 0:
+        stop = " (stopped early: no improvement)" if result.stopped_early else ""
+        best = "none" if result.best_epoch is None else result.best_epoch + 1
+        err.print(
+            f"{result.epochs_run} epochs{stop}; best epoch {best} -> {result.run_dir / 'best.pt'}",
+            highlight=False,
+        )
+
+
+@train_app.command("classifier")
+@_reports_errors
+def train_classifier(
+    data: DataArg = Path("."),
+    labels: LabelsOpt = None,
+    out: OutOpt = Path("runs/classifier"),
+    arch: Annotated[str, typer.Option(help="densenet121 (CheXNet), resnet50, resnet34 or efficientnet_b0.")] = (
+        "densenet121"
+    ),
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    image_size: Annotated[int, typer.Option(help="Input side in pixels (images are resized to a square).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Batch size (across all processes).")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-4,
+    loss: Annotated[str, typer.Option(help="Loss terms and weights, e.g. bce:1 or bce:1,focal:1.")] = "bce:1",
+    seed: Annotated[int, typer.Option(help="Seed for splits, sampling, augmentation and initialisation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding DICOMs.")] = 2,
+    fold: Annotated[int, typer.Option(help="Validation fold (patient-grouped, stratified).")] = 0,
+    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
+    val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from cached ImageNet weights where present.")] = True,
+    augment: Annotated[
+        str, typer.Option(help="strong (flip, shift-scale-rotate, elastic, brightness/contrast/gamma), light, none.")
+    ] = "strong",
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
+    ] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+) -> None:
+    """Train the stage-1 classifier; picks the best epoch by validation ROC AUC and its gate by Youden's J."""
+    _run_training(
+        "classifier",
+        resume,
+        progress,
+        data=data,
+        labels=labels,
+        out=out,
+        arch=arch,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        seed=seed,
+        device=device,
+        workers=workers,
+        fold=fold,
+        folds=folds,
+        val_fraction=val_fraction,
+        pretrained=pretrained,
+        augment=augment,
+        cache=cache,
+        patience=patience,
+    )
+
+
+@train_app.command("segmenter")
+@_reports_errors
+def train_segmenter(
+    data: DataArg = Path("."),
+    labels: LabelsOpt = None,
+    out: OutOpt = Path("runs/segmenter"),
+    arch: Annotated[str, typer.Option(help="unet, unetpp or double_unet.")] = "unet",
+    encoder: Annotated[
+        str, typer.Option(help="resnet34 (Kaggle winners), vgg19_bn (case study), efficientnet_b0 or densenet121.")
+    ] = "resnet34",
+    empty_head: Annotated[bool, typer.Option(help="Add an image-level 'any pneumothorax' head.")] = False,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    image_size: Annotated[int, typer.Option(help="Input side in pixels (images are resized to a square).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Batch size (across all processes).")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-4,
+    loss: Annotated[str, typer.Option(help="Loss terms and weights.")] = "bce:3,dice:1,focal:4",
+    positive_share: Annotated[
+        str | None, typer.Option(help="Share of positive images per epoch, START:END (linear), or 'off'.")
+    ] = "0.8:0.4",
+    seed: Annotated[int, typer.Option(help="Seed for splits, sampling, augmentation and initialisation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding DICOMs.")] = 2,
+    fold: Annotated[int, typer.Option(help="Validation fold (patient-grouped, stratified).")] = 0,
+    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
+    val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start the encoder from cached ImageNet weights.")] = True,
+    augment: Annotated[
+        str, typer.Option(help="strong (flip, shift-scale-rotate, elastic, brightness/contrast/gamma), light, none.")
+    ] = "strong",
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
+    ] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+) -> None:
+    """Train the stage-2 segmenter; picks the best epoch by the competition Dice on validation."""
+    _run_training(
+        "segmenter",
+        resume,
+        progress,
+        data=data,
+        labels=labels,
+        out=out,
+        arch=arch,
+        encoder=encoder,
+        empty_head=empty_head,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        positive_share=_share(positive_share),
+        seed=seed,
+        device=device,
+        workers=workers,
+        fold=fold,
+        folds=folds,
+        val_fraction=val_fraction,
+        pretrained=pretrained,
+        augment=augment,
+        cache=cache,
+        patience=patience,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -221,9 +221,10 @@ def _vessels(anat: Anatomy, lungs: np.ndarray, shape: tuple[int, int], rng: np.r
 
 
 def _procedural_region(
-    lung: np.ndarray, anat: Anatomy, side_sign: int, site: str, rng: np.random.Generator
+    lung: np.ndarray, anat: Anatomy, side_sign: int, site: str, rng: np.random.Generator, scale: float = 1.0
 ) -> np.ndarray:
-    """A crescent along the chest wall of one lung, thickest at an anchor point on its boundary."""
+    """A crescent along the chest wall of one lung, thickest at an anchor point on its boundary; ``scale``
+    multiplies its thickness and extent."""
     h, w = lung.shape
     depth_px = ndimage.distance_transform_edt(lung)
     rows, cols = np.nonzero(lung)
@@ -239,8 +240,8 @@ def _procedural_region(
     k = np.argmin((u[boundary] - target[0]) ** 2 + (v[boundary] - target[1]) ** 2)
     ay, ax = rows[boundary][k], cols[boundary][k]
     unit = math.sqrt(h * w)
-    thickness = unit * math.exp(rng.uniform(math.log(0.012), math.log(0.09)))
-    extent = unit * math.exp(rng.uniform(math.log(0.09), math.log(0.32)))
+    thickness = scale * unit * math.exp(rng.uniform(math.log(0.012), math.log(0.09)))
+    extent = scale * unit * math.exp(rng.uniform(math.log(0.09), math.log(0.32)))
     yy, xx = np.ogrid[:h, :w]
     dist = np.sqrt((yy - ay) ** 2 + (xx - ax) ** 2)
     taper = np.sqrt(np.clip(1.0 - (dist / extent) ** 2, 0.0, 1.0))
@@ -263,8 +264,10 @@ def make_phantom(
     rng: np.random.Generator,
     anatomy: Anatomy | None = None,
     region_rows: Sequence[np.ndarray] | None = None,
+    ptx_scale: float = 1.0,
 ) -> Phantom:
-    """Render one phantom. ``region_rows`` (boolean masks of ``shape``) replaces the procedural pneumothorax."""
+    """Render one phantom. ``region_rows`` (boolean masks of ``shape``) replaces the procedural pneumothorax;
+    ``ptx_scale`` makes procedural ones larger (> 1: moderate to large) or smaller."""
     h, w = shape
     anat = anatomy or Anatomy.sample(rng)
     unit = math.sqrt(h * w)
@@ -303,7 +306,7 @@ def make_phantom(
             # Thin crescents can vanish at small sizes: draw again until the region is visible.
             min_area = max(12, int(h * w * 0.0015))
             for _ in range(50):
-                region = _procedural_region(side_masks[side], anat, -1 if side == "right" else 1, site, rng)
+                region = _procedural_region(side_masks[side], anat, -1 if side == "right" else 1, site, rng, ptx_scale)
                 if region.sum() >= min_area:
                     break
             rows = [region]
@@ -529,6 +532,7 @@ def write_study(
     bits: int = 8,
     mask_shapes: str | Path | None = None,
     second_image_rate: float = 0.15,
+    ptx_scale: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> StudySummary:
     """Write ``n`` phantom DICOMs as ``OUT/<study>/<series>/<sop>.dcm`` plus ``OUT/train-rle.csv`` (SIIM form).
@@ -545,6 +549,8 @@ def write_study(
         raise UsageError(f"photometric {photometric!r} must be MONOCHROME1 or MONOCHROME2")
     if bits not in (8, 12, 16):
         raise UsageError(f"bits must be 8 (JPEG Baseline), 12 or 16 (native), got {bits}")
+    if not 0.25 <= ptx_scale <= 4.0:
+        raise UsageError(f"--ptx-scale must be within 0.25..4, got {ptx_scale}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = _sample_shapes(Path(mask_shapes)) if mask_shapes is not None else None
@@ -586,7 +592,12 @@ def write_study(
                 if region_rows:
                     break
         phantom = make_phantom(
-            size, positive=bool(positives[i]), rng=rng, anatomy=this_anatomy, region_rows=region_rows
+            size,
+            positive=bool(positives[i]),
+            rng=rng,
+            anatomy=this_anatomy,
+            region_rows=region_rows,
+            ptx_scale=ptx_scale,
         )
         uids = {
             key: str(generate_uid(prefix=root, entropy_srcs=[f"{seed}", f"{i}", key]))

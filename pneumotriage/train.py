@@ -1,0 +1,581 @@
+"""Training of both stages: one loop for the classifier and the segmenter, from one CPU to many GPUs.
+
+- Data: the dataset index (DICOMs matched with the label CSV), a patient-grouped stratified fold (or held-out
+  share) for validation, :class:`~pneumotriage.datasets.RadiographDataset` decoded in DataLoader workers.
+- Device: auto picks cuda > mps > cpu; on CUDA, bf16 autocast and channels_last.
+- Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on
+  GPU, gloo on CPU), each rank takes its slice of every epoch, and rank 0 alone validates, logs and writes.
+- Every epoch: validation, ``metrics.jsonl`` (one JSON line per epoch), ``last.pt`` (with optimiser state, for
+  ``--resume``), and ``best.pt`` when the validation metric improved. Writes are atomic, so a run killed at any
+  moment resumes from its last finished epoch.
+
+The library never prints: progress goes to the ``progress`` callback as small event dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
+from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.io import atomic_write_text
+from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
+from pneumotriage.losses import ComboLoss, parse_loss
+from pneumotriage.metrics import binary_metrics, dice_per_image, roc_auc, youden_threshold
+from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
+from pneumotriage.postprocess import triplet
+from pneumotriage.weights import load_state_dict
+
+Progress = Callable[[dict[str, Any]], None]
+
+DEFAULT_LOSS = {"classifier": "bce:1", "segmenter": "bce:3,dice:1,focal:4"}
+#: The validation figure that picks the best epoch (higher is better).
+SELECTION_METRIC = {"classifier": "auc", "segmenter": "competition_dice"}
+
+
+@dataclass
+class TrainConfig:
+    kind: str
+    data: str
+    labels: str
+    out: str
+    arch: str = ""
+    encoder: str | None = None
+    empty_head: bool = False
+    epochs: int = 10
+    image_size: int = 256
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    fold: int = 0
+    folds: int = 5
+    val_fraction: float | None = None
+    loss: str = ""
+    positive_share: tuple[float, float] | None = None
+    pretrained: bool = True
+    augment: str = "strong"
+    cache: str | None = None
+    patience: int | None = None
+    relative_rle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEFAULT_LOSS:
+            raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
+        if not self.arch:
+            self.arch = "densenet121" if self.kind == "classifier" else "unet"
+        if self.kind == "segmenter" and not self.encoder:
+            self.encoder = "resnet34"
+        if self.kind == "classifier":
+            self.encoder = None
+        if not self.loss:
+            self.loss = DEFAULT_LOSS[self.kind]
+        if self.positive_share is not None:
+            self.positive_share = (float(self.positive_share[0]), float(self.positive_share[1]))
+            if not all(0.0 <= s <= 1.0 for s in self.positive_share):
+                raise UsageError("positive shares must lie in [0, 1]")
+        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
+            raise UsageError("epochs and batch size must be >= 1 and the image size >= 32")
+        if self.val_fraction is None and not 0 <= self.fold < self.folds:
+            raise UsageError(f"--fold must be in 0..{self.folds - 1}")
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise UsageError("--val-fraction must lie strictly between 0 and 1")
+        parse_loss(self.loss)
+        if self.augment not in AUGMENT_LEVELS:
+            raise UsageError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENT_LEVELS)}")
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            kind=self.kind,
+            arch=self.arch,
+            encoder=self.encoder,
+            input_size=self.image_size,
+            empty_head=self.empty_head and self.kind == "segmenter",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["positive_share"] = list(self.positive_share) if self.positive_share else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        if d.get("positive_share") is not None:
+            d["positive_share"] = tuple(d["positive_share"])
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_run: int
+    best_epoch: int | None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device and distribution
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"unknown device {name!r}; try auto, cpu, cuda, cuda:1 or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA GPU is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
+    """Join the process group that ``torchrun`` describes in the environment (or run alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Dist(), pick_device(device_name)
+        return
+    import torch.distributed as tdist
+
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_name, dist.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist, device
+    finally:
+        tdist.destroy_process_group()
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+def split_records(cfg: TrainConfig, records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    if cfg.val_fraction is not None:
+        k = max(2, round(1 / cfg.val_fraction))
+        assignment = patient_folds(records, k, seed=cfg.seed)
+        return [r for r, f in zip(records, assignment, strict=True) if f != 0], [
+            r for r, f in zip(records, assignment, strict=True) if f == 0
+        ]
+    return split_fold(records, cfg.fold, cfg.folds, seed=cfg.seed)
+
+
+def data_fingerprint(train: list[ImageRecord], val: list[ImageRecord]) -> str:
+    """A short hash of which images (and labels) went into training and validation."""
+    digest = hashlib.sha256()
+    for tag, records in (("train", train), ("val", val)):
+        for r in sorted(records, key=lambda r: r.image_id):
+            digest.update(f"{tag}|{r.image_id}|{int(r.positive)}|{r.mask_area}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _loader(
+    dataset: RadiographDataset, batch_size: int, workers: int, sampler: Any, device: torch.device, seed: int
+) -> DataLoader[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=generator,
+        drop_last=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one step, one epoch
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Objective(nn.Module):
+    """The training loss of a model kind: the combo loss on the main output, half of it on deep-supervision
+    outputs, and BCE on the segmenter's image-level head."""
+
+    def __init__(self, kind: str, weights: dict[str, float], pos_weight: float | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.combo = ComboLoss(weights, pos_weight if kind == "classifier" else None)
+        self.present = ComboLoss({"bce": 1.0})
+
+    def forward(self, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kind == "classifier":
+            loss: torch.Tensor = self.combo(output, batch["label"])
+            return loss
+        loss = self.combo(output["mask"], batch["mask"])
+        for aux in output.get("aux", []):
+            loss = loss + 0.5 * self.combo(aux, batch["mask"])
+        if "present" in output:
+            loss = loss + self.present(output["present"], batch["label"])
+        return loss
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch.device, kind: str
+) -> dict[str, np.ndarray]:
+    """Probabilities over a loader (in its order): ``scores`` (N,) and, for a segmenter, ``probs`` (N, S, S),
+    ``masks`` (N, S, S) and ``labels`` (N,)."""
+    model.eval()
+    scores, labels, probs, masks = [], [], [], []
+    channels_last = device.type == "cuda"
+    for batch in loader:
+        batch = _to_device(batch, device, channels_last)
+        with _autocast(device):
+            output = model(batch["image"])
+        labels.append(batch["label"].cpu().numpy())
+        if kind == "classifier":
+            scores.append(torch.sigmoid(output.float()).cpu().numpy())
+        else:
+            p = torch.sigmoid(output["mask"].float())[:, 0]
+            probs.append(p.cpu().numpy())
+            masks.append(batch["mask"][:, 0].cpu().numpy() >= 0.5)
+            if "present" in output:
+                scores.append(torch.sigmoid(output["present"].float()).cpu().numpy())
+            else:
+                scores.append(p.flatten(1).amax(1).cpu().numpy())
+    out = {"scores": np.concatenate(scores), "labels": np.concatenate(labels) >= 0.5}
+    if kind == "segmenter":
+        out["probs"] = np.concatenate(probs)
+        out["masks"] = np.concatenate(masks)
+    return out
+
+
+def validation_metrics(kind: str, pred: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, Any]:
+    y, s = pred["labels"], pred["scores"]
+    metrics: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "auc": roc_auc(y, s)}
+    if kind == "classifier":
+        gate = youden_threshold(y, s)
+        metrics["gate"] = gate
+        at = binary_metrics(y, s, gate)
+        metrics.update({k: at[k] for k in ("precision", "recall", "specificity", "f1")})
+        return metrics
+    probs, masks = pred["probs"], pred["masks"]
+    plain = probs >= 0.5
+    post = triplet(
+        probs,
+        top_score=thresholds["top_score"],
+        min_area=thresholds["min_area"],
+        bottom_score=thresholds["bottom_score"],
+    )
+    dice_plain, dice_post = dice_per_image(plain, masks), dice_per_image(post, masks)
+    metrics["competition_dice"] = float(dice_post.mean())
+    metrics["dice_plain"] = float(dice_plain.mean())
+    metrics["dice_positives"] = float(dice_plain[y].mean()) if y.any() else float("nan")
+    metrics["dice_positives_triplet"] = float(dice_post[y].mean()) if y.any() else float("nan")
+    predicted = post.reshape(len(post), -1).any(1)
+    at = binary_metrics(y, predicted.astype(float), 0.5)
+    metrics.update({k: at[k] for k in ("precision", "recall", "specificity")})
+    return metrics
+
+
+def _better(new: float, old: float | None) -> bool:
+    if math.isnan(new):
+        return old is None
+    return old is None or math.isnan(old) or new > old
+
+
+def _param_checksum(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    """The metrics lines of epochs <= ``upto_epoch`` (a killed run may have logged one epoch past its checkpoint)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and int(row.get("epoch", 10**9)) <= upto_epoch:
+            lines.append(row)
+    return lines
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> TrainResult:
+    """Train one model as ``cfg`` says; with ``resume``, continue the run in ``cfg.out`` from its ``last.pt``."""
+    run_dir = Path(cfg.out)
+    last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+    state: dict[str, Any] | None = None
+    if resume:
+        if not last_path.is_file():
+            raise UsageError("nothing to resume: no last.pt", path=run_dir, hint="start a new run without --resume")
+        state = load_state_dict(last_path)
+        cfg = TrainConfig.from_dict({**state["config"], "out": str(run_dir)})
+    elif last_path.exists():
+        raise UsageError(
+            "this run folder already holds a run",
+            path=run_dir,
+            hint="pass --resume to continue it, or choose another --out",
+        )
+    emit = progress or (lambda event: None)
+
+    with distributed(cfg.device) as (dist, device):
+        if not dist.main:
+            emit = lambda event: None  # noqa: E731 (rank 0 alone reports)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+
+        labels = read_rle_csv(cfg.labels, relative=cfg.relative_rle)
+        index = index_dataset(cfg.data, cfg.labels, relative=cfg.relative_rle)
+        records = index.records
+        if len(records) < 4:
+            raise UsageError(f"only {len(records)} labelled images found", path=cfg.data, hint="check --labels")
+        try:
+            train_records, val_records = split_records(cfg, records)
+        except ValueError as exc:
+            raise UsageError(str(exc), path=cfg.data) from None
+        fingerprint = data_fingerprint(train_records, val_records)
+        n_pos = sum(r.positive for r in train_records)
+        if n_pos == 0 or n_pos == len(train_records):
+            raise UsageError("the training split needs both positive and negative images", path=cfg.labels)
+        emit(
+            {
+                "event": "data",
+                "train": len(train_records),
+                "train_positive": n_pos,
+                "val": len(val_records),
+                "val_positive": sum(r.positive for r in val_records),
+                "skipped": len(index.skipped),
+                "device": str(device),
+                "world_size": dist.world_size,
+            }
+        )
+
+        masks = cfg.kind == "segmenter"
+        augment = make_augment(cfg.augment)
+        train_set = RadiographDataset(
+            train_records, labels, cfg.image_size, masks=masks, augment=augment, cache_dir=cfg.cache
+        )
+        val_set = RadiographDataset(val_records, labels, cfg.image_size, masks=masks, cache_dir=cfg.cache)
+        sampler = EpochSampler(
+            train_set.positives,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            positive_share=cfg.positive_share if masks else None,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        per_rank_batch = max(1, cfg.batch_size // dist.world_size)
+        train_loader = _loader(train_set, per_rank_batch, cfg.workers, sampler, device, cfg.seed)
+        val_loader = _loader(val_set, per_rank_batch, cfg.workers, None, device, cfg.seed)
+
+        model = build_model(cfg.spec(), pretrained=cfg.pretrained)
+        pretrained_used = bool(model.meta["pretrained"])  # type: ignore[index]
+        if state is not None:
+            model.load_state_dict(state["state_dict"])
+        model.to(device)
+        channels_last = device.type == "cuda"
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        net: nn.Module = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
+        objective = Objective(cfg.kind, parse_loss(cfg.loss), pos_weight=(len(train_records) - n_pos) / n_pos)
+
+        start_epoch, best_value, best_epoch, stale = 0, None, None, 0
+        history: list[dict[str, Any]] = []
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"]) + 1
+            best_value, best_epoch = state.get("best_value"), state.get("best_epoch")
+            stale = int(state.get("stale", 0))
+            history = _read_metrics(metrics_path, int(state["epoch"]))
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+        selection = SELECTION_METRIC[cfg.kind]
+        thresholds = dict(DEFAULT_THRESHOLDS[cfg.kind])
+        stopped_early = False
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.patience is not None and stale >= cfg.patience:
+                stopped_early = True
+                break
+            sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(cfg.seed * 1000 + epoch)
+            net.train()
+            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+            emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "batches": len(train_loader)})
+            for i, batch in enumerate(train_loader):
+                batch = _to_device(batch, device, channels_last)
+                with _autocast(device):
+                    output = net(batch["image"])
+                loss = objective(output, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = int(batch["image"].shape[0])
+                seen += n
+                loss_sum += float(loss.detach()) * n
+                emit({"event": "batch", "epoch": epoch, "batch": i + 1, "loss": loss_sum / seen})
+            scheduler.step()
+            train_time = time.perf_counter() - t0
+
+            row: dict[str, Any] = {}
+            if dist.main:
+                pred = predict(unwrap(net), val_loader, device, cfg.kind)
+                metrics = validation_metrics(cfg.kind, pred, thresholds)
+                value = float(metrics[selection])
+                improved = _better(value, best_value)
+                row = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "train_images_per_s": seen * dist.world_size / train_time,
+                    "lr": scheduler.get_last_lr()[0],
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                    "best": improved,
+                }
+                history.append(row)
+                _write_metrics(metrics_path, history)
+                if improved:
+                    best_value, best_epoch, stale = value, epoch, 0
+                    best_thresholds = dict(thresholds)
+                    if cfg.kind == "classifier":
+                        best_thresholds["gate"] = float(metrics["gate"])
+                    save_checkpoint(
+                        best_path,
+                        model,
+                        thresholds=best_thresholds,
+                        config=cfg.to_dict(),
+                        data_fingerprint=fingerprint,
+                        metrics={"selection": selection, **metrics},
+                        epoch=epoch,
+                        extra={"pretrained": pretrained_used, "world_size": dist.world_size},
+                    )
+                else:
+                    stale += 1
+                save_checkpoint(
+                    last_path,
+                    model,
+                    config=cfg.to_dict(),
+                    data_fingerprint=fingerprint,
+                    metrics=metrics,
+                    epoch=epoch,
+                    extra={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "best_value": best_value,
+                        "best_epoch": best_epoch,
+                        "stale": stale,
+                        "pretrained": pretrained_used,
+                        "world_size": dist.world_size,
+                    },
+                )
+            stale = _broadcast_int(stale, dist, device)
+            emit({"event": "epoch_end", "epoch": epoch, "metrics": row, "selection": selection})
+
+        _record_rank_checksums(model, dist, best_path, device)
+        best_metrics = next((r for r in history if r.get("epoch") == best_epoch), {})
+        return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early)
+
+
+def _broadcast_int(value: int, dist: Dist, device: torch.device) -> int:
+    if not dist.enabled:
+        return value
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _record_rank_checksums(model: nn.Module, dist: Dist, best_path: Path, device: torch.device) -> None:
+    """Under DDP, gather every rank's parameter checksum and write them beside the checkpoints: they must agree."""
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+
+    mine = torch.tensor([_param_checksum(model)], dtype=torch.float64, device=device)
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.world_size)]
+    tdist.all_gather(gathered, mine)
+    if dist.main:
+        values = [float(g.item()) for g in gathered]
+        atomic_write_text(
+            best_path.parent / "ranks.json",
+            json.dumps({"world_size": dist.world_size, "param_checksums": values}, indent=2) + "\n",
+        )
+        if len(set(values)) != 1:
+            raise PneumotriageError(f"ranks ended with different weights: {values}", path=best_path.parent)
+    _barrier(dist)
