@@ -11,6 +11,7 @@ from pneumotriage.rle import rle_decode, rle_encode  # noqa: E402
 
 __all__ = [
     "DicomHeader",
+    "load_model",
     "DicomImage",
     "PneumotriageError",
     "__version__",
@@ -23,3 +24,12 @@ __all__ = [
     "rle_encode",
     "write_rle_csv",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # load_model pulls in torch; import it only when asked for, so `import pneumotriage` stays light.
+    if name == "load_model":
+        from pneumotriage.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'pneumotriage' has no attribute {name!r}")

@@ -3,6 +3,7 @@ on-disk cache of the resized arrays, and the epoch sampler with the positive-sha
 
 Every image is resized to a square ``size x size`` (bilinear with antialiasing; masks by area, then >= 0.5), the
 same preprocessing :func:`prepare_image` gives the scan, so a model sees at inference what it saw in training.
+JPEG Baseline images are decoded straight to a reduced size where the codec allows (``read_dicom(reduce_to=)``).
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ class RadiographDataset(Dataset[dict[str, Any]]):
                 image = torch.from_numpy(data["image"].astype(np.float32))
                 mask = torch.from_numpy(data["mask"].astype(np.float32)) if self.masks else None
             return image, mask
-        decoded = read_dicom(record.path)
+        decoded = read_dicom(record.path, reduce_to=self.size)
         image = prepare_image(decoded.pixels, self.size)
         mask = None
         if self.masks:
-            h, w = decoded.pixels.shape
+            h, w = decoded.original_shape  # labels are at the stored size, whatever size the JPEG decoded to
             mask = prepare_mask(self.labels.masks_for(record.image_id, h, w), self.size)
         if cached is not None:
             buffer = io.BytesIO()

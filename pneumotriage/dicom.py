@@ -14,6 +14,7 @@ LUTs) -> a robust percentile normalisation to [0, 1].
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
@@ -36,6 +38,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEGExtended12Bit,
 )
 
@@ -416,8 +419,13 @@ def _walk(root: Path) -> Iterator[Path]:
 # Pixels
 
 
-def read_dicom(path: str | Path) -> DicomImage:
+def read_dicom(path: str | Path, *, reduce_to: int | None = None) -> DicomImage:
     """Decode one radiograph to float32 H x W in [0, 1], bone bright.
+
+    ``reduce_to``: the caller will shrink the image to about this many pixels a side, so an 8-bit JPEG Baseline
+    image (all of SIIM) may be decoded straight to a smaller size with the codec's DCT scaling (1/2, 1/4 or 1/8,
+    never below ``reduce_to`` on either side), which is several times faster. ``pixels`` is then smaller than
+    ``original_shape``; every other encoding decodes in full.
 
     Raises a :class:`~pneumotriage.errors.DicomError` subclass naming the file and the remedy.
     """
@@ -439,7 +447,9 @@ def read_dicom(path: str | Path) -> DicomImage:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
+            arr = _reduced_jpeg(ds, header, reduce_to) if reduce_to else None
+            if arr is None:
+                arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
             grey = _to_grey(arr, ds, photometric, notes)
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
@@ -454,11 +464,38 @@ def read_dicom(path: str | Path) -> DicomImage:
     return DicomImage(
         **header.identity(),
         pixels=pixels,
-        original_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
+        original_shape=header.shape or (int(pixels.shape[0]), int(pixels.shape[1])),
         photometric=photometric,
         transfer_syntax=header.transfer_syntax or "",
         warnings=notes,
     )
+
+
+def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarray | None:
+    """Decode a single-frame, 8-bit, grey JPEG Baseline image at a reduced size with Pillow's ``draft``, or return
+    None where that does not apply (the caller then decodes in full)."""
+    if (
+        header.transfer_syntax != JPEGBaseline8Bit
+        or header.frames != 1
+        or header.samples_per_pixel != 1
+        or header.photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or int(ds.get("BitsAllocated", 0)) != 8
+        or header.shape is None
+        or min(header.shape) < 2 * reduce_to
+    ):
+        return None
+    from PIL import Image
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as img:
+            img.draft("L", (reduce_to, reduce_to))
+            arr = np.asarray(img)
+    except (OSError, ValueError, StopIteration, SyntaxError):
+        return None  # let the full decoder report what is wrong
+    if arr.ndim != 2 or min(arr.shape) < reduce_to:
+        return None
+    return arr
 
 
 def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -> np.ndarray:

@@ -648,6 +648,7 @@ def write_study(
         "bits": bits,
         "positive_rate": positive_rate,
         "mask_shapes": str(mask_shapes) if mask_shapes is not None else None,
+        "ptx_scale": ptx_scale,
         "note": "synthetic phantoms, not patient images",
         "images": [asdict(im) for im in images],
     }

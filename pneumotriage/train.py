@@ -35,9 +35,9 @@ from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
 from pneumotriage.losses import ComboLoss, parse_loss
-from pneumotriage.metrics import binary_metrics, dice_per_image, roc_auc, youden_threshold
+from pneumotriage.metrics import binary_metrics, roc_auc, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
-from pneumotriage.postprocess import triplet
+from pneumotriage.postprocess import scaled_area
 from pneumotriage.weights import load_state_dict
 
 Progress = Callable[[dict[str, Any]], None]
@@ -273,38 +273,74 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool)
     return moved
 
 
+def train_step(
+    net: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimisation step on one batch (bf16 autocast and channels_last on CUDA); returns the detached loss."""
+    batch = _to_device(batch, device, device.type == "cuda")
+    with _autocast(device):
+        output = net(batch["image"])
+    loss: torch.Tensor = objective(output, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return loss.detach()
+
+
+def _dice(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per-image Dice of boolean (B, H, W) stacks, 1 where both are empty (the competition rule)."""
+    inter = (pred & true).flatten(1).sum(1).float()
+    total = (pred.flatten(1).sum(1) + true.flatten(1).sum(1)).float()
+    return torch.where(total == 0, torch.ones_like(total), 2 * inter / total.clamp(min=1))
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch.device, kind: str
+    model: nn.Module,
+    loader: DataLoader[dict[str, Any]],
+    device: torch.device,
+    kind: str,
+    thresholds: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Probabilities over a loader (in its order): ``scores`` (N,) and, for a segmenter, ``probs`` (N, S, S),
-    ``masks`` (N, S, S) and ``labels`` (N,)."""
+    """Per-image results over a loader, in its order, without keeping any probability map (memory stays flat
+    with the validation set): ``labels`` and ``scores`` (N,); for a segmenter also ``dice_plain`` (masks at 0.5),
+    ``dice_triplet`` (the triplet rule with ``thresholds``) and ``predicted`` (the triplet found a pneumothorax)."""
+    t = {**DEFAULT_THRESHOLDS["segmenter"], **(thresholds or {})}
     model.eval()
-    scores, labels, probs, masks = [], [], [], []
-    channels_last = device.type == "cuda"
+    out: dict[str, list[np.ndarray]] = {
+        "labels": [],
+        "scores": [],
+        "dice_plain": [],
+        "dice_triplet": [],
+        "predicted": [],
+    }
     for batch in loader:
-        batch = _to_device(batch, device, channels_last)
+        batch = _to_device(batch, device, device.type == "cuda")
         with _autocast(device):
             output = model(batch["image"])
-        labels.append(batch["label"].cpu().numpy())
+        out["labels"].append(batch["label"].cpu().numpy() >= 0.5)
         if kind == "classifier":
-            scores.append(torch.sigmoid(output.float()).cpu().numpy())
-        else:
-            p = torch.sigmoid(output["mask"].float())[:, 0]
-            probs.append(p.cpu().numpy())
-            masks.append(batch["mask"][:, 0].cpu().numpy() >= 0.5)
-            if "present" in output:
-                scores.append(torch.sigmoid(output["present"].float()).cpu().numpy())
-            else:
-                scores.append(p.flatten(1).amax(1).cpu().numpy())
-    out = {"scores": np.concatenate(scores), "labels": np.concatenate(labels) >= 0.5}
-    if kind == "segmenter":
-        out["probs"] = np.concatenate(probs)
-        out["masks"] = np.concatenate(masks)
-    return out
+            out["scores"].append(torch.sigmoid(output.float()).cpu().numpy())
+            continue
+        p = torch.sigmoid(output["mask"].float())[:, 0]
+        true = batch["mask"][:, 0] >= 0.5
+        area = scaled_area(t["min_area"], (p.shape[1], p.shape[2]))
+        keep = (p > t["top_score"]).flatten(1).sum(1) >= max(area, 1.0)
+        post = (p > t["bottom_score"]) & keep[:, None, None]
+        out["dice_plain"].append(_dice(p >= 0.5, true).cpu().numpy())
+        out["dice_triplet"].append(_dice(post, true).cpu().numpy())
+        out["predicted"].append(keep.cpu().numpy())
+        score = torch.sigmoid(output["present"].float()) if "present" in output else p.flatten(1).amax(1)
+        out["scores"].append(score.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
-def validation_metrics(kind: str, pred: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, Any]:
+def validation_metrics(kind: str, pred: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Summary figures of :func:`predict`'s per-image results."""
     y, s = pred["labels"], pred["scores"]
     metrics: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "auc": roc_auc(y, s)}
     if kind == "classifier":
@@ -313,21 +349,12 @@ def validation_metrics(kind: str, pred: dict[str, np.ndarray], thresholds: dict[
         at = binary_metrics(y, s, gate)
         metrics.update({k: at[k] for k in ("precision", "recall", "specificity", "f1")})
         return metrics
-    probs, masks = pred["probs"], pred["masks"]
-    plain = probs >= 0.5
-    post = triplet(
-        probs,
-        top_score=thresholds["top_score"],
-        min_area=thresholds["min_area"],
-        bottom_score=thresholds["bottom_score"],
-    )
-    dice_plain, dice_post = dice_per_image(plain, masks), dice_per_image(post, masks)
-    metrics["competition_dice"] = float(dice_post.mean())
-    metrics["dice_plain"] = float(dice_plain.mean())
-    metrics["dice_positives"] = float(dice_plain[y].mean()) if y.any() else float("nan")
-    metrics["dice_positives_triplet"] = float(dice_post[y].mean()) if y.any() else float("nan")
-    predicted = post.reshape(len(post), -1).any(1)
-    at = binary_metrics(y, predicted.astype(float), 0.5)
+    plain, post = pred["dice_plain"], pred["dice_triplet"]
+    metrics["competition_dice"] = float(post.mean())
+    metrics["dice_plain"] = float(plain.mean())
+    metrics["dice_positives"] = float(plain[y].mean()) if y.any() else float("nan")
+    metrics["dice_positives_triplet"] = float(post[y].mean()) if y.any() else float("nan")
+    at = binary_metrics(y, pred["predicted"].astype(float), 0.5)
     metrics.update({k: at[k] for k in ("precision", "recall", "specificity")})
     return metrics
 
@@ -479,24 +506,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
             emit({"event": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "batches": len(train_loader)})
             for i, batch in enumerate(train_loader):
-                batch = _to_device(batch, device, channels_last)
-                with _autocast(device):
-                    output = net(batch["image"])
-                loss = objective(output, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = train_step(net, objective, optimizer, batch, device)
                 n = int(batch["image"].shape[0])
                 seen += n
-                loss_sum += float(loss.detach()) * n
+                loss_sum += float(loss) * n
                 emit({"event": "batch", "epoch": epoch, "batch": i + 1, "loss": loss_sum / seen})
             scheduler.step()
             train_time = time.perf_counter() - t0
 
             row: dict[str, Any] = {}
             if dist.main:
-                pred = predict(unwrap(net), val_loader, device, cfg.kind)
-                metrics = validation_metrics(cfg.kind, pred, thresholds)
+                pred = predict(unwrap(net), val_loader, device, cfg.kind, thresholds)
+                metrics = validation_metrics(cfg.kind, pred)
                 value = float(metrics[selection])
                 improved = _better(value, best_value)
                 row = {

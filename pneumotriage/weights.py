@@ -524,9 +524,10 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise WeightError("weight file not found", path=path) from None
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0] if lines else "")
         raise UnsafeWeightsError(
-            f"refused to load: the file holds pickled objects that weights-only loading does not allow ({first})",
+            f"refused to load: the file holds pickled objects that weights-only loading does not allow: {first}",
             path=path,
             hint="use a plain state dict; never load files of unknown origin with weights_only=False",
         ) from None

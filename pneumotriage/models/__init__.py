@@ -163,7 +163,7 @@ def checkpoint_dict(
         "metrics": dict(metrics or {}),
         "epoch": epoch,
         "package_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
         "state_dict": state,
