@@ -103,6 +103,19 @@ def pipeline_rate(
     return steps * batch / (time.perf_counter() - t0)
 
 
+def item_ms(dataset: RadiographDataset, n: int = 20) -> float:
+    """Milliseconds to produce one training item on one thread, as a DataLoader worker does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            dataset[i % len(dataset)]
+        return (time.perf_counter() - t0) / n * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -128,15 +141,20 @@ def main() -> int:
         csv = study / "train-rle.csv"
         records = index_dataset(study, csv).records
         labels = read_rle_csv(csv)
+        # Long epochs: a loader restarting every few batches would measure its ramp-up, not its rate.
+        most = max(int(b) for b in args.batch_size.split(","))
+        records = records * max(1, -(-(args.steps + 3) * most * 2 // len(records)))
         sizes = [int(s) for s in args.sizes.split(",")]
         batch_sizes = [int(b) for b in args.batch_size.split(",")]
         if len(batch_sizes) == 1:
             batch_sizes *= len(sizes)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        print(f"device {device} ({name}); {args.workers} workers; torch {torch.__version__}; {len(records)} images")
         print(
-            f"{'model':26} {'size':>5} {'model img/s':>12} {'decode img/s':>13} {'ratio':>6} {'cache img/s':>12} "
-            f"{'ratio':>6}"
+            f"device {device} ({name}); {args.workers} workers; torch {torch.__version__}; {len(set(records))} images"
+        )
+        print(
+            f"{'model':26} {'size':>5} {'batch':>5} {'model img/s':>12} {'decode img/s':>13} {'ratio':>6} "
+            f"{'cache img/s':>12} {'ratio':>6}"
         )
         for key in args.models.split(","):
             spec = MODELS[key.strip()]
@@ -152,6 +170,8 @@ def main() -> int:
                 for i in range(len(cached)):  # fill the cache (what the first epoch does)
                     cached._load(cached.records[i])
                 cache = pipeline_rate(spec, size, batch, args.steps, device, cached, args.workers)
+                per_item = f"one worker: {item_ms(live):.1f} ms/item decoding, {item_ms(cached):.1f} ms from the cache"
+                print(per_item, file=sys.stderr)
                 print(
                     f"{key:26} {size:>5} {batch:>5} {pure:>12.1f} {decode:>13.1f} {decode / pure:>6.2f} {cache:>12.1f} "
                     f"{cache / pure:>6.2f}",

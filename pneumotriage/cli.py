@@ -479,7 +479,10 @@ def train_classifier(
     val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from cached ImageNet weights where present.")] = True,
     augment: Annotated[
-        str, typer.Option(help="strong (flip, shift-scale-rotate, elastic, brightness/contrast/gamma), light, none.")
+        str,
+        typer.Option(
+            help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light, none."
+        ),
     ] = "strong",
     cache: Annotated[
         Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
@@ -542,7 +545,10 @@ def train_segmenter(
     val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start the encoder from cached ImageNet weights.")] = True,
     augment: Annotated[
-        str, typer.Option(help="strong (flip, shift-scale-rotate, elastic, brightness/contrast/gamma), light, none.")
+        str,
+        typer.Option(
+            help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light, none."
+        ),
     ] = "strong",
     cache: Annotated[
         Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
