@@ -201,6 +201,221 @@ def synth(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# scan
+
+
+def _default_weight(kind: str) -> str | None:
+    """The registry's default model of a kind (``default = true`` and meant for patients), if any."""
+    from pneumotriage.weights import load_registry
+
+    for spec in load_registry().values():
+        if spec.kind == kind and spec.default and spec.clinical:
+            return spec.name
+    return None
+
+
+def _load(value: str | None, kind: str) -> Any:
+    from pneumotriage.models import load_model
+
+    if value is None:
+        return None
+    loaded = load_model(value)
+    if loaded.spec.kind != kind:
+        raise UsageError(f"--{kind} {value}: that is a {loaded.spec.kind}, not a {kind}")
+    return loaded
+
+
+def _print_worklist(summary: Any, limit: int = 20) -> None:
+    table = Table(title=f"worklist: {summary.out / 'worklist.csv'}", title_justify="left")
+    for col in ("rank", "tier", "probability", "area cm²", "side", "image", "status"):
+        table.add_column(col, overflow="fold")
+    style = {"urgent": "bold red", "review": "yellow", "routine": "green"}
+    for r in summary.results[:limit]:
+        table.add_row(
+            str(r.rank),
+            f"[{style[r.tier]}]{r.tier}[/]",
+            "" if r.probability is None else f"{r.probability:.3f}",
+            "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
+            r.side or "",
+            r.image_id[-24:],
+            r.status if r.status == "ok" else f"[red]{r.status}[/]",
+        )
+    out.print(table)
+    if len(summary.results) > limit:
+        out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
+
+
+@app.command()
+@_reports_errors
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("scan-out"),
+    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
+    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    gate: Annotated[
+        float | None,
+        typer.Option(help="Classifier probability that sends an image to the segmenter (default: the checkpoint's)."),
+    ] = None,
+    top_score: Annotated[float | None, typer.Option(help="Triplet rule: pixel score that counts as confident.")] = None,
+    min_area: Annotated[float | None, typer.Option(help="Triplet rule: confident pixels needed (at 1024²).")] = None,
+    bottom_score: Annotated[float | None, typer.Option(help="Triplet rule: threshold of the final mask.")] = None,
+    min_component: Annotated[
+        float | None, typer.Option(help="Drop mask components smaller than this (px at 1024²).")
+    ] = None,
+    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
+    no_segment: Annotated[bool, typer.Option(help="Triage on the classifier alone (no outlines).")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    urgent_probability: Annotated[
+        float, typer.Option(help="With --no-segment: the probability that makes an image urgent.")
+    ] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
+        "relative"
+    ),
+    no_phi: Annotated[bool, typer.Option(help="Leave patient ID, accession and study date out of all outputs.")] = (
+        False
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pneumotriage.cascade import ScanOptions
+    from pneumotriage.cascade import scan as run_scan
+    from pneumotriage.worklist import worklist_document, worklist_rows
+
+    if rle not in ("relative", "absolute"):
+        raise UsageError(f"--rle {rle!r}: choose relative or absolute")
+    classifier = classifier or _default_weight("classifier")
+    segmenter = None if no_segment else (segmenter or _default_weight("segmenter"))
+    if classifier is None and segmenter is None:
+        raise UsageError(
+            "no models given and the registry names no default for real images: pass --classifier and "
+            "--segmenter (a registry name or a checkpoint file), e.g. --classifier xrv-resnet50-res512-all "
+            "--no-segment; `pneumotriage weights list` shows what there is"
+        )
+    options = ScanOptions(
+        gate=gate,
+        top_score=top_score,
+        min_area=min_area,
+        bottom_score=bottom_score,
+        min_component=min_component,
+        segment_all=segment_all,
+        no_segment=no_segment,
+        tta=tta,
+        urgent_probability=urgent_probability,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        rle_relative=rle == "relative",
+        no_phi=no_phi,
+        resume=resume,
+    )
+    loaded_cls = _load(classifier, "classifier")
+    loaded_seg = _load(segmenter, "segmenter")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=err, disable=not progress, transient=True) as bar:
+        task = bar.add_task("scanning", total=None, info="")
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "discovered":
+                bar.update(task, info=f"{event['count']} discovered")
+            elif event["event"] == "start":
+                bar.update(task, total=event["todo"], completed=0)
+            elif event["event"] == "batch":
+                bar.update(
+                    task,
+                    completed=event["decoded"] + event["errors"],
+                    info=f"classified {event['classified']}, segmented {event['segmented']}, errors {event['errors']}",
+                )
+
+        summary = run_scan(
+            paths, out_dir, classifier=loaded_cls, segmenter=loaded_seg, options=options, progress=on_event
+        )
+    if as_json:
+        print(json.dumps(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
+    else:
+        _print_worklist(summary)
+    for note in summary.notes:
+        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    c = summary.counts
+    err.print(
+        f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
+        f"{c['errors']} unreadable; {summary.timings['total_s']:.1f} s"
+        + (f" ({c['resumed']} done before the resume)" if c.get("resumed") else "")
+        + f"\nreport: {summary.out / 'report.html'}",
+        highlight=False,
+    )
+    if summary.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@app.command()
+@_reports_errors
+def submit(
+    test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of the test DICOMs.")],
+    sample_submission: Annotated[Path, typer.Option(help="The competition's sample submission CSV.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Submission CSV to write.")] = Path("submission.csv"),
+    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
+    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    work: Annotated[Path | None, typer.Option(help="Scan folder (default: OUT.scan beside --out).")] = None,
+    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    rle: Annotated[str, typer.Option(help="relative (SIIM) or absolute run-length form.")] = "relative",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
+) -> None:
+    """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
+    mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
+    from pneumotriage.cascade import ScanOptions
+    from pneumotriage.cascade import scan as run_scan
+    from pneumotriage.labels import read_rle_csv, write_rle_csv
+    from pneumotriage.worklist import absolute_rle
+
+    if rle not in ("relative", "absolute"):
+        raise UsageError(f"--rle {rle!r}: choose relative or absolute")
+    if segmenter is None:
+        raise UsageError("a submission needs masks: pass --segmenter (and usually --classifier)")
+    sample_ids = list(read_rle_csv(sample_submission, strict=False))
+    if not sample_ids:
+        raise UsageError("the sample submission lists no ImageId", path=sample_submission)
+    work = work or out_file.with_name(out_file.name + ".scan")
+    summary = run_scan(
+        [test_dir],
+        work,
+        classifier=_load(classifier, "classifier"),
+        segmenter=_load(segmenter, "segmenter"),
+        options=ScanOptions(
+            segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
+        ),
+    )
+    found = {r.image_id: r.rle for r in summary.results if r.status == "ok"}
+    missing = [i for i in sample_ids if i not in found]
+    rows = [(i, found.get(i, "-1") if rle == "relative" else absolute_rle(found.get(i, "-1"))) for i in sample_ids]
+    write_rle_csv(out_file, rows, relative=rle == "relative")
+    positive = sum(1 for _, value in rows if value.strip() != "-1")
+    err.print(
+        f"wrote {out_file}: {len(rows)} images, {positive} with a mask"
+        + (f"; {len(missing)} ImageIds had no readable image and got -1 (first: {missing[0]})" if missing else ""),
+        highlight=False,
+    )
+    if missing:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # weights
 
 weights_app = typer.Typer(
@@ -594,36 +809,65 @@ def train_segmenter(
 @app.command()
 @_reports_errors
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo study.")] = Path("demo-out"),
-    n: Annotated[int, typer.Option("--n", help="Number of synthetic images.")] = 12,
-    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 512,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo study and scan.")] = Path("demo-out"),
+    n: Annotated[int, typer.Option("--n", help="Number of synthetic images.")] = 20,
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
+    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
 ) -> None:
-    """Make a synthetic study and read it back (the triage scan joins once it is built)."""
-    from pneumotriage.labels import index_dataset
+    """Make a synthetic study, build the synthetic demo weights if needed, scan, and show the worklist.
+
+    The first run trains the two demo models on synthetic phantoms (a few minutes on a 2-core CPU) and caches
+    them; later runs take seconds."""
+    import shutil
+
+    from rich.progress import Progress
+
+    from pneumotriage.cascade import ScanOptions
+    from pneumotriage.cascade import scan as run_scan
+    from pneumotriage.models import load_model
     from pneumotriage.synth import write_study
+    from pneumotriage.weights import WeightCache, load_registry
 
     study = out_dir / "study"
-    summary = write_study(study, n, positive_rate=0.4, size=(size, size), seed=7)
-    index = index_dataset(study, summary.labels_csv)
-    table = Table(title=f"synthetic study: {study}")
-    for col in ("image id", "patient", "pneumothorax", "mask px", "grey lung/spine"):
-        table.add_column(col)
-    for record in index.records:
-        image = read_dicom(record.path)
-        h, w = image.pixels.shape
-        lung = float(image.pixels[h // 3 : h // 2, w // 5 : w // 3].mean())
-        spine = float(image.pixels[h // 3 : h // 2, w // 2 - w // 40 : w // 2 + w // 40].mean())
-        table.add_row(
-            record.image_id[-18:],
-            (record.patient_id or "?")[:8],
-            "yes" if record.positive else "no",
-            str(record.mask_area),
-            f"{lung:.2f} / {spine:.2f}",
-        )
-    out.print(table)
+    if study.exists():
+        shutil.rmtree(study)
+    summary = write_study(study, n, positive_rate=0.4, size=(size, size), seed=7, ptx_scale=2.0)
+    err.print(f"synthetic study: {n} images ({summary.n_positive} with pneumothorax) in {study}", highlight=False)
+    cache = WeightCache(load_registry())
+    for name in ("demo-classifier", "demo-segmenter"):
+        spec = cache.registry.get_spec(name)
+        if cache.status(spec).status != "missing":
+            continue
+        err.print(f"building {name} (trained on synthetic phantoms, once; cached in {cache.dir})", highlight=False)
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task(name, total=None)
+
+            def on_event(event: dict[str, Any], task: Any = task, bar: Any = bar) -> None:
+                if event["event"] == "epoch_start":
+                    bar.update(task, total=event["epochs"], completed=event["epoch"])
+
+            from pneumotriage.demo import build
+
+            build(spec, cache, progress=on_event)
+    scan_dir = out_dir / "scan"
+    if scan_dir.exists():
+        shutil.rmtree(scan_dir)
+    result = run_scan(
+        sorted(p for p in study.iterdir() if p.is_dir()),  # the DICOMs, not the label CSV and manifest beside them
+        scan_dir,
+        classifier=load_model("demo-classifier"),
+        segmenter=load_model("demo-segmenter"),
+        options=ScanOptions(workers=workers),
+    )
+    _print_worklist(result)
+    truth = {im.image_id: im.positive for im in summary.images}
+    found = sum(1 for r in result.results if r.tier == "urgent" and truth.get(r.image_id))
+    c = result.counts
     err.print(
-        f"{len(index.records)} images, {index.n_positive} with pneumothorax, labels in {summary.labels_csv}.\n"
-        "The triage cascade (pneumotriage scan) is not yet built; this demo shows the synthetic study it will scan.",
+        f"{c['images']} images: {c['urgent']} urgent ({found} of the {summary.n_positive} true pneumothoraces), "
+        f"{c['review']} review, {c['routine']} routine.\n"
+        f"[bold yellow]Synthetic demo weights and images: not for clinical use.[/]\n"
+        f"report: {result.out / 'report.html'}",
         highlight=False,
     )
 

@@ -96,6 +96,8 @@ class WeightSpec:
     output_label: str | None = None
     thresholds: Mapping[str, float] = field(default_factory=dict)
     clinical: bool = True
+    default: bool = False
+    recipe: str | None = None
 
     @property
     def pinned(self) -> bool:
@@ -145,6 +147,8 @@ def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
             raise bad(f"has a {key} that is not lower-case hex")
         if length and len(value) != length:
             raise bad(f"has a {key} of {len(value)} digits, not {length}")
+    if not table["url"] and not table.get("recipe"):
+        raise bad("has no url and no build recipe")
     if "/" in table["file"] or table["file"] in ("", ".", ".."):
         raise bad(f"has a file name with a path in it: {table['file']!r}")
     thresholds = {str(k): float(v) for k, v in dict(table.get("thresholds", {})).items()}
@@ -257,6 +261,12 @@ class WeightCache:
         data[spec.name] = {"sha256": digest, "url": spec.url, "recorded": datetime.now(UTC).isoformat()}
         atomic_write_text(self._observed_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
+    def forget_observed(self, spec: WeightSpec) -> None:
+        """Drop the hash recorded for an unpinned weight (before it is deliberately rebuilt or replaced)."""
+        data = self.observed()
+        if data.pop(spec.name, None) is not None:
+            atomic_write_text(self._observed_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
     def _write_stamp(self, spec: WeightSpec, digest: str) -> None:
         st = self.path(spec).stat()
         stamp = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -319,6 +329,11 @@ class WeightCache:
         return result
 
     def missing_error(self, spec: WeightSpec) -> WeightMissingError:
+        if spec.recipe:
+            return WeightMissingError(
+                f"weight {spec.name!r} is not in the cache (cache path {self.path(spec)}): run "
+                f"`pneumotriage weights fetch {spec.name}`, which builds it on this machine from its recipe"
+            )
         unpinned = "" if spec.pinned else " --allow-unpinned"
         return WeightMissingError(
             f"weight {spec.name!r} is not in the cache (expected sha256 {self._expected_for_message(spec)}, "
@@ -396,6 +411,10 @@ class WeightCache:
             current = self.status(spec)
             if current.status == "verified" and current.sha256:
                 return current.path, current.sha256
+        if spec.recipe:
+            from pneumotriage.demo import build
+
+            return build(spec, self)
         url = mirror_url(spec, mirror) if mirror else spec.url
         if offline:
             raise WeightFetchError(

@@ -1,0 +1,162 @@
+"""``report.html``: one self-contained page a radiologist opens in a browser.
+
+The ranked worklist with thumbnails of the overlays, tier colours, sorting by any column, a tier filter and a
+text search, and the run summary (counts, timings, models, thresholds). Thumbnails are embedded as data URIs, so
+the file can be mailed or moved on its own. Every value from a DICOM header is HTML-escaped; the page's script
+reads no data from outside the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import TYPE_CHECKING, Any
+
+from pneumotriage import __version__
+from pneumotriage.io import atomic_open_text
+
+if TYPE_CHECKING:
+    from pneumotriage.cascade import ScanSummary
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#111;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .3em} .note{color:#8a1c00;font-weight:600}
+table{border-collapse:collapse;width:100%;background:#fff} th,td{padding:4px 8px;border-bottom:1px solid #ddd;
+text-align:left;vertical-align:middle} th{cursor:pointer;background:#eee;position:sticky;top:0;user-select:none}
+tr.urgent td.tier{background:#d7191c;color:#fff} tr.review td.tier{background:#fdae61} tr.routine td.tier{
+background:#a6d96a} tr.error td{color:#8a1c00} img.thumb{height:96px;display:block}
+.summary{display:flex;gap:2em;flex-wrap:wrap;margin:.8em 0} .summary div{background:#fff;padding:.5em .8em;
+border:1px solid #ddd} .controls{margin:.8em 0} .mono{font-family:ui-monospace,monospace;font-size:12px}
+"""
+
+_JS = """
+(function(){
+  var table=document.getElementById('worklist'), body=table.tBodies[0];
+  var rows=Array.prototype.slice.call(body.rows), dir={};
+  function num(v){var x=parseFloat(v);return isNaN(x)?null:x;}
+  Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,col){
+    th.addEventListener('click',function(){
+      dir[col]=!dir[col];
+      rows.sort(function(a,b){
+        var x=a.cells[col].getAttribute('data-v'), y=b.cells[col].getAttribute('data-v');
+        var nx=num(x), ny=num(y), c;
+        if(nx!==null&&ny!==null){c=nx-ny;}else{c=String(x).localeCompare(String(y));}
+        return dir[col]?c:-c;
+      });
+      rows.forEach(function(r){body.appendChild(r);});
+    });
+  });
+  var tier=document.getElementById('tier'), search=document.getElementById('search');
+  function filter(){
+    var t=tier.value, q=search.value.toLowerCase(), shown=0;
+    rows.forEach(function(r){
+      var ok=(!t||r.getAttribute('data-tier')===t)&&(!q||r.textContent.toLowerCase().indexOf(q)>=0);
+      r.style.display=ok?'':'none'; if(ok){shown++;}
+    });
+    document.getElementById('shown').textContent=shown;
+  }
+  tier.addEventListener('change',filter); search.addEventListener('input',filter); filter();
+  document.body.setAttribute('data-ready','1');
+})();
+"""
+
+_COLUMNS = (
+    ("rank", "Rank"),
+    ("tier", "Tier"),
+    ("probability", "Probability"),
+    ("area_cm2", "Area cm²"),
+    ("area_px", "Area px"),
+    ("side", "Side"),
+    ("image_id", "Image"),
+    ("patient_id", "Patient"),
+    ("accession", "Accession"),
+    ("study_datetime", "Study date"),
+    ("status", "Status"),
+)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if key == "probability":
+        return f"{float(value):.3f}"
+    return str(value)
+
+
+def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bool = False) -> None:
+    from pneumotriage.cascade import iter_thumbnails
+
+    columns = [(k, label) for k, label in _COLUMNS if not rows or k in rows[0]]
+    c = summary.counts
+    with atomic_open_text(summary.out / "report.html") as fh:
+        fh.write("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>")
+        fh.write(
+            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        )
+        fh.write(f"<title>pneumotriage worklist</title><style>{_CSS}</style></head>\n")
+        fh.write(
+            "<body><script>window.onerror=function(m){document.body.setAttribute('data-error',String(m));};</script>\n"
+        )
+        fh.write("<h1>Pneumothorax triage worklist</h1>\n")
+        for note in summary.notes:
+            fh.write(f"<p class='note'>{_e(note)}</p>\n")
+        fh.write("<div class='summary'>")
+        for label, key in (
+            ("images", "images"),
+            ("urgent", "urgent"),
+            ("review", "review"),
+            ("routine", "routine"),
+            ("unreadable", "errors"),
+        ):
+            fh.write(f"<div><b>{_e(c.get(key, 0))}</b> {label}</div>")
+        total = summary.timings.get("total_s", 0.0)
+        fh.write(f"<div>{total:.1f} s in all, {summary.timings.get('model_s', 0.0):.1f} s in the models</div>")
+        fh.write("</div>\n<div class='summary'>")
+        for m in summary.models:
+            fh.write(
+                f"<div>{_e(m['role'])}: <b>{_e(m['name'])}</b> ({_e(m['model'])} @{_e(m['input_size'])} px)"
+                f"<br><span class='mono'>sha256 {_e(m['sha256'])}</span></div>"
+            )
+        t = summary.thresholds
+        fh.write(
+            f"<div>gate {t.get('gate', 0):.3f}; triplet top {t.get('top_score', 0):.2f}, "
+            f"min area {t.get('min_area', 0):.0f} px at 1024², bottom {t.get('bottom_score', 0):.2f}</div>"
+        )
+        fh.write("</div>\n")
+        fh.write(
+            "<div class='controls'>Tier <select id='tier'><option value=''>all</option>"
+            "<option>urgent</option><option>review</option><option>routine</option></select> "
+            "Search <input id='search' type='search' placeholder='image, patient, accession'> "
+            "<span id='shown'></span> shown</div>\n"
+        )
+        fh.write("<table id='worklist'><thead><tr>")
+        for _, label in columns:
+            fh.write(f"<th>{_e(label)}</th>")
+        fh.write("<th>Overlay</th><th>Note</th></tr></thead><tbody>\n")
+        by_id = {id(r): row for r, row in zip(summary.results, rows, strict=True)}
+        for result, thumb in iter_thumbnails(summary.out, summary.results):
+            row = by_id[id(result)]
+            classes = f"row {result.tier}" + (" error" if result.status != "ok" else "")
+            fh.write(f"<tr class='{_e(classes)}' data-tier='{_e(result.tier)}'>")
+            for key, _ in columns:
+                value = row.get(key)
+                cls = " class='tier'" if key == "tier" else (" class='mono'" if key == "image_id" else "")
+                fh.write(f"<td{cls} data-v='{_e(value)}'>{_e(_fmt(key, value))}</td>")
+            if thumb is not None:
+                data = base64.b64encode(thumb).decode("ascii")
+                fh.write(f"<td data-v=''><img class='thumb' alt='overlay' src='data:image/jpeg;base64,{data}'></td>")
+            else:
+                fh.write("<td data-v=''></td>")
+            fh.write(f"<td data-v='{_e(result.error)}'>{_e(result.error)}</td></tr>\n")
+        fh.write("</tbody></table>\n")
+        phi = " Patient identifiers were left out (--no-phi)." if no_phi else ""
+        fh.write(
+            f"<p class='mono'>pneumotriage {_e(__version__)}.{_e(phi)} Decision support only: every image "
+            "must still be read by a radiologist.</p>\n"
+        )
+        fh.write(f"<script>{_JS}</script></body></html>\n")

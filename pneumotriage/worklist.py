@@ -1,0 +1,118 @@
+"""The scan's outputs: the ranked worklist (CSV and JSON), the Kaggle submission and the HTML report.
+
+Everything is written atomically. With ``no_phi`` the patient ID, accession number and study date/time are left
+out of every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumotriage.io import atomic_write_text
+from pneumotriage.labels import write_rle_csv
+from pneumotriage.rle import EMPTY, rle_runs
+
+if TYPE_CHECKING:
+    from pneumotriage.cascade import ImageResult, ScanSummary
+
+WORKLIST_FIELDS = (
+    "rank",
+    "tier",
+    "probability",
+    "area_px",
+    "area_cm2",
+    "side",
+    "image_id",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "accession",
+    "patient_id",
+    "study_datetime",
+    "path",
+    "status",
+    "error",
+    "mask_file",
+    "overlay_file",
+    "classifier",
+    "classifier_sha256",
+    "segmenter",
+    "segmenter_sha256",
+)
+
+
+def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[str, Any]]:
+    from pneumotriage.cascade import PHI_FIELDS
+
+    models = {m["role"]: m for m in summary.models}
+    rows = []
+    for r in summary.results:
+        data = asdict(r)
+        row = {k: data.get(k) for k in WORKLIST_FIELDS}
+        for role in ("classifier", "segmenter"):
+            m = models.get(role)
+            row[role] = m["name"] if m else None
+            row[f"{role}_sha256"] = m["sha256"] if m else None
+        if no_phi:
+            for k in PHI_FIELDS:
+                row.pop(k, None)
+        rows.append(row)
+    return rows
+
+
+def absolute_rle(relative: str) -> str:
+    """SIIM's relative run-length form rewritten with absolute, 1-based starts."""
+    starts, lengths = rle_runs(relative, relative=True)
+    if not lengths.size:
+        return EMPTY
+    return " ".join(f"{s + 1} {n}" for s, n in zip(starts.tolist(), lengths.tolist(), strict=True))
+
+
+def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bool = False) -> None:
+    from pneumotriage.report import write_report
+
+    out = summary.out
+    rows = worklist_rows(summary, no_phi=no_phi)
+    fields = [f for f in WORKLIST_FIELDS if not rows or f in rows[0]]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_write_text(out / "worklist.csv", buffer.getvalue())
+    atomic_write_text(out / "worklist.json", json.dumps(worklist_document(summary, rows), indent=1) + "\n")
+    write_rle_csv(
+        out / "submission.csv",
+        [(r.image_id, r.rle if rle_relative else absolute_rle(r.rle)) for r in _unique(summary.results)],
+        relative=rle_relative,
+    )
+    write_report(summary, rows, no_phi=no_phi)
+
+
+def worklist_document(summary: ScanSummary, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "counts": summary.counts,
+        "timings": {k: round(v, 3) for k, v in summary.timings.items()},
+        "models": summary.models,
+        "thresholds": summary.thresholds,
+        "notes": summary.notes,
+        "worklist": rows,
+    }
+
+
+def _unique(results: list[ImageResult]) -> list[ImageResult]:
+    """One submission row per image id (the first, i.e. highest-ranked, readable one wins)."""
+    seen: dict[str, ImageResult] = {}
+    for r in results:
+        if r.image_id not in seen or (seen[r.image_id].status != "ok" and r.status == "ok"):
+            seen[r.image_id] = r
+    return list(seen.values())
+
+
+def read_worklist(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,356 @@
+"""The scan cascade end to end: worklist, tiers, error rows, masks, submission, report, resume after kill, submit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pneumotriage.cascade import TIERS, ImageResult, ScanOptions, patient_side, rank, safe_name, tier_of
+from pneumotriage.cli import app
+from pneumotriage.dicom import read_header
+from pneumotriage.labels import read_rle_csv
+from pneumotriage.rle import rle_decode
+from pneumotriage.synth import StudySummary, write_study
+from pneumotriage.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small models trained for two epochs at 64 px: enough to run the cascade, not to be right."""
+    root = tmp_path_factory.mktemp("scan-models")
+    study = write_study(root / "study", 16, positive_rate=0.5, size=(128, 128), seed=5, ptx_scale=2.0)
+    paths = {}
+    for kind, extra in (("classifier", {"arch": "efficientnet_b0"}), ("segmenter", {"encoder": "efficientnet_b0"})):
+        cfg = TrainConfig(
+            kind=kind,
+            data=str(study.out),
+            labels=str(study.labels_csv),
+            out=str(root / kind),
+            image_size=64,
+            batch_size=4,
+            epochs=2,
+            workers=0,
+            device="cpu",
+            val_fraction=0.34,
+            pretrained=False,
+            augment="none",
+            **extra,
+        )
+        train(cfg)
+        paths[kind] = root / kind / "best.pt"
+    return paths
+
+
+@pytest.fixture
+def scan_input(study: StudySummary, tmp_path: Path) -> Path:
+    """The 12-image study, a truncated DICOM and a text file."""
+    folder = tmp_path / "in"
+    shutil.copytree(study.out, folder)
+    (folder / "train-rle.csv").unlink()
+    (folder / "manifest.json").unlink()
+    first = next(folder.rglob("*.dcm"))
+    (folder / "broken.dcm").write_bytes(first.read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def _scan_args(folder: Path, out: Path, models: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "scan",
+        str(folder),
+        "--out",
+        str(out),
+        "--classifier",
+        str(models["classifier"]),
+        "--segmenter",
+        str(models["segmenter"]),
+        "--workers",
+        "0",
+        "--no-progress",
+        # an untrained-ish segmenter: make it outline something on every image past a low gate
+        "--gate",
+        "0.3",
+        "--top-score",
+        "0.2",
+        "--min-area",
+        "50",
+        *extra,
+    ]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, _scan_args(scan_input, out, models))
+    assert result.exit_code == 4, result.output  # two inputs failed, the rest were triaged
+    rows = _rows(out / "worklist.csv")
+    assert len(rows) == 14
+    assert [int(r["rank"]) for r in rows] == list(range(1, 15))
+
+    errors = [r for r in rows if r["status"] == "error"]
+    assert {Path(r["path"]).name for r in errors} == {"broken.dcm", "notes.txt"}
+    assert all(r["tier"] == "review" and r["path"] in r["error"] for r in errors)
+
+    # ranked: tier order, then readable rows by falling probability
+    order = [TIERS.index(r["tier"]) for r in rows]
+    assert order == sorted(order)
+    for tier in TIERS:
+        probs = [float(r["probability"]) for r in rows if r["tier"] == tier and r["status"] == "ok"]
+        assert probs == sorted(probs, reverse=True)
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert any(r["tier"] == "urgent" for r in ok)
+    submission = read_rle_csv(out / "submission.csv")
+    assert set(submission) == {r["image_id"] for r in ok} | {r["image_id"] for r in errors}
+    for r in ok:
+        header = read_header(r["path"])
+        mask = np.asarray(Image.open(out / r["mask_file"]))
+        assert mask.shape == (header.rows, header.columns) and set(np.unique(mask)) <= {0, 255}
+        assert int(r["area_px"] or 0) == int(np.count_nonzero(mask))
+        assert (r["tier"] == "urgent") == (np.count_nonzero(mask) > 0)  # segmented run: urgent = outlined
+        decoded = submission.masks_for(r["image_id"], header.rows, header.columns)
+        np.testing.assert_array_equal(decoded, mask > 0)
+        overlay = Image.open(out / r["overlay_file"])
+        assert overlay.mode == "RGB"
+        if r["area_px"] and r["area_px"] != "0":
+            assert r["side"] in ("left", "right", "both")
+            spacing = header.pixel_spacing_mm
+            assert spacing is not None
+            assert float(r["area_cm2"]) == pytest.approx(int(r["area_px"]) * spacing[0] * spacing[1] / 100, rel=1e-3)
+    assert all(submission[r["image_id"]] == [] for r in errors)  # -1
+
+    document = json.loads((out / "worklist.json").read_text())
+    assert [r["image_id"] for r in document["worklist"]] == [r["image_id"] for r in rows]
+    assert {m["role"] for m in document["models"]} == {"classifier", "segmenter"}
+    assert all(len(m["sha256"]) == 64 for m in document["models"])
+    html = (out / "report.html").read_text()
+    assert html.count("<tr class='row") == 14
+
+
+def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium package)")
+    out = tmp_path / "out"
+    CliRunner().invoke(app, _scan_args(scan_input, out, models))
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert 'data-ready="1"' in dom, "the page's script did not finish"
+    assert 'data-error="' not in dom, "a script error occurred"
+    assert dom.count('class="row ') == 14
+    assert dom.count('class="row urgent') >= 1 and '<span id="shown">14</span>' in dom
+
+
+def test_no_phi_and_json(scan_input: Path, models: dict[str, Path], tmp_path: Path, study: StudySummary) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*_scan_args(scan_input, out, models), "--no-phi", "--json"])
+    assert result.exit_code == 4
+    document = json.loads(result.stdout)
+    assert len(document["worklist"]) == 14 and "patient_id" not in document["worklist"][0]
+    patients = {im.patient_id for im in study.images}
+    for name in ("worklist.csv", "worklist.json", "report.html", "submission.csv"):
+        text = (out / name).read_text()
+        assert not any(p in text for p in patients), name
+        assert "SYN" not in text  # accession numbers of the phantoms
+
+
+def test_escapes_dicom_text(tmp_path: Path, models: dict[str, Path]) -> None:
+    import pydicom
+
+    study = write_study(tmp_path / "s", 2, positive_rate=0.5, size=(128, 128), seed=1)
+    path = study.out / study.images[0].path
+    ds = pydicom.dcmread(path)
+    ds.PatientID = "<script>document.body.setAttribute('data-error','x')</script>"
+    ds.AccessionNumber = "A&B\"'"
+    ds.save_as(path)
+    for extra in ("manifest.json", "train-rle.csv"):
+        (study.out / extra).unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, _scan_args(study.out, out, models))
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    assert "<script>document" not in html and "&lt;script&gt;" in html and "A&amp;B&quot;&#x27;" in html
+
+
+def test_safe_names() -> None:
+    taken: set[str] = set()
+    assert safe_name("../../etc/passwd", taken) == "etc_passwd"
+    assert safe_name("a/b", taken) == "a_b"
+    second = safe_name("a:b", taken)
+    assert second.startswith("a_b-") and second != "a_b"
+    assert safe_name("...", taken) == "image"
+    assert all("/" not in n and not n.startswith(".") for n in taken)
+
+
+def test_tier_rules_and_ranking() -> None:
+    o = ScanOptions(urgent_probability=0.9)
+    r = ImageResult(image_id="a", path="a", status="ok", probability=0.7, area_px=10)
+    assert tier_of(r, 0.5, o, segmented_run=True) == "urgent"
+    r.area_px = 0
+    assert tier_of(r, 0.5, o, segmented_run=True) == "review"
+    assert tier_of(r, 0.8, o, segmented_run=True) == "routine"
+    r.probability = 0.95
+    assert tier_of(r, 0.5, o, segmented_run=False) == "urgent"
+    bad = ImageResult(image_id="b", path="b", status="error", error="x")
+    assert tier_of(bad, 0.5, o, segmented_run=True) == "review"
+    results = [
+        ImageResult(image_id="r1", path="", status="ok", probability=0.1, tier="routine"),
+        ImageResult(image_id="e1", path="", status="error", tier="review"),
+        ImageResult(image_id="v1", path="", status="ok", probability=0.6, tier="review"),
+        ImageResult(image_id="u1", path="", status="ok", probability=0.8, tier="urgent", area_px=5),
+        ImageResult(image_id="u2", path="", status="ok", probability=0.8, tier="urgent", area_px=50),
+    ]
+    assert [x.image_id for x in rank(results)] == ["u2", "u1", "v1", "e1", "r1"]
+
+
+def test_patient_side() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[2:5, 1:3] = True  # image left = patient's right
+    assert patient_side(mask) == "right"
+    assert patient_side(mask[:, ::-1]) == "left"
+    assert patient_side(mask | mask[:, ::-1]) == "both"
+    assert patient_side(np.zeros((4, 4), dtype=bool)) is None
+
+
+def test_scan_resume_after_kill_equals_full_run(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    base = [sys.executable, "-m", "pneumotriage", *_scan_args(scan_input, full, models), "--batch-size", "1"]
+    assert subprocess.run(base, env=env, capture_output=True, timeout=300).returncode == 4
+
+    part = tmp_path / "part"
+    args = [sys.executable, "-m", "pneumotriage", *_scan_args(scan_input, part, models), "--batch-size", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = part / ".scan" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "the scan ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(journal.read_text().splitlines())
+    assert 3 <= done < 13 and not (part / "worklist.csv").exists()
+
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 4, resumed.stderr
+    assert "done before the resume" in " ".join(resumed.stderr.split())
+    # 12 images and the truncated DICOM (its header reads, its pixels fail): nothing redone, nothing lost
+    assert len(journal.read_text().splitlines()) == 13
+
+    def comparable(folder: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in r.items() if k != "path" and k != "error"} for r in _rows(folder / "worklist.csv")]
+
+    assert comparable(part) == comparable(full)
+    assert (part / "submission.csv").read_text() == (full / "submission.csv").read_text()
+    for mask in (full / "masks").iterdir():
+        assert (part / "masks" / mask.name).read_bytes() == mask.read_bytes()
+
+
+def test_scan_refuses_a_used_folder_and_missing_models(scan_input: Path, models: dict[str, Path], tmp_path: Path):
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(app, _scan_args(scan_input, out, models)).exit_code == 4
+    again = runner.invoke(app, _scan_args(scan_input, out, models))
+    assert again.exit_code == 2 and "--resume" in again.output
+    result = runner.invoke(app, ["scan", str(scan_input), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2 and "no models given" in result.output
+    result = runner.invoke(
+        app, ["scan", str(scan_input), "--out", str(tmp_path / "o3"), "--classifier", "demo-classifier"]
+    )
+    assert result.exit_code == 3 and "weights fetch demo-classifier" in result.output
+
+
+def test_submit_matches_sample(study: StudySummary, models: dict[str, Path], tmp_path: Path) -> None:
+    ids = [im.image_id for im in study.images]
+    sample = tmp_path / "sample.csv"
+    order = [ids[3], ids[0], ids[3], ids[5], "1.2.3.not.in.the.folder", ids[1]]
+    sample.write_text("\ufeffImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in order))
+    out = tmp_path / "submission.csv"
+    result = CliRunner().invoke(
+        app,
+        [
+            "submit",
+            str(study.out),
+            "--sample-submission",
+            str(sample),
+            "--out",
+            str(out),
+            "--classifier",
+            str(models["classifier"]),
+            "--segmenter",
+            str(models["segmenter"]),
+            "--workers",
+            "0",
+            "--segment-all",
+        ],
+    )
+    assert result.exit_code == 4 and "1.2.3.not.in.the.folder" in result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "ImageId,EncodedPixels"
+    assert [line.split(",")[0] for line in lines[1:]] == [ids[3], ids[0], ids[5], "1.2.3.not.in.the.folder", ids[1]]
+    written = read_rle_csv(out)
+    assert written["1.2.3.not.in.the.folder"] == []
+    for image_id in (ids[3], ids[0]):
+        rows = written[image_id]
+        if rows:
+            assert rle_decode(rows[0], 128, 128).shape == (128, 128)  # original resolution
+
+
+@pytest.mark.slow
+def test_demo_builds_weights_and_finds_pneumothoraces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pneumotriage demo` on a fresh cache: builds both demo weights from their recipe, scans the synthetic
+    study, and ranks most of its pneumothoraces as urgent; a second run reuses the cached weights."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "not for clinical use" in result.output
+    assert {p.name for p in (home / "weights").glob("demo-*.pt")} == {"demo-classifier.pt", "demo-segmenter.pt"}
+    rows = _rows(out / "scan" / "worklist.csv")
+    manifest = json.loads((out / "study" / "manifest.json").read_text())
+    truth = {im["image_id"]: im["positive"] for im in manifest["images"]}
+    assert all(r["status"] == "ok" for r in rows) and len(rows) == len(truth)
+    urgent = [r["image_id"] for r in rows if r["tier"] == "urgent"]
+    true_positives = sum(truth[i] for i in urgent)
+    assert true_positives >= 0.6 * sum(truth.values()), rows
+    assert true_positives >= 0.6 * len(urgent), rows
+    assert "synthetic demo weights: not for clinical use" in (out / "scan" / "report.html").read_text()
+
+    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0"])
+    assert again.exit_code == 0 and "building" not in again.output
