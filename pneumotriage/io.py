@@ -15,8 +15,11 @@ os.umask(_UMASK)
 _MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``.
+
+    ``durable=False`` skips the fsync: the rename still means no reader (and no killed process) ever sees a
+    partial file, but a power cut may lose it. For many small files whose loss a journal can detect."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +27,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from pneumotriage import __version__
@@ -66,11 +65,3 @@ def test_synth_command_and_bad_option(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "train-rle.csv").is_file()
     result = runner.invoke(app, ["synth", str(tmp_path / "t"), "--size", "big"])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
-
-
-@pytest.mark.slow
-def test_demo_runs(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "4", "--size", "128"])
-    assert result.exit_code == 0, result.output
-    assert "not yet built" in result.output
-    assert len(list((tmp_path / "demo").rglob("*.dcm"))) == 4

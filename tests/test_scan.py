@@ -126,8 +126,11 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
         assert (r["tier"] == "urgent") == (np.count_nonzero(mask) > 0)  # segmented run: urgent = outlined
         decoded = submission.masks_for(r["image_id"], header.rows, header.columns)
         np.testing.assert_array_equal(decoded, mask > 0)
-        overlay = Image.open(out / r["overlay_file"])
-        assert overlay.mode == "RGB"
+        if np.count_nonzero(mask):
+            overlay = Image.open(out / r["overlay_file"])
+            assert overlay.mode == "RGB" and overlay.size[0] <= 512
+        else:
+            assert r["overlay_file"] == ""  # nothing to outline
         if r["area_px"] and r["area_px"] != "0":
             assert r["side"] in ("left", "right", "both")
             spacing = header.pixel_spacing_mm
