@@ -270,7 +270,7 @@ def scan(
     ] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
         "relative"
     ),
@@ -588,6 +588,24 @@ app.add_typer(train_app, name="train")
 
 DataArg = Annotated[Path, typer.Argument(metavar="DATA", help="Folder of training DICOMs (searched recursively).")]
 LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="SIIM-form RLE label CSV.")]
+# Options the train commands (and scan) share.
+Epochs = Annotated[int, typer.Option(help="Epochs.")]
+ImageSize = Annotated[int, typer.Option(help="Input side in pixels (images are resized to a square).")]
+LearningRate = Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")]
+Seed = Annotated[int, typer.Option(help="Seed for splits, sampling, augmentation and initialisation.")]
+Device = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")]
+Workers = Annotated[int, typer.Option(help="DataLoader worker processes decoding DICOMs.")]
+Fold = Annotated[int, typer.Option(help="Validation fold (patient-grouped, stratified).")]
+Folds = Annotated[int, typer.Option(help="Number of folds.")]
+ValFraction = Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")]
+Patience = Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")]
+Resume = Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")]
+ShowProgress = Annotated[bool, typer.Option(help="Show progress bars on stderr.")]
+Augmentation = Annotated[
+    str,
+    typer.Option(help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light or none."),
+]
+CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
 
 
@@ -681,30 +699,23 @@ def train_classifier(
     arch: Annotated[str, typer.Option(help="densenet121 (CheXNet), resnet50, resnet34 or efficientnet_b0.")] = (
         "densenet121"
     ),
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    image_size: Annotated[int, typer.Option(help="Input side in pixels (images are resized to a square).")] = 256,
+    epochs: Epochs = 10,
+    image_size: ImageSize = 256,
     batch_size: Annotated[int, typer.Option(help="Batch size (across all processes).")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-4,
+    lr: LearningRate = 3e-4,
     loss: Annotated[str, typer.Option(help="Loss terms and weights, e.g. bce:1 or bce:1,focal:1.")] = "bce:1",
-    seed: Annotated[int, typer.Option(help="Seed for splits, sampling, augmentation and initialisation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding DICOMs.")] = 2,
-    fold: Annotated[int, typer.Option(help="Validation fold (patient-grouped, stratified).")] = 0,
-    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
-    val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    fold: Fold = 0,
+    folds: Folds = 5,
+    val_fraction: ValFraction = None,
     pretrained: Annotated[bool, typer.Option(help="Start from cached ImageNet weights where present.")] = True,
-    augment: Annotated[
-        str,
-        typer.Option(
-            help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light, none."
-        ),
-    ] = "strong",
-    cache: Annotated[
-        Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    augment: Augmentation = "strong",
+    cache: CacheDir = None,
+    patience: Patience = None,
+    resume: Resume = None,
+    progress: ShowProgress = True,
 ) -> None:
     """Train the stage-1 classifier; picks the best epoch by validation ROC AUC and its gate by Youden's J."""
     _run_training(
@@ -744,33 +755,26 @@ def train_segmenter(
         str, typer.Option(help="resnet34 (Kaggle winners), vgg19_bn (case study), efficientnet_b0 or densenet121.")
     ] = "resnet34",
     empty_head: Annotated[bool, typer.Option(help="Add an image-level 'any pneumothorax' head.")] = False,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    image_size: Annotated[int, typer.Option(help="Input side in pixels (images are resized to a square).")] = 256,
+    epochs: Epochs = 10,
+    image_size: ImageSize = 256,
     batch_size: Annotated[int, typer.Option(help="Batch size (across all processes).")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 3e-4,
+    lr: LearningRate = 3e-4,
     loss: Annotated[str, typer.Option(help="Loss terms and weights.")] = "bce:3,dice:1,focal:4",
     positive_share: Annotated[
         str | None, typer.Option(help="Share of positive images per epoch, START:END (linear), or 'off'.")
     ] = "0.8:0.4",
-    seed: Annotated[int, typer.Option(help="Seed for splits, sampling, augmentation and initialisation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding DICOMs.")] = 2,
-    fold: Annotated[int, typer.Option(help="Validation fold (patient-grouped, stratified).")] = 0,
-    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
-    val_fraction: Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    fold: Fold = 0,
+    folds: Folds = 5,
+    val_fraction: ValFraction = None,
     pretrained: Annotated[bool, typer.Option(help="Start the encoder from cached ImageNet weights.")] = True,
-    augment: Annotated[
-        str,
-        typer.Option(
-            help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light, none."
-        ),
-    ] = "strong",
-    cache: Annotated[
-        Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    augment: Augmentation = "strong",
+    cache: CacheDir = None,
+    patience: Patience = None,
+    resume: Resume = None,
+    progress: ShowProgress = True,
 ) -> None:
     """Train the stage-2 segmenter; picks the best epoch by the competition Dice on validation."""
     _run_training(
