@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from pneumotriage.datasets import prepare_image
 from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
 from pneumotriage.errors import PneumotriageError, UsageError
-from pneumotriage.io import atomic_write_bytes
+from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.models import LoadedModel
 from pneumotriage.postprocess import remove_small_components, scaled_area
 from pneumotriage.rle import EMPTY, rle_encode
@@ -355,7 +355,7 @@ class _Journal:
             )
         else:
             self.path.write_text("")
-        self.signature_path.write_text(json.dumps(signature, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(self.signature_path, json.dumps(signature, indent=1, sort_keys=True) + "\n")
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def add(self, result: ImageResult) -> None:
