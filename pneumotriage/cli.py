@@ -465,6 +465,7 @@ def weights_list(
                 "size_mb": spec.size_mb,
                 "licence": spec.licence,
                 "clinical": spec.clinical,
+                "recipe": spec.recipe,
                 "description": spec.description,
             }
         )
@@ -477,7 +478,12 @@ def weights_list(
         table.add_column(col, overflow="fold")
     for row in rows:
         model = row["arch"] + (f" / {row['encoder']}" if row["encoder"] else "") + f" @{row['input_size']}"
-        sha = row["sha256"][:12] + "…" if row["sha256"] else (row["sha256_prefix"] or "unpinned") + "…"
+        if row["sha256"]:
+            sha = row["sha256"][:12] + "…"
+        elif row["recipe"]:
+            sha = "built here"
+        else:
+            sha = (row["sha256_prefix"] or "unpinned") + "…"
         size = f"{row['size_mb']:.0f} MB" if row["size_mb"] else "?"
         style = _STATUS_STYLE[row["status"]]
         table.add_row(row["name"], row["kind"], model, size, sha, f"[{style}]{row['status']}[/]")
