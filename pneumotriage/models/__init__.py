@@ -246,6 +246,10 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
             path=path,
             hint="pass a best.pt/last.pt written by `pneumotriage train`, or a registry name",
         )
+    if registry_spec is not None:
+        # What the registry says of a weight (its name, licence, whether it may touch patients) holds whatever
+        # the file's own format: the demo weights are pneumotriage checkpoints marked clinical = false there.
+        meta.update(registry=registry_spec.name, licence=registry_spec.licence, clinical=registry_spec.clinical)
     model = build_model(spec)
     target = model.get_submodule("backbone") if spec.kind == "classifier" and "format" not in data else model
     try:
