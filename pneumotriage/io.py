@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 # Files made by mkstemp are private (0600); outputs get the permissions an ordinary open() would give them.
 _UMASK = os.umask(0o022)
@@ -15,17 +15,16 @@ os.umask(_UMASK)
 _MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``.
-
-    ``durable=False`` skips the fsync: the rename still means no reader (and no killed process) ever sees a
-    partial file, but a power cut may lose it. For many small files whose loss a journal can detect."""
+@contextlib.contextmanager
+def _atomic(path: str | Path, mode: str, *, durable: bool = True) -> Iterator[Any]:
+    """A temporary file beside ``path``, opened in ``mode``; on success it is (synced and) renamed over ``path``,
+    on any failure deleted, so ``path`` holds the old content or the complete new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
@@ -37,6 +36,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``.
+
+    ``durable=False`` skips the fsync: the rename still means no reader (and no killed process) ever sees a
+    partial file, but a power cut may lose it. For many small files whose loss a journal can detect."""
+    with _atomic(path, "wb", durable=durable) as fh:
+        fh.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -44,17 +52,5 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 @contextlib.contextmanager
 def atomic_open_text(path: str | Path) -> Iterator[TextIO]:
     """Write a large text file piece by piece; it appears at ``path`` complete, or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _atomic(path, "w") as fh:
+        yield fh
