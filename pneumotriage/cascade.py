@@ -38,6 +38,7 @@ from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.models import LoadedModel
 from pneumotriage.postprocess import remove_small_components, scaled_area
 from pneumotriage.rle import EMPTY, rle_encode
+from pneumotriage.train import autocast_for
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -189,18 +190,12 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 # models
 
 
-def _autocast(device: torch.device) -> Any:
-    from contextlib import nullcontext
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 @torch.no_grad()
 def _classify(model: LoadedModel, images: torch.Tensor, device: torch.device) -> np.ndarray:
     x = images.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(device):
+    with autocast_for(device):
         logits = model.model(x)
     return torch.sigmoid(logits.float()).cpu().numpy()
 
@@ -211,7 +206,7 @@ def _segment(model: LoadedModel, images: torch.Tensor, device: torch.device, tta
     x = images.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(device):
+    with autocast_for(device):
         out = model.model(x)
         probs = torch.sigmoid(out["mask"].float())[:, 0]
         if tta:

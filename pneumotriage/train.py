@@ -238,7 +238,8 @@ def _loader(
 # one step, one epoch
 
 
-def _autocast(device: torch.device) -> Any:
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing elsewhere (CPU and MPS run in float32)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -282,7 +283,7 @@ def train_step(
 ) -> torch.Tensor:
     """One optimisation step on one batch (bf16 autocast and channels_last on CUDA); returns the detached loss."""
     batch = _to_device(batch, device, device.type == "cuda")
-    with _autocast(device):
+    with autocast_for(device):
         output = net(batch["image"])
     loss: torch.Tensor = objective(output, batch)
     optimizer.zero_grad(set_to_none=True)
@@ -320,7 +321,7 @@ def predict(
     }
     for batch in loader:
         batch = _to_device(batch, device, device.type == "cuda")
-        with _autocast(device):
+        with autocast_for(device):
             output = model(batch["image"])
         out["labels"].append(batch["label"].cpu().numpy() >= 0.5)
         if kind == "classifier":

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pneumotriage.models.blocks import ASPP, ConvBNReLU, DecoderBlock, SqueezeExcite, pad_to_multiple
-from pneumotriage.models.encoders import get_encoder
+from pneumotriage.models.encoders import Encoder, get_encoder
 from pneumotriage.models.normalise import Normalise
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -116,7 +116,7 @@ class UNetPlusPlus(Segmenter):
         return self._present(feats[4], {"mask": self.head(self.final(grid[(0, 4)]))})
 
 
-class _ConvEncoder(nn.Module):
+class _ConvEncoder(Encoder):
     """Double UNet's second encoder: five stages of (stride-2 downsampling, two conv-BN-ReLU, squeeze-excite)."""
 
     CHANNELS = (32, 64, 128, 256, 256)
@@ -131,13 +131,6 @@ class _ConvEncoder(nn.Module):
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.out_channels = self.CHANNELS
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
 
 
 class DoubleUNet(Segmenter):
