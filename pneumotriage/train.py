@@ -37,7 +37,7 @@ from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
-from pneumotriage.postprocess import scaled_area
+from pneumotriage.postprocess import triplet_keep
 from pneumotriage.weights import load_state_dict
 
 Progress = Callable[[dict[str, Any]], None]
@@ -329,8 +329,7 @@ def predict(
             continue
         p = torch.sigmoid(output["mask"].float())[:, 0]
         true = batch["mask"][:, 0] >= 0.5
-        area = scaled_area(t["min_area"], (p.shape[1], p.shape[2]))
-        keep = (p > t["top_score"]).flatten(1).sum(1) >= max(area, 1.0)
+        keep = triplet_keep(p, top_score=t["top_score"], min_area=t["min_area"])
         post = (p > t["bottom_score"]) & keep[:, None, None]
         out["dice_plain"].append(_dice(p >= 0.5, true).cpu().numpy())
         out["dice_triplet"].append(_dice(post, true).cpu().numpy())
