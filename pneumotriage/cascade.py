@@ -36,7 +36,7 @@ from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
 from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.models import LoadedModel
-from pneumotriage.postprocess import remove_small_components, scaled_area
+from pneumotriage.postprocess import remove_small_components, scaled_area, triplet_keep
 from pneumotriage.rle import EMPTY, rle_encode
 from pneumotriage.train import autocast_for
 
@@ -144,32 +144,36 @@ def _key(header: DicomHeader) -> str:
 
 
 class _ScanDataset(Dataset[dict[str, Any]]):
-    def __init__(self, headers: Sequence[DicomHeader], sizes: Sequence[int], display: int) -> None:
-        self.headers = list(headers)
+    """Decoded images at each model's input size and, unless ``display`` is None, a display copy (uint8, longest
+    side ``display``); a file that cannot be read becomes an ``error`` item, never an exception."""
+
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[int], display: int | None) -> None:
+        self.paths = list(paths)
         self.sizes = sorted(set(sizes))
         self.display = display
 
     def __len__(self) -> int:
-        return len(self.headers)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        header = self.headers[index]
+        path = self.paths[index]
         try:
-            image = read_dicom(header.path, reduce_to=max(*self.sizes, self.display))
+            image = read_dicom(path, reduce_to=max(*self.sizes, self.display or 0))
         except PneumotriageError as exc:
             return {"index": index, "error": str(exc)}
         except (OSError, ValueError, RuntimeError) as exc:  # anything a damaged file can raise past pydicom
-            return {"index": index, "error": f"{header.path}: cannot be read ({type(exc).__name__}: {exc})"}
+            return {"index": index, "error": f"{path}: cannot be read ({type(exc).__name__}: {exc})"}
         item: dict[str, Any] = {"index": index, "original_shape": image.original_shape}
         for size in self.sizes:
             item[f"image{size}"] = prepare_image(image.pixels, size)
-        h, w = image.pixels.shape
-        scale = min(1.0, self.display / max(h, w))
-        shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-        shown = F.interpolate(torch.from_numpy(image.pixels)[None, None], size=shape, mode="bilinear", antialias=True)[
-            0, 0
-        ]
-        item["display"] = (shown.clamp(0, 1) * 255).round().to(torch.uint8)
+        if self.display is not None:
+            h, w = image.pixels.shape
+            scale = min(1.0, self.display / max(h, w))
+            shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+            shown = F.interpolate(
+                torch.from_numpy(image.pixels)[None, None], size=shape, mode="bilinear", antialias=True
+            )[0, 0]
+            item["display"] = (shown.clamp(0, 1) * 255).round().to(torch.uint8)
         return item
 
 
@@ -179,11 +183,41 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": [(i["index"], i["error"]) for i in items if "error" in i],
         "index": [i["index"] for i in ok],
         "original_shape": [i["original_shape"] for i in ok],
-        "display": [i["display"] for i in ok],
+        "display": [i.get("display") for i in ok],
     }
     for key in (k for k in (ok[0] if ok else {}) if k.startswith("image")):
         batch[key] = torch.stack([i[key] for i in ok])
     return batch
+
+
+def decode_loader(
+    paths: Sequence[Path],
+    sizes: Sequence[int],
+    *,
+    display: int | None,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> DataLoader[dict[str, Any]]:
+    """Batches of decoded images (see :class:`_ScanDataset`), decoded in ``workers`` processes. Each batch holds
+    ``index`` (positions in ``paths``), ``errors`` ((position, message) pairs), ``original_shape``, ``display``
+    and ``image<size>`` tensors for each size."""
+    return DataLoader(
+        _ScanDataset(paths, sizes, display),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def prepare_models(device: torch.device, *models: LoadedModel | None) -> None:
+    """Move models to ``device`` in eval mode (channels_last on CUDA)."""
+    for m in models:
+        if m is not None:
+            m.model.to(device).eval()
+            if device.type == "cuda":
+                m.model.to(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,7 +225,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _classify(model: LoadedModel, images: torch.Tensor, device: torch.device) -> np.ndarray:
+def classify(model: LoadedModel, images: torch.Tensor, device: torch.device) -> np.ndarray:
     x = images.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -201,7 +235,7 @@ def _classify(model: LoadedModel, images: torch.Tensor, device: torch.device) ->
 
 
 @torch.no_grad()
-def _segment(model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool) -> tuple[Any, Any]:
+def segment(model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool) -> tuple[Any, Any]:
     """Probability maps (B, S, S) on the device and image-level scores (B,)."""
     x = images.to(device, non_blocking=True)
     if device.type == "cuda":
@@ -382,6 +416,11 @@ def _thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o
     }
     if classifier is not None:
         t["gate"] = float(classifier.thresholds.get("gate", t["gate"]))
+        # `pneumotriage tune` stores the gate it chose in the segmenter's checkpoint, for the classifier it was
+        # tuned with: it holds for that classifier (same sha256) only.
+        tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
+        if segmenter is not None and "gate" in segmenter.thresholds and tuned_with == classifier.sha256:
+            t["gate"] = float(segmenter.thresholds["gate"])
     if segmenter is not None:
         for k in ("top_score", "min_area", "bottom_score", "min_component"):
             t[k] = float(segmenter.thresholds.get(k, t[k]))
@@ -483,18 +522,10 @@ def scan(
     (state / "thumbs").mkdir(parents=True, exist_ok=True)
     sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
     display = max(512, *sizes)
-    loader = DataLoader(
-        _ScanDataset(todo, sizes, display),
-        batch_size=o.batch_size,
-        num_workers=o.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+    loader = decode_loader(
+        [h.path for h in todo], sizes, display=display, batch_size=o.batch_size, workers=o.workers, device=device
     )
-    for m in (classifier, segmenter):
-        if m is not None:
-            m.model.to(device).eval()
-            if device.type == "cuda":
-                m.model.to(memory_format=torch.channels_last)
+    prepare_models(device, classifier, segmenter)
 
     model_s = 0.0
     counts = {"decoded": 0, "classified": 0, "segmented": 0, "errors": len(results)}
@@ -524,7 +555,7 @@ def scan(
             n = len(batch["index"])
             t0 = time.perf_counter()
             if classifier is not None:
-                probs = _classify(classifier, batch[f"image{classifier.spec.input_size}"], device)
+                probs = classify(classifier, batch[f"image{classifier.spec.input_size}"], device)
                 counts["classified"] += n
             else:
                 probs = None
@@ -536,7 +567,7 @@ def scan(
             scores: dict[int, float] = {}
             if chosen and segmenter is not None:
                 images = batch[f"image{segmenter.spec.input_size}"][chosen]
-                maps, present = _segment(segmenter, images, device, o.tta)
+                maps, present = segment(segmenter, images, device, o.tta)
                 for j, i in enumerate(chosen):
                     seg_probs[i] = maps[j]
                     scores[i] = float(present[j])
@@ -639,9 +670,7 @@ def _finish(
     mask = np.zeros((rows, cols), dtype=bool)
     segmented = probs is not None
     if probs is not None:
-        s = probs.shape[-1]
-        keep = int((probs > t["top_score"]).sum()) >= max(scaled_area(t["min_area"], (s, s)), 1.0)
-        if keep:
+        if bool(triplet_keep(probs[None], top_score=t["top_score"], min_area=t["min_area"])[0]):
             full = F.interpolate(probs[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0]
             mask = (full > t["bottom_score"]).cpu().numpy()
             mask = remove_small_components(mask, scaled_area(t["min_component"], (rows, cols)))

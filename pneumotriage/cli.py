@@ -813,6 +813,269 @@ def train_segmenter(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# evaluate and tune
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give numbers separated by commas, e.g. 0.3,0.4") from None
+    if not values:
+        raise UsageError(f"{option}: give at least one value")
+    return values
+
+
+def _ci_text(value: float | None, ci: list[float | None] | None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f"  [{ci[0]:.4f}, {ci[1]:.4f}]"
+    return text
+
+
+def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"evaluation: {out_dir / 'metrics.json'}", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value  [95% CI]", overflow="fold")
+    il, op = doc["image_level"], doc["image_level"]["operating_point"]
+    rows: list[tuple[str, str]] = [
+        ("images (label positive)", f"{doc['n_images']} ({doc['n_positive']})"),
+        ("competition Dice", _ci_text(doc["competition_dice"], doc["competition_dice_ci95"])),
+        ("Dice on positives", _ci_text(doc["dice_positive_mean"], doc["dice_positive_mean_ci95"])),
+        ("IoU", _ci_text(doc["iou_mean"], None)),
+        (f"ROC AUC ({il['score']})", _ci_text(il["roc_auc"], il["roc_auc_ci95"])),
+        ("PR AUC", _ci_text(il["pr_auc"], il["pr_auc_ci95"])),
+        (f"sensitivity at >= {op['threshold']:.4g}", _ci_text(op["recall"], op["recall_ci95"])),
+        ("specificity", _ci_text(op["specificity"], op["specificity_ci95"])),
+        ("precision", _ci_text(op["precision"], op["precision_ci95"])),
+        ("NPV, F1", f"{_ci_text(op['npv'], None)}, {_ci_text(op['f1'], None)}"),
+        ("TP FP FN TN", f"{op['tp']} {op['fp']} {op['fn']} {op['tn']}"),
+    ]
+    for target, point in il["sensitivity_at_specificity"].items():
+        rows.append((f"sensitivity at specificity {target}", _ci_text(point["value"], point["ci95"])))
+    for target, point in il["specificity_at_sensitivity"].items():
+        rows.append((f"specificity at sensitivity {target}", _ci_text(point["value"], point["ci95"])))
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
+@_reports_errors
+def evaluate(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[DATA]",
+            help="Folder of labelled DICOMs: scanned with the models, or (with --predictions) read for sizes only.",
+        ),
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="SIIM-form RLE label CSV (required).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, per_image.csv, plots.")] = Path(
+        "evaluation"
+    ),
+    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
+    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Score this Kaggle-format submission CSV instead of running models.")
+    ] = None,
+    rle: Annotated[str, typer.Option(help="--predictions run-length form: relative (SIIM) or absolute.")] = (
+        "relative"
+    ),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in OUT/scan.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of a table.")] = False,
+) -> None:
+    """Score models (scanning DATA) or a submission CSV against labels: the competition Dice, image-level
+    ROC/PR, operating points with bootstrap intervals, plots, metrics.json and per_image.csv."""
+    from pneumotriage.evaluate import evaluate_results, evaluate_submission, write_evaluation
+    from pneumotriage.labels import read_rle_csv
+
+    if labels is None:
+        raise UsageError("give the label CSV with --labels")
+    if rle not in ("relative", "absolute"):
+        raise UsageError(f"--rle {rle!r}: choose relative or absolute")
+    if bootstrap < 0:
+        raise UsageError("--bootstrap must be 0 or more")
+    failed = 0
+    if predictions is not None:
+        if classifier or segmenter:
+            raise UsageError("give either --predictions or models (--classifier/--segmenter), not both")
+        if data is not None and not data.exists():
+            raise UsageError("no such file or folder", path=data)
+        evaluation = evaluate_submission(
+            predictions, labels, data=data, rle_relative=rle == "relative", bootstrap=bootstrap, seed=seed
+        )
+    else:
+        from pneumotriage.cascade import ScanOptions
+        from pneumotriage.cascade import scan as run_scan
+
+        if data is None:
+            raise UsageError("give DATA (labelled DICOMs) to evaluate models, or --predictions to score a CSV")
+        if classifier is None and segmenter is None:
+            raise UsageError("give --classifier and/or --segmenter (registry names or files), or --predictions")
+        loaded_cls, loaded_seg = _load(classifier, "classifier"), _load(segmenter, "segmenter")
+        options = ScanOptions(
+            segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
+        )
+        summary = run_scan([data], out_dir / "scan", classifier=loaded_cls, segmenter=loaded_seg, options=options)
+        label_ids = set(read_rle_csv(labels))
+        errors = [r for r in summary.results if r.status != "ok"]
+        failed = sum(r.image_id in label_ids for r in errors)  # labelled images the scan could not read
+        source = {
+            "mode": "models",
+            "data": str(data),
+            "scan": str(out_dir / "scan"),
+            "models": summary.models,
+            "thresholds": summary.thresholds,
+            "score": "classifier probability" if loaded_cls is not None else "segmenter image score",
+            "unreadable": failed,
+        }
+        evaluation = evaluate_results(
+            summary.results,
+            labels,
+            threshold=summary.thresholds["gate"] if loaded_cls is not None else 0.5,
+            source=source,
+            bootstrap=bootstrap,
+            seed=seed,
+        )
+        if failed:
+            evaluation.notes.append(
+                f"{failed} labelled images could not be read and were not scored (see {out_dir / 'scan/worklist.csv'})"
+            )
+        if len(errors) > failed:
+            evaluation.notes.append(f"{len(errors) - failed} other files were skipped: not DICOM, or not labelled")
+    write_evaluation(evaluation, out_dir)
+    if as_json:
+        print((out_dir / "metrics.json").read_text(), end="")
+    else:
+        _print_metrics(evaluation.metrics, out_dir)
+    for note in evaluation.notes:
+        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    err.print(
+        f"wrote {out_dir}: metrics.json, per_image.csv, {', '.join(evaluation.metrics['plots'])}", highlight=False
+    )
+    if failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@app.command()
+@_reports_errors
+def tune(
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Folder of labelled validation DICOMs.")],
+    labels: Annotated[Path | None, typer.Option(help="SIIM-form RLE label CSV (required).")] = None,
+    segmenter: Annotated[
+        str | None, typer.Option(help="Segmenter: registry name or checkpoint file (required).")
+    ] = None,
+    classifier: Annotated[str | None, typer.Option(help="Classifier whose gate is tuned with the segmenter.")] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="The tuned checkpoint to write (a new file).")] = Path(
+        "tuned.pt"
+    ),
+    sensitivity: Annotated[
+        float | None, typer.Option(help="Fix the gate for this classifier sensitivity (e.g. 0.95), tune the rest.")
+    ] = None,
+    top_scores: Annotated[str | None, typer.Option(help="Grid of top_score values, e.g. 0.6,0.75,0.9.")] = None,
+    min_areas: Annotated[str | None, typer.Option(help="Grid of min_area values (px at 1024²).")] = None,
+    bottom_scores: Annotated[str | None, typer.Option(help="Grid of bottom_score values.")] = None,
+    min_components: Annotated[str | None, typer.Option(help="Grid of min_component values (px at 1024²).")] = None,
+    gates: Annotated[str | None, typer.Option(help="Grid of classifier gates.")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder for cached predictions (default: PNEUMOTRIAGE_HOME/predictions).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option(help="Neither read nor write cached predictions.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    progress: ShowProgress = True,
+) -> None:
+    """Choose the gate, the triplet (top_score, min_area, bottom_score) and the smallest component kept to
+    maximise the competition score on labelled images, and write them into a copy of the segmenter checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pneumotriage.tune import Grid
+    from pneumotriage.tune import tune as run_tune
+    from pneumotriage.weights import default_home
+
+    if labels is None:
+        raise UsageError("give the label CSV with --labels")
+    if segmenter is None:
+        raise UsageError("give --segmenter (a registry name or a checkpoint file)")
+    if not data.exists():
+        raise UsageError("no such file or folder", path=data)
+    grid = Grid()
+    for option, name, text in (
+        ("--top-scores", "top_score", top_scores),
+        ("--min-areas", "min_area", min_areas),
+        ("--bottom-scores", "bottom_score", bottom_scores),
+        ("--min-components", "min_component", min_components),
+        ("--gates", "gate", gates),
+    ):
+        values = _floats(text, option)
+        if values is not None:
+            grid = Grid(**{**grid.__dict__, name: values})
+    loaded_seg, loaded_cls = _load(segmenter, "segmenter"), _load(classifier, "classifier")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=not progress, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event["event"]
+            if kind == "cached":
+                err.print(f"predictions read from the cache {event['path']}", highlight=False)
+            elif kind in ("predicted", "counted"):
+                if kind not in tasks:
+                    tasks[kind] = bar.add_task(kind, total=event["total"])
+                bar.update(tasks[kind], completed=event["done"])
+
+        result = run_tune(
+            data,
+            labels,
+            segmenter=loaded_seg,
+            classifier=loaded_cls,
+            out=out_file,
+            grid=grid,
+            sensitivity=sensitivity,
+            cache_root=None if no_cache else (cache or default_home() / "predictions"),
+            tta=tta,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            progress=on_event,
+        )
+    table = Table(title="best settings (competition Dice on these images)", title_justify="left")
+    for col in ("gate", "top_score", "min_area", "bottom_score", "min_component", "competition Dice"):
+        table.add_column(col, justify="right")
+    for row in result.top:
+        table.add_row(
+            *(f"{row[k]:g}" for k in ("gate", "top_score", "min_area", "bottom_score", "min_component")),
+            f"{row['competition_dice']:.4f}",
+        )
+    out.print(table)
+    f = result.figures
+    chosen = ", ".join(f"{k} {result.thresholds[k]:g}" for k in result.thresholds)
+    err.print(
+        f"chosen: {chosen}\ncompetition Dice {result.score:.4f} (the input's thresholds: {result.default_score:.4f}); "
+        f"Dice on positives {_ci_text(f['dice_positive_mean'], None)}, "
+        f"sensitivity {f['sensitivity']:.3f}, specificity {f['specificity']:.3f} on {f['n_images']} images\n"
+        f"wrote {result.out}",
+        highlight=False,
+    )
+    for note in result.notes:
+        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # demo
 
 

@@ -1,0 +1,381 @@
+"""Scoring predictions against SIIM-ACR labels: the competition Dice, image-level operating points, plots.
+
+Two sources of predictions, one scoring path:
+
+- a Kaggle-format submission CSV (no model, no images: sizes come from the DICOMs when given, else 1024 x 1024);
+  its image-level "score" is whether the mask is non-empty;
+- a scan (:func:`pneumotriage.cascade.scan`) of labelled DICOMs; the image-level score is the classifier's
+  probability (the segmenter's when there is no classifier) and the operating point the scan's gate.
+
+Masks are compared image by image from their run-length strings (never all in memory), as pixel counts:
+intersection, predicted area, labelled area. Every figure derives from those counts and the scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumotriage.errors import LabelError, UsageError
+from pneumotriage.io import atomic_write_bytes, atomic_write_text
+from pneumotriage.labels import SIIM_SHAPE, RleLabels, read_rle_csv
+from pneumotriage.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    dice_from_counts,
+    iou_from_counts,
+    pr_auc,
+    roc_auc,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+)
+
+#: The fixed points reported with bootstrap intervals.
+FIXED_SPECIFICITIES = (0.90, 0.95)
+FIXED_SENSITIVITIES = (0.90, 0.95)
+PER_IMAGE_FIELDS = (
+    "image_id",
+    "label_positive",
+    "true_area_px",
+    "pred_area_px",
+    "intersection_px",
+    "dice",
+    "iou",
+    "score",
+)
+
+
+@dataclass
+class ImageScores:
+    """Per-image counts and scores, in one order."""
+
+    image_ids: list[str]
+    true_area: np.ndarray
+    pred_area: np.ndarray
+    intersection: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.true_area > 0
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.pred_area > 0
+
+    @property
+    def dice(self) -> np.ndarray:
+        return dice_from_counts(self.intersection, self.pred_area, self.true_area)
+
+    @property
+    def iou(self) -> np.ndarray:
+        return iou_from_counts(self.intersection, self.pred_area, self.true_area)
+
+
+@dataclass
+class Evaluation:
+    images: ImageScores
+    #: The ``metrics.json`` document.
+    metrics: dict[str, Any]
+    #: Score kind for plots: "probability" (calibrated-ish, a calibration curve makes sense) or "binary".
+    score_kind: str = "probability"
+    threshold: float = 0.5
+    notes: list[str] = field(default_factory=list)
+
+
+def count_overlaps(
+    image_ids: Sequence[str],
+    predictions: RleLabels,
+    labels: RleLabels,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labelled area, predicted area, intersection) per image, each mask the OR of its rows, decoded at the
+    image's size (``shapes``, else 1024 x 1024). An image with no prediction rows counts as predicted empty."""
+    n = len(image_ids)
+    true_area = np.zeros(n, dtype=np.int64)
+    pred_area = np.zeros(n, dtype=np.int64)
+    inter = np.zeros(n, dtype=np.int64)
+    shapes = shapes or {}
+    for i, image_id in enumerate(image_ids):
+        has_true, has_pred = bool(labels.get(image_id)), bool(predictions.get(image_id))
+        if not (has_true or has_pred):
+            continue  # both empty: the common case, nothing to decode
+        h, w = shapes.get(image_id, SIIM_SHAPE)
+        true = labels.masks_for(image_id, h, w) if has_true else None
+        pred = predictions.masks_for(image_id, h, w) if has_pred else None
+        true_area[i] = np.count_nonzero(true) if true is not None else 0
+        pred_area[i] = np.count_nonzero(pred) if pred is not None else 0
+        if true is not None and pred is not None:
+            inter[i] = np.count_nonzero(true & pred)
+    return true_area, pred_area, inter
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no NaN: undefined figures are written as null."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _ci(values: np.ndarray, statistic: Any, bootstrap: int, seed: int) -> list[float | None] | None:
+    """A 95% bootstrap interval ``[low, high]``; None when bootstrapping is off."""
+    if bootstrap <= 0:
+        return None
+    lo, hi = bootstrap_ci(statistic, len(values), resamples=bootstrap, seed=seed)
+    return [_finite(lo), _finite(hi)]
+
+
+def _curve_figures(y: np.ndarray, s: np.ndarray, threshold: float) -> np.ndarray:
+    """The bootstrapped image-level figures of one sample, from one ROC curve: ROC AUC, PR AUC, recall,
+    specificity and precision at ``threshold``, then sensitivity at each fixed specificity and the reverse."""
+    op = binary_metrics(y, s, threshold)
+    fixed = [sensitivity_at_specificity(y, s, t)[0] for t in FIXED_SPECIFICITIES]
+    fixed += [specificity_at_sensitivity(y, s, t)[0] for t in FIXED_SENSITIVITIES]
+    return np.array([roc_auc(y, s), pr_auc(y, s), op["recall"], op["specificity"], op["precision"], *fixed])
+
+
+def image_level_metrics(
+    y: np.ndarray, s: np.ndarray, threshold: float, *, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """ROC/PR AUC, the confusion matrix and ratios at ``threshold``, sensitivity at fixed specificities and the
+    reverse, each with a percentile-bootstrap 95% interval (``bootstrap`` resamples of the images, seeded)."""
+    n_fixed = len(FIXED_SPECIFICITIES) + len(FIXED_SENSITIVITIES)
+    if bootstrap > 0:
+        lo, hi = bootstrap_ci(
+            lambda idx: _curve_figures(y[idx], s[idx], threshold), len(y), resamples=bootstrap, seed=seed
+        )
+        cis: list[list[float | None] | None] = [[_finite(a), _finite(b)] for a, b in zip(lo, hi, strict=True)]
+    else:
+        cis = [None] * (5 + n_fixed)
+    op = binary_metrics(y, s, threshold)
+    doc: dict[str, Any] = {
+        "n": int(len(y)),
+        "n_positive": int(y.sum()),
+        "roc_auc": _finite(roc_auc(y, s)),
+        "roc_auc_ci95": cis[0],
+        "pr_auc": _finite(pr_auc(y, s)),
+        "pr_auc_ci95": cis[1],
+        "operating_point": {
+            **{k: _finite(v) if isinstance(v, float) else v for k, v in op.items()},
+            "recall_ci95": cis[2],
+            "specificity_ci95": cis[3],
+            "precision_ci95": cis[4],
+        },
+    }
+    column = 5
+    for name, fixed, fn in (
+        ("sensitivity_at_specificity", FIXED_SPECIFICITIES, sensitivity_at_specificity),
+        ("specificity_at_sensitivity", FIXED_SENSITIVITIES, specificity_at_sensitivity),
+    ):
+        doc[name] = {}
+        for target in fixed:
+            value, thr = fn(y, s, target)
+            doc[name][f"{target:.2f}"] = {"value": _finite(value), "threshold": _finite(thr), "ci95": cis[column]}
+            column += 1
+    return doc
+
+
+def summarise(
+    images: ImageScores,
+    *,
+    threshold: float,
+    score_name: str,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``metrics.json`` document of per-image counts and scores."""
+    dice, iou, y = images.dice, images.iou, images.labels
+
+    def mean_of(values: np.ndarray, where: np.ndarray | None = None) -> Any:
+        def statistic(idx: np.ndarray) -> float:
+            chosen = values[idx] if where is None else values[idx][where[idx]]
+            return float(chosen.mean()) if len(chosen) else float("nan")
+
+        return statistic
+
+    positives = y.any()
+    doc: dict[str, Any] = {
+        "source": source or {},
+        "n_images": int(len(y)),
+        "n_positive": int(y.sum()),
+        "n_predicted_positive": int(images.predicted.sum()),
+        "competition_dice": _finite(float(dice.mean())) if len(dice) else None,
+        "competition_dice_ci95": _ci(dice, mean_of(dice), bootstrap, seed),
+        "dice_positive_mean": _finite(float(dice[y].mean())) if positives else None,
+        "dice_positive_mean_ci95": _ci(dice, mean_of(dice, y), bootstrap, seed) if positives else None,
+        "iou_mean": _finite(float(iou.mean())) if len(iou) else None,
+        "iou_positive_mean": _finite(float(iou[y].mean())) if positives else None,
+        "mask_decision": {
+            k: _finite(v) if isinstance(v, float) else v
+            for k, v in binary_metrics(y, images.predicted.astype(float), 0.5).items()
+        },
+        "image_level": {
+            "score": score_name,
+            **image_level_metrics(y, images.scores, threshold, bootstrap=bootstrap, seed=seed),
+        },
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": "percentile, 95%"},
+    }
+    return doc
+
+
+def _shapes_from(data: Path | None) -> dict[str, tuple[int, int]]:
+    from pneumotriage.dicom import DicomHeader, discover
+
+    shapes: dict[str, tuple[int, int]] = {}
+    if data is None:
+        return shapes
+    for found in discover(data):
+        if isinstance(found, DicomHeader) and found.shape is not None:
+            shapes[found.image_id] = found.shape
+    return shapes
+
+
+def evaluate_submission(
+    submission: str | Path,
+    labels_csv: str | Path,
+    *,
+    data: str | Path | None = None,
+    rle_relative: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Score a Kaggle-format submission: every unique ImageId of the submission that the labels know, in the
+    submission's order. ImageIds without a label are left out, counted in ``metrics.json`` and named in a note;
+    if none has a label, that is an error."""
+    submission, labels_csv = Path(submission), Path(labels_csv)
+    predictions = read_rle_csv(submission, relative=rle_relative)
+    labels = read_rle_csv(labels_csv)
+    listed = list(predictions)
+    if not listed:
+        raise UsageError("the submission lists no ImageId", path=submission)
+    ids = [i for i in listed if i in labels]
+    unlabelled = [i for i in listed if i not in labels]
+    if not ids:
+        raise LabelError(
+            f"none of the submission's {len(listed)} ImageIds has a label in {labels_csv} (first: {listed[0]})",
+            path=submission,
+            hint="score against the label file of these images; ImageIds are the DICOM file names",
+        )
+    shapes = _shapes_from(Path(data) if data is not None else None)
+    true_area, pred_area, inter = count_overlaps(ids, predictions, labels, shapes)
+    images = ImageScores(ids, true_area, pred_area, inter, (pred_area > 0).astype(np.float64))
+    sized = sum(i in shapes for i in ids)
+    notes = []
+    if unlabelled:
+        notes.append(
+            f"{len(unlabelled)} of the submission's {len(listed)} ImageIds have no label and were not scored "
+            f"(first: {unlabelled[0]})"
+        )
+    if sized < len(ids):
+        notes.append(f"{len(ids) - sized} of {len(ids)} images scored at 1024x1024 (no DICOM found for them)")
+    source = {
+        "mode": "submission",
+        "predictions": str(submission),
+        "labels": str(labels_csv),
+        "rle": "relative" if rle_relative else "absolute",
+        "sizes_from_dicoms": sized,
+        "unlabelled_ids": len(unlabelled),
+    }
+    doc = summarise(
+        images, threshold=0.5, score_name="mask non-empty (0/1)", bootstrap=bootstrap, seed=seed, source=source
+    )
+    return Evaluation(images, doc, score_kind="binary", threshold=0.5, notes=notes)
+
+
+def evaluate_results(
+    results: Iterable[Any],
+    labels_csv: str | Path,
+    *,
+    threshold: float,
+    source: dict[str, Any],
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Score a scan's readable results (:class:`pneumotriage.cascade.ImageResult`) against the labels. Images the
+    labels do not mention are left out and counted in the notes."""
+    labels = read_rle_csv(labels_csv)
+    predictions = RleLabels(None, relative=True)
+    ids: list[str] = []
+    shapes: dict[str, tuple[int, int]] = {}
+    scores: list[float] = []
+    unlabelled = 0
+    seen: set[str] = set()
+    for r in results:
+        if r.status != "ok" or r.image_id in seen:
+            continue
+        if r.image_id not in labels:
+            unlabelled += 1
+            continue
+        seen.add(r.image_id)
+        ids.append(r.image_id)
+        predictions[r.image_id] = [r.rle] if r.rle.strip() != "-1" else []
+        shapes[r.image_id] = (int(r.rows), int(r.columns))
+        scores.append(float(r.probability) if r.probability is not None else 0.0)
+    if not ids:
+        raise UsageError("no scanned image has a label: check that the label file's ImageIds are the file names")
+    true_area, pred_area, inter = count_overlaps(ids, predictions, labels, shapes)
+    images = ImageScores(ids, true_area, pred_area, inter, np.asarray(scores, dtype=np.float64))
+    notes = [f"{unlabelled} scanned images have no label and were not scored"] if unlabelled else []
+    doc = summarise(
+        images,
+        threshold=threshold,
+        score_name=source.get("score", "classifier probability"),
+        bootstrap=bootstrap,
+        seed=seed,
+        source={**source, "labels": str(labels_csv)},
+    )
+    return Evaluation(images, doc, score_kind="probability", threshold=threshold, notes=notes)
+
+
+def per_image_csv(images: ImageScores) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PER_IMAGE_FIELDS)
+    dice, iou = images.dice, images.iou
+    for i, image_id in enumerate(images.image_ids):
+        writer.writerow(
+            [
+                image_id,
+                int(images.labels[i]),
+                int(images.true_area[i]),
+                int(images.pred_area[i]),
+                int(images.intersection[i]),
+                f"{dice[i]:.6f}",
+                f"{iou[i]:.6f}",
+                f"{images.scores[i]:.6f}",
+            ]
+        )
+    return buffer.getvalue()
+
+
+def write_evaluation(evaluation: Evaluation, out: str | Path) -> list[Path]:
+    """Write ``metrics.json``, ``per_image.csv`` and the plots into ``out``; returns the files written."""
+    from pneumotriage import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, doc = evaluation.images, evaluation.metrics  # completed here with the plots and notes
+    y, s = images.labels, images.scores
+    figures: dict[str, bytes] = {
+        "roc.png": plots.roc_png(y, s, evaluation.threshold),
+        "pr.png": plots.pr_png(y, s, evaluation.threshold),
+        "confusion.png": plots.confusion_png(doc["image_level"]["operating_point"], doc["image_level"]["score"]),
+        "dice_hist.png": plots.dice_histogram_png(images.dice, y),
+    }
+    if evaluation.score_kind == "probability":
+        figures["calibration.png"] = plots.calibration_png(y, s)
+    else:
+        evaluation.notes.append("no calibration curve: the image-level scores are 0/1, not probabilities")
+    doc["plots"] = sorted(figures)
+    doc["notes"] = list(evaluation.notes)
+    for name, data in figures.items():
+        atomic_write_bytes(out / name, data)
+    atomic_write_text(out / "per_image.csv", per_image_csv(images))
+    atomic_write_text(out / "metrics.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return [out / "metrics.json", out / "per_image.csv", *(out / name for name in figures)]

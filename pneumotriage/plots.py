@@ -1,0 +1,105 @@
+"""Evaluation plots as PNG bytes: ROC, precision-recall, confusion matrix, Dice histogram, calibration.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state, no display needed).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+_SIZE = (4.8, 4.2)
+_DPI = 110
+
+
+def _figure() -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _no_data(fig: Any, ax: Any, why: str) -> bytes:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return _png(fig)
+
+
+def roc_png(y: np.ndarray, s: np.ndarray, threshold: float) -> bytes:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    if y.all() or not y.any():
+        return _no_data(fig, ax, "ROC undefined: the labels hold one class only")
+    fpr, tpr, _ = roc_curve(y, s)
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(y, s):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    p = s >= threshold
+    ax.plot([np.mean(p[~y])], [np.mean(p[y])], "o", c="crimson", label=f"operating point (>= {threshold:.3g})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def pr_png(y: np.ndarray, s: np.ndarray, threshold: float) -> bytes:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    if not y.any():
+        return _no_data(fig, ax, "PR curve undefined: no positive image")
+    precision, recall, _ = precision_recall_curve(y, s)
+    ax.plot(recall, precision, lw=2, label=f"AP {average_precision_score(y, s):.3f}")
+    ax.axhline(float(np.mean(y)), ls="--", c="grey", lw=1, label="prevalence")
+    p = s >= threshold
+    if p.any():
+        ax.plot([np.mean(p[y])], [np.mean(y[p])], "o", c="crimson", label=f"operating point (>= {threshold:.3g})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left")
+    return _png(fig)
+
+
+def confusion_png(op: dict[str, Any], score_name: str) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    cells = np.array([[op["tn"], op["fp"]], [op["fn"], op["tp"]]])
+    ax.imshow(cells, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cells):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=14, c="black" if v < cells.max() / 2 else "white")
+    ax.set_xticks([0, 1], ["predicted negative", "predicted positive"])
+    ax.set_yticks([0, 1], ["label negative", "label positive"])
+    ax.set_title(f"{score_name} >= {op['threshold']:.3g}", fontsize=9)
+    return _png(fig)
+
+
+def dice_histogram_png(dice: np.ndarray, y: np.ndarray) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 21)
+    ax.hist([dice[y], dice[~y]], bins=bins, stacked=True, label=["label positive", "label negative"])
+    ax.set(xlabel="Dice per image", ylabel="images", title=f"Dice (mean {dice.mean():.3f})" if len(dice) else "Dice")
+    ax.legend(loc="upper center")
+    return _png(fig)
+
+
+def calibration_png(y: np.ndarray, s: np.ndarray, bins: int = 10) -> bytes:
+    from sklearn.calibration import calibration_curve
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    if y.all() or not y.any():
+        return _no_data(fig, ax, "calibration undefined: the labels hold one class only")
+    observed, predicted = calibration_curve(y, np.clip(s, 0, 1), n_bins=bins, strategy="uniform")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    ax.plot(predicted, observed, "o-", lw=2, label="model")
+    ax.set(xlabel="mean predicted probability", ylabel="share positive", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    return _png(fig)

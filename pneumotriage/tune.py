@@ -1,0 +1,460 @@
+"""Choosing the operating thresholds on validation data.
+
+The cascade's decisions after the models are five numbers: the classifier gate, the triplet rule's
+``top_score`` / ``min_area`` / ``bottom_score`` and the smallest mask component kept. :func:`tune` picks them to
+maximise the competition score (mean Dice, 1 for a correct empty mask) on labelled images, or fixes the gate for a
+target sensitivity first.
+
+1. The models run once over the images (probability maps at the segmenter's input size and the classifier's
+   probability); the result is cached on disk under a key of the models' and images' identities.
+2. Per image, counts are taken exactly as the scan would post-process it (:func:`pneumotriage.cascade._finish`:
+   probabilities resized to the image's own size, thresholded, small components dropped): for each grid value of
+   ``bottom_score`` and ``min_component`` the predicted area and its overlap with the label, and for each
+   ``top_score`` the number of confident pixels at the model's size.
+3. The search is then arithmetic on those counts: an image's Dice is ``d_kept`` when the gate and the triplet let
+   its mask through and ``d_empty`` otherwise, so the mean over images for every combination is one matrix
+   product, ``mean(d_empty) + kept^T (d_kept - d_empty) / N``.
+
+The figures reported are the scan's own on these images: scanning them with the tuned checkpoint gives the same
+competition score (to float rounding where the scan ran on a GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from scipy import ndimage
+
+from pneumotriage.errors import UsageError
+from pneumotriage.labels import ImageRecord, RleLabels, index_dataset, read_rle_csv
+from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
+from pneumotriage.models import LoadedModel, save_checkpoint
+from pneumotriage.postprocess import EIGHT_CONNECTED, min_confident, scaled_area
+
+Progress = Callable[[dict[str, Any]], None]
+PARAMETERS = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values tried for each threshold (``min_area`` and ``min_component`` in pixels at 1024²). The gate's
+    grid is used only with a classifier; the input checkpoint's own values are always added."""
+
+    top_score: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+    min_area: tuple[float, ...] = (0.0, 250.0, 500.0, 1000.0, 1500.0, 2000.0, 3000.0, 4000.0)
+    bottom_score: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+    min_component: tuple[float, ...] = (0.0, 250.0, 500.0, 1000.0, 2000.0)
+    gate: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(0, 20))
+
+    def with_values(self, current: dict[str, float]) -> Grid:
+        """This grid with ``current`` (the checkpoint's thresholds) added to each axis, each axis sorted."""
+        return replace(
+            self,
+            **{k: tuple(sorted({*getattr(self, k), float(current[k])})) for k in PARAMETERS if k in current},
+        )
+
+
+@dataclass
+class Predictions:
+    """The models' outputs over the tuning images, in one order."""
+
+    image_ids: list[str]
+    shapes: np.ndarray  # (N, 2) rows, columns of each source image
+    maps: np.ndarray  # (N, S, S) float32 segmenter probabilities at its input size
+    classifier: np.ndarray | None  # (N,) classifier probabilities
+    unreadable: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Counts:
+    """What the search needs, per image (see the module docstring)."""
+
+    true_area: np.ndarray  # (N,)
+    confident: np.ndarray  # (N, T) pixels above each top_score, at the model's size
+    area: np.ndarray  # (N, B, M) predicted area per bottom_score and min_component
+    inter: np.ndarray  # (N, B, M) overlap with the label
+    model_size: tuple[int, int]
+
+
+@dataclass
+class TuneResult:
+    thresholds: dict[str, float]
+    defaults: dict[str, float]
+    score: float
+    default_score: float
+    #: The best settings, best first: dicts of the five thresholds and ``competition_dice``.
+    top: list[dict[str, float]]
+    figures: dict[str, Any]
+    out: Path
+    cache: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. predictions, cached
+
+
+def _cache_key(
+    records: Sequence[ImageRecord], segmenter: LoadedModel, classifier: LoadedModel | None, tta: bool
+) -> str:
+    digest = hashlib.sha256()
+    head = {
+        "version": CACHE_VERSION,
+        "segmenter": segmenter.sha256,
+        "classifier": classifier.sha256 if classifier is not None else None,
+        "tta": tta,
+    }
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    for r in records:
+        st = r.path.stat()
+        digest.update(f"{r.image_id}|{r.path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _load_cached(folder: Path, image_ids: list[str]) -> Predictions | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("image_ids") != image_ids:
+            return None
+        maps = np.load(folder / "maps.npy", mmap_mode="r")
+        classifier = np.load(folder / "classifier.npy") if meta.get("classifier") else None
+        shapes = np.load(folder / "shapes.npy")
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    return Predictions(image_ids, shapes, maps, classifier, list(meta.get("unreadable", [])))
+
+
+def predict(
+    records: Sequence[ImageRecord],
+    *,
+    segmenter: LoadedModel,
+    classifier: LoadedModel | None,
+    cache_root: Path | None,
+    tta: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> tuple[Predictions, Path | None]:
+    """Run the models over ``records`` once, or read their outputs from ``cache_root`` when these exact models
+    and files were predicted before. Returns the predictions and the cache folder (None without a cache)."""
+    from pneumotriage.cascade import classify, decode_loader, prepare_models, segment
+    from pneumotriage.train import pick_device
+
+    emit = progress or (lambda event: None)
+    ids = [r.image_id for r in records]
+    folder = cache_root / _cache_key(records, segmenter, classifier, tta) if cache_root is not None else None
+    if folder is not None and folder.is_dir():
+        cached = _load_cached(folder, ids)
+        if cached is not None:
+            emit({"event": "cached", "path": str(folder)})
+            return cached, folder
+
+    torch_device = pick_device(device)
+    size = segmenter.spec.input_size
+    sizes = [size] + ([classifier.spec.input_size] if classifier is not None else [])
+    n = len(records)
+    maps = np.zeros((n, size, size), dtype=np.float32)
+    cls = np.zeros(n, dtype=np.float32) if classifier is not None else None
+    shapes = np.zeros((n, 2), dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    unreadable: list[str] = []
+    prepare_models(torch_device, classifier, segmenter)
+    loader = decode_loader(
+        [r.path for r in records], sizes, display=None, batch_size=batch_size, workers=workers, device=torch_device
+    )
+    done = 0
+    for batch in loader:
+        unreadable += [message for _, message in batch["errors"]]
+        index = batch["index"]
+        done += len(index) + len(batch["errors"])
+        if index:
+            probs, _ = segment(segmenter, batch[f"image{size}"], torch_device, tta)
+            maps[index] = probs.cpu().numpy()
+            if classifier is not None and cls is not None:
+                cls[index] = classify(classifier, batch[f"image{classifier.spec.input_size}"], torch_device)
+            shapes[index] = np.asarray(batch["original_shape"])
+            ok[index] = True
+        emit({"event": "predicted", "done": done, "total": n})
+    keep = np.flatnonzero(ok)
+    prediction = Predictions(
+        [ids[i] for i in keep], shapes[keep], maps[keep], cls[keep] if cls is not None else None, unreadable
+    )
+    if folder is not None:
+        _store(folder, prediction)
+    return prediction, folder
+
+
+def _store(folder: Path, p: Predictions) -> None:
+    """Write the cache into a sibling folder, then rename it into place: a cache folder is complete or absent."""
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "maps.npy", p.maps)
+    np.save(tmp / "shapes.npy", p.shapes)
+    if p.classifier is not None:
+        np.save(tmp / "classifier.npy", p.classifier)
+    meta = {"image_ids": p.image_ids, "classifier": p.classifier is not None, "unreadable": p.unreadable}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. counts
+
+
+def count(predictions: Predictions, labels: RleLabels, grid: Grid, progress: Progress | None = None) -> Counts:
+    """Per-image counts for every grid value, post-processed as the scan does (see the module docstring)."""
+    emit = progress or (lambda event: None)
+    tops = torch.tensor(grid.top_score, dtype=torch.float32)
+    n, b_n, m_n = len(predictions.image_ids), len(grid.bottom_score), len(grid.min_component)
+    true_area = np.zeros(n, dtype=np.int64)
+    confident = np.zeros((n, len(tops)), dtype=np.int64)
+    area = np.zeros((n, b_n, m_n), dtype=np.int64)
+    inter = np.zeros((n, b_n, m_n), dtype=np.int64)
+    for i, image_id in enumerate(predictions.image_ids):
+        p = torch.from_numpy(np.array(predictions.maps[i], dtype=np.float32))
+        confident[i] = (p[None] > tops[:, None, None]).flatten(1).sum(1).numpy()
+        rows, cols = (int(v) for v in predictions.shapes[i])
+        full = F.interpolate(p[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0].numpy()
+        truth = labels.masks_for(image_id, rows, cols) if labels[image_id] else None
+        true_area[i] = np.count_nonzero(truth) if truth is not None else 0
+        for bi, bottom in enumerate(grid.bottom_score):
+            mask = full > bottom
+            if not mask.any():
+                continue
+            components, k = ndimage.label(mask, structure=EIGHT_CONNECTED)
+            sizes = np.bincount(components.ravel(), minlength=k + 1)
+            hits = np.bincount(components[truth], minlength=k + 1) if truth is not None else np.zeros(k + 1, np.int64)
+            sizes[0] = hits[0] = 0
+            for mi, smallest in enumerate(grid.min_component):
+                kept = sizes >= scaled_area(smallest, (rows, cols)) if smallest > 0 else sizes > 0
+                area[i, bi, mi] = sizes[kept].sum()
+                inter[i, bi, mi] = hits[kept].sum()
+        if (i + 1) % 16 == 0 or i + 1 == n:
+            emit({"event": "counted", "done": i + 1, "total": n})
+    size = tuple(predictions.maps.shape[1:3])
+    return Counts(true_area, confident, area, inter, (int(size[0]), int(size[1])))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. search
+
+
+def scores(counts: Counts, grid: Grid, classifier: np.ndarray | None, gates: Sequence[float]) -> np.ndarray:
+    """The competition score of every combination, shape (T, A, G, B, M) over top_score, min_area, gate,
+    bottom_score, min_component (G = 1 without a classifier: every image is segmented, as the scan does)."""
+    n = len(counts.true_area)
+    need = np.array([min_confident(a, counts.model_size) for a in grid.min_area])
+    triplet = counts.confident[:, :, None] >= need[None, None, :]  # (N, T, A)
+    if classifier is None:
+        passed = np.ones((n, 1), dtype=bool)
+    else:
+        passed = classifier[:, None] >= np.asarray(gates, dtype=np.float32)[None, :]  # (N, G)
+    kept = (triplet[:, :, :, None] & passed[:, None, None, :]).reshape(n, -1).astype(np.float64)
+    d_empty = (counts.true_area == 0).astype(np.float64)
+    d_kept = dice_from_counts(counts.inter, counts.area, counts.true_area[:, None, None])  # (N, B, M)
+    gain = (d_kept - d_empty[:, None, None]).reshape(n, -1)
+    table: np.ndarray = d_empty.mean() + kept.T @ gain / n
+    t_n, a_n, g_n = triplet.shape[1], triplet.shape[2], passed.shape[1]
+    return table.reshape(t_n, a_n, g_n, len(grid.bottom_score), len(grid.min_component))
+
+
+def _setting(grid: Grid, gates: Sequence[float], index: tuple[int, ...]) -> dict[str, float]:
+    t, a, g, b, m = index
+    return {
+        "gate": float(gates[g]),
+        "top_score": float(grid.top_score[t]),
+        "min_area": float(grid.min_area[a]),
+        "bottom_score": float(grid.bottom_score[b]),
+        "min_component": float(grid.min_component[m]),
+    }
+
+
+def _index_of(grid: Grid, gates: Sequence[float], setting: dict[str, float]) -> tuple[int, ...]:
+    return (
+        list(grid.top_score).index(setting["top_score"]),
+        list(grid.min_area).index(setting["min_area"]),
+        list(gates).index(setting["gate"]),
+        list(grid.bottom_score).index(setting["bottom_score"]),
+        list(grid.min_component).index(setting["min_component"]),
+    )
+
+
+def _figures(
+    counts: Counts, grid: Grid, classifier: np.ndarray | None, gates: Sequence[float], index: tuple[int, ...]
+) -> dict[str, Any]:
+    """The scan's figures on the tuning images at one setting: competition score, Dice on positives, and the
+    image-level decision "a mask was drawn" against the labels."""
+    t, a, g, b, m = index
+    need = min_confident(grid.min_area[a], counts.model_size)
+    kept = counts.confident[:, t] >= need
+    if classifier is not None:
+        kept &= classifier >= gates[g]
+    area = np.where(kept, counts.area[:, b, m], 0)
+    inter = np.where(kept, counts.inter[:, b, m], 0)
+    dice = dice_from_counts(inter, area, counts.true_area)
+    y = counts.true_area > 0
+    decision = binary_metrics(y, (area > 0).astype(float), 0.5)
+    return {
+        "competition_dice": float(dice.mean()),
+        "dice_positive_mean": float(dice[y].mean()) if y.any() else None,
+        "sensitivity": decision["recall"],
+        "specificity": decision["specificity"],
+        "n_images": int(len(y)),
+        "n_positive": int(y.sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def tune(
+    data: str | Path,
+    labels_csv: str | Path,
+    *,
+    segmenter: LoadedModel,
+    classifier: LoadedModel | None,
+    out: str | Path,
+    grid: Grid | None = None,
+    sensitivity: float | None = None,
+    cache_root: Path | None = None,
+    tta: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+    workers: int = 2,
+    top_k: int = 10,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Tune the thresholds on the labelled DICOMs under ``data`` and write a copy of the segmenter's checkpoint
+    with them (and the figures they reach here) to ``out``; the input checkpoint is never modified."""
+    out = Path(out)
+    for m in (segmenter, classifier):
+        if m is not None and m.path is not None and out.resolve() == m.path.resolve():
+            raise UsageError("--out is an input checkpoint: tune writes a new file", path=out)
+    if sensitivity is not None and classifier is None:
+        raise UsageError("--sensitivity sets the classifier's gate: give --classifier")
+    if sensitivity is not None and not 0.0 < sensitivity <= 1.0:
+        raise UsageError(f"--sensitivity {sensitivity}: give a share in (0, 1]")
+    index = index_dataset(data, labels_csv)
+    if not index.records:
+        raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
+    labels = read_rle_csv(labels_csv)
+    predictions, cache = predict(
+        index.records,
+        segmenter=segmenter,
+        classifier=classifier,
+        cache_root=cache_root,
+        tta=tta,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    if not predictions.image_ids:
+        raise UsageError("none of the labelled images could be read", path=data)
+
+    current = {k: float(v) for k, v in segmenter.thresholds.items() if k in PARAMETERS}
+    current["gate"] = float(classifier.thresholds.get("gate", 0.5)) if classifier is not None else 0.0
+    grid = (grid or Grid()).with_values(current)
+    counts = count(predictions, labels, grid, progress)
+    y = counts.true_area > 0
+    notes: list[str] = []
+    cls = predictions.classifier
+    if cls is None:
+        gates: list[float] = [0.0]
+        notes.append("no classifier: every image is segmented; the gate is not tuned")
+    elif sensitivity is not None:
+        if not y.any():
+            raise UsageError("--sensitivity needs positive images among the labels")
+        # Rounded down to 6 decimals (the worklist's precision), so no positive it lets through is lost to rounding.
+        gates = [math.floor(threshold_for_sensitivity(y, cls, sensitivity) * 1e6) / 1e6]
+        notes.append(f"gate fixed at {gates[0]:.4g} for classifier sensitivity >= {sensitivity:g} on these images")
+    else:
+        gates = list(grid.gate)
+    table = scores(counts, grid, cls, gates)
+
+    # The checkpoint's own setting, scored the same way: the baseline the chosen setting must beat.
+    default_setting = dict(current)
+    default_index = _index_of(grid, [current["gate"]], {**current})
+    default_score = float(scores(counts, grid, cls, [current["gate"]])[default_index])
+    best_index = tuple(int(i) for i in np.unravel_index(int(np.argmax(table)), table.shape))
+    if current["gate"] in gates and default_score >= float(table[best_index]):
+        best_index = _index_of(grid, gates, current)  # never move off the checkpoint's values without a gain
+    order = np.argsort(-table, axis=None, kind="stable")[:top_k]
+    top = [
+        {
+            **_setting(grid, gates, tuple(int(i) for i in np.unravel_index(j, table.shape))),
+            "competition_dice": float(table.flat[j]),
+        }
+        for j in order
+    ]
+    chosen = _setting(grid, gates, best_index)
+    figures = _figures(counts, grid, cls, gates, best_index)
+    new_thresholds = {k: chosen[k] for k in ("top_score", "min_area", "bottom_score", "min_component")}
+    if classifier is not None:
+        new_thresholds["gate"] = chosen["gate"]
+    if predictions.unreadable:
+        notes.append(f"{len(predictions.unreadable)} images could not be read and were left out")
+
+    tuning = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": str(data),
+        "labels": str(labels_csv),
+        "images": len(predictions.image_ids),
+        "unreadable": len(predictions.unreadable),
+        "chosen": chosen,
+        "defaults": default_setting,
+        "default_competition_dice": default_score,
+        "figures": figures,
+        "sensitivity_target": sensitivity,
+        "tta": tta,
+        "grid": {k: list(v) for k, v in asdict(grid).items() if k != "gate"} | {"gate": list(gates)},
+        "segmenter_sha256": segmenter.sha256,
+        "classifier_sha256": classifier.sha256 if classifier is not None else None,
+    }
+    meta = segmenter.meta
+    save_checkpoint(
+        out,
+        segmenter.model,
+        thresholds={**segmenter.thresholds, **new_thresholds},
+        config=meta.get("config"),
+        data_fingerprint=meta.get("data_fingerprint"),
+        metrics=meta.get("metrics"),
+        epoch=meta.get("epoch"),
+        extra={
+            "tuning": tuning,
+            "clinical": bool(meta.get("clinical", True)),
+            "tuned_from": {
+                "name": segmenter.name,
+                "path": str(segmenter.path) if segmenter.path else None,
+                "sha256": segmenter.sha256,
+            },
+        },
+    )
+    return TuneResult(
+        thresholds=chosen,
+        defaults=default_setting,
+        score=figures["competition_dice"],
+        default_score=default_score,
+        top=top,
+        figures=figures,
+        out=out,
+        cache=cache,
+        notes=notes,
+    )
