@@ -245,6 +245,39 @@ def _print_worklist(summary: Any, limit: int = 20) -> None:
         out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
 
 
+def _run_scan_with_progress(
+    paths: list[Path], out_dir: Path, classifier: Any, segmenter: Any, options: Any, show: bool
+) -> Any:
+    """Run the cascade with a rich progress bar on stderr (discovered / decoded / classified / segmented, ETA)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pneumotriage.cascade import scan as run_scan
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("scanning", total=None, info="")
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "discovered":
+                bar.update(task, info=f"{event['count']} discovered")
+            elif event["event"] == "start":
+                bar.update(task, total=event["todo"], completed=0)
+            elif event["event"] == "batch":
+                bar.update(
+                    task,
+                    completed=event["decoded"] + event["errors"],
+                    info=f"classified {event['classified']}, segmented {event['segmented']}, errors {event['errors']}",
+                )
+
+        return run_scan(paths, out_dir, classifier=classifier, segmenter=segmenter, options=options, progress=on_event)
+
+
 @app.command()
 @_reports_errors
 def scan(
@@ -282,10 +315,8 @@ def scan(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pneumotriage.cascade import ScanOptions
-    from pneumotriage.cascade import scan as run_scan
     from pneumotriage.worklist import worklist_document, worklist_rows
 
     if rle not in ("relative", "absolute"):
@@ -317,31 +348,7 @@ def scan(
     )
     loaded_cls = _load(classifier, "classifier")
     loaded_seg = _load(segmenter, "segmenter")
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
-    with Progress(*columns, console=err, disable=not progress, transient=True) as bar:
-        task = bar.add_task("scanning", total=None, info="")
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event["event"] == "discovered":
-                bar.update(task, info=f"{event['count']} discovered")
-            elif event["event"] == "start":
-                bar.update(task, total=event["todo"], completed=0)
-            elif event["event"] == "batch":
-                bar.update(
-                    task,
-                    completed=event["decoded"] + event["errors"],
-                    info=f"classified {event['classified']}, segmented {event['segmented']}, errors {event['errors']}",
-                )
-
-        summary = run_scan(
-            paths, out_dir, classifier=loaded_cls, segmenter=loaded_seg, options=options, progress=on_event
-        )
+    summary = _run_scan_with_progress(paths, out_dir, loaded_cls, loaded_seg, options, progress)
     if as_json:
         print(json.dumps(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
     else:
@@ -895,6 +902,7 @@ def evaluate(
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in OUT/scan.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of a table.")] = False,
+    progress: ShowProgress = True,
 ) -> None:
     """Score models (scanning DATA) or a submission CSV against labels: the competition Dice, image-level
     ROC/PR, operating points with bootstrap intervals, plots, metrics.json and per_image.csv."""
@@ -918,7 +926,6 @@ def evaluate(
         )
     else:
         from pneumotriage.cascade import ScanOptions
-        from pneumotriage.cascade import scan as run_scan
 
         if data is None:
             raise UsageError("give DATA (labelled DICOMs) to evaluate models, or --predictions to score a CSV")
@@ -928,7 +935,7 @@ def evaluate(
         options = ScanOptions(
             segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
         )
-        summary = run_scan([data], out_dir / "scan", classifier=loaded_cls, segmenter=loaded_seg, options=options)
+        summary = _run_scan_with_progress([data], out_dir / "scan", loaded_cls, loaded_seg, options, progress)
         label_ids = set(read_rle_csv(labels))
         errors = [r for r in summary.results if r.status != "ok"]
         failed = sum(r.image_id in label_ids for r in errors)  # labelled images the scan could not read

@@ -333,17 +333,16 @@ def _evaluate(study: StudySummary, cls: Path, seg: Path, out: Path) -> dict:
         ],
     )
     assert result.exit_code == 0, result.output
-    for name in (
-        "metrics.json",
-        "per_image.csv",
-        "roc.png",
-        "pr.png",
-        "confusion.png",
-        "dice_hist.png",
-        "calibration.png",
-    ):
-        assert (out / name).stat().st_size > 0, name
-    return json.loads((out / "metrics.json").read_text())
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["plots"] == ["calibration.png", "confusion.png", "dice_hist.png", "pr.png", "roc.png"]
+    for name in doc["plots"]:
+        with Image.open(out / name) as image:
+            image.verify()
+    with open(out / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == doc["n_images"] == len(study.images)
+    assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(doc["competition_dice"], abs=1e-6)
+    return doc
 
 
 def _tune(study: StudySummary, cls: Path, seg: Path, out: Path, *extra: str) -> Any:
@@ -401,3 +400,42 @@ def test_tune_for_a_sensitivity(tiny: tuple[StudySummary, Path, Path], tmp_path:
     assert ev["image_level"]["operating_point"]["recall"] == 1.0
     labels = read_rle_csv(study.labels_csv)
     assert ev["n_positive"] == sum(bool(v) for v in labels.values())
+
+
+def test_evaluate_and_tune_take_registry_names(
+    tiny: tuple[StudySummary, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--classifier/--segmenter as registry names: missing -> exit 3 with the fetch command; once imported into
+    the cache (hash checked), the same names evaluate and tune."""
+    study, cls, seg = tiny
+    registry = tmp_path / "weights.toml"
+    registry.write_text(
+        "".join(
+            f'[tiny-{kind}]\nkind = "{kind}"\narch = "{arch}"\n{encoder}input_size = {SIZE}\n'
+            f'normalisation = "imagenet"\nurl = "https://weights.invalid/tiny-{kind}.pt"\n'
+            f'file = "tiny-{kind}.pt"\nsha256 = "{_sha(path)}"\n\n'
+            for kind, arch, encoder, path in (
+                ("classifier", "resnet34", "", cls),
+                ("segmenter", "unet", 'encoder = "resnet34"\n', seg),
+            )
+        )
+    )
+    monkeypatch.setenv("PNEUMOTRIAGE_REGISTRY", str(registry))
+    names = ["--classifier", "tiny-classifier", "--segmenter", "tiny-segmenter"]
+    common = ["--labels", str(study.labels_csv), "--workers", "0", "--device", "cpu"]
+    missing = runner.invoke(app, ["evaluate", str(study.out), *names, *common, "--out", str(tmp_path / "e0")])
+    assert missing.exit_code == 3
+    assert "pneumotriage weights fetch tiny-classifier" in missing.output
+    for kind, path in (("classifier", cls), ("segmenter", seg)):
+        imported = runner.invoke(app, ["weights", "import", f"tiny-{kind}", str(path)])
+        assert imported.exit_code == 0, imported.output
+    ev = runner.invoke(
+        app, ["evaluate", str(study.out), *names, *common, "--bootstrap", "0", "--out", str(tmp_path / "e1")]
+    )
+    assert ev.exit_code == 0, ev.output
+    models = json.loads((tmp_path / "e1" / "metrics.json").read_text())["source"]["models"]
+    assert [m["name"] for m in models] == ["tiny-classifier", "tiny-segmenter"]
+    tuned = runner.invoke(
+        app, ["tune", str(study.out), *names, *common, "--no-progress", "--out", str(tmp_path / "t.pt")]
+    )
+    assert tuned.exit_code == 0, tuned.output
