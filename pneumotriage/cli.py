@@ -618,6 +618,9 @@ Augmentation = Annotated[
     str,
     typer.Option(help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light or none."),
 ]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="auto (bf16 + channels_last on CUDA), bf16 (also on a CPU with native bf16) or fp32.")
+]
 CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
 
@@ -726,6 +729,7 @@ def train_classifier(
     pretrained: Annotated[bool, typer.Option(help="Start from cached ImageNet weights where present.")] = True,
     augment: Augmentation = "strong",
     cache: CacheDir = None,
+    precision: PrecisionOpt = "auto",
     patience: Patience = None,
     resume: Resume = None,
     progress: ShowProgress = True,
@@ -753,6 +757,7 @@ def train_classifier(
         pretrained=pretrained,
         augment=augment,
         cache=cache,
+        precision=precision,
         patience=patience,
     )
 
@@ -785,6 +790,7 @@ def train_segmenter(
     pretrained: Annotated[bool, typer.Option(help="Start the encoder from cached ImageNet weights.")] = True,
     augment: Augmentation = "strong",
     cache: CacheDir = None,
+    precision: PrecisionOpt = "auto",
     patience: Patience = None,
     resume: Resume = None,
     progress: ShowProgress = True,
@@ -815,6 +821,7 @@ def train_segmenter(
         pretrained=pretrained,
         augment=augment,
         cache=cache,
+        precision=precision,
         patience=patience,
     )
 
@@ -1114,21 +1121,24 @@ def demo(
     summary = write_study(study, n, positive_rate=0.4, size=(size, size), seed=7, ptx_scale=2.0)
     err.print(f"synthetic study: {n} images ({summary.n_positive} with pneumothorax) in {study}", highlight=False)
     cache = WeightCache(load_registry())
-    for name in ("demo-classifier", "demo-segmenter"):
-        spec = cache.registry.get_spec(name)
-        if cache.status(spec).status != "missing":
-            continue
-        err.print(f"building {name} (trained on synthetic phantoms, once; cached in {cache.dir})", highlight=False)
-        with Progress(console=err, transient=True) as bar:
-            task = bar.add_task(name, total=None)
+    missing = [
+        spec
+        for spec in (cache.registry.get_spec(name) for name in ("demo-classifier", "demo-segmenter"))
+        if cache.status(spec).status == "missing"
+    ]
+    if missing:
+        from pneumotriage.demo import build_all
 
-            def on_event(event: dict[str, Any], task: Any = task, bar: Any = bar) -> None:
+        names = " and ".join(spec.name for spec in missing)
+        err.print(f"building {names} (trained on synthetic phantoms, once; cached in {cache.dir})", highlight=False)
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task(f"training {missing[-1].name}", total=None)
+
+            def on_event(event: dict[str, Any]) -> None:
                 if event["event"] == "epoch_start":
                     bar.update(task, total=event["epochs"], completed=event["epoch"])
 
-            from pneumotriage.demo import build
-
-            build(spec, cache, progress=on_event)
+            build_all(missing, cache, progress=on_event)
     scan_dir = out_dir / "scan"
     if scan_dir.exists():
         shutil.rmtree(scan_dir)
