@@ -283,8 +283,8 @@ def _run_scan_with_progress(
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("scan-out"),
-    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
-    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    classifier: ClassifierOpt = None,
+    segmenter: SegmenterOpt = None,
     gate: Annotated[
         float | None,
         typer.Option(help="Classifier probability that sends an image to the segmenter (default: the checkpoint's)."),
@@ -295,13 +295,13 @@ def scan(
     min_component: Annotated[
         float | None, typer.Option(help="Drop mask components smaller than this (px at 1024²).")
     ] = None,
-    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
+    segment_all: SegmentAll = False,
     no_segment: Annotated[bool, typer.Option(help="Triage on the classifier alone (no outlines).")] = False,
-    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    tta: Tta = False,
     urgent_probability: Annotated[
         float, typer.Option(help="With --no-segment: the probability that makes an image urgent.")
     ] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    batch_size: BatchSize = 8,
     workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
     device: Device = "auto",
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
@@ -373,13 +373,13 @@ def submit(
     test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of the test DICOMs.")],
     sample_submission: Annotated[Path, typer.Option(help="The competition's sample submission CSV.")],
     out_file: Annotated[Path, typer.Option("--out", help="Submission CSV to write.")] = Path("submission.csv"),
-    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
-    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    classifier: ClassifierOpt = None,
+    segmenter: SegmenterOpt = None,
     work: Annotated[Path | None, typer.Option(help="Scan folder (default: OUT.scan beside --out).")] = None,
-    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
-    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
+    segment_all: SegmentAll = False,
+    tta: Tta = False,
     rle: Annotated[str, typer.Option(help="relative (SIIM) or absolute run-length form.")] = "relative",
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    batch_size: BatchSize = 8,
     workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
@@ -618,6 +618,11 @@ Augmentation = Annotated[
     str,
     typer.Option(help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light or none."),
 ]
+ClassifierOpt = Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")]
+SegmenterOpt = Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")]
+SegmentAll = Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")]
+Tta = Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 PrecisionOpt = Annotated[
     str, typer.Option(help="auto (bf16 + channels_last on CUDA), bf16 (also on a CPU with native bf16) or fp32.")
 ]
@@ -892,8 +897,8 @@ def evaluate(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, per_image.csv, plots.")] = Path(
         "evaluation"
     ),
-    classifier: Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")] = None,
-    segmenter: Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")] = None,
+    classifier: ClassifierOpt = None,
+    segmenter: SegmenterOpt = None,
     predictions: Annotated[
         Path | None, typer.Option(help="Score this Kaggle-format submission CSV instead of running models.")
     ] = None,
@@ -902,9 +907,9 @@ def evaluate(
     ),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    segment_all: Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")] = False,
-    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    segment_all: SegmentAll = False,
+    tta: Tta = False,
+    batch_size: BatchSize = 8,
     workers: Workers = 2,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in OUT/scan.")] = False,
@@ -1007,8 +1012,8 @@ def tune(
         Path | None, typer.Option(help="Folder for cached predictions (default: PNEUMOTRIAGE_HOME/predictions).")
     ] = None,
     no_cache: Annotated[bool, typer.Option(help="Neither read nor write cached predictions.")] = False,
-    tta: Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    tta: Tta = False,
+    batch_size: BatchSize = 8,
     workers: Workers = 2,
     device: Device = "auto",
     progress: ShowProgress = True,
