@@ -173,11 +173,14 @@ def synth(
     ptx_scale: Annotated[
         float, typer.Option(help="Size of the procedural pneumothoraces: 1 varied, 2 moderate to large.")
     ] = 1.0,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes rendering images (default: the CPUs, up to 4, from 32 images).")
+    ] = None,
 ) -> None:
     """Write a synthetic study of chest-radiograph phantoms with a SIIM-form train-rle.csv."""
     from rich.progress import Progress
 
-    from pneumotriage.synth import parse_size, write_study
+    from pneumotriage.synth import parse_size, synth_workers, write_study
 
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("rendering phantoms", total=n)
@@ -192,6 +195,7 @@ def synth(
             mask_shapes=mask_shapes,
             ptx_scale=ptx_scale,
             progress=lambda done, total: progress.update(task, completed=done),
+            workers=synth_workers(n) if workers is None else workers,
         )
     err.print(
         f"wrote {len(summary.images)} images ({summary.n_positive} with pneumothorax) to {summary.out}; "

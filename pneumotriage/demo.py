@@ -32,7 +32,7 @@ TRAINING_STUDY = {"n": 144, "positive_rate": 0.5, "size": 128, "seed": 3, "ptx_s
 
 
 def demo_training_study(folder: Path) -> Path:
-    from pneumotriage.synth import write_study
+    from pneumotriage.synth import synth_workers, write_study
 
     s = TRAINING_STUDY
     write_study(
@@ -42,6 +42,7 @@ def demo_training_study(folder: Path) -> Path:
         size=(int(s["size"]), int(s["size"])),
         seed=int(s["seed"]),
         ptx_scale=float(s["ptx_scale"]),
+        workers=synth_workers(int(s["n"])),
     )
     return folder
 
@@ -107,7 +108,10 @@ def build_all(
     Two weights train at once on a machine with two or more cores: the first in a worker process on one thread,
     the last here, on one thread until the worker is done and on all of them after. DenseNet121 gains little from
     a second thread at this size (21 vs 22 img/s on 2 cores), UNet/ResNet34 nearly doubles (9 vs 16), so this
-    overlap saves about a fifth of the build. ``progress`` follows the weight trained here."""
+    overlap saves about a fifth of the build. ``progress`` follows the weight trained here.
+
+    The study and the worker are spawned processes, which re-import the calling script: call this from the CLI
+    or from behind ``if __name__ == "__main__":``."""
     import os
 
     import torch

@@ -546,7 +546,9 @@ class _Job:
     bits: int
 
 
-def _synth_workers(n: int) -> int:
+def synth_workers(n: int) -> int:
+    """Worker processes worth starting for ``n`` images: the CPUs, at most 4, from 32 images up (fewer images do
+    not repay starting the processes)."""
     import os
 
     return (
@@ -614,12 +616,13 @@ def write_study(
     second_image_rate: float = 0.15,
     ptx_scale: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
-    workers: int | None = None,
+    workers: int = 1,
 ) -> StudySummary:
     """Write ``n`` phantom DICOMs as ``OUT/<study>/<series>/<sop>.dcm`` plus ``OUT/train-rle.csv`` (SIIM form).
 
-    Images render in ``workers`` processes (default: the CPUs, up to 4, for 32 images or more); the files do not
-    depend on it.
+    With ``workers`` > 1 the images render in that many spawned processes (:func:`synth_workers` suggests a
+    number); the files do not depend on it. Spawning re-imports the calling script, so a script that passes
+    ``workers`` must guard its entry point with ``if __name__ == "__main__":``; the CLI does.
 
     Exactly ``round(n * positive_rate)`` images are positive. A ``manifest.json`` records, per image, the
     patient, side, site, area and confounders, for tests and curious users.
@@ -686,7 +689,6 @@ def write_study(
         )  # fmt: skip
     # Each image's random stream is its own (its state is carried in the job), so rendering in worker processes
     # gives the same files as rendering here, in the same order.
-    workers = _synth_workers(n) if workers is None else workers
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
