@@ -12,12 +12,19 @@ on the weights); ``--gate 0`` sends every image to the segmenter, the worst case
 
     python benchmarks/scan.py --n 32 --workers 2
     python benchmarks/scan.py --device cuda --n 512 --workers 14 --batch-size 64 --data bench-data
+    python benchmarks/scan.py --memory        # peak memory of a scan of 200 and of 2,000 small images
+
+``--memory`` scans synthetic studies of 200 and 2,000 images (64 px, models at 64 px, every image segmented) in
+a fresh process each and prints each process's peak resident memory (and its largest decoding worker's): memory
+must stay flat with the folder size (target: the larger within 1.2x of the smaller).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +34,7 @@ import torch
 
 from pneumotriage.cascade import ScanOptions, scan
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
-from pneumotriage.synth import write_study
+from pneumotriage.synth import synth_workers, write_study
 from pneumotriage.train import pick_device
 
 
@@ -63,7 +70,47 @@ def pure_model_s(clf: LoadedModel, seg: LoadedModel, n: int, n_seg: int, batch: 
     return time.perf_counter() - t0
 
 
+def _memory_child(folder: Path, out: Path, workers: int) -> None:
+    """Scan ``folder`` and print this process's peak RSS and its largest child's, in MiB."""
+    clf = _loaded(ModelSpec("classifier", "densenet121", input_size=64))
+    seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=64))
+    summary = scan([folder], out, classifier=clf, segmenter=seg, options=ScanOptions(gate=0.0, workers=workers))
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"{summary.counts['decoded']} {own:.1f} {child:.1f}")
+
+
+def memory(workers: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-scan-memory-"))
+    try:
+        peaks = {}
+        for n in (200, 2000):
+            folder = tmp / f"study{n}"
+            write_study(folder, n, positive_rate=0.3, size=(64, 64), seed=3, workers=synth_workers(n))
+            for extra in ("train-rle.csv", "manifest.json"):
+                (folder / extra).unlink()
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(folder), str(tmp / f"out{n}"), str(workers)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            images, own, child = done.stdout.split()
+            peaks[n] = float(own)
+            print(
+                f"{int(images):5d} images: peak RSS {float(own):7.1f} MiB (largest worker {float(child):6.1f} MiB), "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
+        print(f"2,000 / 200 images: {peaks[2000] / peaks[200]:.3f}x (target <= 1.2x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--memory-child":
+        _memory_child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n", type=int, default=32, help="images in the synthetic study")
@@ -73,7 +120,11 @@ def main() -> int:
     parser.add_argument("--classifier-size", type=int, default=256)
     parser.add_argument("--segmenter-size", type=int, default=512)
     parser.add_argument("--gate", type=float, default=0.0)
+    parser.add_argument("--memory", action="store_true", help="peak memory for 200 and 2,000 images instead")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.workers)
+        return 0
 
     device = pick_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-scan-bench-"))
