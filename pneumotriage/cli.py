@@ -923,7 +923,6 @@ def evaluate(
     """Score models (scanning DATA) or a submission CSV against labels: the competition Dice, image-level
     ROC/PR, operating points with bootstrap intervals, plots, metrics.json and per_image.csv."""
     from pneumotriage.evaluate import evaluate_results, evaluate_submission, write_evaluation
-    from pneumotriage.labels import read_rle_csv
 
     if labels is None:
         raise UsageError("give the label CSV with --labels")
@@ -952,9 +951,6 @@ def evaluate(
             segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
         )
         summary = _run_scan_with_progress([data], out_dir / "scan", loaded_cls, loaded_seg, options, progress)
-        label_ids = set(read_rle_csv(labels))
-        errors = [r for r in summary.results if r.status != "ok"]
-        failed = sum(r.image_id in label_ids for r in errors)  # labelled images the scan could not read
         source = {
             "mode": "models",
             "data": str(data),
@@ -962,7 +958,6 @@ def evaluate(
             "models": summary.models,
             "thresholds": summary.thresholds,
             "score": "classifier probability" if loaded_cls is not None else "segmenter image score",
-            "unreadable": failed,
         }
         evaluation = evaluate_results(
             summary.results,
@@ -972,12 +967,7 @@ def evaluate(
             bootstrap=bootstrap,
             seed=seed,
         )
-        if failed:
-            evaluation.notes.append(
-                f"{failed} labelled images could not be read and were not scored (see {out_dir / 'scan/worklist.csv'})"
-            )
-        if len(errors) > failed:
-            evaluation.notes.append(f"{len(errors) - failed} other files were skipped: not DICOM, or not labelled")
+        failed = evaluation.unreadable
     write_evaluation(evaluation, out_dir)
     if as_json:
         print((out_dir / "metrics.json").read_text(), end="")

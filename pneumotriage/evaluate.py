@@ -88,6 +88,8 @@ class Evaluation:
     score_kind: str = "probability"
     threshold: float = 0.5
     notes: list[str] = field(default_factory=list)
+    #: Labelled images whose predictions are missing because their files could not be read.
+    unreadable: int = 0
 
 
 def count_overlaps(
@@ -297,20 +299,24 @@ def evaluate_results(
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> Evaluation:
-    """Score a scan's readable results (:class:`pneumotriage.cascade.ImageResult`) against the labels. Images the
-    labels do not mention are left out and counted in the notes."""
+    """Score a scan's results (:class:`pneumotriage.cascade.ImageResult`) against the labels. Labelled images the
+    scan could not read are left out, counted (``unreadable``) and named in the notes; so are files the labels do
+    not mention."""
     labels = read_rle_csv(labels_csv)
     predictions = RleLabels(None, relative=True)
     ids: list[str] = []
     shapes: dict[str, tuple[int, int]] = {}
     scores: list[float] = []
-    unlabelled = 0
+    unlabelled = unreadable = 0
     seen: set[str] = set()
     for r in results:
-        if r.status != "ok" or r.image_id in seen:
-            continue
         if r.image_id not in labels:
             unlabelled += 1
+            continue
+        if r.status != "ok":
+            unreadable += 1
+            continue
+        if r.image_id in seen:
             continue
         seen.add(r.image_id)
         ids.append(r.image_id)
@@ -321,7 +327,11 @@ def evaluate_results(
         raise UsageError("no scanned image has a label: check that the label file's ImageIds are the file names")
     true_area, pred_area, inter = count_overlaps(ids, predictions, labels, shapes)
     images = ImageScores(ids, true_area, pred_area, inter, np.asarray(scores, dtype=np.float64))
-    notes = [f"{unlabelled} scanned images have no label and were not scored"] if unlabelled else []
+    notes = []
+    if unreadable:
+        notes.append(f"{unreadable} labelled images could not be read and were not scored (see the scan's worklist)")
+    if unlabelled:
+        notes.append(f"{unlabelled} other files were not scored: not labelled, or not DICOM")
     doc = summarise(
         images,
         threshold=threshold,
@@ -330,7 +340,8 @@ def evaluate_results(
         seed=seed,
         source={**source, "labels": str(labels_csv)},
     )
-    return Evaluation(images, doc, score_kind="probability", threshold=threshold, notes=notes)
+    doc["source"]["unreadable"] = unreadable
+    return Evaluation(images, doc, score_kind="probability", threshold=threshold, notes=notes, unreadable=unreadable)
 
 
 def per_image_csv(images: ImageScores) -> str:

@@ -439,3 +439,27 @@ def test_evaluate_and_tune_take_registry_names(
         app, ["tune", str(study.out), *names, *common, "--no-progress", "--out", str(tmp_path / "t.pt")]
     )
     assert tuned.exit_code == 0, tuned.output
+
+
+def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Path, Path], tmp_path: Path) -> None:
+    """A labelled DICOM that cannot be read is left out of the scores, named in a note, and gives exit code 4;
+    the files beside the study (labels CSV, manifest) are not counted as failures."""
+    import shutil
+
+    study, cls, seg = tiny
+    copy = tmp_path / "study"
+    shutil.copytree(study.out, copy)
+    damaged = copy / study.images[0].path
+    damaged.write_bytes(damaged.read_bytes()[:400])
+    out = tmp_path / "ev"
+    result = runner.invoke(
+        app,
+        ["evaluate", str(copy), "--labels", str(copy / "train-rle.csv"), "--classifier", str(cls), "--segmenter",
+         str(seg), "--out", str(out), "--workers", "0", "--device", "cpu", "--bootstrap", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    assert "1 labelled images could not be read" in result.output
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["n_images"] == len(study.images) - 1
+    assert doc["source"]["unreadable"] == 1
+    assert "2 other files were not scored" in " ".join(doc["notes"])
