@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -129,12 +130,12 @@ def _load_cached(folder: Path, image_ids: list[str]) -> Predictions | None:
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("image_ids") != image_ids:
             return None
-        maps = np.load(folder / "maps.npy", mmap_mode="r")
+        maps = np.load(folder / "maps.npy", mmap_mode="r")[: len(meta["readable"])]
         classifier = np.load(folder / "classifier.npy") if meta.get("classifier") else None
         shapes = np.load(folder / "shapes.npy")
     except (OSError, ValueError, json.JSONDecodeError):
         return None
-    return Predictions(image_ids, shapes, maps, classifier, list(meta.get("unreadable", [])))
+    return Predictions(list(meta["readable"]), shapes, maps, classifier, list(meta.get("unreadable", [])))
 
 
 def predict(
@@ -143,6 +144,7 @@ def predict(
     segmenter: LoadedModel,
     classifier: LoadedModel | None,
     cache_root: Path | None,
+    scratch: Path,
     tta: bool = False,
     device: str = "auto",
     batch_size: int = 8,
@@ -150,7 +152,11 @@ def predict(
     progress: Progress | None = None,
 ) -> tuple[Predictions, Path | None]:
     """Run the models over ``records`` once, or read their outputs from ``cache_root`` when these exact models
-    and files were predicted before. Returns the predictions and the cache folder (None without a cache)."""
+    and files were predicted before. Returns the predictions and the cache folder (None without a cache).
+
+    The probability maps go straight into a memory-mapped file (N x S x S float32: 2.5 GB for 2,400 images at
+    512 px), never all into memory: under ``cache_root`` when caching, else in ``scratch``, which must outlive
+    the returned predictions."""
     from pneumotriage.cascade import classify, decode_loader, prepare_models, segment
     from pneumotriage.train import pick_device
 
@@ -167,7 +173,10 @@ def predict(
     size = segmenter.spec.input_size
     sizes = [size] + ([classifier.spec.input_size] if classifier is not None else [])
     n = len(records)
-    maps = np.zeros((n, size, size), dtype=np.float32)
+    work = folder.with_name(f"{folder.name}.partial-{os.getpid()}") if folder is not None else scratch
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    maps = np.lib.format.open_memmap(work / "maps.npy", mode="w+", dtype=np.float32, shape=(n, size, size))
     cls = np.zeros(n, dtype=np.float32) if classifier is not None else None
     shapes = np.zeros((n, 2), dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
@@ -190,27 +199,34 @@ def predict(
             ok[index] = True
         emit({"event": "predicted", "done": done, "total": n})
     keep = np.flatnonzero(ok)
+    for j, i in enumerate(keep):  # readable images first, in order (in place: j <= i)
+        if i != j:
+            maps[j] = maps[i]
+    maps.flush()
     prediction = Predictions(
-        [ids[i] for i in keep], shapes[keep], maps[keep], cls[keep] if cls is not None else None, unreadable
+        [ids[i] for i in keep], shapes[keep], maps[: len(keep)], cls[keep] if cls is not None else None, unreadable
     )
     if folder is not None:
-        _store(folder, prediction)
+        _store(work, folder, ids, prediction)
+        prediction.maps = np.load(folder / "maps.npy", mmap_mode="r")[: len(keep)]
     return prediction, folder
 
 
-def _store(folder: Path, p: Predictions) -> None:
-    """Write the cache into a sibling folder, then rename it into place: a cache folder is complete or absent."""
-    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "maps.npy", p.maps)
-    np.save(tmp / "shapes.npy", p.shapes)
+def _store(work: Path, folder: Path, ids: list[str], p: Predictions) -> None:
+    """Finish the cache in ``work`` (which holds the maps), then rename it into place: a cache folder is complete
+    or absent."""
+    np.save(work / "shapes.npy", p.shapes)
     if p.classifier is not None:
-        np.save(tmp / "classifier.npy", p.classifier)
-    meta = {"image_ids": p.image_ids, "classifier": p.classifier is not None, "unreadable": p.unreadable}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+        np.save(work / "classifier.npy", p.classifier)
+    meta = {
+        "image_ids": ids,
+        "readable": p.image_ids,
+        "classifier": p.classifier is not None,
+        "unreadable": p.unreadable,
+    }
+    (work / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    os.replace(work, folder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,17 +371,44 @@ def tune(
     if not index.records:
         raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
     labels = read_rle_csv(labels_csv)
-    predictions, cache = predict(
-        index.records,
-        segmenter=segmenter,
-        classifier=classifier,
-        cache_root=cache_root,
-        tta=tta,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output, not in /tmp (often a RAM disk): the maps may be gigabytes
+    with tempfile.TemporaryDirectory(prefix=".pneumotriage-tune-", dir=out.parent) as scratch:
+        predictions, cache = predict(
+            index.records,
+            segmenter=segmenter,
+            classifier=classifier,
+            cache_root=cache_root,
+            scratch=Path(scratch) / "maps",
+            tta=tta,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+        )
+        return _search_and_save(
+            data, labels_csv, labels, predictions, cache, segmenter, classifier, out, grid, sensitivity, tta, top_k,
+            progress, skipped=len(index.skipped),
+        )  # fmt: skip
+
+
+def _search_and_save(
+    data: str | Path,
+    labels_csv: str | Path,
+    labels: RleLabels,
+    predictions: Predictions,
+    cache: Path | None,
+    segmenter: LoadedModel,
+    classifier: LoadedModel | None,
+    out: Path,
+    grid: Grid | None,
+    sensitivity: float | None,
+    tta: bool,
+    top_k: int,
+    progress: Progress | None,
+    *,
+    skipped: int,
+) -> TuneResult:
     if not predictions.image_ids:
         raise UsageError("none of the labelled images could be read", path=data)
 
@@ -411,6 +454,8 @@ def tune(
         new_thresholds["gate"] = chosen["gate"]
     if predictions.unreadable:
         notes.append(f"{len(predictions.unreadable)} images could not be read and were left out")
+    if skipped:
+        notes.append(f"{skipped} files under {data} were skipped (not DICOM, no usable header, or duplicates)")
 
     tuning = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -418,6 +463,7 @@ def tune(
         "labels": str(labels_csv),
         "images": len(predictions.image_ids),
         "unreadable": len(predictions.unreadable),
+        "skipped_files": skipped,
         "chosen": chosen,
         "defaults": default_setting,
         "default_competition_dice": default_score,

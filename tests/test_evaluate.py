@@ -450,7 +450,7 @@ def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Pat
     copy = tmp_path / "study"
     shutil.copytree(study.out, copy)
     damaged = copy / study.images[0].path
-    damaged.write_bytes(damaged.read_bytes()[:400])
+    damaged.write_bytes(damaged.read_bytes()[:-300])  # the header reads; the JPEG pixel data is cut short
     out = tmp_path / "ev"
     result = runner.invoke(
         app,
@@ -463,3 +463,19 @@ def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Pat
     assert doc["n_images"] == len(study.images) - 1
     assert doc["source"]["unreadable"] == 1
     assert "2 other files were not scored" in " ".join(doc["notes"])
+    # tune leaves the unreadable image out as well (its predictions are compacted away), cached or not
+    from pneumotriage.models import load_model
+
+    for attempt in ("first", "cached"):
+        tuned = runner.invoke(
+            app,
+            ["tune", str(copy), "--labels", str(copy / "train-rle.csv"), "--segmenter", str(seg), "--classifier",
+             str(cls), "--out", str(tmp_path / f"{attempt}.pt"), "--workers", "0", "--device", "cpu", "--no-progress"],
+        )  # fmt: skip
+        assert tuned.exit_code == 0, tuned.output
+        tuning = load_model(tmp_path / f"{attempt}.pt").meta["tuning"]
+        assert (tuning["images"], tuning["unreadable"]) == (len(study.images) - 1, 1)
+        assert tuning["figures"]["n_images"] == len(study.images) - 1
+    assert "predictions read from the cache" in tuned.output
+    first, cached = (load_model(tmp_path / f"{a}.pt").meta["tuning"] for a in ("first", "cached"))
+    assert first["figures"] == cached["figures"] and first["chosen"] == cached["chosen"]
