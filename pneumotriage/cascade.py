@@ -35,7 +35,7 @@ from pneumotriage.datasets import prepare_image
 from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
 from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
-from pneumotriage.models import LoadedModel
+from pneumotriage.models import DEFAULT_THRESHOLDS, LoadedModel
 from pneumotriage.postprocess import remove_small_components, scaled_area, triplet_keep
 from pneumotriage.rle import EMPTY, rle_encode
 from pneumotriage.train import autocast_for
@@ -406,14 +406,9 @@ class _Journal:
 # the scan
 
 
-def _thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> dict[str, float]:
-    t: dict[str, float] = {
-        "gate": 0.5,
-        "top_score": 0.75,
-        "min_area": 2000.0,
-        "bottom_score": 0.3,
-        "min_component": 0.0,
-    }
+def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> dict[str, float]:
+    """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s."""
+    t = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
     if classifier is not None:
         t["gate"] = float(classifier.thresholds.get("gate", t["gate"]))
         # `pneumotriage tune` stores the gate it chose in the segmenter's checkpoint, for the classifier it was
@@ -467,7 +462,7 @@ def scan(
             raise UsageError("--no-segment triages on the classifier alone: give --classifier")
     out = Path(out)
     state = out / ".scan"
-    t = _thresholds(classifier, segmenter, o)
+    t = scan_thresholds(classifier, segmenter, o)
     device = pick_device(o.device)
     models = [m for m in (_model_info(classifier, "classifier"), _model_info(segmenter, "segmenter")) if m]
     signature = {

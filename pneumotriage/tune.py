@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from scipy import ndimage
 
+from pneumotriage.cascade import ScanOptions, scan_thresholds
 from pneumotriage.errors import UsageError
 from pneumotriage.labels import ImageRecord, RleLabels, index_dataset, read_rle_csv
 from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
@@ -371,8 +372,14 @@ def tune(
     if not index.records:
         raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
     labels = read_rle_csv(labels_csv)
+    # The thresholds the scan would use with these checkpoints: the baseline the chosen setting must beat.
+    current = scan_thresholds(classifier, segmenter, ScanOptions())
+    if classifier is None:
+        current["gate"] = 0.0  # without a classifier the scan segments every image
+    grid = (grid or Grid()).with_values(current)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # beside the output, not in /tmp (often a RAM disk): the maps may be gigabytes
+    # Beside the output, not in /tmp (often a RAM disk): the maps may be gigabytes. They are needed only until
+    # the per-image counts are taken.
     with tempfile.TemporaryDirectory(prefix=".pneumotriage-tune-", dir=out.parent) as scratch:
         predictions, cache = predict(
             index.records,
@@ -386,36 +393,9 @@ def tune(
             workers=workers,
             progress=progress,
         )
-        return _search_and_save(
-            data, labels_csv, labels, predictions, cache, segmenter, classifier, out, grid, sensitivity, tta, top_k,
-            progress, skipped=len(index.skipped),
-        )  # fmt: skip
-
-
-def _search_and_save(
-    data: str | Path,
-    labels_csv: str | Path,
-    labels: RleLabels,
-    predictions: Predictions,
-    cache: Path | None,
-    segmenter: LoadedModel,
-    classifier: LoadedModel | None,
-    out: Path,
-    grid: Grid | None,
-    sensitivity: float | None,
-    tta: bool,
-    top_k: int,
-    progress: Progress | None,
-    *,
-    skipped: int,
-) -> TuneResult:
-    if not predictions.image_ids:
-        raise UsageError("none of the labelled images could be read", path=data)
-
-    current = {k: float(v) for k, v in segmenter.thresholds.items() if k in PARAMETERS}
-    current["gate"] = float(classifier.thresholds.get("gate", 0.5)) if classifier is not None else 0.0
-    grid = (grid or Grid()).with_values(current)
-    counts = count(predictions, labels, grid, progress)
+        if not predictions.image_ids:
+            raise UsageError("none of the labelled images could be read", path=data)
+        counts = count(predictions, labels, grid, progress)
     y = counts.true_area > 0
     notes: list[str] = []
     cls = predictions.classifier
@@ -432,9 +412,7 @@ def _search_and_save(
         gates = list(grid.gate)
     table = scores(counts, grid, cls, gates)
 
-    # The checkpoint's own setting, scored the same way: the baseline the chosen setting must beat.
-    default_setting = dict(current)
-    default_index = _index_of(grid, [current["gate"]], {**current})
+    default_index = _index_of(grid, [current["gate"]], current)
     default_score = float(scores(counts, grid, cls, [current["gate"]])[default_index])
     best_index = tuple(int(i) for i in np.unravel_index(int(np.argmax(table)), table.shape))
     if current["gate"] in gates and default_score >= float(table[best_index]):
@@ -454,8 +432,10 @@ def _search_and_save(
         new_thresholds["gate"] = chosen["gate"]
     if predictions.unreadable:
         notes.append(f"{len(predictions.unreadable)} images could not be read and were left out")
-    if skipped:
-        notes.append(f"{skipped} files under {data} were skipped (not DICOM, no usable header, or duplicates)")
+    if index.skipped:
+        notes.append(
+            f"{len(index.skipped)} files under {data} were skipped (not DICOM, no usable header or duplicates)"
+        )
 
     tuning = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -463,9 +443,9 @@ def _search_and_save(
         "labels": str(labels_csv),
         "images": len(predictions.image_ids),
         "unreadable": len(predictions.unreadable),
-        "skipped_files": skipped,
+        "skipped_files": len(index.skipped),
         "chosen": chosen,
-        "defaults": default_setting,
+        "defaults": current,
         "default_competition_dice": default_score,
         "figures": figures,
         "sensitivity_target": sensitivity,
@@ -495,7 +475,7 @@ def _search_and_save(
     )
     return TuneResult(
         thresholds=chosen,
-        defaults=default_setting,
+        defaults=current,
         score=figures["competition_dice"],
         default_score=default_score,
         top=top,
