@@ -113,18 +113,17 @@ def build_all(
 
     The study and the worker are spawned processes, which re-import the calling script: call this from the CLI
     or from behind ``if __name__ == "__main__":``."""
-    import os
-
     import torch
+
+    from pneumotriage.synth import usable_cores
 
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-demo-", dir=work_dir))
     try:
         study = demo_training_study(tmp / "study")
         runs = [tmp / f"run-{spec.name}" for spec in specs]
         threads = torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         checkpoints: list[Path] = []
-        if len(specs) > 1 and cores > 1:
+        if len(specs) > 1 and usable_cores() > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 

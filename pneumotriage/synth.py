@@ -546,16 +546,17 @@ class _Job:
     bits: int
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else all of them)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def synth_workers(n: int) -> int:
     """Worker processes worth starting for ``n`` images: the CPUs, at most 4, from 32 images up (fewer images do
     not repay starting the processes)."""
-    import os
-
-    return (
-        min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4)
-        if n >= 32
-        else 1
-    )
+    return min(usable_cores(), 4) if n >= 32 else 1
 
 
 def _render(job: _Job) -> tuple[Path, bytes, list[str], StudyImage]:
