@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from pneumotriage.cascade import ScanOptions, scan
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
+from pneumotriage.runtime import pick_device
+from pneumotriage.scan import ScanOptions
+from pneumotriage.scan import run as scan
 from pneumotriage.synth import synth_workers, write_study
-from pneumotriage.train import pick_device
 
 
 def _loaded(spec: ModelSpec) -> LoadedModel:

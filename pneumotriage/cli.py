@@ -249,13 +249,22 @@ def _print_worklist(summary: Any, limit: int = 20) -> None:
         out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
 
 
+def _print_plan(summary: Any) -> None:
+    p, t = summary.plan, summary.timings
+    err.print(
+        f"ran on {p['device']}: batch {p['batch_size']}, {p['workers']} workers, {p['torch_threads']} torch threads"
+        f" ({p['why']}); {t['model_s']:.1f} s in the models of {t['total_s']:.1f} s",
+        highlight=False,
+    )
+
+
 def _run_scan_with_progress(
     paths: list[Path], out_dir: Path, classifier: Any, segmenter: Any, options: Any, show: bool
 ) -> Any:
     """Run the cascade with a rich progress bar on stderr (discovered / decoded / classified / segmented, ETA)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pneumotriage.cascade import scan as run_scan
+    from pneumotriage.scan import run as run_scan
 
     columns = (
         TextColumn("{task.description}"),
@@ -268,15 +277,16 @@ def _run_scan_with_progress(
         task = bar.add_task("scanning", total=None, info="")
 
         def on_event(event: dict[str, Any]) -> None:
-            if event["event"] == "discovered":
-                bar.update(task, info=f"{event['count']} discovered")
-            elif event["event"] == "start":
-                bar.update(task, total=event["todo"], completed=0)
+            if event["event"] == "start" and event["resumed"]:
+                bar.update(task, info=f"{event['resumed']} done before")
             elif event["event"] == "batch":
+                found = "" if event["walked"] else "+ (still discovering)"
                 bar.update(
                     task,
+                    total=event["discovered"],
                     completed=event["decoded"] + event["errors"],
-                    info=f"classified {event['classified']}, segmented {event['segmented']}, errors {event['errors']}",
+                    info=f"classified {event['classified']}, segmented {event['segmented']}, errors {event['errors']}"
+                    + found,
                 )
 
         return run_scan(paths, out_dir, classifier=classifier, segmenter=segmenter, options=options, progress=on_event)
@@ -305,9 +315,10 @@ def scan(
     urgent_probability: Annotated[
         float, typer.Option(help="With --no-segment: the probability that makes an image urgent.")
     ] = 0.9,
-    batch_size: BatchSize = 8,
-    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
     device: Device = "auto",
+    precision: PrecisionOpt = "auto",
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
         "relative"
     ),
@@ -317,11 +328,12 @@ def scan(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
 ) -> None:
     """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report."""
 
-    from pneumotriage.cascade import ScanOptions
-    from pneumotriage.worklist import worklist_document, worklist_rows
+    from pneumotriage.scan import ScanOptions
+    from pneumotriage.scan.outputs import worklist_document, worklist_rows
 
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
@@ -343,9 +355,10 @@ def scan(
         no_segment=no_segment,
         tta=tta,
         urgent_probability=urgent_probability,
-        batch_size=batch_size,
-        workers=workers,
+        batch_size=_auto_int(batch_size, "--batch-size"),
+        workers=_auto_int(workers, "--workers"),
         device=device,
+        precision=precision,
         rle_relative=rle == "relative",
         no_phi=no_phi,
         resume=resume,
@@ -359,6 +372,8 @@ def scan(
         _print_worklist(summary)
     for note in summary.notes:
         err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    if verbose:
+        _print_plan(summary)
     c = summary.counts
     err.print(
         f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
@@ -383,17 +398,17 @@ def submit(
     segment_all: SegmentAll = False,
     tta: Tta = False,
     rle: Annotated[str, typer.Option(help="relative (SIIM) or absolute run-length form.")] = "relative",
-    batch_size: BatchSize = 8,
-    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
 ) -> None:
     """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
     mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
-    from pneumotriage.cascade import ScanOptions
-    from pneumotriage.cascade import scan as run_scan
     from pneumotriage.labels import read_rle_csv, write_rle_csv
-    from pneumotriage.worklist import absolute_rle
+    from pneumotriage.scan import ScanOptions
+    from pneumotriage.scan import run as run_scan
+    from pneumotriage.scan.outputs import absolute_rle
 
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
@@ -409,7 +424,12 @@ def submit(
         classifier=_load(classifier, "classifier"),
         segmenter=_load(segmenter, "segmenter"),
         options=ScanOptions(
-            segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
+            segment_all=segment_all,
+            tta=tta,
+            batch_size=_auto_int(batch_size, "--batch-size"),
+            workers=_auto_int(workers, "--workers"),
+            device=device,
+            resume=resume,
         ),
     )
     found = {r.image_id: r.rle for r in summary.results if r.status == "ok"}
@@ -627,11 +647,32 @@ SegmenterOpt = Annotated[str | None, typer.Option(help="Segmenter: registry name
 SegmentAll = Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")]
 Tta = Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+ScanBatch = Annotated[
+    str, typer.Option("--batch-size", help="Images per model batch, or auto (1 on a CPU, 64 on a GPU).")
+]
+ScanWorkers = Annotated[
+    str,
+    typer.Option(
+        "--workers",
+        help="Worker processes reading, decoding and finishing images, or auto (1 on a 2-core CPU; one per spare "
+        "core with a GPU); 0 runs everything in this process.",
+    ),
+]
 PrecisionOpt = Annotated[
     str, typer.Option(help="auto (bf16 + channels_last on CUDA), bf16 (also on a CPU with native bf16) or fp32.")
 ]
 CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
+
+
+def _auto_int(value: str, option: str) -> int | None:
+    """An option that takes a whole number or ``auto`` (None)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r}: give a whole number or auto") from None
 
 
 def _share(text: str | None) -> tuple[float, float] | None:
@@ -913,8 +954,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     segment_all: SegmentAll = False,
     tta: Tta = False,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in OUT/scan.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of a table.")] = False,
@@ -940,7 +981,7 @@ def evaluate(
             predictions, labels, data=data, rle_relative=rle == "relative", bootstrap=bootstrap, seed=seed
         )
     else:
-        from pneumotriage.cascade import ScanOptions
+        from pneumotriage.scan import ScanOptions
 
         if data is None:
             raise UsageError("give DATA (labelled DICOMs) to evaluate models, or --predictions to score a CSV")
@@ -948,7 +989,12 @@ def evaluate(
             raise UsageError("give --classifier and/or --segmenter (registry names or files), or --predictions")
         loaded_cls, loaded_seg = _load(classifier, "classifier"), _load(segmenter, "segmenter")
         options = ScanOptions(
-            segment_all=segment_all, tta=tta, batch_size=batch_size, workers=workers, device=device, resume=resume
+            segment_all=segment_all,
+            tta=tta,
+            batch_size=_auto_int(batch_size, "--batch-size"),
+            workers=_auto_int(workers, "--workers"),
+            device=device,
+            resume=resume,
         )
         summary = _run_scan_with_progress([data], out_dir / "scan", loaded_cls, loaded_seg, options, progress)
         source = {
@@ -1007,8 +1053,8 @@ def tune(
     ] = None,
     no_cache: Annotated[bool, typer.Option(help="Neither read nor write cached predictions.")] = False,
     tta: Tta = False,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
     device: Device = "auto",
     progress: ShowProgress = True,
 ) -> None:
@@ -1062,8 +1108,8 @@ def tune(
             cache_root=None if no_cache else (cache or default_home() / "predictions"),
             tta=tta,
             device=device,
-            batch_size=batch_size,
-            workers=workers,
+            batch_size=_auto_int(batch_size, "--batch-size"),
+            workers=_auto_int(workers, "--workers"),
             progress=on_event,
         )
     table = Table(title="best settings (competition Dice on these images)", title_justify="left")
@@ -1098,7 +1144,7 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo study and scan.")] = Path("demo-out"),
     n: Annotated[int, typer.Option("--n", help="Number of synthetic images.")] = 20,
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
-    workers: Annotated[int, typer.Option(help="Worker processes decoding DICOMs.")] = 2,
+    workers: ScanWorkers = "auto",
 ) -> None:
     """Make a synthetic study, build the synthetic demo weights if needed, scan, and show the worklist.
 
@@ -1108,9 +1154,9 @@ def demo(
 
     from rich.progress import Progress
 
-    from pneumotriage.cascade import ScanOptions
-    from pneumotriage.cascade import scan as run_scan
     from pneumotriage.models import load_model
+    from pneumotriage.scan import ScanOptions
+    from pneumotriage.scan import run as run_scan
     from pneumotriage.synth import write_study
     from pneumotriage.weights import WeightCache, load_registry
 
@@ -1146,7 +1192,7 @@ def demo(
         scan_dir,
         classifier=load_model("demo-classifier"),
         segmenter=load_model("demo-segmenter"),
-        options=ScanOptions(workers=workers),
+        options=ScanOptions(workers=_auto_int(workers, "--workers")),
     )
     _print_worklist(result)
     truth = {im.image_id: im.positive for im in summary.images}

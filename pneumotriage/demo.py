@@ -50,7 +50,8 @@ def demo_training_study(folder: Path) -> Path:
 
 def _train(spec: WeightSpec, study: Path, run: Path, progress: Callable[[dict[str, Any]], None] | None) -> Path:
     """Train one demo weight by its recipe on ``study``; returns its best checkpoint."""
-    from pneumotriage.train import TrainConfig, cpu_has_bf16, train
+    from pneumotriage.runtime import cpu_has_bf16
+    from pneumotriage.train import TrainConfig, train
 
     if spec.recipe != "demo" or spec.name not in RECIPES:
         raise UsageError(f"weight {spec.name!r} has no build recipe; known: {', '.join(RECIPES)}")
@@ -115,7 +116,7 @@ def build_all(
     or from behind ``if __name__ == "__main__":``."""
     import torch
 
-    from pneumotriage.synth import usable_cores
+    from pneumotriage.runtime import usable_cores
 
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-demo-", dir=work_dir))
     try:

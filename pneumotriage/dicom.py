@@ -57,6 +57,8 @@ __all__ = [
     "SkippedFile",
     "discover",
     "image_id_for",
+    "decode_pixels",
+    "open_image",
     "read_dicom",
     "read_header",
 ]
@@ -100,6 +102,10 @@ _EXTRA_FOR_SYNTAX = {
 
 # Low and high percentiles used to normalise to [0, 1]: robust to burned-in labels and collimator edges.
 _NORM_PERCENTILES = (0.5, 99.5)
+
+#: The largest side decoded, in pixels: a header declaring more is refused before any pixel is allocated (the
+#: largest detector images are ~4,300 px a side; a 60,000 x 60,000 claim would ask for 7 GB).
+MAX_SIDE = 16384
 
 
 def image_id_for(path: str | Path) -> str:
@@ -334,6 +340,9 @@ def _pixel_problem(ds: Dataset, has_pixels: bool) -> str | None:
     """Why the pixel data of ``ds`` cannot be decoded here, or None."""
     if not has_pixels:
         return NO_PIXELS
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if (rows or 0) > MAX_SIDE or (cols or 0) > MAX_SIDE:
+        return f"declared size {rows} x {cols} exceeds the {MAX_SIDE} px a side this tool decodes"
     syntax = _syntax(ds)
     if syntax is None:
         return "no transfer syntax"
@@ -429,12 +438,21 @@ def read_dicom(path: str | Path, *, reduce_to: int | None = None) -> DicomImage:
 
     Raises a :class:`~pneumotriage.errors.DicomError` subclass naming the file and the remedy.
     """
+    return decode_pixels(*open_image(path), reduce_to=reduce_to)
+
+
+def open_image(path: str | Path) -> tuple[Dataset, DicomHeader, list[str]]:
+    """Parse a file holding an image that can be decoded here (pixel data read, not decoded): the data set, its
+    header and notes for the user. Raises a :class:`~pneumotriage.errors.DicomError` subclass naming the file and
+    the remedy for anything else (not DICOM, no pixels, a codec missing, a damaged or oversized header)."""
     path = Path(path)
     ds, notes, has_pixels = _open(path, header_only=False)
     header = _header_from(ds, path, notes, has_pixels)
     if header.problem is not None:
         if not has_pixels:
             raise NoPixelDataError(header.problem, path=path, hint="only image objects can be triaged")
+        if header.problem.startswith("declared size"):
+            raise CorruptPixelDataError(header.problem, path=path, hint="the header is damaged; re-export the image")
         # The problem text already names the extra to install where one exists.
         hint = None if "pip install" in header.problem else "convert it to an uncompressed transfer syntax"
         raise UnsupportedTransferSyntaxError(header.problem, path=path, hint=hint)
@@ -443,13 +461,21 @@ def read_dicom(path: str | Path, *, reduce_to: int | None = None) -> DicomImage:
             raise CorruptPixelDataError(
                 f"required image element {keyword} is missing", path=path, hint="re-export the image"
             )
+    return ds, header, notes
+
+
+def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_to: int | None = None) -> DicomImage:
+    """The pixels of a data set from :func:`open_image`, decoded as :func:`read_dicom` describes."""
+    path = header.path
     photometric = str(ds.PhotometricInterpretation).strip().upper()
+    source_shape = check_jpeg_size(ds, header)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             arr = _reduced_jpeg(ds, header, reduce_to) if reduce_to else None
             if arr is None:
                 arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
+                source_shape = (int(arr.shape[0]), int(arr.shape[1]))
             grey = _to_grey(arr, ds, photometric, notes)
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
@@ -464,11 +490,73 @@ def read_dicom(path: str | Path, *, reduce_to: int | None = None) -> DicomImage:
     return DicomImage(
         **header.identity(),
         pixels=pixels,
-        original_shape=header.shape or (int(pixels.shape[0]), int(pixels.shape[1])),
+        original_shape=source_shape or (int(pixels.shape[0]), int(pixels.shape[1])),
         photometric=photometric,
         transfer_syntax=header.transfer_syntax or "",
         warnings=notes,
     )
+
+
+def jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG codestream's start-of-frame marker, read without decoding; None where the
+    stream has no readable SOF before its scan data."""
+    i, n = 2, len(frame)
+    if n < 4 or frame[0] != 0xFF or frame[1] != 0xD8:
+        return None
+    while i + 4 <= n:
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(frame[i + 2 : i + 4], "big")
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry precision, rows, columns (ITU T.81 B.2.2).
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def jpeg_frame(ds: Dataset) -> bytes | None:
+    """The first frame's JPEG codestream of an encapsulated JPEG Baseline/Extended data set, else None."""
+    if _syntax(ds) not in (JPEGBaseline8Bit, JPEGExtended12Bit) or "PixelData" not in ds:
+        return None
+    try:
+        frames = _int(ds, "NumberOfFrames") or 1
+        return next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except _PARSE_ERRORS + (StopIteration,):
+        return None
+
+
+def check_jpeg_size(ds: Dataset, header: DicomHeader) -> tuple[int, int] | None:
+    """The size a JPEG image's own codestream declares, checked against the header's Rows and Columns: a header
+    that disagrees with its pixel data raises :class:`CorruptPixelDataError` naming both sizes, before any
+    decoding (a mask of the header's size would not fit the image). None for other encodings."""
+    frame = jpeg_frame(ds)
+    size = jpeg_frame_size(frame) if frame is not None else None
+    if size is None:
+        return None
+    if header.shape is not None and size != header.shape:
+        raise CorruptPixelDataError(
+            f"the header says {header.rows} x {header.columns} px but the JPEG pixel data is {size[0]} x {size[1]}",
+            path=header.path,
+            hint="the header is inconsistent with its image; re-export it",
+        )
+    if max(size) > MAX_SIDE:
+        raise CorruptPixelDataError(
+            f"the JPEG pixel data declares {size[0]} x {size[1]} px, over the {MAX_SIDE} px a side this tool decodes",
+            path=header.path,
+            hint="re-export the image",
+        )
+    return size
 
 
 def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarray | None:

@@ -4,7 +4,7 @@ Two sources of predictions, one scoring path:
 
 - a Kaggle-format submission CSV (no model, no images: sizes come from the DICOMs when given, else 1024 x 1024);
   its image-level "score" is whether the mask is non-empty;
-- a scan (:func:`pneumotriage.cascade.scan`) of labelled DICOMs; the image-level score is the classifier's
+- a scan (:func:`pneumotriage.scan.run`) of labelled DICOMs; the image-level score is the classifier's
   probability (the segmenter's when there is no classifier) and the operating point the scan's gate.
 
 Masks are compared image by image from their run-length strings (never all in memory), as pixel counts:
@@ -299,7 +299,7 @@ def evaluate_results(
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> Evaluation:
-    """Score a scan's results (:class:`pneumotriage.cascade.ImageResult`) against the labels. Labelled images the
+    """Score a scan's results (:class:`pneumotriage.scan.ImageResult`) against the labels. Labelled images the
     scan could not read are left out, counted (``unreadable``) and named in the notes; so are files the labels do
     not mention."""
     labels = read_rle_csv(labels_csv)

@@ -6,6 +6,8 @@ the figures each reports describe the same rule.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,3 +63,131 @@ def remove_small_components(mask: np.ndarray, min_size: float) -> np.ndarray:
     keep = sizes >= min_size
     keep[0] = False
     return np.asarray(keep[labels], dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Back to the image's own size, only where a mask can be
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear sampling along one axis as ``torch.nn.functional.interpolate(mode="bilinear",
+    align_corners=False)`` defines it: for each output index, its two source indices and the second's weight."""
+    scale = np.float32(n_in / n_out)
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    first = np.minimum(src.astype(np.int64), n_in - 1)
+    second = np.minimum(first + 1, n_in - 1)
+    return first, second, (src - first).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where in an image of ``shape`` a resized map can exceed a threshold: rows ``top:bottom``, columns
+    ``left:right``, and the resized values there."""
+
+    top: int
+    left: int
+    values: np.ndarray
+    shape: tuple[int, int]
+
+
+def resize_window(probs: np.ndarray, shape: tuple[int, int], above: float) -> Window | None:
+    """The (H, W) map ``probs`` resized bilinearly to ``shape``, computed only over the window that can hold
+    values above ``above`` (None when none can).
+
+    A bilinear value is a weighted mean of at most four source values, so it can exceed ``above`` only next to a
+    source value that does: the window is the part of the image sampled from the source rows and columns that
+    hold one. Each pixel's value depends only on its own position, never on the window, so a window holds the
+    same values as the whole image resized (:func:`resize_full`), and the scan and ``tune`` agree exactly."""
+    p = np.asarray(probs, dtype=np.float32)
+    hot = p > above
+    if not hot.any():
+        return None
+    rows_hot, cols_hot = np.flatnonzero(hot.any(1)), np.flatnonzero(hot.any(0))
+    y0, y1, ly = _bilinear_axis(p.shape[0], shape[0])
+    x0, x1, lx = _bilinear_axis(p.shape[1], shape[1])
+    top = int(np.searchsorted(y1, rows_hot[0], "left"))
+    bottom = int(np.searchsorted(y0, rows_hot[-1], "right"))
+    left = int(np.searchsorted(x1, cols_hot[0], "left"))
+    right = int(np.searchsorted(x0, cols_hot[-1], "right"))
+    return Window(
+        top, left, _resample(p, y0[top:bottom], y1[top:bottom], ly[top:bottom], x0, x1, lx, left, right), shape
+    )
+
+
+def resize_full(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The whole map resized to ``shape``, with the same arithmetic as :func:`resize_window`."""
+    p = np.asarray(probs, dtype=np.float32)
+    y0, y1, ly = _bilinear_axis(p.shape[0], shape[0])
+    x0, x1, lx = _bilinear_axis(p.shape[1], shape[1])
+    return _resample(p, y0, y1, ly, x0, x1, lx, 0, shape[1])
+
+
+def _resample(
+    p: np.ndarray,
+    y0: np.ndarray,
+    y1: np.ndarray,
+    ly: np.ndarray,
+    x0: np.ndarray,
+    x1: np.ndarray,
+    lx: np.ndarray,
+    left: int,
+    right: int,
+) -> np.ndarray:
+    # Along the columns first, for the source rows the window needs; then along the rows.
+    needed = np.unique(np.concatenate((y0, y1)))
+    src = p[needed]
+    wx = lx[left:right]
+    across = src[:, x0[left:right]] * (np.float32(1) - wx) + src[:, x1[left:right]] * wx
+    at = np.searchsorted(needed, y0), np.searchsorted(needed, y1)
+    wy = ly[:, None]
+    out: np.ndarray = across[at[0]] * (np.float32(1) - wy) + across[at[1]] * wy
+    return out
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A post-processed mask at the image's own size, held as its bounding window: ``mask`` covers rows
+    ``top:top+h`` and columns ``left:left+w`` of an image of ``shape``; everything outside it is empty."""
+
+    top: int
+    left: int
+    mask: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    def full(self) -> np.ndarray:
+        """The mask as a whole (rows, columns) boolean image."""
+        out = np.zeros(self.shape, dtype=bool)
+        h, w = self.mask.shape
+        out[self.top : self.top + h, self.left : self.left + w] = self.mask
+        return out
+
+
+def outline(
+    probs: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    top_score: float,
+    min_area: float,
+    bottom_score: float,
+    min_component: float,
+) -> Outline | None:
+    """The cascade's post-processing of one (S, S) probability map for an image of ``shape``: the triplet rule at
+    the model's size, then the map resized to the image, thresholded at ``bottom_score``, and 8-connected
+    components smaller than ``min_component`` (px at 1024²) dropped. None when nothing is left."""
+    p = np.asarray(probs, dtype=np.float32)
+    if not bool(triplet_keep(p[None], top_score=top_score, min_area=min_area)[0]):
+        return None
+    window = resize_window(p, shape, bottom_score)
+    if window is None:
+        return None
+    mask = remove_small_components(window.values > bottom_score, scaled_area(min_component, shape))
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return None
+    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return Outline(window.top + int(rows[0]), window.left + int(cols[0]), crop, shape)

@@ -43,6 +43,7 @@ from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.labels import SIIM_SHAPE, read_rle_csv
 from pneumotriage.rle import rle_decode, rle_encode
+from pneumotriage.runtime import usable_cores
 
 __all__ = ["Phantom", "StudyImage", "StudySummary", "make_phantom", "parse_size", "write_study"]
 
@@ -544,13 +545,6 @@ class _Job:
     patient: dict[str, str]
     photometric: str
     bits: int
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS says, else all of them)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def synth_workers(n: int) -> int:

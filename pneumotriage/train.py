@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
 from pneumotriage.postprocess import triplet_keep
+from pneumotriage.runtime import PRECISIONS, autocast_for, pick_device, use_bf16
 from pneumotriage.weights import load_state_dict
 
 Progress = Callable[[dict[str, Any]], None]
@@ -140,22 +141,6 @@ class TrainResult:
 # device and distribution
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UsageError(f"unknown device {name!r}; try auto, cpu, cuda, cuda:1 or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but no CUDA GPU is available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -240,36 +225,6 @@ def _loader(
 
 # --------------------------------------------------------------------------------------------------------------
 # one step, one epoch
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether to run in bf16 autocast with channels_last: ``auto`` on CUDA only; ``bf16`` on CUDA or a CPU with
-    native bf16 (elsewhere bf16 is emulated and slower, so it is refused); ``fp32`` never."""
-    if precision == "fp32":
-        return False
-    if precision == "auto":
-        return device.type == "cuda"
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
-        return True
-    raise UsageError(f"--precision bf16: this {device.type} has no native bf16; use --precision fp32")
-
-
-def autocast_for(device: torch.device, bf16: bool | None = None) -> Any:
-    """bf16 autocast where :func:`use_bf16` says so (default: on CUDA only), else nothing (float32)."""
-    if bf16 if bf16 is not None else device.type == "cuda":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class Objective(nn.Module):

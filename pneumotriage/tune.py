@@ -7,7 +7,7 @@ target sensitivity first.
 
 1. The models run once over the images (probability maps at the segmenter's input size and the classifier's
    probability); the result is cached on disk under a key of the models' and images' identities.
-2. Per image, counts are taken exactly as the scan would post-process it (:func:`pneumotriage.cascade._finish`:
+2. Per image, counts are taken exactly as the scan would post-process it (:func:`pneumotriage.postprocess.outline`:
    probabilities resized to the image's own size, thresholded, small components dropped): for each grid value of
    ``bottom_score`` and ``min_component`` the predicted area and its overlap with the label, and for each
    ``top_score`` the number of confident pixels at the model's size.
@@ -35,15 +35,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 (the usual name)
 from scipy import ndimage
 
-from pneumotriage.cascade import ScanOptions, scan_thresholds
 from pneumotriage.errors import UsageError
 from pneumotriage.labels import ImageRecord, RleLabels, index_dataset, read_rle_csv
 from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
 from pneumotriage.models import LoadedModel, save_checkpoint
-from pneumotriage.postprocess import EIGHT_CONNECTED, min_confident, scaled_area
+from pneumotriage.postprocess import EIGHT_CONNECTED, min_confident, resize_window, scaled_area
+from pneumotriage.scan.options import ScanOptions, scan_thresholds
 
 Progress = Callable[[dict[str, Any]], None]
 PARAMETERS = ("gate", "top_score", "min_area", "bottom_score", "min_component")
@@ -148,8 +147,8 @@ def predict(
     scratch: Path,
     tta: bool = False,
     device: str = "auto",
-    batch_size: int = 8,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[Predictions, Path | None]:
     """Run the models over ``records`` once, or read their outputs from ``cache_root`` when these exact models
@@ -158,8 +157,13 @@ def predict(
     The probability maps go straight into a memory-mapped file (N x S x S float32: 2.5 GB for 2,400 images at
     512 px), never all into memory: under ``cache_root`` when caching, else in ``scratch``, which must outlive
     the returned predictions."""
-    from pneumotriage.cascade import classify, decode_loader, prepare_models, segment
-    from pneumotriage.train import pick_device
+    from pneumotriage.runtime import pick_device
+    from pneumotriage.scan.classify import classify, prepare_models
+    from pneumotriage.scan.discover import Discovery, Found
+    from pneumotriage.scan.engine import Stream
+    from pneumotriage.scan.options import plan_for
+    from pneumotriage.scan.segment import segment
+    from pneumotriage.scan.workers import Workers
 
     emit = progress or (lambda event: None)
     ids = [r.image_id for r in records]
@@ -171,6 +175,7 @@ def predict(
             return cached, folder
 
     torch_device = pick_device(device)
+    plan = plan_for(ScanOptions(batch_size=batch_size, workers=workers, device=device), torch_device)
     size = segmenter.spec.input_size
     sizes = [size] + ([classifier.spec.input_size] if classifier is not None else [])
     n = len(records)
@@ -183,22 +188,34 @@ def predict(
     ok = np.zeros(n, dtype=bool)
     unreadable: list[str] = []
     prepare_models(torch_device, classifier, segmenter)
-    loader = decode_loader(
-        [r.path for r in records], sizes, display=None, batch_size=batch_size, workers=workers, device=torch_device
-    )
+    # The scan's own decoding stream, over the records in order (each keyed by its position).
+    files = iter([Found(r.path, r.image_id, str(i)) for i, r in enumerate(records)])
     done = 0
-    for batch in loader:
-        unreadable += [message for _, message in batch["errors"]]
-        index = batch["index"]
-        done += len(index) + len(batch["errors"])
-        if index:
-            probs, _ = segment(segmenter, batch[f"image{size}"], torch_device, tta)
-            maps[index] = probs.cpu().numpy()
-            if classifier is not None and cls is not None:
-                cls[index] = classify(classifier, batch[f"image{classifier.spec.input_size}"], torch_device)
-            shapes[index] = np.asarray(batch["original_shape"])
-            ok[index] = True
-        emit({"event": "predicted", "done": done, "total": n})
+    window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
+    slots = window + plan.batch_size
+    with Workers(plan.workers, slots=slots, sizes=sizes, map_size=None) as pool:
+        stream = Stream(
+            Discovery([], files),
+            pool,
+            batch_size=plan.batch_size,
+            window=window,
+            device=torch_device,
+            jpeg_on_device=plan.jpeg_on_device,
+        )
+        for batch in stream:
+            unreadable += [decoded.error or str(found.path) for found, decoded in batch.failed]
+            index = [int(item.found.key) for item in batch.items]
+            done += len(index) + len(batch.failed)
+            if index:
+                probs, _ = segment(segmenter, batch.inputs[size], torch_device, tta)
+                maps[index] = probs.cpu().numpy()
+                if classifier is not None and cls is not None:
+                    cls[index] = classify(classifier, batch.inputs[classifier.spec.input_size], torch_device)
+                shapes[index] = np.asarray([item.decoded.shape for item in batch.items])
+                ok[index] = True
+            for item in batch.items:
+                stream.release(item.slot)
+            emit({"event": "predicted", "done": done, "total": n})
     keep = np.flatnonzero(ok)
     for j, i in enumerate(keep):  # readable images first, in order (in place: j <= i)
         if i != j:
@@ -244,14 +261,22 @@ def count(predictions: Predictions, labels: RleLabels, grid: Grid, progress: Pro
     area = np.zeros((n, b_n, m_n), dtype=np.int64)
     inter = np.zeros((n, b_n, m_n), dtype=np.int64)
     for i, image_id in enumerate(predictions.image_ids):
+        if i % 16 == 0:
+            emit({"event": "counted", "done": i, "total": n})
         p = torch.from_numpy(np.array(predictions.maps[i], dtype=np.float32))
         confident[i] = (p[None] > tops[:, None, None]).flatten(1).sum(1).numpy()
         rows, cols = (int(v) for v in predictions.shapes[i])
-        full = F.interpolate(p[None, None], size=(rows, cols), mode="bilinear", align_corners=False)[0, 0].numpy()
         truth = labels.masks_for(image_id, rows, cols) if labels[image_id] else None
         true_area[i] = np.count_nonzero(truth) if truth is not None else 0
+        # The resized map only where the lowest bottom_score can be exceeded: the same values as the scan's.
+        window = resize_window(p.numpy(), (rows, cols), min(grid.bottom_score))
+        if window is None:
+            continue
+        h, w = window.values.shape
+        if truth is not None:
+            truth = truth[window.top : window.top + h, window.left : window.left + w]
         for bi, bottom in enumerate(grid.bottom_score):
-            mask = full > bottom
+            mask = window.values > bottom
             if not mask.any():
                 continue
             components, k = ndimage.label(mask, structure=EIGHT_CONNECTED)
@@ -262,8 +287,7 @@ def count(predictions: Predictions, labels: RleLabels, grid: Grid, progress: Pro
                 kept = sizes >= scaled_area(smallest, (rows, cols)) if smallest > 0 else sizes > 0
                 area[i, bi, mi] = sizes[kept].sum()
                 inter[i, bi, mi] = hits[kept].sum()
-        if (i + 1) % 16 == 0 or i + 1 == n:
-            emit({"event": "counted", "done": i + 1, "total": n})
+    emit({"event": "counted", "done": n, "total": n})
     size = tuple(predictions.maps.shape[1:3])
     return Counts(true_area, confident, area, inter, (int(size[0]), int(size[1])))
 
@@ -353,8 +377,8 @@ def tune(
     cache_root: Path | None = None,
     tta: bool = False,
     device: str = "auto",
-    batch_size: int = 8,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     top_k: int = 10,
     progress: Progress | None = None,
 ) -> TuneResult:

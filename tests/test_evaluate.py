@@ -31,7 +31,7 @@ from pneumotriage.metrics import (
     specificity_at_sensitivity,
     threshold_for_sensitivity,
 )
-from pneumotriage.postprocess import remove_small_components, scaled_area
+from pneumotriage.postprocess import remove_small_components, resize_full, scaled_area
 from pneumotriage.rle import rle_encode
 from pneumotriage.synth import StudySummary, write_study
 from pneumotriage.tune import Counts, Grid, Predictions, count, scores
@@ -221,7 +221,7 @@ def _blobs(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 def test_counts_match_the_scans_post_processing() -> None:
     """For every grid value, the counts equal thresholding the resized map and dropping small components one
-    image at a time, as the scan's ``_finish`` does, including a source size different from the model's."""
+    image at a time, as the scan's finish stage does, including a source size different from the model's."""
     rng = np.random.default_rng(0)
     maps = _blobs(rng, 4, 32)
     shapes = np.array([[32, 32], [48, 40], [32, 32], [64, 64]])
@@ -237,7 +237,7 @@ def test_counts_match_the_scans_post_processing() -> None:
     counts = count(pred, labels, grid)
     for i, (h, w) in enumerate(shapes):
         p = torch.from_numpy(maps[i])
-        full = F.interpolate(p[None, None], size=(int(h), int(w)), mode="bilinear", align_corners=False)[0, 0].numpy()
+        full = resize_full(maps[i], (int(h), int(w)))
         for ti, top in enumerate(grid.top_score):
             assert counts.confident[i, ti] == int((p > top).sum())
         for bi, bottom in enumerate(grid.bottom_score):

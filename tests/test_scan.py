@@ -17,11 +17,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pneumotriage.cascade import TIERS, ImageResult, ScanOptions, patient_side, rank, safe_name, tier_of
 from pneumotriage.cli import app
 from pneumotriage.dicom import read_header
 from pneumotriage.labels import read_rle_csv
 from pneumotriage.rle import rle_decode
+from pneumotriage.scan import TIERS, ImageResult, ScanOptions
+from pneumotriage.scan.finish import patient_side
+from pneumotriage.scan.rank import rank, safe_name, tier_of
 from pneumotriage.synth import StudySummary, write_study
 from pneumotriage.train import TrainConfig, train
 

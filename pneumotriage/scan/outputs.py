@@ -1,4 +1,5 @@
-"""The scan's outputs: the ranked worklist (CSV and JSON), the Kaggle submission and the HTML report.
+"""Stage 10, outputs: the ranked worklist (CSV and JSON), the Kaggle submission, and the HTML report
+(:mod:`pneumotriage.scan.report`).
 
 Everything is written atomically. With ``no_phi`` the patient ID, accession number and study date/time are left
 out of every file.
@@ -11,14 +12,13 @@ import io
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pneumotriage.io import atomic_write_text
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.rle import EMPTY, rle_runs
-
-if TYPE_CHECKING:
-    from pneumotriage.cascade import ImageResult, ScanSummary
+from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
+from pneumotriage.scan.report import write_report
 
 WORKLIST_FIELDS = (
     "rank",
@@ -46,8 +46,6 @@ WORKLIST_FIELDS = (
 
 
 def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[str, Any]]:
-    from pneumotriage.cascade import PHI_FIELDS
-
     models = {m["role"]: m for m in summary.models}
     rows = []
     for r in summary.results:
@@ -73,8 +71,6 @@ def absolute_rle(relative: str) -> str:
 
 
 def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bool = False) -> None:
-    from pneumotriage.report import write_report
-
     out = summary.out
     rows = worklist_rows(summary, no_phi=no_phi)
     fields = [f for f in WORKLIST_FIELDS if not rows or f in rows[0]]
@@ -100,6 +96,7 @@ def worklist_document(summary: ScanSummary, rows: list[dict[str, Any]]) -> dict[
         "models": summary.models,
         "thresholds": summary.thresholds,
         "notes": summary.notes,
+        "plan": summary.plan,
         "worklist": rows,
     }
 

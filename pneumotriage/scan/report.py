@@ -1,22 +1,23 @@
-"""``report.html``: one self-contained page a radiologist opens in a browser.
+"""Stage 10, outputs: ``report.html``, one self-contained page a radiologist opens in a browser.
 
-The ranked worklist with thumbnails of the overlays, tier colours, sorting by any column, a tier filter and a
-text search, and the run summary (counts, timings, models, thresholds). Thumbnails are embedded as data URIs, so
-the file can be mailed or moved on its own. Every value from a DICOM header is HTML-escaped; the page's script
-reads no data from outside the file.
+The ranked worklist with thumbnails (every outlined image's overlay, and the first rows of the others), tier
+colours, sorting by any column, a tier filter and a text search, and the run summary (counts, timings, what
+``auto`` chose, models, thresholds). Thumbnails are embedded as data URIs, so the file can be mailed or moved on
+its own. Every value from a DICOM header is HTML-escaped; the page's script reads no data from outside the file.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from pneumotriage import __version__
 from pneumotriage.io import atomic_open_text
-
-if TYPE_CHECKING:
-    from pneumotriage.cascade import ScanSummary
+from pneumotriage.scan.finish import thumbnail_path
+from pneumotriage.scan.records import ImageResult, ScanSummary
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#111;background:#fafafa}
@@ -87,9 +88,14 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bool = False) -> None:
-    from pneumotriage.cascade import iter_thumbnails
+def iter_thumbnails(out: Path, results: Sequence[ImageResult]) -> Iterator[tuple[ImageResult, bytes | None]]:
+    """Each result with its thumbnail (JPEG bytes) when one was written."""
+    for r in results:
+        path = thumbnail_path(out, r.file_stem) if r.file_stem else None
+        yield r, (path.read_bytes() if path is not None and path.exists() else None)
 
+
+def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bool = False) -> None:
     columns = [(k, label) for k, label in _COLUMNS if not rows or k in rows[0]]
     c = summary.counts
     with atomic_open_text(summary.out / "report.html") as fh:
@@ -116,6 +122,12 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             fh.write(f"<div><b>{_e(c.get(key, 0))}</b> {label}</div>")
         total = summary.timings.get("total_s", 0.0)
         fh.write(f"<div>{total:.1f} s in all, {summary.timings.get('model_s', 0.0):.1f} s in the models</div>")
+        p = summary.plan
+        if p:
+            fh.write(
+                f"<div>{_e(p.get('device'))}, batch {_e(p.get('batch_size'))}, {_e(p.get('workers'))} workers, "
+                f"{_e(p.get('torch_threads'))} torch threads<br><span class='mono'>{_e(p.get('why'))}</span></div>"
+            )
         fh.write("</div>\n<div class='summary'>")
         for m in summary.models:
             fh.write(

@@ -1,0 +1,66 @@
+"""Where and how models run: the device, the precision, and the CPU cores this process may use.
+
+Shared by training, the scan and tuning, so that none of them depends on another for these facts.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from pneumotriage.errors import UsageError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"unknown device {name!r}; try auto, cpu, cuda, cuda:1 or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA GPU is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether to run in bf16 autocast with channels_last: ``auto`` on CUDA only; ``bf16`` on CUDA or a CPU with
+    native bf16 (elsewhere bf16 is emulated and slower, so it is refused); ``fp32`` never."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return False
+    if precision == "auto":
+        return device.type == "cuda"
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return True
+    raise UsageError(f"--precision bf16: this {device.type} has no native bf16; use --precision fp32")
+
+
+def autocast_for(device: torch.device, bf16: bool | None = None) -> Any:
+    """bf16 autocast where :func:`use_bf16` says so (default: on CUDA only), else nothing (float32)."""
+    if bf16 if bf16 is not None else device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

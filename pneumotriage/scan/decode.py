@@ -1,0 +1,174 @@
+"""Stage 3, decode: pixels to the models' input tensors, in a worker process or, for JPEG Baseline on a GPU, in
+batches on the device.
+
+Worker processes write each decoded image into a slot of a shared-memory arena (:class:`SlotArena`) and send
+back only a small record; the process that runs the models reads the slot in place. Nothing is pickled per
+pixel and no shared-memory segment is made per batch (those page faults cost more than the decoding on a
+2-core CPU).
+
+On CUDA, JPEG Baseline frames travel compressed and are decoded together with nvJPEG
+(``torchvision.io.decode_jpeg(..., device=...)``), normalised and resized there: the grey-level steps are those
+of :func:`pneumotriage.dicom.read_dicom` (percentile normalisation on the same sub-grid), the resize that of
+:func:`pneumotriage.datasets.prepare_image`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Sequence
+from multiprocessing import shared_memory
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+
+from pneumotriage.datasets import prepare_image
+from pneumotriage.dicom import _NORM_PERCENTILES, decode_pixels
+from pneumotriage.scan.read import Source
+
+#: Longest side of the display copy each slot keeps for overlays and thumbnails.
+DISPLAY = 512
+
+
+class SlotArena:
+    """``count`` slots, each holding one image at every model input size, a display copy (uint8, longest side
+    :data:`DISPLAY`) and, with ``map_size``, one probability map: arrays in memory shared with the worker
+    processes.
+
+    With the ``fork`` start method the arena is an anonymous shared mapping the workers inherit (it does not
+    count against a container's small ``/dev/shm``); otherwise a named shared-memory block they attach to."""
+
+    def __init__(
+        self, count: int, sizes: Sequence[int], map_size: int | None, *, inherited: bool, name: str | None = None
+    ) -> None:
+        """A new arena, or (``name``) the one another process made."""
+        self.count = count
+        self.sizes = tuple(sorted(set(sizes)))
+        self.map_size = map_size
+        self._offsets: dict[object, int] = {}
+        offset = 0
+        for size in self.sizes:
+            self._offsets[size] = offset
+            offset += size * size * 4
+        if map_size:
+            self._offsets["map"] = offset
+            offset += map_size * map_size * 4
+        self._offsets["display"] = offset
+        offset += DISPLAY * DISPLAY
+        self.slot_bytes = offset
+        self._owner = name is None
+        self._shm: shared_memory.SharedMemory | None = None
+        if inherited:
+            self._buffer: mmap.mmap | memoryview = mmap.mmap(-1, max(1, count * offset))
+        else:
+            self._shm = shared_memory.SharedMemory(name=name, create=name is None, size=max(1, count * offset))
+            assert self._shm.buf is not None
+            self._buffer = self._shm.buf
+        self.name = self._shm.name if self._shm is not None else None
+
+    def _array(self, slot: int, part: object, side: int) -> np.ndarray:
+        start = slot * self.slot_bytes + self._offsets[part]
+        return np.frombuffer(self._buffer, dtype=np.float32, count=side * side, offset=start).reshape(side, side)
+
+    def image(self, slot: int, size: int) -> np.ndarray:
+        return self._array(slot, size, size)
+
+    def map(self, slot: int) -> np.ndarray:
+        assert self.map_size is not None
+        return self._array(slot, "map", self.map_size)
+
+    def display(self, slot: int, shape: tuple[int, int]) -> np.ndarray:
+        start = slot * self.slot_bytes + self._offsets["display"]
+        flat = np.frombuffer(self._buffer, dtype=np.uint8, count=DISPLAY * DISPLAY, offset=start)
+        return flat[: shape[0] * shape[1]].reshape(shape)
+
+    def batch(self, slots: Sequence[int], size: int) -> torch.Tensor:
+        """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused)."""
+        if len(slots) == 1:
+            return torch.from_numpy(self.image(slots[0], size).copy())[None, None]
+        return torch.from_numpy(np.stack([self.image(s, size) for s in slots]))[:, None]
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            if self._owner:
+                self._shm.unlink()
+            self._shm = None
+        elif isinstance(self._buffer, mmap.mmap):
+            self._buffer.close()
+
+
+def display_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The display copy's size for an image of ``shape``: longest side :data:`DISPLAY`, never enlarged."""
+    h, w = shape
+    scale = min(1.0, DISPLAY / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def make_display(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(H, W) float pixels in [0, 1] as a uint8 display copy of ``shape`` (antialiased)."""
+    if tuple(pixels.shape[-2:]) != shape:
+        pixels = F.interpolate(pixels[None, None], size=shape, mode="bilinear", antialias=True)[0, 0]
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
+    """Decode ``source`` on the CPU into ``slot`` at every size of the arena and as a display copy of
+    :func:`display_shape`; returns the image's true size."""
+    image = decode_pixels(source.ds, source.header, source.notes, reduce_to=max(*arena.sizes, DISPLAY))
+    for size in arena.sizes:
+        arena.image(slot, size)[...] = prepare_image(image.pixels, size)[0].numpy()
+    shown = display_shape(image.original_shape)
+    arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
+    return image.original_shape
+
+
+def _normalise_on_device(grey: torch.Tensor) -> torch.Tensor:
+    """:func:`pneumotriage.dicom._normalise` for a batch of same-size images (B, H, W) on any device."""
+    step = max(1, min(grey.shape[-2:]) // 256)
+    sample = grey[:, ::step, ::step].flatten(1)
+    q = torch.tensor([p / 100.0 for p in _NORM_PERCENTILES], device=grey.device)
+    lo_hi = torch.quantile(sample, q, dim=1)  # (2, B), linear interpolation like numpy's percentile
+    lo, hi = lo_hi[0], lo_hi[1]
+    flat = hi <= lo
+    if bool(flat.any()):
+        lo = torch.where(flat, sample.amin(1), lo)
+        hi = torch.where(flat, sample.amax(1), hi)
+    span = hi - lo
+    scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-12), torch.zeros_like(span))
+    out = (grey - lo[:, None, None]) * scale[:, None, None]
+    return out.clamp_(0.0, 1.0)
+
+
+def decode_jpegs_on_device(
+    frames: Sequence[bytes], invert: Sequence[bool], sizes: Sequence[int], device: torch.device
+) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+    """Decode 8-bit grey JPEG codestreams together on ``device`` (nvJPEG on CUDA, libjpeg-turbo on the CPU) to
+    (B, 1, S, S) float tensors at each size in ``sizes``, each image's display copy (on the CPU) and its own
+    size."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in frames]
+    decoded = decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
+    shapes = [(int(d.shape[-2]), int(d.shape[-1])) for d in decoded]
+    out = {size: torch.empty(len(frames), 1, size, size, device=device) for size in sizes}
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    displays: list[torch.Tensor] = [torch.empty(0)] * len(frames)
+    sign = torch.tensor([-1.0 if v else 1.0 for v in invert], device=device)
+    for shape, members in groups.items():
+        index = torch.tensor(members, device=device)
+        grey = torch.stack([decoded[i][0] for i in members]).float() * sign[index][:, None, None]
+        pixels = _normalise_on_device(grey)[:, None]
+        for size in sizes:
+            resized = pixels
+            if pixels.shape[-2:] != (size, size):
+                resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out[size][index] = resized.clamp_(0.0, 1.0)
+        shown = display_shape(shape)
+        small = pixels if shown == shape else F.interpolate(pixels, size=shown, mode="bilinear", antialias=True)
+        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        for j, i in enumerate(members):
+            displays[i] = small[j, 0]
+    return out, displays, shapes

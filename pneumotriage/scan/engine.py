@@ -1,0 +1,412 @@
+"""The scan's pipeline: the stages of this package wired together, streaming, with bounded memory.
+
+    discover (thread) -> read + decode (workers) -> classify -> gate -> segment (this process, on the device)
+    -> finish (workers) -> journal -> rank -> outputs
+
+The main process only runs the models and moves small records: pixels and probability maps travel through the
+shared slot arena. At most ``window`` files are being decoded and at most one arena of slots is in use, so
+memory stays flat whatever the folder's size; results reach the journal in the order files were found.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pneumotriage.errors import UsageError
+from pneumotriage.models import LoadedModel
+from pneumotriage.runtime import pick_device, use_bf16
+from pneumotriage.scan.classify import classify, prepare_models
+from pneumotriage.scan.decode import decode_jpegs_on_device
+from pneumotriage.scan.discover import Discovery, Found
+from pneumotriage.scan.finish import FinishJob
+from pneumotriage.scan.gate import to_segment
+from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
+from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
+from pneumotriage.scan.outputs import write_outputs
+from pneumotriage.scan.rank import rank, safe_name, tier_of
+from pneumotriage.scan.records import ImageResult, ScanSummary
+from pneumotriage.scan.segment import segment
+from pneumotriage.scan.workers import Decoded, Workers, decode_task, finish_task, thumbnail_task
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Item:
+    """A file on its way through the pipeline, and the slot it holds."""
+
+    found: Found
+    slot: int
+    decoded: Decoded
+
+
+@dataclass
+class Batch:
+    """Decoded images ready for the models: ``inputs`` maps each input size to a (B, 1, S, S) tensor on the
+    device. ``failed`` are the files met since the previous batch that could not be used (their slots are
+    already free)."""
+
+    items: list[Item]
+    inputs: dict[int, torch.Tensor]
+    failed: list[tuple[Found, Decoded]] = field(default_factory=list)
+
+
+class Stream:
+    """Decoded batches from a stream of files: keeps ``window`` files decoding in the workers, hands out batches
+    of ``batch_size`` in the order files were found (a smaller batch whenever the workers would otherwise wait
+    for discovery), and takes slots back through :meth:`release`.
+
+    ``on_wait`` is called, blocking or not, whenever the stream has to wait (for a slot, a decoded file or
+    discovery), so the consumer can drain its own queue (the finish stage) meanwhile."""
+
+    def __init__(
+        self,
+        files: Discovery,
+        workers: Workers,
+        *,
+        batch_size: int,
+        window: int,
+        device: torch.device,
+        jpeg_on_device: bool,
+        skip: Callable[[Found], bool] = lambda found: False,
+        on_wait: Callable[[bool], bool] = lambda block: False,
+    ) -> None:
+        self.files = files
+        self.workers = workers
+        self.arena = workers.arena
+        self.free: deque[int] = deque(range(self.arena.count))
+        self.batch_size = batch_size
+        self.window = window
+        self.device = device
+        self.jpeg_on_device = jpeg_on_device
+        self.skip = skip
+        self.on_wait = on_wait
+        self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
+        self.skipped = 0
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def _feed(self, may_wait: bool = False) -> None:
+        """Start decoding files until the window is full; with ``may_wait`` and nothing decoding, wait briefly
+        for discovery to find one."""
+        while self.free and len(self.decoding) < self.window and not self.files.finished:
+            got = self.files.poll(1, timeout=0.05 if may_wait and not self.decoding else 0.0)
+            if not got:
+                return
+            found = got[0]
+            if self.skip(found):
+                self.skipped += 1
+                continue
+            slot = self.free.popleft()
+            self.decoding.append((found, slot, self.workers.submit(decode_task, found, slot, self.jpeg_on_device)))
+
+    def __iter__(self) -> Iterator[Batch]:
+        items: list[Item] = []
+        failed: list[tuple[Found, Decoded]] = []
+        while True:
+            self._feed(may_wait=not items)
+            progressed = False
+            while self.decoding and self.decoding[0][2].done() and len(items) < self.batch_size:
+                found, slot, future = self.decoding.popleft()
+                decoded = future.result()
+                progressed = True
+                if decoded.status == "ok":
+                    items.append(Item(found, slot, decoded))
+                else:
+                    failed.append((found, decoded))
+                    self.release(slot)
+                self._feed()
+            idle = not self.decoding
+            if items and (len(items) >= self.batch_size or idle):
+                yield self._batch(items, failed)
+                items, failed = [], []
+                continue
+            if idle and self.files.finished:
+                if failed:
+                    yield Batch([], {}, failed)
+                return
+            if progressed:
+                continue
+            # Nothing ready: let the consumer drain, then wait for the next decoded file, a slot or discovery.
+            if not self.free:
+                if not self.on_wait(True) and self.decoding:
+                    wait([self.decoding[0][2]], return_when=FIRST_COMPLETED)
+                continue
+            self.on_wait(False)
+            if self.decoding:
+                wait([self.decoding[0][2]], timeout=None if self.files.finished else 0.05)
+
+    def _batch(self, items: list[Item], failed: list[tuple[Found, Decoded]]) -> Batch:
+        on_device = [it for it in items if it.decoded.jpeg is not None]
+        decoded: dict[int, torch.Tensor] = {}
+        if on_device:
+            on_device, decoded = self._decode_on_device(on_device, failed)
+            items = [it for it in items if it.decoded.jpeg is None or it in on_device]
+        if not items:
+            return Batch([], {}, failed)
+        inputs: dict[int, torch.Tensor] = {}
+        rows = {id(it): i for i, it in enumerate(items)}
+        in_slots = [it for it in items if it.decoded.jpeg is None]
+        for size in self.arena.sizes:
+            if not on_device:
+                inputs[size] = self.arena.batch([it.slot for it in items], size).to(self.device, non_blocking=True)
+                continue
+            x = torch.empty(len(items), 1, size, size, device=self.device)
+            x[[rows[id(it)] for it in on_device]] = decoded[size]
+            if in_slots:
+                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.slot for it in in_slots], size).to(
+                    self.device
+                )
+            inputs[size] = x
+        return Batch(items, inputs, failed)
+
+    def _decode_on_device(
+        self, items: list[Item], failed: list[tuple[Found, Decoded]]
+    ) -> tuple[list[Item], dict[int, torch.Tensor]]:
+        """Decode the items' JPEG frames together on the device; if the batch fails (one damaged stream fails
+        nvJPEG's whole batch), one by one, turning those that fail into error rows."""
+
+        def run(group: list[Item]) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+            frames = [it.decoded.jpeg or b"" for it in group]
+            return decode_jpegs_on_device(frames, [it.decoded.invert for it in group], self.arena.sizes, self.device)
+
+        try:
+            decoded, displays, shapes = run(items)
+        except RuntimeError:
+            good: list[Item] = []
+            for it in items:
+                try:
+                    run([it])
+                    good.append(it)
+                except RuntimeError as exc:
+                    it.decoded.status, it.decoded.error = (
+                        "error",
+                        f"{it.found.path}: JPEG pixel data does not decode ({exc})",
+                    )
+                    failed.append((it.found, it.decoded))
+                    self.release(it.slot)
+            items = good
+            if not items:
+                return [], {}
+            decoded, displays, shapes = run(items)
+        for it, display in zip(items, displays, strict=True):
+            # The worker checked the header's size against the JPEG's own frame header, so shapes agree.
+            self.arena.display(it.slot, it.decoded.display_shape)[...] = display.numpy()
+        return items, decoded
+
+
+def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {
+        "role": role,
+        "name": m.name or (m.path.name if m.path else None),
+        "model": m.spec.title,
+        "input_size": m.spec.input_size,
+        "sha256": m.sha256,
+        "clinical": bool(m.meta.get("clinical", True)),
+    }
+
+
+def _error_row(found: Found, decoded: Decoded) -> ImageResult:
+    return ImageResult(
+        **{"image_id": found.image_id, "path": str(found.path), "key": found.key, **decoded.identity},
+        status="error",
+        error=decoded.error,
+    )
+
+
+def run(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    options: ScanOptions | None = None,
+    progress: Progress | None = None,
+    files: Iterator[Found] | None = None,
+) -> ScanSummary:
+    """Scan DICOM files or folders into ``out`` and return the ranked results (see the package docstring).
+
+    ``files`` replaces the walk of ``inputs`` (tests use it to stand in for a slow file system)."""
+    o = options or ScanOptions()
+    emit = progress or (lambda event: None)
+    if classifier is None and segmenter is None:
+        raise UsageError("a scan needs a classifier, a segmenter, or both")
+    if o.no_segment:
+        segmenter = None
+        if classifier is None:
+            raise UsageError("--no-segment triages on the classifier alone: give --classifier")
+    out = Path(out)
+    roots = [Path(p) for p in inputs]
+    for p in roots:
+        if not p.exists():
+            raise UsageError("no such file or folder", path=p)
+    t = scan_thresholds(classifier, segmenter, o)
+    device = pick_device(o.device)
+    plan = plan_for(o, device)
+    bf16 = use_bf16(device, o.precision)
+    models = [m for m in (_model_info(classifier, "classifier"), _model_info(segmenter, "segmenter")) if m]
+    signature = {"version": JOURNAL_VERSION, "models": models, "thresholds": t, "options": o.signature()}
+    t_start = time.perf_counter()
+
+    journal = Journal(out / ".scan", signature, o.resume)
+    resumed = len(journal.done)
+    taken: set[str] = {r.file_stem for r in journal.done.values() if r.file_stem}
+    for sub in ("masks", "overlays", ".scan/thumbs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
+    map_size = segmenter.spec.input_size if segmenter is not None else None
+
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(plan.torch_threads)
+    prepare_models(device, classifier, segmenter)
+    window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
+    slots = window + 2 * plan.batch_size + 2 * plan.workers  # decoding, in the models, and finishing
+    counts = {"decoded": 0, "classified": 0, "segmented": 0, "errors": 0}
+    seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
+    skipped_rows: list[ImageResult] = []
+    finishing: deque[tuple[int, Future[ImageResult]]] = deque()
+    model_s = 0.0
+    nice = 10 if device.type == "cpu" and plan.workers > 0 else 0
+    with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
+
+        def drain(block: bool) -> bool:
+            """Journal finished images from the head of the queue; True when one was."""
+            any_done = False
+            while finishing and (finishing[0][1].done() or (block and not any_done)):
+                slot, future = finishing.popleft()
+                journal.add(future.result())
+                if slot >= 0:
+                    stream.release(slot)
+                any_done = True
+            return any_done
+
+        def seen_or_done(found: Found) -> bool:
+            seen.append(found.key)
+            return found.key in journal.done
+
+        discovery = Discovery(roots, files)
+        stream = Stream(
+            discovery,
+            workers,
+            batch_size=plan.batch_size,
+            window=window,
+            device=device,
+            jpeg_on_device=plan.jpeg_on_device,
+            skip=seen_or_done,
+            on_wait=drain,
+        )
+        emit({"event": "start", "resumed": resumed, "plan": plan.as_dict()})
+        for batch in stream:
+            for found, decoded in batch.failed:
+                row = _error_row(found, decoded)
+                if decoded.status == "skipped":
+                    skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
+                else:
+                    finishing.append((-1, _done(row)))
+                counts["errors"] += 1
+            n = len(batch.items)
+            if n:
+                t0 = time.perf_counter()
+                probs = None
+                if classifier is not None:
+                    probs = classify(classifier, batch.inputs[classifier.spec.input_size], device, bf16=bf16)
+                    counts["classified"] += n
+                chosen = to_segment(probs, n, t["gate"], segment_all=o.segment_all) if segmenter is not None else []
+                scores: dict[int, float] = {}
+                if chosen and segmenter is not None:
+                    x = batch.inputs[segmenter.spec.input_size]
+                    maps, present = segment(segmenter, x[chosen] if len(chosen) < n else x, device, o.tta, bf16=bf16)
+                    maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
+                    for j, i in enumerate(chosen):
+                        workers.arena.map(batch.items[i].slot)[...] = maps_np[j]
+                        scores[i] = float(present_np[j])
+                    counts["segmented"] += len(chosen)
+                model_s += time.perf_counter() - t0
+                counts["decoded"] += n
+                for i, item in enumerate(batch.items):
+                    d = item.decoded
+                    job = FinishJob(
+                        name=safe_name(item.found.image_id, taken),
+                        identity={"image_id": item.found.image_id, **d.identity},
+                        shape=d.shape,
+                        display_shape=d.display_shape,
+                        spacing=d.spacing,
+                        probability=float(probs[i]) if probs is not None else scores.get(i),
+                        segmented=i in scores,
+                        thresholds=t,
+                        overlays=o.overlays,
+                        out=out,
+                    )
+                    finishing.append((item.slot, workers.submit(finish_task, job, item.slot)))
+            drain(False)
+            journal.sync()  # one fsync per batch: per image it cost ~8 ms, most of a GPU scan's time
+            emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
+        while finishing:
+            drain(True)
+        journal.close()
+
+        results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done] + skipped_rows
+        if not results:
+            raise UsageError("no DICOM files found", path=roots[0] if roots else None)
+        segmented_run = segmenter is not None
+        for r in results:
+            r.tier = tier_of(r, t["gate"], o, segmented_run)
+        ranked = rank(results)
+        _report_thumbnails(workers, out, ranked, o.report_thumbnails)
+    if device.type == "cpu":
+        torch.set_num_threads(threads_before)
+    counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
+    notes = []
+    if o.no_segment:
+        notes.append("classifier only (--no-segment): no outlines, areas or sides")
+    if any(not m["clinical"] for m in models):
+        notes.append("synthetic demo weights: not for clinical use")
+    summary = ScanSummary(
+        out=out,
+        results=ranked,
+        counts={
+            **counts,
+            "images": len(ranked),
+            "urgent": sum(r.tier == "urgent" for r in ranked),
+            "review": sum(r.tier == "review" for r in ranked),
+            "routine": sum(r.tier == "routine" for r in ranked),
+            "resumed": stream.skipped,
+        },
+        timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
+        models=models,
+        thresholds=t,
+        notes=notes,
+        plan=plan.as_dict(),
+    )
+    write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
+    emit({"event": "done", **summary.counts})
+    return summary
+
+
+def _done(value: ImageResult) -> Future[ImageResult]:
+    future: Future[ImageResult] = Future()
+    future.set_result(value)
+    return future
+
+
+def _report_thumbnails(workers: Workers, out: Path, ranked: Sequence[ImageResult], limit: int) -> None:
+    """Thumbnails for the first ``limit`` readable rows of the worklist that have none (outlined images got
+    theirs when they were finished)."""
+    from pneumotriage.scan.finish import thumbnail_path
+
+    wanted = [r for r in ranked if r.status == "ok" and r.file_stem and not thumbnail_path(out, r.file_stem).exists()][
+        :limit
+    ]
+    workers.map(thumbnail_task, [r.path for r in wanted], [out] * len(wanted), [r.file_stem for r in wanted])

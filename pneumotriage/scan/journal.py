@@ -1,0 +1,72 @@
+"""Stage 8, journal: each finished image's row, one JSON line, appended as it completes; read back on resume.
+
+A killed scan (kill -9 included) resumes without redoing finished images and ends with the outputs of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pneumotriage.errors import UsageError
+from pneumotriage.io import atomic_write_text
+from pneumotriage.scan.records import ImageResult
+
+JOURNAL_VERSION = 2
+
+
+class Journal:
+    """Finished images, appended and synced once per batch; read back on resume."""
+
+    def __init__(self, folder: Path, signature: dict[str, Any], resume: bool) -> None:
+        self.path = folder / "journal.jsonl"
+        self.signature_path = folder / "signature.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.done: dict[str, ImageResult] = {}
+        if resume and self.path.exists():
+            old = json.loads(self.signature_path.read_text()) if self.signature_path.exists() else None
+            if old != signature:
+                raise UsageError(
+                    "cannot resume: this output folder was scanned with other models or settings",
+                    path=folder.parent,
+                    hint="resume with the same options, or scan into a new --out",
+                )
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                result = ImageResult(**data)
+                # Per-image files are not fsynced (one fsync each cost more than the models on a GPU): after a
+                # power cut a journaled image whose files did not reach the disk is done again.
+                files = [folder.parent / f for f in (result.mask_file, result.overlay_file) if f]
+                if all(f.is_file() and f.stat().st_size > 0 for f in files):
+                    self.done[result.key] = result
+        elif not resume and self.path.exists():
+            raise UsageError(
+                "this output folder already holds a scan",
+                path=folder.parent,
+                hint="pass --resume to continue it, or choose another --out",
+            )
+        else:
+            self.path.write_text("")
+        atomic_write_text(self.signature_path, json.dumps(signature, indent=1, sort_keys=True) + "\n")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def add(self, result: ImageResult) -> None:
+        """Record a finished image. The line reaches the OS at once (a killed process loses nothing);
+        :meth:`sync` makes a batch of lines durable against a power cut with one fsync."""
+        self._fh.write(json.dumps(asdict(result)) + "\n")
+        self._fh.flush()
+        self.done[result.key] = result
+
+    def sync(self) -> None:
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self.sync()
+        self._fh.close()

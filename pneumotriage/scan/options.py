@@ -1,0 +1,124 @@
+"""How to scan: the user's options, the thresholds in force, and what ``auto`` resolves to on this machine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from pneumotriage.errors import UsageError
+from pneumotriage.models import DEFAULT_THRESHOLDS, LoadedModel
+from pneumotriage.runtime import usable_cores
+
+#: Threshold names, in the order reports show them.
+THRESHOLD_NAMES = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+
+
+@dataclass
+class ScanOptions:
+    """How to scan. Threshold fields left at None come from the checkpoints; ``batch_size`` and ``workers`` left
+    at None are chosen for the device (see :func:`plan_for`)."""
+
+    gate: float | None = None
+    top_score: float | None = None
+    min_area: float | None = None
+    bottom_score: float | None = None
+    min_component: float | None = None
+    segment_all: bool = False
+    no_segment: bool = False
+    tta: bool = False
+    urgent_probability: float = 0.9
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    rle_relative: bool = True
+    no_phi: bool = False
+    resume: bool = False
+    overlays: bool = True
+    #: Model precision: "auto" (bf16 autocast on CUDA, float32 on a CPU), "bf16" or "fp32".
+    precision: str = "auto"
+    #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one, else in the
+    #: worker processes), "workers" or "device".
+    jpeg_decode: str = "auto"
+    #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
+    report_thumbnails: int = 100
+
+    def signature(self) -> dict[str, Any]:
+        """The options that change what a scan writes (a resume must use the same)."""
+        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> dict[str, float]:
+    """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s."""
+    t = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
+    if classifier is not None:
+        t["gate"] = float(classifier.thresholds.get("gate", t["gate"]))
+        # `pneumotriage tune` stores the gate it chose in the segmenter's checkpoint, for the classifier it was
+        # tuned with: it holds for that classifier (same sha256) only.
+        tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
+        if segmenter is not None and "gate" in segmenter.thresholds and tuned_with == classifier.sha256:
+            t["gate"] = float(segmenter.thresholds["gate"])
+    if segmenter is not None:
+        for k in ("top_score", "min_area", "bottom_score", "min_component"):
+            t[k] = float(segmenter.thresholds.get(k, t[k]))
+    for k in t:
+        value = getattr(o, k)
+        if value is not None:
+            t[k] = float(value)
+    return t
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a scan runs with: resolved from the options and the device, shown in ``--verbose`` and the report."""
+
+    device: str
+    batch_size: int
+    workers: int
+    torch_threads: int
+    jpeg_on_device: bool
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_for(o: ScanOptions, device: torch.device, cores: int | None = None) -> Plan:
+    """Resolve ``auto`` batch size and workers for ``device``.
+
+    On a CPU the models take ~95 % of a scan and are fastest with small batches (1 image; a batch of 8 costs
+    page faults and cache misses, not speed) and one torch thread per core. Decoding (a few ms per image against
+    hundreds in the models) needs one worker process, run at a lower priority so that it fills the models'
+    idle moments instead of taking cores from them; with two or more cores to spare a second worker runs the
+    finishing stage beside it. On a GPU: large batches, and one worker per core but the one that feeds the GPU.
+    """
+    cores = cores or usable_cores()
+    if o.batch_size is not None and o.batch_size < 1:
+        raise UsageError(f"--batch-size {o.batch_size}: give 1 or more, or auto")
+    if o.workers is not None and o.workers < 0:
+        raise UsageError(f"--workers {o.workers}: give 0 or more, or auto")
+    if o.jpeg_decode not in ("auto", "workers", "device"):
+        raise UsageError(f"jpeg_decode {o.jpeg_decode!r}: choose auto, workers or device")
+    gpu = device.type == "cuda"
+    if gpu:
+        batch = o.batch_size or 64
+        workers = o.workers if o.workers is not None else max(1, cores - 1)
+        why = "GPU: large batches, one decoding worker per core but the one that feeds the GPU"
+    else:
+        batch = o.batch_size or 1
+        workers = o.workers if o.workers is not None else (1 if cores <= 2 else min(cores // 2, 4))
+        why = (
+            f"CPU with {cores} cores: batch 1, {cores} torch threads, "
+            f"{workers} low-priority worker process{'es' if workers != 1 else ''} for decoding and finishing"
+        )
+    on_device = gpu if o.jpeg_decode == "auto" else o.jpeg_decode == "device"
+    return Plan(
+        device=str(device),
+        batch_size=batch,
+        workers=workers,
+        torch_threads=cores if not gpu else max(1, torch.get_num_threads()),
+        jpeg_on_device=on_device,
+        why=why,
+    )

@@ -1,0 +1,65 @@
+"""Stage 9, rank: each row's tier by the documented priority rules, then the worklist order."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from pneumotriage.scan.options import ScanOptions
+from pneumotriage.scan.records import TIERS, ImageResult
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(image_id: str, taken: set[str]) -> str:
+    """A file name from an image id: only letters, digits, '.', '_' and '-'; no leading dot; unique in ``taken``
+    (a short hash of the id is added on a collision)."""
+    name = _SAFE.sub("_", image_id).strip("._-")[:120] or "image"
+    if name in taken:
+        name = f"{name}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
+        n = 1
+        base = name
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_run: bool) -> str:
+    """Priority rules (documented in the README):
+
+    - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when the classifier
+      passed the gate but no outline survived the triplet rule; ``routine`` below the gate;
+    - classifier alone (``no_segment``): ``urgent`` at probability >= ``urgent_probability``, ``review`` at
+      >= the gate, else ``routine``;
+    - an image that could not be read: ``review`` (a person must look at it).
+    """
+    if result.status != "ok" or result.probability is None:
+        return "review"
+    if segmented_run:
+        if result.area_px:
+            return "urgent"
+        return "review" if result.probability >= gate else "routine"
+    if result.probability >= options.urgent_probability:
+        return "urgent"
+    return "review" if result.probability >= gate else "routine"
+
+
+def rank(results: list[ImageResult]) -> list[ImageResult]:
+    """Most urgent first: tier, then (within a tier) readable images by probability and area, errors last of
+    ``review``; ties keep a stable order by image id."""
+
+    def order(r: ImageResult) -> tuple[Any, ...]:
+        return (
+            TIERS.index(r.tier),
+            r.status != "ok",
+            -(r.probability if r.probability is not None else -1.0),
+            -(r.area_px or 0),
+            r.image_id,
+        )
+
+    ranked = sorted(results, key=order)
+    for i, r in enumerate(ranked, 1):
+        r.rank = i
+    return ranked

@@ -1,0 +1,58 @@
+"""Stage 2, read: parse one file's header and pixel data bytes (in a worker process), without decoding.
+
+Everything a header can get wrong is settled here, before a pixel is allocated: not DICOM, no image, a codec
+missing, a declared size over :data:`~pneumotriage.dicom.MAX_SIDE`, or a JPEG whose own frame size disagrees
+with Rows/Columns (the image's true size comes from its pixel data, never from the header alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit
+
+from pneumotriage.dicom import DicomHeader, check_jpeg_size, jpeg_frame, open_image
+
+
+@dataclass
+class Source:
+    """A parsed file: its data set, header and notes; for a JPEG Baseline image that can be decoded on the GPU,
+    its compressed frame and whether it is MONOCHROME1 (inverted after decoding)."""
+
+    ds: Dataset
+    header: DicomHeader
+    notes: list[str]
+    jpeg: bytes | None = None
+    invert: bool = False
+
+
+def _device_decodable(ds: Dataset, header: DicomHeader) -> bool:
+    """An 8-bit grey single-frame JPEG Baseline image whose grey-level pipeline is the identity (no rescale, no
+    LUTs, no window): all of SIIM. Anything else keeps the full CPU pipeline."""
+    try:
+        identity_lut = float(ds.get("RescaleSlope", 1) or 1) == 1.0 and float(ds.get("RescaleIntercept", 0) or 0) == 0
+    except (TypeError, ValueError):
+        return False
+    return (
+        identity_lut
+        and header.transfer_syntax == JPEGBaseline8Bit
+        and header.frames == 1
+        and header.samples_per_pixel == 1
+        and header.photometric in ("MONOCHROME1", "MONOCHROME2")
+        and int(ds.get("BitsAllocated", 0) or 0) == 8
+        and not any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter"))
+    )
+
+
+def read(path: Path, *, want_jpeg: bool) -> Source:
+    """Parse ``path`` (raises a :class:`~pneumotriage.errors.DicomError` naming the file and the remedy). With
+    ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked."""
+    ds, header, notes = open_image(path)
+    source = Source(ds, header, notes)
+    if want_jpeg and _device_decodable(ds, header):
+        check_jpeg_size(ds, header)
+        source.jpeg = jpeg_frame(ds)
+        source.invert = header.photometric == "MONOCHROME1"
+    return source

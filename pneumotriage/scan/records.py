@@ -1,0 +1,64 @@
+"""What a scan produces for each file and for the whole run: plain records, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pneumotriage.rle import EMPTY
+
+#: Worklist tiers, most urgent first.
+TIERS = ("urgent", "review", "routine")
+#: Fields left out of every output with ``no_phi``.
+PHI_FIELDS = ("patient_id", "accession", "study_datetime")
+
+
+@dataclass
+class ImageResult:
+    """One row of the worklist."""
+
+    image_id: str
+    path: str
+    status: str  # "ok" | "error"
+    error: str | None = None
+    rank: int = 0
+    tier: str = "review"
+    probability: float | None = None
+    segmented: bool = False
+    area_px: int | None = None
+    area_cm2: float | None = None
+    side: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    accession: str | None = None
+    patient_id: str | None = None
+    study_datetime: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    mask_file: str | None = None
+    overlay_file: str | None = None
+    rle: str = EMPTY
+    key: str = ""
+
+    @property
+    def file_stem(self) -> str | None:
+        """The name this image's files (mask, overlay, thumbnail) share, or None for an unreadable file."""
+        return self.mask_file.rsplit("/", 1)[-1][:-4] if self.mask_file else None
+
+
+@dataclass
+class ScanSummary:
+    out: Path
+    results: list[ImageResult]
+    counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: What ``auto`` chose and why (device, batch size, workers, threads).
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status != "ok" for r in self.results)

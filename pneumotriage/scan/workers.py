@@ -1,0 +1,174 @@
+"""The worker processes: where reading, decoding and finishing run, away from the process that runs the models.
+
+One pool serves the decode and finish stages (and the report's thumbnails). Workers share the
+:class:`~pneumotriage.scan.decode.SlotArena` with the main process: a task names a slot, never carries pixels.
+With ``workers=0`` every task runs inline in the calling process (for tests, debugging and tiny inputs).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumotriage.dicom import DicomHeader, read_dicom
+from pneumotriage.errors import DicomError, NotDicomError
+from pneumotriage.scan.decode import DISPLAY, SlotArena, decode_into, display_shape, make_display
+from pneumotriage.scan.discover import Found
+from pneumotriage.scan.finish import FinishJob, finish, write_thumbnail
+from pneumotriage.scan.read import read
+from pneumotriage.scan.records import ImageResult
+
+_ARENA: SlotArena | None = None
+
+
+@dataclass
+class Decoded:
+    """A worker's answer for one file: ``status`` is "ok", "error" (a DICOM that cannot be used) or "skipped"
+    (not DICOM at all). An "ok" image is in its slot, or (``jpeg``) still compressed for the device."""
+
+    status: str
+    error: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    shape: tuple[int, int] = (0, 0)
+    spacing: tuple[float, float] | None = None
+    jpeg: bytes | None = None
+    invert: bool = False
+
+    @property
+    def display_shape(self) -> tuple[int, int]:
+        return display_shape(self.shape)
+
+
+def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
+    """The worklist fields a header fills in (the image's size comes from its pixel data, not from here)."""
+    return {
+        "image_id": h.image_id,
+        "path": str(h.path),
+        "key": key,
+        "sop_instance_uid": h.sop_instance_uid,
+        "study_instance_uid": h.study_instance_uid,
+        "accession": h.accession_number,
+        "patient_id": h.patient_id,
+        "study_datetime": h.study_datetime.isoformat() if h.study_datetime else None,
+    }
+
+
+def decode_task(found: Found, slot: int, want_jpeg: bool) -> Decoded:
+    """Read one file and decode it into ``slot`` (or keep its JPEG frame for the device). Never raises for a bad
+    file: the answer says what is wrong, naming the file."""
+    assert _ARENA is not None
+    try:
+        source = read(found.path, want_jpeg=want_jpeg)
+        h = source.header
+        decoded = Decoded("ok", identity=identity_of(h, found.key), spacing=h.pixel_spacing_mm)
+        if source.jpeg is not None:
+            decoded.jpeg, decoded.invert = source.jpeg, source.invert
+            decoded.shape = h.shape or (0, 0)
+        else:
+            decoded.shape = decode_into(source, _ARENA, slot)
+        return decoded
+    except NotDicomError as exc:
+        return Decoded("skipped", error=str(exc))
+    except DicomError as exc:
+        return Decoded("error", error=str(exc))
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:  # anything a damaged file raises past pydicom
+        return Decoded("error", error=f"{found.path}: cannot be read ({type(exc).__name__}: {exc})")
+
+
+def finish_task(job: FinishJob, slot: int) -> ImageResult:
+    assert _ARENA is not None
+    probs = _ARENA.map(slot) if job.segmented else None
+    return finish(job, probs, _ARENA.display(slot, job.display_shape))
+
+
+def thumbnail_task(path: str, out: Path, name: str) -> bool:
+    """Decode ``path`` again and write its (grey) report thumbnail; False when it no longer reads."""
+    try:
+        image = read_dicom(path, reduce_to=DISPLAY)
+    except (DicomError, OSError, ValueError, RuntimeError, MemoryError):
+        return False
+    shown = make_display(torch.from_numpy(image.pixels), display_shape(image.original_shape)).numpy()
+    write_thumbnail(out, name, np.repeat(shown[:, :, None], 3, axis=2))
+    return True
+
+
+def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int) -> None:
+    """Each worker's start: one torch thread, no SIGINT (the main process handles Ctrl-C), a lower priority where
+    asked, and the arena (inherited through fork, else attached by name)."""
+    global _ARENA
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    if nice and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    if arena_name is not None:
+        _ARENA = SlotArena(*layout, inherited=False, name=arena_name)
+
+
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
+class Workers:
+    """The pool and the arena, for one scan; a context manager that stops both."""
+
+    def __init__(self, count: int, *, slots: int, sizes: Sequence[int], map_size: int | None, nice: int = 0) -> None:
+        global _ARENA
+        self.count = count
+        # fork on Linux: the workers start in milliseconds and inherit the arena. Elsewhere spawn (fork is unsafe
+        # on macOS and absent on Windows), with the arena attached by name.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        inherited = method == "fork" or count == 0
+        self.arena = SlotArena(slots, sizes, map_size, inherited=inherited)
+        _ARENA = self.arena
+        self._pool: ProcessPoolExecutor | None = None
+        if count > 0:
+            layout = (slots, sizes, map_size)
+            self._pool = ProcessPoolExecutor(
+                max_workers=count,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_start,
+                initargs=(self.arena.name, layout, nice),
+            )
+            # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
+            # started is not safe.
+            for future in [self._pool.submit(os.getpid) for _ in range(count)]:
+                future.result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        if self._pool is None:
+            return _done(fn(*args))
+        return self._pool.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
+        if self._pool is None:
+            return [fn(*a) for a in zip(*iterables, strict=True)]
+        return list(self._pool.map(fn, *iterables, chunksize=4))
+
+    def close(self) -> None:
+        global _ARENA
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.arena.close()
+        _ARENA = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
