@@ -1,41 +1,54 @@
-"""Scan throughput: the whole cascade end to end against the pure model time for the same images, in one run.
+"""Scan throughput, each figure against a baseline measured in the same run.
 
-- end to end: ``pneumotriage.cascade.scan`` over a synthetic folder of 1024 px JPEG DICOMs (SIIM's encoding):
-  discovery, decoding in workers, both models, post-processing, every output file;
-- model: the classifier on every image and the segmenter on as many images as the scan segmented, on tensors
-  already in memory, with the same batch size;
-- overhead = (end to end - model) / model; the target on CPU is <= 25 %;
-- single image: one file scanned alone, start to finish (models already loaded).
+Modes (one per run):
 
-The models are untrained networks of the default architectures at the given input sizes (speed does not depend
-on the weights); ``--gate 0`` sends every image to the segmenter, the worst case.
+- default: the whole scan (``pneumotriage.scan.run``) over a synthetic folder of 1024 px JPEG DICOMs (SIIM's
+  encoding) with untrained networks of the default architectures, against the pure model time for the same
+  images (overhead = (end to end - model) / model), and one file scanned alone;
+- ``--ceiling``: the whole scan with near-zero-cost models (a constant classifier; a segmenter returning one
+  small region per image) against decoding the same files alone with the same number of worker processes,
+  with nothing segmented and with every image outlined (target >= 0.8 for both on the 2-core machine);
+- ``--peer``: ``pneumotriage scan --no-segment`` with TorchXRayVision's ResNet50-res512 architecture (random
+  weights imported into a scratch registry) against TorchXRayVision's documented per-file loop with the same
+  weights on the same files, each a whole process (target >= 1.2x on a 2-core CPU, >= 3x on a GPU).
+  torchxrayvision is installed into a scratch folder (``--peer-site``) for this only; it is not a dependency;
+- ``--memory``: peak memory of scans of 200 and 2,000 small images, each in a fresh process (target: the larger
+  within 1.2x of the smaller).
 
-    python benchmarks/scan.py --n 32 --workers 2
-    python benchmarks/scan.py --device cuda --n 512 --workers 14 --batch-size 64 --data bench-data
-    python benchmarks/scan.py --memory        # peak memory of a scan of 200 and of 2,000 small images
-
-``--memory`` scans synthetic studies of 200 and 2,000 images (64 px, models at 64 px, every image segmented) in
-a fresh process each and prints each process's peak resident memory (and its largest decoding worker's): memory
-must stay flat with the folder size (target: the larger within 1.2x of the smaller).
+    python benchmarks/scan.py --n 32
+    python benchmarks/scan.py --ceiling --workers 2
+    python benchmarks/scan.py --peer --n 40
+    python benchmarks/scan.py --device cuda --n 512 --batch-size 64 --data bench-data
+    python benchmarks/scan.py --memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
+import torchvision
+from torch import nn
 
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
-from pneumotriage.runtime import pick_device
+from pneumotriage.runtime import autocast_for, pick_device, usable_cores
 from pneumotriage.scan import ScanOptions
 from pneumotriage.scan import run as scan
+from pneumotriage.scan.classify import prepare_models
+from pneumotriage.scan.discover import Found
+from pneumotriage.scan.workers import Workers, decode_task
 from pneumotriage.synth import synth_workers, write_study
 
 
@@ -44,31 +57,235 @@ def _loaded(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(model, spec, dict(model.thresholds), {"clinical": True}, None, "0" * 64, spec.title)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def pure_model_s(clf: LoadedModel, seg: LoadedModel, n: int, n_seg: int, batch: int, device: torch.device) -> float:
+    """The models alone, set up as the scan runs them, on tensors already in memory."""
+    prepared = prepare_models(device, clf, seg)
+
     def run(m: LoadedModel, count: int) -> None:
         size = m.spec.input_size
-        x = torch.rand(batch, 1, size, size, device=device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.rand(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
         done = 0
         while done < count:
             k = min(batch, count - done)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.no_grad():
+            with autocast_for(device):
                 m.model(x[:k])
             done += k
 
-    for m in (clf, seg):
-        m.model.to(device)
+    for m in prepared:
+        assert m is not None
         run(m, batch)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    run(clf, n)
-    run(seg, n_seg)
+    run(prepared[0], n)  # type: ignore[arg-type]
+    run(prepared[1], n_seg)  # type: ignore[arg-type]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def _study(folder: Path, n: int, distinct: int = 64) -> Path:
+    """``n`` 1024 px JPEG DICOMs (SIIM's encoding): ``distinct`` phantoms, copied under other names up to ``n``
+    (decoding costs the same for a copy, and rendering phantoms is slow)."""
+    src = folder / "src"
+    write_study(src, min(n, distinct), positive_rate=0.3, size=(1024, 1024), seed=2, workers=synth_workers(n))
+    files = sorted(src.rglob("*.dcm"))
+    out = folder / "study"
+    out.mkdir(parents=True)
+    for i in range(n):
+        shutil.copyfile(files[i % len(files)], out / f"img{i:05d}.dcm")
+    shutil.rmtree(src)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --ceiling
+
+
+class _Constant(nn.Module):
+    """A classifier that costs nothing: logit 0 (probability 0.5) for every image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], device=x.device)
+
+
+class _OneRegion(nn.Module):
+    """A segmenter that costs next to nothing: one confident 32 x 32 region per image (0.4 % of the image at
+    512 px: past the triplet's min_area), the rest certain background; the map is made once and reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._map: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, _, h, w = x.shape
+        if self._map is None or self._map.shape[-2:] != (h, w):
+            self._map = torch.full((1, 1, h, w), -10.0, device=x.device)
+            self._map[:, :, h // 3 : h // 3 + 32, w // 4 : w // 4 + 32] = 10.0
+        return {"mask": self._map.expand(b, 1, h, w)}
+
+
+def _stub(kind: str, module: nn.Module, size: int) -> LoadedModel:
+    arch, encoder = ("unet", "resnet34") if kind == "segmenter" else ("resnet34", None)
+    spec = ModelSpec(kind, arch, encoder, input_size=size)
+    return LoadedModel(module, spec, {}, {"clinical": True}, None, "0" * 64, f"zero-cost {kind}")
+
+
+def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
+    """The decode stage alone: the same worker processes reading and decoding every file into the slot arena,
+    with the same window of files in flight, nothing else."""
+    window = 2 + 2 * workers
+    with Workers(workers, slots=window, sizes=[size], map_size=None) as pool:
+        t0 = time.perf_counter()
+        pending: deque[Future[Any]] = deque()
+        free = deque(range(window))
+        for i, path in enumerate(files):
+            if not free:
+                slot, future = pending.popleft()
+                future.result()
+                free.append(slot)
+            slot = free.popleft()
+            pending.append((slot, pool.submit(decode_task, Found(path, path.stem, str(i)), slot, False)))
+        for _, future in pending:
+            future.result()
+        return time.perf_counter() - t0
+
+
+def ceiling(args: argparse.Namespace, tmp: Path) -> None:
+    folder = args.data or _study(tmp, args.n)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    size = 512
+    clf = _stub("classifier", _Constant(), size)
+    seg = _stub("segmenter", _OneRegion(), size)
+    print(f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores; torch {torch.__version__}")
+    for workers in args.workers_list:
+        decode_alone_s(files[: 2 * workers + 2], workers, size)  # warm the page cache and the code paths
+        base = min(decode_alone_s(files, workers, size) for _ in range(2))
+        print(f"{workers} workers: decoding alone {len(files) / base:7.1f} img/s")
+        for label, options in (
+            ("nothing segmented", ScanOptions(gate=2.0, workers=workers)),
+            ("every image outlined", ScanOptions(segment_all=True, workers=workers)),
+        ):
+            times = []
+            for i in range(2):
+                t0 = time.perf_counter()
+                summary = scan(
+                    [folder], tmp / f"ceiling-{workers}-{label[:4]}-{i}", classifier=clf, segmenter=seg, options=options
+                )
+                times.append(time.perf_counter() - t0)
+            outlined = sum(1 for r in summary.results if r.area_px)
+            best = min(times)
+            print(
+                f"  scan, {label:20s} {len(files) / best:7.1f} img/s = {base / best:.2f} of decoding alone "
+                f"(target >= 0.8); {outlined} outlined; batch {summary.plan['batch_size']}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --peer
+
+_PEER_LOOP = """
+import glob, os, sys, torch, torchvision
+import torchxrayvision as xrv
+model = xrv.models.ResNet(weights="resnet50-res512-all", cache_dir=sys.argv[2])
+transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(512)])
+n = 0
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "**", "*.dcm"), recursive=True)):
+    img = transform(xrv.utils.read_xray_dcm(path)[None, ...])
+    with torch.no_grad():
+        model(torch.from_numpy(img)[None, ...])
+    n += 1
+print(n)
+"""
+_XRV_FILE = "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt"
+
+
+def _peer_site(site: Path) -> None:
+    """torchxrayvision and what it imports beyond our own dependencies, in a scratch folder."""
+    if (site / "torchxrayvision").is_dir():
+        return
+    packages = [
+        "torchxrayvision",
+        "pandas",
+        "imageio",
+        "requests",
+        "python-dateutil",
+        "pytz",
+        "tzdata",
+        "six",
+        "urllib3",
+        "idna",
+        "charset-normalizer",
+        "certifi",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *packages], check=True
+    )
+
+
+def _wall(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def peer(args: argparse.Namespace, tmp: Path) -> None:
+    folder = args.data or _study(tmp, args.n)
+    _peer_site(args.peer_site)
+    cache = tmp / "xrv-cache"
+    cache.mkdir()
+    # TorchXRayVision's ResNet50-res512 layout (one input channel, 18 outputs), random weights, for both sides.
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=18, weights=None)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    torch.save(net.state_dict(), cache / _XRV_FILE)
+    env = {**os.environ, "PNEUMOTRIAGE_HOME": str(tmp / "home")}
+    ours = [sys.executable, "-m", "pneumotriage"]
+    subprocess.run(
+        [*ours, "weights", "import", "xrv-resnet50-res512-all", str(cache / _XRV_FILE), "--allow-unpinned"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    peer_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.peer_site), env.get("PYTHONPATH")]))}
+    n = len(list(folder.rglob("*.dcm")))
+    peer_cmd = [sys.executable, "-c", _PEER_LOOP, str(folder), str(cache)]
+    extra = ["--device", args.device] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    times: dict[str, list[float]] = {"peer": [], "ours": []}
+    for i in range(args.repeat):
+        times["peer"].append(_wall(peer_cmd, peer_env))
+        out = tmp / f"peer-out{i}"
+        times["ours"].append(
+            _wall(
+                [
+                    *ours,
+                    "scan",
+                    str(folder),
+                    "--out",
+                    str(out),
+                    "--classifier",
+                    "xrv-resnet50-res512-all",
+                    "--no-segment",
+                    "--no-progress",
+                    *extra,
+                ],
+                env,
+            )
+        )
+    plan = json.loads((tmp / "peer-out0" / "worklist.json").read_text())["plan"]
+    print(
+        f"{n} files of {folder}; {usable_cores()} cores; torch {torch.__version__}; "
+        f"ours: {plan['device']}, batch {plan['batch_size']}, {plan['workers']} workers"
+    )
+    for side in ("peer", "ours"):
+        print(
+            f"{side:5s} whole process: {', '.join(f'{t:.1f}' for t in times[side])} s; best "
+            f"{n / min(times[side]):.2f} img/s"
+        )
+    print(
+        f"ours / peer speed: {min(times['peer']) / min(times['ours']):.2f}x (target >= 1.2x on a CPU, >= 3x on a GPU)"
+    )
 
 
 def _memory_child(folder: Path, out: Path, workers: int) -> None:
@@ -108,71 +325,93 @@ def memory(workers: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _auto(text: str) -> int | None:
+    return None if text == "auto" else int(text)
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--memory-child":
         _memory_child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--n", type=int, default=32, help="images in the synthetic study")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="images in the synthetic study (default 32; 256 for --ceiling, 40 for --peer)",
+    )
     parser.add_argument("--data", type=Path, help="scan this folder instead of a new synthetic study")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", default="auto", help="worker processes, or a list for --ceiling (1,2)")
+    parser.add_argument("--batch-size", type=_auto, default=None)
     parser.add_argument("--classifier-size", type=int, default=256)
     parser.add_argument("--segmenter-size", type=int, default=512)
     parser.add_argument("--gate", type=float, default=0.0)
-    parser.add_argument("--memory", action="store_true", help="peak memory for 200 and 2,000 images instead")
+    parser.add_argument("--memory", action="store_true", help="peak memory for 200 and 2,000 images")
+    parser.add_argument("--ceiling", action="store_true", help="near-zero-cost models against decoding alone")
+    parser.add_argument("--peer", action="store_true", help="against TorchXRayVision's per-file loop")
+    parser.add_argument("--repeat", type=int, default=2, help="--peer: runs of each side (the best counts)")
+    parser.add_argument(
+        "--peer-site",
+        type=Path,
+        default=Path.home() / ".cache" / "pneumotriage-bench" / "xrv-site",
+        help="--peer: scratch folder torchxrayvision is installed into",
+    )
     args = parser.parse_args()
     if args.memory:
-        memory(args.workers)
+        memory(_auto(args.workers) or 2)
         return 0
-
-    device = pick_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-scan-bench-"))
     try:
-        folder = args.data
-        if folder is None:
-            folder = tmp / "study"
-            write_study(folder, args.n, positive_rate=0.3, size=(1024, 1024), seed=2)
-            for extra in ("train-rle.csv", "manifest.json"):
-                (folder / extra).unlink()
-        clf = _loaded(ModelSpec("classifier", "densenet121", input_size=args.classifier_size))
-        seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=args.segmenter_size))
-        options = ScanOptions(gate=args.gate, workers=args.workers, batch_size=args.batch_size, device=str(device))
-
-        scan([folder], tmp / "warm", classifier=clf, segmenter=seg, options=options)  # first run: imports, caches
-        t0 = time.perf_counter()
-        summary = scan([folder], tmp / "out", classifier=clf, segmenter=seg, options=options)
-        end_to_end = time.perf_counter() - t0
-        n = summary.counts["decoded"]
-        model = pure_model_s(clf, seg, n, summary.counts["segmented"], args.batch_size, device)
-
-        one = next(p for p in sorted(folder.rglob("*")) if p.is_file())
-        single_options = ScanOptions(gate=args.gate, workers=0, batch_size=1, device=str(device))
-        latencies = []
-        for i in range(3):
-            t1 = time.perf_counter()
-            scan([one], tmp / f"one{i}", classifier=clf, segmenter=seg, options=single_options)
-            latencies.append(time.perf_counter() - t1)
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        print(f"device {device} ({name}); torch {torch.__version__}; {args.workers} workers; batch {args.batch_size}")
-        print(
-            f"classifier densenet121 @{args.classifier_size}, segmenter unet/resnet34 @{args.segmenter_size}; "
-            f"{n} images, {summary.counts['segmented']} segmented"
-        )
-        print(f"end to end   {end_to_end:8.2f} s   {n / end_to_end:8.1f} img/s")
-        print(f"model only   {model:8.2f} s   {n / model:8.1f} img/s")
-        print(f"overhead     {(end_to_end - model) / model * 100:7.1f} % of model time (target <= 25 % on CPU)")
-        print(f"one image    {min(latencies) * 1000:8.0f} ms (best of 3, models loaded, no workers)")
-        print(
-            f"inside the scan: {summary.timings['model_s']:.2f} s in the models, "
-            f"{summary.timings['discover_s']:.2f} s discovering",
-            file=sys.stderr,
-        )
+        if args.ceiling:
+            args.n = args.n or 256
+            args.workers_list = [int(w) for w in (args.workers if args.workers != "auto" else "1,2").split(",")]
+            ceiling(args, tmp)
+        elif args.peer:
+            args.n = args.n or 40
+            peer(args, tmp)
+        else:
+            args.n = args.n or 32
+            default(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def default(args: argparse.Namespace, tmp: Path) -> None:
+    device = pick_device(args.device)
+    folder = args.data or _study(tmp, args.n)
+    clf = _loaded(ModelSpec("classifier", "densenet121", input_size=args.classifier_size))
+    seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=args.segmenter_size))
+    options = ScanOptions(gate=args.gate, workers=_auto(args.workers), batch_size=args.batch_size, device=str(device))
+
+    scan([folder], tmp / "warm", classifier=clf, segmenter=seg, options=options)  # first run: imports, caches
+    t0 = time.perf_counter()
+    summary = scan([folder], tmp / "out", classifier=clf, segmenter=seg, options=options)
+    end_to_end = time.perf_counter() - t0
+    n = summary.counts["decoded"]
+    batch = summary.plan["batch_size"]
+    model = pure_model_s(clf, seg, n, summary.counts["segmented"], batch, device)
+
+    one = next(p for p in sorted(folder.rglob("*")) if p.is_file())
+    single_options = ScanOptions(gate=args.gate, workers=0, batch_size=1, device=str(device))
+    latencies = []
+    for i in range(3):
+        t1 = time.perf_counter()
+        scan([one], tmp / f"one{i}", classifier=clf, segmenter=seg, options=single_options)
+        latencies.append(time.perf_counter() - t1)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    p = summary.plan
+    print(f"device {device} ({name}); torch {torch.__version__}; {p['workers']} workers; batch {batch}")
+    print(
+        f"classifier densenet121 @{args.classifier_size}, segmenter unet/resnet34 @{args.segmenter_size}; "
+        f"{n} images, {summary.counts['segmented']} segmented"
+    )
+    print(f"end to end   {end_to_end:8.2f} s   {n / end_to_end:8.1f} img/s")
+    print(f"model only   {model:8.2f} s   {n / model:8.1f} img/s")
+    print(f"overhead     {(end_to_end - model) / model * 100:7.1f} % of model time (target <= 25 % on CPU)")
+    print(f"one image    {min(latencies) * 1000:8.0f} ms (best of 3, models loaded, no workers)")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ def predict(
     shapes = np.zeros((n, 2), dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
     unreadable: list[str] = []
-    prepare_models(torch_device, classifier, segmenter)
+    classifier, ready = prepare_models(torch_device, classifier, segmenter)
+    assert ready is not None
+    segmenter = ready
     # The scan's own decoding stream, over the records in order (each keyed by its position).
     files = iter([Found(r.path, r.image_id, str(i)) for i, r in enumerate(records)])
     done = 0

@@ -122,22 +122,23 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     assert set(submission) == {r["image_id"] for r in ok} | {r["image_id"] for r in errors}
     for r in ok:
         header = read_header(r["path"])
+        decoded = submission.masks_for(r["image_id"], header.rows, header.columns)
+        if not r["mask_file"]:  # nothing outlined: no mask file, -1 in the submission, not urgent
+            assert r["area_px"] in ("", "0") and not decoded.any() and r["overlay_file"] == ""
+            assert r["tier"] != "urgent"
+            continue
         mask = np.asarray(Image.open(out / r["mask_file"]))
         assert mask.shape == (header.rows, header.columns) and set(np.unique(mask)) <= {0, 255}
-        assert int(r["area_px"] or 0) == int(np.count_nonzero(mask))
-        assert (r["tier"] == "urgent") == (np.count_nonzero(mask) > 0)  # segmented run: urgent = outlined
-        decoded = submission.masks_for(r["image_id"], header.rows, header.columns)
+        assert int(r["area_px"]) == int(np.count_nonzero(mask)) > 0
+        assert r["tier"] == "urgent"  # segmented run: urgent = outlined
         np.testing.assert_array_equal(decoded, mask > 0)
-        if np.count_nonzero(mask):
-            overlay = Image.open(out / r["overlay_file"])
-            assert overlay.mode == "RGB" and overlay.size[0] <= 512
-        else:
-            assert r["overlay_file"] == ""  # nothing to outline
-        if r["area_px"] and r["area_px"] != "0":
-            assert r["side"] in ("left", "right", "both")
-            spacing = header.pixel_spacing_mm
-            assert spacing is not None
-            assert float(r["area_cm2"]) == pytest.approx(int(r["area_px"]) * spacing[0] * spacing[1] / 100, rel=1e-3)
+        overlay = Image.open(out / r["overlay_file"])
+        assert overlay.mode == "RGB" and overlay.size[0] <= 512
+        assert r["side"] in ("left", "right", "both")
+        spacing = header.pixel_spacing_mm
+        assert spacing is not None
+        assert float(r["area_cm2"]) == pytest.approx(int(r["area_px"]) * spacing[0] * spacing[1] / 100, rel=1e-3)
+    assert any(r["mask_file"] for r in ok)
     assert all(submission[r["image_id"]] == [] for r in errors)  # -1
 
     document = json.loads((out / "worklist.json").read_text())

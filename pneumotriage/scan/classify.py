@@ -1,46 +1,66 @@
 """Stage 4, classify: set the models up for inference on the device, and run the classifier on a batch.
 
-Set-up is where the CPU speed is won or lost: inference mode (no autograd bookkeeping), batch-norm folded into
-the convolutions, one torch thread per core. On CUDA: channels_last and bf16 autocast.
+Set-up is where the CPU speed is won or lost: inference mode (no autograd bookkeeping), batch norm folded into
+the convolutions, channels_last, one torch thread per core. On CUDA: channels_last and bf16 autocast.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pneumotriage.models import LoadedModel
 from pneumotriage.runtime import autocast_for
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential``-free chain into
-    that convolution (torch.fx's conv-bn fusion); a model fx cannot trace is returned unchanged."""
-    from torch.fx.experimental.optimization import fuse
+    """A copy of an eval-mode model with each BatchNorm2d that directly follows a Conv2d folded into it: in an
+    ``nn.Sequential`` (conv-BN-ReLU blocks, VGG, EfficientNet) and in torchvision's ResNet stem and residual blocks
+    (``convN`` then ``bnN``). Outputs agree to float rounding; on a CPU the separate normalisation pass over
+    every feature map is saved (ResNet50 at 512 px: ~15 % of its time)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-    try:
-        fused: nn.Module = fuse(module, inplace=False)
-    except Exception:  # noqa: BLE001 (fx raises many types on models it cannot trace; fusing is optional)
-        return module
-    return fused
+    folded = copy.deepcopy(module).eval()
+
+    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
+
+    for parent in list(folded.modules()):
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:], strict=False):
+                fold(parent, first, second)
+        elif isinstance(parent, BasicBlock | Bottleneck | ResNet):
+            for i in (1, 2, 3):
+                if hasattr(parent, f"conv{i}") and hasattr(parent, f"bn{i}"):
+                    fold(parent, f"conv{i}", f"bn{i}")
+    return folded
 
 
-def prepare_models(device: torch.device, *models: LoadedModel | None, fold: bool = True) -> None:
-    """Move models to ``device`` for inference: eval mode, batch norm folded, channels_last on CUDA."""
+def prepare_models(device: torch.device, *models: LoadedModel | None) -> list[LoadedModel | None]:
+    """The models ready for inference on ``device``, as copies (the caller's stay as they are): eval mode,
+    batch norm folded into the convolutions, channels_last memory format (oneDNN's fast path on a CPU,
+    tensor cores' on CUDA)."""
+    prepared: list[LoadedModel | None] = []
     for m in models:
         if m is None:
+            prepared.append(None)
             continue
-        m.model.to(device).eval()
-        if device.type == "cuda":
-            m.model.to(memory_format=torch.channels_last)
+        net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
+        prepared.append(replace(m, model=net))
+    return prepared
 
 
 def _input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ memory stays flat whatever the folder's size; results reach the journal in the o
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pneumotriage.errors import UsageError
@@ -26,17 +28,19 @@ from pneumotriage.runtime import pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Discovery, Found
-from pneumotriage.scan.finish import FinishJob
+from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail
 from pneumotriage.scan.gate import to_segment
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
 from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
 from pneumotriage.scan.outputs import write_outputs
 from pneumotriage.scan.rank import rank, safe_name, tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
+from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.segment import segment
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, finish_task, thumbnail_task
 
 Progress = Callable[[dict[str, Any]], None]
+_NO_DISPLAY = np.zeros((0, 0), dtype=np.uint8)
 
 
 @dataclass
@@ -200,7 +204,9 @@ class Stream:
             decoded, displays, shapes = run(items)
         for it, display in zip(items, displays, strict=True):
             # The worker checked the header's size against the JPEG's own frame header, so shapes agree.
-            self.arena.display(it.slot, it.decoded.display_shape)[...] = display.numpy()
+            shown = display.numpy()
+            self.arena.display(it.slot, it.decoded.display_shape)[...] = shown
+            it.decoded.thumb = grey_thumbnail(shown)
         return items, decoded
 
 
@@ -270,26 +276,39 @@ def run(
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(plan.torch_threads)
-    prepare_models(device, classifier, segmenter)
+    classifier, segmenter = prepare_models(device, classifier, segmenter)
     window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
-    slots = window + 2 * plan.batch_size + 2 * plan.workers  # decoding, in the models, and finishing
+    # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
+    # tasks queue behind decode tasks): too few and the workers starve.
+    slots = 3 * window + 2 * plan.batch_size
     counts = {"decoded": 0, "classified": 0, "segmented": 0, "errors": 0}
     seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
     skipped_rows: list[ImageResult] = []
-    finishing: deque[tuple[int, Future[ImageResult]]] = deque()
+    # Images on their way to the journal, in the order found: (slot held or -1, result, report thumbnail).
+    finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None]] = deque()
+    thumbs = ReportThumbnails(o.report_thumbnails)
+    synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
     model_s = 0.0
-    nice = 10 if device.type == "cpu" and plan.workers > 0 else 0
+    nice = int(os.environ.get("PT_NICE", "10")) if device.type == "cpu" and plan.workers > 0 else 0
     with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
 
         def drain(block: bool) -> bool:
             """Journal finished images from the head of the queue; True when one was."""
             any_done = False
             while finishing and (finishing[0][1].done() or (block and not any_done)):
-                slot, future = finishing.popleft()
-                journal.add(future.result())
+                slot, future, grey = finishing.popleft()
+                result, outlined = future.result()
+                journal.add(result)
                 if slot >= 0:
                     stream.release(slot)
+                thumb = outlined or grey
+                if thumb is not None:
+                    result.tier = tier_of(result, t["gate"], o, segmenter is not None)
+                    thumbs.offer(result, thumb)
                 any_done = True
+            if time.perf_counter() - synced[0] > 1.0:  # durable against a power cut at least every second
+                journal.sync()
+                synced[0] = time.perf_counter()
             return any_done
 
         def seen_or_done(found: Found) -> bool:
@@ -314,7 +333,7 @@ def run(
                 if decoded.status == "skipped":
                     skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
                 else:
-                    finishing.append((-1, _done(row)))
+                    finishing.append((-1, _done((row, None)), None))
                 counts["errors"] += 1
             n = len(batch.items)
             if n:
@@ -349,9 +368,13 @@ def run(
                         overlays=o.overlays,
                         out=out,
                     )
-                    finishing.append((item.slot, workers.submit(finish_task, job, item.slot)))
+                    thumb = d.thumb
+                    if job.segmented:  # post-processing and encoding, in a worker, from the slot
+                        finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
+                    else:  # nothing to compute or write: finished here, the slot free at once
+                        finishing.append((-1, _done(finish(job, None, _NO_DISPLAY)), thumb))
+                        stream.release(item.slot)
             drain(False)
-            journal.sync()  # one fsync per batch: per image it cost ~8 ms, most of a GPU scan's time
             emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
         while finishing:
             drain(True)
@@ -364,7 +387,7 @@ def run(
         for r in results:
             r.tier = tier_of(r, t["gate"], o, segmented_run)
         ranked = rank(results)
-        _report_thumbnails(workers, out, ranked, o.report_thumbnails)
+        thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
     if device.type == "cpu":
         torch.set_num_threads(threads_before)
     counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
@@ -395,18 +418,18 @@ def run(
     return summary
 
 
-def _done(value: ImageResult) -> Future[ImageResult]:
-    future: Future[ImageResult] = Future()
+def _done(value: tuple[ImageResult, bytes | None]) -> Future[tuple[ImageResult, bytes | None]]:
+    future: Future[tuple[ImageResult, bytes | None]] = Future()
     future.set_result(value)
     return future
 
 
-def _report_thumbnails(workers: Workers, out: Path, ranked: Sequence[ImageResult], limit: int) -> None:
-    """Thumbnails for the first ``limit`` readable rows of the worklist that have none (outlined images got
-    theirs when they were finished)."""
-    from pneumotriage.scan.finish import thumbnail_path
-
-    wanted = [r for r in ranked if r.status == "ok" and r.file_stem and not thumbnail_path(out, r.file_stem).exists()][
-        :limit
-    ]
-    workers.map(thumbnail_task, [r.path for r in wanted], [out] * len(wanted), [r.file_stem for r in wanted])
+def _decode_thumbnails(workers: Workers, out: Path, rows: Sequence[ImageResult]) -> None:
+    """Report thumbnails of ``rows`` (done before a resume), decoded again in the workers."""
+    workers.map(
+        thumbnail_task,
+        [r.path for r in rows],
+        [out] * len(rows),
+        [r.file_stem for r in rows],
+        [r.mask_file for r in rows],
+    )

@@ -1,8 +1,10 @@
-"""Stage 7, finish (in a worker process): post-process one image, encode and write its files, and return its row.
+"""Stage 7, finish: post-process one image, encode and write its files, and return its row.
 
-Only an outlined image gets more than a mask file: its overlay and thumbnail. Everything is computed inside
-the outline's bounding window (:func:`pneumotriage.postprocess.outline`) and the mask PNG is written in time
-proportional to that window (:mod:`pneumotriage.scan.png`), so finishing costs far less than decoding.
+A segmented image is finished in a worker process; one that was not segmented has nothing to compute and is
+finished where the models run. Only an outlined image gets files: its mask PNG and overlay. Everything is
+computed inside the outline's bounding window (:func:`pneumotriage.postprocess.outline`) and the mask PNG is
+written in time proportional to that window (:mod:`pneumotriage.scan.png`). Report thumbnails travel back as
+bytes; the report writes those of its first rows.
 """
 
 from __future__ import annotations
@@ -54,16 +56,23 @@ def patient_side(mask: np.ndarray, left: int = 0, width: int | None = None) -> s
 
 
 def overlay(display: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The radiograph (uint8 grey) with ``mask`` (same size) tinted and outlined in red, as RGB."""
+    """The radiograph (uint8 grey) with ``mask`` (same size) tinted and outlined in red, as RGB. The mask's
+    edge is found only around its bounding box."""
     from scipy import ndimage
 
     rgb = np.repeat(display[:, :, None], 3, axis=2)
-    if not mask.any():
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
         return rgb
-    outline_px = mask & ~ndimage.binary_erosion(mask, iterations=2)
-    fill = mask & ~outline_px
-    rgb[fill] = (0.7 * rgb[fill] + 0.3 * np.array([255, 60, 60])).astype(np.uint8)
-    rgb[outline_px] = (255, 40, 40)
+    # The box with a margin of 3 (erosion reads 2 pixels out), so the edge is the same as over the whole image.
+    top, left = max(int(rows[0]) - 3, 0), max(int(cols[0]) - 3, 0)
+    box = (slice(top, int(rows[-1]) + 4), slice(left, int(cols[-1]) + 4))
+    m = mask[box]
+    edge = m & ~ndimage.binary_erosion(m, iterations=2, border_value=0)
+    fill = m & ~edge
+    part = rgb[box]
+    part[fill] = (0.7 * part[fill] + 0.3 * np.array([255, 60, 60])).astype(np.uint8)
+    part[edge] = (255, 40, 40)
     return rgb
 
 
@@ -82,20 +91,34 @@ def _shown_mask(found: Outline, display_shape: tuple[int, int]) -> np.ndarray:
     return shown
 
 
-def jpeg(rgb: np.ndarray, *, quality: int, side: int | None = None) -> bytes:
+#: Longest side of a report thumbnail.
+THUMBNAIL = 192
+
+
+def jpeg(rgb: np.ndarray, *, quality: int) -> bytes:
     from PIL import Image
 
-    image = Image.fromarray(rgb)
-    if side is not None:
-        image.thumbnail((side, side))
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
-def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> ImageResult:
-    """Post-process one image (triplet rule, resize to the source size, small components), write its mask and,
-    when outlined, its overlay and thumbnail; return its worklist row."""
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` shrunk to at most :data:`THUMBNAIL` a side by averaging whole blocks of pixels (a box filter:
+    several times cheaper than a resampling filter, and as good for a picture this small)."""
+    from PIL import Image
+
+    factor = -(-max(rgb.shape[:2]) // THUMBNAIL)
+    if factor <= 1:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).reduce(factor))
+
+
+def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tuple[ImageResult, bytes | None]:
+    """Post-process one image (triplet rule, resize to the source size, small components) and return its worklist
+    row and, when outlined, its report thumbnail (JPEG bytes; the report keeps those of its first rows). An
+    outlined image gets its mask PNG and overlay written; one with nothing outlined gets no file: its empty mask
+    is its run-length code, -1."""
     rows, cols = job.shape
     t = job.thresholds
     found = None
@@ -121,20 +144,23 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> Ima
         rle=rle_encode(found.full(), relative=True) if found is not None else EMPTY,
         rows=rows,
         columns=cols,
+        file_stem=job.name,
     )
-    if found is None:
-        png = mask_png(np.zeros((0, 0), dtype=bool), 0, 0, job.shape)
-    else:
-        png = mask_png(found.mask, found.top, found.left, job.shape)
-    atomic_write_bytes(job.out / "masks" / f"{job.name}.png", png, durable=False)
-    result.mask_file = f"masks/{job.name}.png"
     if found is not None:
+        png = mask_png(found.mask, found.top, found.left, job.shape)
+        atomic_write_bytes(job.out / "masks" / f"{job.name}.png", png, durable=False)
+        result.mask_file = f"masks/{job.name}.png"
         rgb = overlay(display, _shown_mask(found, job.display_shape))
         if job.overlays:
             atomic_write_bytes(job.out / "overlays" / f"{job.name}.jpg", jpeg(rgb, quality=90), durable=False)
             result.overlay_file = f"overlays/{job.name}.jpg"
-        write_thumbnail(job.out, job.name, rgb)
-    return result
+        return result, jpeg(thumbnail(rgb), quality=80)
+    return result, None
+
+
+def grey_thumbnail(display: np.ndarray) -> bytes:
+    """A report thumbnail (JPEG) of a display copy with nothing outlined."""
+    return jpeg(thumbnail(display), quality=80)
 
 
 def thumbnail_path(out: Path, name: str) -> Path:
@@ -142,4 +168,4 @@ def thumbnail_path(out: Path, name: str) -> Path:
 
 
 def write_thumbnail(out: Path, name: str, rgb: np.ndarray) -> None:
-    atomic_write_bytes(thumbnail_path(out, name), jpeg(rgb, quality=80, side=192), durable=False)
+    atomic_write_bytes(thumbnail_path(out, name), jpeg(thumbnail(rgb), quality=80), durable=False)

@@ -46,20 +46,21 @@ def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_ru
     return "review" if result.probability >= gate else "routine"
 
 
+def order_key(r: ImageResult) -> tuple[Any, ...]:
+    """Where a row with its tier set stands in the worklist: tier, then (within a tier) readable images by
+    probability and area, errors last of ``review``; ties by image id."""
+    return (
+        TIERS.index(r.tier),
+        r.status != "ok",
+        -(r.probability if r.probability is not None else -1.0),
+        -(r.area_px or 0),
+        r.image_id,
+    )
+
+
 def rank(results: list[ImageResult]) -> list[ImageResult]:
-    """Most urgent first: tier, then (within a tier) readable images by probability and area, errors last of
-    ``review``; ties keep a stable order by image id."""
-
-    def order(r: ImageResult) -> tuple[Any, ...]:
-        return (
-            TIERS.index(r.tier),
-            r.status != "ok",
-            -(r.probability if r.probability is not None else -1.0),
-            -(r.area_px or 0),
-            r.image_id,
-        )
-
-    ranked = sorted(results, key=order)
+    """Most urgent first (:func:`order_key`), numbered from 1."""
+    ranked = sorted(results, key=order_key)
     for i, r in enumerate(ranked, 1):
         r.rank = i
     return ranked

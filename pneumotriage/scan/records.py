@@ -40,11 +40,8 @@ class ImageResult:
     overlay_file: str | None = None
     rle: str = EMPTY
     key: str = ""
-
-    @property
-    def file_stem(self) -> str | None:
-        """The name this image's files (mask, overlay, thumbnail) share, or None for an unreadable file."""
-        return self.mask_file.rsplit("/", 1)[-1][:-4] if self.mask_file else None
+    #: The name this image's files (mask, overlay, thumbnail) share; None for an unreadable file.
+    file_stem: str | None = None
 
 
 @dataclass

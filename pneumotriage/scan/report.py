@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pneumotriage import __version__
-from pneumotriage.io import atomic_open_text
+from pneumotriage.io import atomic_open_text, atomic_write_bytes
 from pneumotriage.scan.finish import thumbnail_path
+from pneumotriage.scan.rank import order_key
 from pneumotriage.scan.records import ImageResult, ScanSummary
 
 _CSS = """
@@ -86,6 +87,35 @@ def _fmt(key: str, value: Any) -> str:
     if key == "probability":
         return f"{float(value):.3f}"
     return str(value)
+
+
+class ReportThumbnails:
+    """The thumbnails of the rows likely to head the worklist, kept in memory while the scan runs (at most about
+    twice ``limit``: memory stays flat). At the end the first ``limit`` rows get theirs written from here, or
+    (images done before a resume) decoded again; the report shows those."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: list[tuple[tuple[Any, ...], str, bytes]] = []
+
+    def offer(self, result: ImageResult, thumb: bytes) -> None:
+        if self.limit <= 0 or result.file_stem is None:
+            return
+        self._kept.append((order_key(result), result.file_stem, thumb))
+        if len(self._kept) >= 2 * self.limit:
+            self._kept.sort(key=lambda kept: kept[0])
+            del self._kept[self.limit :]
+
+    def write(self, out: Path, ranked: Sequence[ImageResult], missing: Callable[[list[ImageResult]], None]) -> None:
+        """Write the thumbnails of the first rows that have none; ``missing`` makes those not kept."""
+        kept = {stem: thumb for _, stem, thumb in self._kept}
+        wanted = [
+            r for r in ranked if r.status == "ok" and r.file_stem and not thumbnail_path(out, r.file_stem).exists()
+        ][: self.limit]
+        for r in wanted:
+            if r.file_stem in kept:
+                atomic_write_bytes(thumbnail_path(out, r.file_stem), kept[r.file_stem], durable=False)
+        missing([r for r in wanted if r.file_stem not in kept])
 
 
 def iter_thumbnails(out: Path, results: Sequence[ImageResult]) -> Iterator[tuple[ImageResult, bytes | None]]:

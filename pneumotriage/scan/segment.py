@@ -13,7 +13,8 @@ from pneumotriage.scan.classify import _input
 def segment(
     model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool, *, bf16: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probability maps (B, S, S) on the device and image-level scores (B,)."""
+    """Probability maps (B, S, S) on the device and image-level scores (B,): the segmenter's own head where it
+    has one, else the map's maximum."""
     x = _input(images, device)
     with autocast_for(device, bf16):
         out = model.model(x)

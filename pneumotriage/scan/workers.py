@@ -22,9 +22,9 @@ import torch
 
 from pneumotriage.dicom import DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
-from pneumotriage.scan.decode import DISPLAY, SlotArena, decode_into, display_shape, make_display
+from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display
 from pneumotriage.scan.discover import Found
-from pneumotriage.scan.finish import FinishJob, finish, write_thumbnail
+from pneumotriage.scan.finish import THUMBNAIL, FinishJob, finish, grey_thumbnail, overlay, write_thumbnail
 from pneumotriage.scan.read import read
 from pneumotriage.scan.records import ImageResult
 
@@ -43,6 +43,8 @@ class Decoded:
     spacing: tuple[float, float] | None = None
     jpeg: bytes | None = None
     invert: bool = False
+    #: The report thumbnail in case nothing is outlined (JPEG; a few kB).
+    thumb: bytes | None = None
 
     @property
     def display_shape(self) -> tuple[int, int]:
@@ -76,6 +78,7 @@ def decode_task(found: Found, slot: int, want_jpeg: bool) -> Decoded:
             decoded.shape = h.shape or (0, 0)
         else:
             decoded.shape = decode_into(source, _ARENA, slot)
+            decoded.thumb = grey_thumbnail(_ARENA.display(slot, decoded.display_shape))
         return decoded
     except NotDicomError as exc:
         return Decoded("skipped", error=str(exc))
@@ -85,20 +88,29 @@ def decode_task(found: Found, slot: int, want_jpeg: bool) -> Decoded:
         return Decoded("error", error=f"{found.path}: cannot be read ({type(exc).__name__}: {exc})")
 
 
-def finish_task(job: FinishJob, slot: int) -> ImageResult:
+def finish_task(job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:
     assert _ARENA is not None
-    probs = _ARENA.map(slot) if job.segmented else None
-    return finish(job, probs, _ARENA.display(slot, job.display_shape))
+    return finish(job, _ARENA.map(slot), _ARENA.display(slot, job.display_shape))
 
 
-def thumbnail_task(path: str, out: Path, name: str) -> bool:
-    """Decode ``path`` again and write its (grey) report thumbnail; False when it no longer reads."""
+def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None) -> bool:
+    """Decode ``path`` again and write its report thumbnail, with its outline from ``mask_file`` (relative to
+    ``out``) where it has one; False when it no longer reads."""
     try:
-        image = read_dicom(path, reduce_to=DISPLAY)
+        image = read_dicom(path, reduce_to=THUMBNAIL)  # JPEG Baseline decodes at 1/4 or 1/8 of its size
     except (DicomError, OSError, ValueError, RuntimeError, MemoryError):
         return False
-    shown = make_display(torch.from_numpy(image.pixels), display_shape(image.original_shape)).numpy()
-    write_thumbnail(out, name, np.repeat(shown[:, :, None], 3, axis=2))
+    h, w = image.original_shape
+    scale = min(1.0, THUMBNAIL / max(h, w))
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    shown = make_display(torch.from_numpy(image.pixels), shape).numpy()
+    outline = np.zeros(shape, dtype=bool)
+    if mask_file:
+        from PIL import Image
+
+        with Image.open(out / mask_file) as mask:
+            outline = np.asarray(mask.convert("L").resize(shape[::-1], Image.Resampling.BOX)) >= 128
+    write_thumbnail(out, name, overlay(shown, outline))
     return True
 
 
