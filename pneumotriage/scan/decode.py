@@ -15,6 +15,7 @@ of :func:`pneumotriage.dicom.read_dicom` (percentile normalisation on the same s
 from __future__ import annotations
 
 import mmap
+import warnings
 from collections.abc import Sequence
 from multiprocessing import shared_memory
 
@@ -149,7 +150,11 @@ def decode_jpegs_on_device(
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in frames]
-    decoded = decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work, and
+        # torchvision <= 0.29.1 is what this package supports.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
     shapes = [(int(d.shape[-2]), int(d.shape[-1])) for d in decoded]
     out = {size: torch.empty(len(frames), 1, size, size, device=device) for size in sizes}
     groups: dict[tuple[int, int], list[int]] = {}

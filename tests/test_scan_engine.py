@@ -1,0 +1,297 @@
+"""The scan engine's stages: streaming discovery, sizes from the pixel data, the window-only post-processing, the
+mask PNG writer, the models' inference set-up, and JPEG decoding on the device's code path."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from PIL import Image
+
+from pneumotriage.dicom import MAX_SIDE, jpeg_frame_size, read_dicom
+from pneumotriage.errors import CorruptPixelDataError
+from pneumotriage.models import LoadedModel, ModelSpec, build_model
+from pneumotriage.postprocess import outline, resize_full, resize_window
+from pneumotriage.scan import ScanOptions, run
+from pneumotriage.scan.classify import prepare_models
+from pneumotriage.scan.decode import decode_jpegs_on_device
+from pneumotriage.scan.discover import Found, found_files
+from pneumotriage.scan.png import mask_png
+from pneumotriage.scan.read import read
+from pneumotriage.synth import StudySummary
+
+
+def _loaded(spec: ModelSpec) -> LoadedModel:
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    return LoadedModel(model, spec, {}, {"clinical": True}, None, "0" * 64, spec.title)
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> tuple[LoadedModel, LoadedModel]:
+    return (
+        _loaded(ModelSpec("classifier", "resnet34", input_size=64)),
+        _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=64)),
+    )
+
+
+def _dicoms(study: StudySummary) -> list[Path]:
+    return sorted(study.out.rglob("*.dcm"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sizes come from the pixel data; oversized headers are refused before any allocation
+
+
+def test_header_that_disagrees_with_its_jpeg_is_refused(study: StudySummary, tmp_path: Path) -> None:
+    path = tmp_path / "lying.dcm"
+    ds = pydicom.dcmread(_dicoms(study)[0])
+    ds.Rows, ds.Columns = 96, 80  # the JPEG inside is 128 x 128
+    ds.save_as(path)
+    with pytest.raises(CorruptPixelDataError, match=r"96 x 80 px but the JPEG pixel data is 128 x 128"):
+        read_dicom(path, reduce_to=64)
+    with pytest.raises(CorruptPixelDataError, match="96 x 80"):
+        read(path, want_jpeg=True)
+
+
+def test_scan_gives_an_error_row_never_a_mask_of_the_headers_size(
+    study: StudySummary, tiny_models: tuple[LoadedModel, LoadedModel], tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good, lying = _dicoms(study)[:2]
+    shutil.copy(good, folder / "good.dcm")
+    ds = pydicom.dcmread(lying)
+    ds.Rows = 200
+    ds.save_as(folder / "lying.dcm")
+    clf, seg = tiny_models
+    summary = run([folder], tmp_path / "out", classifier=clf, segmenter=seg, options=ScanOptions(workers=0, gate=0.0))
+    rows = {Path(r.path).name: r for r in summary.results}
+    assert rows["lying.dcm"].status == "error" and "200 x 128 px" in (rows["lying.dcm"].error or "")
+    assert rows["lying.dcm"].mask_file is None and rows["lying.dcm"].rle == "-1"
+    assert rows["good.dcm"].status == "ok" and (rows["good.dcm"].rows, rows["good.dcm"].columns) == (128, 128)
+
+
+def test_jpeg_frame_size_reads_the_start_of_frame(study: StudySummary) -> None:
+    ds = pydicom.dcmread(_dicoms(study)[0])
+    from pydicom.encaps import generate_frames
+
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert jpeg_frame_size(frame) == (128, 128)
+    assert jpeg_frame_size(b"not a jpeg") is None
+    assert jpeg_frame_size(frame[:20]) is None  # cut before its frame header
+
+
+def test_declared_60000_square_is_refused_without_allocating(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows = ds.Columns = 60000
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    ds.PixelData = bytes(64)  # a lie: 7.2 GB declared
+    path = tmp_path / "huge.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptPixelDataError, match=f"60000 x 60000 exceeds the {MAX_SIDE} px"):
+            read_dicom(path, reduce_to=512)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# streaming: the first batch reaches the models while discovery is still walking
+
+
+def test_first_batch_is_classified_before_discovery_ends(
+    study: StudySummary, tiny_models: tuple[LoadedModel, LoadedModel], tmp_path: Path
+) -> None:
+    """A discovery that hands over 3 files, then blocks (a slow network share): the scan must classify those
+    3 while it waits, and finish all 12 once the walk goes on."""
+    released = threading.Event()
+    classified_while_blocked: list[int] = []
+    files = list(found_files([study.out]))
+    files = [f for f in files if f.path.suffix == ".dcm"]
+
+    def slow_walk() -> Iterator[Found]:
+        yield from files[:3]
+        # Blocks until the scan reports a classified batch (or 60 s, so a broken engine fails, never hangs).
+        released.wait(timeout=60)
+        yield from files[3:]
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["event"] == "batch" and not released.is_set() and event["classified"]:
+            classified_while_blocked.append(event["classified"])
+            released.set()
+
+    clf, seg = tiny_models
+    summary = run(
+        [study.out],
+        tmp_path / "out",
+        classifier=clf,
+        segmenter=seg,
+        options=ScanOptions(workers=1, batch_size=4),
+        progress=progress,
+        files=slow_walk(),
+    )
+    assert classified_while_blocked and classified_while_blocked[0] <= 3
+    assert summary.counts["classified"] == 12 and len(summary.results) == 12
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_is_passed_over_without_being_opened(study: StudySummary, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(study.out, folder)
+    os.mkfifo(folder / "p.dcm")  # opening it would block for ever
+    code = (
+        "import sys, pathlib; from pneumotriage.scan.discover import found_files; "
+        "print(len(list(found_files([pathlib.Path(sys.argv[1])]))))"
+    )
+    # In a child process under a timeout: a discovery that opened the FIFO would block, and fail here, not hang.
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == sum(1 for p in study.out.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# post-processing inside the window; the mask PNG writer
+
+
+def test_resize_matches_torch_and_the_window_matches_the_whole() -> None:
+    rng = np.random.default_rng(3)
+    for (h, w), shape in (((32, 32), (48, 40)), ((64, 64), (1955, 1841)), ((16, 16), (7, 5)), ((8, 8), (8, 8))):
+        p = (rng.random((h, w)) ** 4).astype(np.float32)
+        full = resize_full(p, shape)
+        reference = F.interpolate(torch.from_numpy(p)[None, None], size=shape, mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(full, reference[0, 0].numpy(), atol=1e-5)
+        window = resize_window(p, shape, 0.8)
+        assert window is not None
+        wh, ww = window.values.shape
+        np.testing.assert_array_equal(window.values, full[window.top : window.top + wh, window.left : window.left + ww])
+        outside = np.ones(shape, dtype=bool)
+        outside[window.top : window.top + wh, window.left : window.left + ww] = False
+        assert not (full[outside] > 0.8).any()
+    assert resize_window(np.zeros((8, 8), np.float32), (16, 16), 0.5) is None
+
+
+def test_outline_is_the_whole_image_rule_in_a_window() -> None:
+    from pneumotriage.postprocess import remove_small_components, scaled_area, triplet_keep
+
+    rng = np.random.default_rng(4)
+    noise = torch.from_numpy(rng.random((1, 1, 8, 8)).astype(np.float32))
+    p = (F.interpolate(noise, size=(64, 64), mode="bicubic", align_corners=False)[0, 0].clamp(0, 1) ** 2).numpy()
+    t = {"top_score": 0.5, "min_area": 200.0, "bottom_score": 0.3, "min_component": 3000.0}
+    found = outline(p, (100, 90), **t)
+    expected = resize_full(p, (100, 90)) > t["bottom_score"]
+    expected = remove_small_components(expected, scaled_area(t["min_component"], (100, 90)))
+    assert bool(triplet_keep(p[None], top_score=0.5, min_area=200.0)[0])
+    assert found is not None
+    np.testing.assert_array_equal(found.full(), expected)
+    assert outline(p, (100, 90), **{**t, "top_score": 1.0}) is None  # no pixel above 1: the triplet says no
+
+
+def test_mask_png_decodes_to_the_mask() -> None:
+    rng = np.random.default_rng(0)
+    for shape in ((1024, 1024), (1955, 1841), (7, 5), (300, 1)):
+        h, w = shape
+        top, left = int(rng.integers(0, h)), int(rng.integers(0, w))
+        crop = rng.random((int(rng.integers(1, h - top + 1)), int(rng.integers(1, w - left + 1)))) < 0.5
+        expected = np.zeros(shape, np.uint8)
+        expected[top : top + crop.shape[0], left : left + crop.shape[1]] = crop * 255
+        image = Image.open(io.BytesIO(mask_png(crop, top, left, shape)))
+        assert image.mode == "L" and image.size == (w, h)
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    empty = np.asarray(Image.open(io.BytesIO(mask_png(np.zeros((0, 0), bool), 0, 0, (64, 32)))))
+    assert empty.shape == (64, 32) and not empty.any()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inference set-up; JPEG decoding on the device's code path
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec("classifier", "densenet121", input_size=64),
+        ModelSpec("classifier", "resnet50", input_size=64, normalisation="xrv", outputs=18, output_index=3),
+        ModelSpec("classifier", "efficientnet_b0", input_size=64),
+        ModelSpec("segmenter", "unet", "resnet34", input_size=64),
+        ModelSpec("segmenter", "unetpp", "vgg19_bn", input_size=64),
+        ModelSpec("segmenter", "double_unet", "efficientnet_b0", input_size=64),
+    ],
+    ids=lambda s: s.title,
+)
+def test_prepared_models_agree_with_the_originals(spec: ModelSpec) -> None:
+    """Batch norm folded into the convolutions and channels_last change nothing but float rounding, and the
+    caller's model is left as it was."""
+    original = _loaded(spec)
+    before = {k: v.clone() for k, v in original.model.state_dict().items()}
+    (prepared,) = prepare_models(torch.device("cpu"), original)
+    assert prepared is not None and prepared.model is not original.model
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        a, b = original.model(x), prepared.model(x.contiguous(memory_format=torch.channels_last))
+    a, b = (a["mask"], b["mask"]) if isinstance(a, dict) else (a, b)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert all(torch.equal(v, before[k]) for k, v in original.model.state_dict().items())
+
+
+def test_jpeg_decoded_on_the_device_path_matches_the_workers(study: StudySummary) -> None:
+    """The batch decoder for CUDA (nvJPEG there, libjpeg-turbo here) gives the images the workers give, up to
+    the codecs' rounding and the resize order."""
+    paths = _dicoms(study)[:4]
+    sources = [read(p, want_jpeg=True) for p in paths]
+    assert all(s.jpeg is not None for s in sources)
+    on_device, displays, shapes = decode_jpegs_on_device(
+        [s.jpeg or b"" for s in sources], [s.invert for s in sources], [64], torch.device("cpu")
+    )
+    assert shapes == [(128, 128)] * 4 and on_device[64].shape == (4, 1, 64, 64)
+    for i, path in enumerate(paths):
+        reference = F.interpolate(
+            torch.from_numpy(read_dicom(path).pixels)[None, None], size=(64, 64), mode="bilinear", antialias=True
+        )[0, 0]
+        assert float((on_device[64][i, 0] - reference).abs().mean()) < 0.01
+        assert displays[i].dtype == torch.uint8 and tuple(displays[i].shape) == (128, 128)
+
+
+def test_scan_with_jpeg_on_the_device_path_agrees(
+    study: StudySummary, tiny_models: tuple[LoadedModel, LoadedModel], tmp_path: Path
+) -> None:
+    clf, seg = tiny_models
+    results = {}
+    for where in ("workers", "device"):
+        summary = run(
+            [study.out],
+            tmp_path / where,
+            classifier=clf,
+            segmenter=seg,
+            options=ScanOptions(workers=1, jpeg_decode=where, segment_all=True),
+        )
+        results[where] = {r.image_id: r for r in summary.results}
+    assert results["workers"].keys() == results["device"].keys()
+    assert sum(r.status == "ok" for r in results["device"].values()) == 12
+    for image_id, r in results["workers"].items():
+        other = results["device"][image_id]
+        assert r.status == other.status  # the label CSV and manifest beside the images: not DICOM either way
+        if r.status == "ok":
+            assert other.probability == pytest.approx(r.probability, abs=0.05)
