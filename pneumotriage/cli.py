@@ -326,6 +326,7 @@ def scan(
         False
     ),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
+    overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
@@ -362,6 +363,7 @@ def scan(
         rle_relative=rle == "relative",
         no_phi=no_phi,
         resume=resume,
+        overlays=overlays,
     )
     loaded_cls = _load(classifier, "classifier")
     loaded_seg = _load(segmenter, "segmenter")

@@ -36,7 +36,7 @@ from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
 from pneumotriage.losses import ComboLoss, parse_loss
-from pneumotriage.metrics import binary_metrics, roc_auc, youden_threshold
+from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
 from pneumotriage.postprocess import triplet_keep
 from pneumotriage.runtime import PRECISIONS, autocast_for, pick_device, use_bf16
@@ -77,6 +77,10 @@ class TrainConfig:
     patience: int | None = None
     relative_rle: bool = True
     precision: str = "auto"
+    #: Classifier: choose the gate as the highest threshold that keeps this share of the validation positives
+    #: (a triage cascade's operating point: the segmenter's triplet rule removes what it lets through); None:
+    #: Youden's J (sensitivity + specificity - 1 at its largest).
+    gate_sensitivity: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_LOSS:
@@ -326,12 +330,16 @@ def predict(
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
-def validation_metrics(kind: str, pred: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Summary figures of :func:`predict`'s per-image results."""
+def validation_metrics(kind: str, pred: dict[str, np.ndarray], gate_sensitivity: float | None = None) -> dict[str, Any]:
+    """Summary figures of :func:`predict`'s per-image results; a classifier's gate by Youden's J, or for
+    ``gate_sensitivity`` (where the validation set has positives)."""
     y, s = pred["labels"], pred["scores"]
     metrics: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "auc": roc_auc(y, s)}
     if kind == "classifier":
-        gate = youden_threshold(y, s)
+        if gate_sensitivity is not None and y.any():
+            gate = threshold_for_sensitivity(y, s, gate_sensitivity)
+        else:
+            gate = youden_threshold(y, s)
         metrics["gate"] = gate
         at = binary_metrics(y, s, gate)
         metrics.update({k: at[k] for k in ("precision", "recall", "specificity", "f1")})
@@ -504,7 +512,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             row: dict[str, Any] = {}
             if dist.main:
                 pred = predict(unwrap(net), val_loader, device, cfg.kind, thresholds, bf16)
-                metrics = validation_metrics(cfg.kind, pred)
+                metrics = validation_metrics(cfg.kind, pred, cfg.gate_sensitivity)
                 value = float(metrics[selection])
                 improved = _better(value, best_value)
                 row = {

@@ -90,8 +90,10 @@ def test_segmenter_learns(learn_studies: tuple[StudySummary, StudySummary], tmp_
     torch.manual_seed(0)
     untrained = build_model(ModelSpec("segmenter", "unet", "resnet34", input_size=SIZE))
     before = _held_out(test_study, untrained, "segmenter")
+    # 12 epochs reached 0.598 in float32 on an AVX2 CPU (0.6 and more where the CPU's kernels round otherwise):
+    # 15, as the classifier gets, leaves room on every machine.
     result = train(
-        _config("segmenter", train_study, tmp_path / "run", epochs=12, positive_share=(0.8, 0.4)),
+        _config("segmenter", train_study, tmp_path / "run", epochs=15, positive_share=(0.8, 0.4)),
     )
     after = _held_out(test_study, load_model(result.run_dir / "best.pt").model, "segmenter")
     assert after["dice_positives"] >= 0.6, (before, after)
