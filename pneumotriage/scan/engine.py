@@ -10,7 +10,6 @@ memory stays flat whatever the folder's size; results reach the journal in the o
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +39,9 @@ from pneumotriage.scan.segment import segment
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, finish_task, thumbnail_task
 
 Progress = Callable[[dict[str, Any]], None]
+#: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
+#: so the workers fill the models' idle moments instead of taking cores from them.
+WORKER_NICE = 10
 _NO_DISPLAY = np.zeros((0, 0), dtype=np.uint8)
 
 
@@ -154,7 +156,8 @@ class Stream:
         decoded: dict[int, torch.Tensor] = {}
         if on_device:
             on_device, decoded = self._decode_on_device(on_device, failed)
-            items = [it for it in items if it.decoded.jpeg is None or it in on_device]
+            kept = {id(it) for it in on_device}
+            items = [it for it in items if it.decoded.jpeg is None or id(it) in kept]
         if not items:
             return Batch([], {}, failed)
         inputs: dict[int, torch.Tensor] = {}
@@ -274,122 +277,126 @@ def run(
     map_size = segmenter.spec.input_size if segmenter is not None else None
 
     threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(plan.torch_threads)
-    classifier, segmenter = prepare_models(device, classifier, segmenter)
-    window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
-    # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
-    # tasks queue behind decode tasks): too few and the workers starve.
-    slots = 3 * window + 2 * plan.batch_size
-    counts = {"decoded": 0, "classified": 0, "segmented": 0, "errors": 0}
-    seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
-    skipped_rows: list[ImageResult] = []
-    # Images on their way to the journal, in the order found: (slot held or -1, result, report thumbnail).
-    finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None]] = deque()
-    thumbs = ReportThumbnails(o.report_thumbnails)
-    synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
-    model_s = 0.0
-    nice = int(os.environ.get("PT_NICE", "10")) if device.type == "cpu" and plan.workers > 0 else 0
-    with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
+    try:
+        if device.type == "cpu":
+            torch.set_num_threads(plan.torch_threads)
+        classifier, segmenter = prepare_models(device, classifier, segmenter)
+        window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
+        # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
+        # tasks queue behind decode tasks): too few and the workers starve.
+        slots = 3 * window + 2 * plan.batch_size
+        counts = {"decoded": 0, "classified": 0, "segmented": 0, "errors": 0}
+        seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
+        skipped_rows: list[ImageResult] = []
+        # Images on their way to the journal, in the order found: (slot held or -1, result, report thumbnail).
+        finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None]] = deque()
+        thumbs = ReportThumbnails(o.report_thumbnails)
+        synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
+        model_s = 0.0
+        nice = WORKER_NICE if device.type == "cpu" else 0
+        with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
 
-        def drain(block: bool) -> bool:
-            """Journal finished images from the head of the queue; True when one was."""
-            any_done = False
-            while finishing and (finishing[0][1].done() or (block and not any_done)):
-                slot, future, grey = finishing.popleft()
-                result, outlined = future.result()
-                journal.add(result)
-                if slot >= 0:
-                    stream.release(slot)
-                thumb = outlined or grey
-                if thumb is not None:
-                    result.tier = tier_of(result, t["gate"], o, segmenter is not None)
-                    thumbs.offer(result, thumb)
-                any_done = True
-            if time.perf_counter() - synced[0] > 1.0:  # durable against a power cut at least every second
-                journal.sync()
-                synced[0] = time.perf_counter()
-            return any_done
+            def drain(block: bool) -> bool:
+                """Journal finished images from the head of the queue; True when one was."""
+                any_done = False
+                while finishing and (finishing[0][1].done() or (block and not any_done)):
+                    slot, future, grey = finishing.popleft()
+                    result, outlined = future.result()
+                    journal.add(result)
+                    if slot >= 0:
+                        stream.release(slot)
+                    thumb = outlined or grey
+                    if thumb is not None:
+                        result.tier = tier_of(result, t["gate"], o, segmenter is not None)
+                        thumbs.offer(result, thumb)
+                    any_done = True
+                if time.perf_counter() - synced[0] > 1.0:  # durable against a power cut at least every second
+                    journal.sync()
+                    synced[0] = time.perf_counter()
+                return any_done
 
-        def seen_or_done(found: Found) -> bool:
-            seen.append(found.key)
-            return found.key in journal.done
+            def seen_or_done(found: Found) -> bool:
+                seen.append(found.key)
+                return found.key in journal.done
 
-        discovery = Discovery(roots, files)
-        stream = Stream(
-            discovery,
-            workers,
-            batch_size=plan.batch_size,
-            window=window,
-            device=device,
-            jpeg_on_device=plan.jpeg_on_device,
-            skip=seen_or_done,
-            on_wait=drain,
-        )
-        emit({"event": "start", "resumed": resumed, "plan": plan.as_dict()})
-        for batch in stream:
-            for found, decoded in batch.failed:
-                row = _error_row(found, decoded)
-                if decoded.status == "skipped":
-                    skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
-                else:
-                    finishing.append((-1, _done((row, None)), None))
-                counts["errors"] += 1
-            n = len(batch.items)
-            if n:
-                t0 = time.perf_counter()
-                probs = None
-                if classifier is not None:
-                    probs = classify(classifier, batch.inputs[classifier.spec.input_size], device, bf16=bf16)
-                    counts["classified"] += n
-                chosen = to_segment(probs, n, t["gate"], segment_all=o.segment_all) if segmenter is not None else []
-                scores: dict[int, float] = {}
-                if chosen and segmenter is not None:
-                    x = batch.inputs[segmenter.spec.input_size]
-                    maps, present = segment(segmenter, x[chosen] if len(chosen) < n else x, device, o.tta, bf16=bf16)
-                    maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
-                    for j, i in enumerate(chosen):
-                        workers.arena.map(batch.items[i].slot)[...] = maps_np[j]
-                        scores[i] = float(present_np[j])
-                    counts["segmented"] += len(chosen)
-                model_s += time.perf_counter() - t0
-                counts["decoded"] += n
-                for i, item in enumerate(batch.items):
-                    d = item.decoded
-                    job = FinishJob(
-                        name=safe_name(item.found.image_id, taken),
-                        identity={"image_id": item.found.image_id, **d.identity},
-                        shape=d.shape,
-                        display_shape=d.display_shape,
-                        spacing=d.spacing,
-                        probability=float(probs[i]) if probs is not None else scores.get(i),
-                        segmented=i in scores,
-                        thresholds=t,
-                        overlays=o.overlays,
-                        out=out,
-                    )
-                    thumb = d.thumb
-                    if job.segmented:  # post-processing and encoding, in a worker, from the slot
-                        finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
-                    else:  # nothing to compute or write: finished here, the slot free at once
-                        finishing.append((-1, _done(finish(job, None, _NO_DISPLAY)), thumb))
-                        stream.release(item.slot)
-            drain(False)
-            emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
-        while finishing:
-            drain(True)
-        journal.close()
+            discovery = Discovery(roots, files)
+            stream = Stream(
+                discovery,
+                workers,
+                batch_size=plan.batch_size,
+                window=window,
+                device=device,
+                jpeg_on_device=plan.jpeg_on_device,
+                skip=seen_or_done,
+                on_wait=drain,
+            )
+            emit({"event": "start", "resumed": resumed, "plan": plan.as_dict()})
+            for batch in stream:
+                for found, decoded in batch.failed:
+                    row = _error_row(found, decoded)
+                    if decoded.status == "skipped":
+                        skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
+                    else:
+                        finishing.append((-1, _done((row, None)), None))
+                    counts["errors"] += 1
+                n = len(batch.items)
+                if n:
+                    t0 = time.perf_counter()
+                    probs = None
+                    if classifier is not None:
+                        probs = classify(classifier, batch.inputs[classifier.spec.input_size], device, bf16=bf16)
+                        counts["classified"] += n
+                    chosen = to_segment(probs, n, t["gate"], segment_all=o.segment_all) if segmenter is not None else []
+                    scores: dict[int, float] = {}
+                    if chosen and segmenter is not None:
+                        x = batch.inputs[segmenter.spec.input_size]
+                        maps, present = segment(
+                            segmenter, x[chosen] if len(chosen) < n else x, device, o.tta, bf16=bf16
+                        )
+                        maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
+                        for j, i in enumerate(chosen):
+                            workers.arena.map(batch.items[i].slot)[...] = maps_np[j]
+                            scores[i] = float(present_np[j])
+                        counts["segmented"] += len(chosen)
+                    model_s += time.perf_counter() - t0
+                    counts["decoded"] += n
+                    for i, item in enumerate(batch.items):
+                        d = item.decoded
+                        job = FinishJob(
+                            name=safe_name(item.found.image_id, taken),
+                            identity={"image_id": item.found.image_id, **d.identity},
+                            shape=d.shape,
+                            display_shape=d.display_shape,
+                            spacing=d.spacing,
+                            probability=float(probs[i]) if probs is not None else scores.get(i),
+                            segmented=i in scores,
+                            thresholds=t,
+                            overlays=o.overlays,
+                            out=out,
+                        )
+                        thumb = d.thumb
+                        if job.segmented:  # post-processing and encoding, in a worker, from the slot
+                            finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
+                        else:  # nothing to compute or write: finished here, the slot free at once
+                            finishing.append((-1, _done(finish(job, None, _NO_DISPLAY)), thumb))
+                            stream.release(item.slot)
+                drain(False)
+                emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
+            while finishing:
+                drain(True)
+            journal.close()
 
-        results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done] + skipped_rows
-        if not results:
-            raise UsageError("no DICOM files found", path=roots[0] if roots else None)
-        segmented_run = segmenter is not None
-        for r in results:
-            r.tier = tier_of(r, t["gate"], o, segmented_run)
-        ranked = rank(results)
-        thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
-    if device.type == "cpu":
+            results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done] + skipped_rows
+            if not results:
+                raise UsageError("no DICOM files found", path=roots[0] if roots else None)
+            segmented_run = segmenter is not None
+            for r in results:
+                r.tier = tier_of(r, t["gate"], o, segmented_run)
+            ranked = rank(results)
+            thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
+    finally:
         torch.set_num_threads(threads_before)
+        journal.close()
     counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
     notes = []
     if o.no_segment:

@@ -68,5 +68,6 @@ class Journal:
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        self.sync()
-        self._fh.close()
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
