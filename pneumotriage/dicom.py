@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -399,23 +400,35 @@ def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader |
 
     The order is stable: each folder's files by name, then its sub-folders by name.
 
-    Header-only: no pixel data is read. Hidden files (``.DS_Store`` and friends) are passed over.
+    Header-only: no pixel data is read. Hidden files (``.DS_Store`` and friends) are passed over, and so are
+    sockets, FIFOs and devices (:func:`walk_files`).
     """
     roots = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    for path, _ in walk_files(roots):
+        try:
+            yield read_header(path)
+        except DicomError as err:
+            yield SkippedFile(path=path, reason=err.message)
+
+
+def walk_files(roots: Iterable[Path]) -> Iterator[tuple[Path, os.stat_result | None]]:
+    """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
+    order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
+    and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks). A path that cannot be
+    ``stat``-ed comes with None: reading it then says why."""
     for root in roots:
-        for path in _walk(root):
+        for path in _paths(root):
             try:
-                yield read_header(path)
-            except DicomError as err:
-                yield SkippedFile(path=path, reason=err.message)
+                st: os.stat_result | None = path.stat()
+            except OSError:
+                st = None
+            if st is None or stat.S_ISREG(st.st_mode):
+                yield path, st
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    if root.is_file():
-        yield root
-        return
+def _paths(root: Path) -> Iterator[Path]:
     if not root.is_dir():
-        yield root  # read_header then reports that it cannot be read
+        yield root  # a file, or a path that reading will report
         return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

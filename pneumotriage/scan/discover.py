@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import queue
-import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumotriage.dicom import image_id_for
+from pneumotriage.dicom import image_id_for, walk_files
 
 
 @dataclass(frozen=True)
@@ -33,29 +32,9 @@ def file_key(path: Path, st: os.stat_result | None = None) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def walk(roots: Iterable[Path]) -> Iterator[Path]:
-    """Regular files under ``roots`` (files themselves, or folders at any depth), in a stable order: each folder's
-    files by name, then its sub-folders by name. Hidden files and folders are passed over."""
-    for root in roots:
-        if not root.is_dir():
-            yield root  # a file, or a path the worker will report as unreadable
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    yield Path(dirpath) / name
-
-
 def found_files(roots: Iterable[Path]) -> Iterator[Found]:
-    """:func:`walk`, keeping regular files (symbolic links followed) and keying each."""
-    for path in walk(roots):
-        try:
-            st = path.stat()
-        except OSError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            continue  # FIFO, socket or device: never opened
+    """:func:`pneumotriage.dicom.walk_files` (regular files only, never opened here), each keyed."""
+    for path, st in walk_files(roots):
         key = file_key(path, st) if st is not None else f"{path}|missing"
         yield Found(path, image_id_for(path), key)
 
