@@ -650,7 +650,11 @@ SegmentAll = Annotated[bool, typer.Option(help="Segment every image, not only th
 Tta = Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 ScanBatch = Annotated[
-    str, typer.Option("--batch-size", help="Images per model batch, or auto (1 on a CPU, 64 on a GPU).")
+    str,
+    typer.Option(
+        "--batch-size",
+        help="Images per model batch, or auto (on a CPU 1 at 512 px, up to 8 for small inputs; 64 on a GPU).",
+    ),
 ]
 ScanWorkers = Annotated[
     str,

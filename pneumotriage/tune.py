@@ -175,7 +175,10 @@ def predict(
             return cached, folder
 
     torch_device = pick_device(device)
-    plan = plan_for(ScanOptions(batch_size=batch_size, workers=workers, device=device), torch_device)
+    options = ScanOptions(batch_size=batch_size, workers=workers, device=device)
+    plan = plan_for(
+        options, torch_device, max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else []))
+    )
     size = segmenter.spec.input_size
     sizes = [size] + ([classifier.spec.input_size] if classifier is not None else [])
     n = len(records)

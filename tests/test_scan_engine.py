@@ -295,3 +295,28 @@ def test_scan_with_jpeg_on_the_device_path_agrees(
         assert r.status == other.status  # the label CSV and manifest beside the images: not DICOM either way
         if r.status == "ok":
             assert other.probability == pytest.approx(r.probability, abs=0.05)
+
+
+def test_the_scan_package_has_no_import_cycle() -> None:
+    """Each stage imports only stages below it: no module of ``pneumotriage.scan`` reaches itself again through
+    its imports (function-level imports included)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "pneumotriage" / "scan"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        name = f"pneumotriage.scan.{path.stem}" if path.stem != "__init__" else "pneumotriage.scan"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pneumotriage.scan."):
+                targets.add(node.module)
+        graph[name] = targets
+
+    def reaches(start: str, node: str, seen: set[str]) -> bool:
+        for nxt in graph.get(node, ()):
+            if nxt == start or (nxt not in seen and (seen.add(nxt) or reaches(start, nxt, seen))):
+                return True
+        return False
+
+    assert len(graph) >= 14
+    assert [m for m in graph if reaches(m, m, set())] == []

@@ -262,7 +262,7 @@ def run(
             raise UsageError("no such file or folder", path=p)
     t = scan_thresholds(classifier, segmenter, o)
     device = pick_device(o.device)
-    plan = plan_for(o, device)
+    plan = plan_for(o, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
     bf16 = use_bf16(device, o.precision)
     models = [m for m in (_model_info(classifier, "classifier"), _model_info(segmenter, "segmenter")) if m]
     signature = {"version": JOURNAL_VERSION, "models": models, "thresholds": t, "options": o.signature()}
