@@ -333,7 +333,6 @@ def scan(
 ) -> None:
     """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report."""
 
-    from pneumotriage.scan import ScanOptions
     from pneumotriage.scan.outputs import worklist_document, worklist_rows
 
     if rle not in ("relative", "absolute"):
@@ -346,7 +345,9 @@ def scan(
             "--segmenter (a registry name or a checkpoint file), e.g. --classifier xrv-resnet50-res512-all "
             "--no-segment; `pneumotriage weights list` shows what there is"
         )
-    options = ScanOptions(
+    options = _scan_options(
+        batch_size,
+        workers,
         gate=gate,
         top_score=top_score,
         min_area=min_area,
@@ -356,8 +357,6 @@ def scan(
         no_segment=no_segment,
         tta=tta,
         urgent_probability=urgent_probability,
-        batch_size=_auto_int(batch_size, "--batch-size"),
-        workers=_auto_int(workers, "--workers"),
         device=device,
         precision=precision,
         rle_relative=rle == "relative",
@@ -408,7 +407,6 @@ def submit(
     """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
     mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
     from pneumotriage.labels import read_rle_csv, write_rle_csv
-    from pneumotriage.scan import ScanOptions
     from pneumotriage.scan import run as run_scan
     from pneumotriage.scan.outputs import absolute_rle
 
@@ -425,14 +423,7 @@ def submit(
         work,
         classifier=_load(classifier, "classifier"),
         segmenter=_load(segmenter, "segmenter"),
-        options=ScanOptions(
-            segment_all=segment_all,
-            tta=tta,
-            batch_size=_auto_int(batch_size, "--batch-size"),
-            workers=_auto_int(workers, "--workers"),
-            device=device,
-            resume=resume,
-        ),
+        options=_scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume),
     )
     found = {r.image_id: r.rle for r in summary.results if r.status == "ok"}
     missing = [i for i in sample_ids if i not in found]
@@ -669,6 +660,15 @@ PrecisionOpt = Annotated[
 ]
 CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
+
+
+def _scan_options(batch_size: str, workers: str, **options: Any) -> Any:
+    """:class:`pneumotriage.scan.ScanOptions` from the options scan, submit, evaluate and demo share."""
+    from pneumotriage.scan import ScanOptions
+
+    return ScanOptions(
+        batch_size=_auto_int(batch_size, "--batch-size"), workers=_auto_int(workers, "--workers"), **options
+    )
 
 
 def _auto_int(value: str, option: str) -> int | None:
@@ -987,21 +987,12 @@ def evaluate(
             predictions, labels, data=data, rle_relative=rle == "relative", bootstrap=bootstrap, seed=seed
         )
     else:
-        from pneumotriage.scan import ScanOptions
-
         if data is None:
             raise UsageError("give DATA (labelled DICOMs) to evaluate models, or --predictions to score a CSV")
         if classifier is None and segmenter is None:
             raise UsageError("give --classifier and/or --segmenter (registry names or files), or --predictions")
         loaded_cls, loaded_seg = _load(classifier, "classifier"), _load(segmenter, "segmenter")
-        options = ScanOptions(
-            segment_all=segment_all,
-            tta=tta,
-            batch_size=_auto_int(batch_size, "--batch-size"),
-            workers=_auto_int(workers, "--workers"),
-            device=device,
-            resume=resume,
-        )
+        options = _scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume)
         summary = _run_scan_with_progress([data], out_dir / "scan", loaded_cls, loaded_seg, options, progress)
         source = {
             "mode": "models",
@@ -1161,7 +1152,6 @@ def demo(
     from rich.progress import Progress
 
     from pneumotriage.models import load_model
-    from pneumotriage.scan import ScanOptions
     from pneumotriage.scan import run as run_scan
     from pneumotriage.synth import write_study
     from pneumotriage.weights import WeightCache, load_registry
@@ -1198,7 +1188,7 @@ def demo(
         scan_dir,
         classifier=load_model("demo-classifier"),
         segmenter=load_model("demo-segmenter"),
-        options=ScanOptions(workers=_auto_int(workers, "--workers")),
+        options=_scan_options("auto", workers),
     )
     _print_worklist(result)
     truth = {im.image_id: im.positive for im in summary.images}
