@@ -99,17 +99,19 @@ class SlotArena:
             self._buffer.close()
 
 
-def display_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """The display copy's size for an image of ``shape``: longest side :data:`DISPLAY`, never enlarged."""
+def display_shape(shape: tuple[int, int], side: int = DISPLAY) -> tuple[int, int]:
+    """The size of a copy of an image of ``shape`` whose longest side is ``side``, never enlarged."""
     h, w = shape
-    scale = min(1.0, DISPLAY / max(h, w))
+    scale = min(1.0, side / max(h, w))
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def make_display(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(H, W) float pixels in [0, 1] as a uint8 display copy of ``shape`` (antialiased)."""
+    """(..., H, W) float pixels in [0, 1] as uint8 display copies of ``shape`` (antialiased)."""
     if tuple(pixels.shape[-2:]) != shape:
-        pixels = F.interpolate(pixels[None, None], size=shape, mode="bilinear", antialias=True)[0, 0]
+        lead = pixels.shape[:-2]
+        flat = pixels.reshape(-1, 1, *pixels.shape[-2:])
+        pixels = F.interpolate(flat, size=shape, mode="bilinear", antialias=True).reshape(*lead, *shape)
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -171,9 +173,7 @@ def decode_jpegs_on_device(
             if pixels.shape[-2:] != (size, size):
                 resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             out[size][index] = resized.clamp_(0.0, 1.0)
-        shown = display_shape(shape)
-        small = pixels if shown == shape else F.interpolate(pixels, size=shown, mode="bilinear", antialias=True)
-        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        small = make_display(pixels, display_shape(shape)).cpu()
         for j, i in enumerate(members):
             displays[i] = small[j, 0]
     return out, displays, shapes

@@ -36,7 +36,7 @@ from pneumotriage.scan.rank import rank, safe_name, tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.segment import segment
-from pneumotriage.scan.workers import Decoded, Workers, decode_task, finish_task, thumbnail_task
+from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future, finish_task, thumbnail_task
 
 Progress = Callable[[dict[str, Any]], None]
 #: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
@@ -337,7 +337,7 @@ def run(
                     if decoded.status == "skipped":
                         skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
                     else:
-                        finishing.append((-1, _done((row, None)), None))
+                        finishing.append((-1, done_future((row, None)), None))
                     counts["errors"] += 1
                 n = len(batch.items)
                 if n:
@@ -378,7 +378,7 @@ def run(
                         if job.segmented:  # post-processing and encoding, in a worker, from the slot
                             finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
                         else:  # nothing to compute or write: finished here, the slot free at once
-                            finishing.append((-1, _done(finish(job, None, _NO_DISPLAY)), thumb))
+                            finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb))
                             stream.release(item.slot)
                 drain(False)
                 emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
@@ -423,12 +423,6 @@ def run(
     write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
     emit({"event": "done", **summary.counts})
     return summary
-
-
-def _done(value: tuple[ImageResult, bytes | None]) -> Future[tuple[ImageResult, bytes | None]]:
-    future: Future[tuple[ImageResult, bytes | None]] = Future()
-    future.set_result(value)
-    return future
 
 
 def _decode_thumbnails(workers: Workers, out: Path, rows: Sequence[ImageResult]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from pneumotriage.scan.read import read
 from pneumotriage.scan.records import ImageResult
 
 _ARENA: SlotArena | None = None
+T = TypeVar("T")
 
 
 @dataclass
@@ -100,9 +101,7 @@ def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None) -> bo
         image = read_dicom(path, reduce_to=THUMBNAIL)  # JPEG Baseline decodes at 1/4 or 1/8 of its size
     except (DicomError, OSError, ValueError, RuntimeError, MemoryError):
         return False
-    h, w = image.original_shape
-    scale = min(1.0, THUMBNAIL / max(h, w))
-    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    shape = display_shape(image.original_shape, THUMBNAIL)
     shown = make_display(torch.from_numpy(image.pixels), shape).numpy()
     outline = np.zeros(shape, dtype=bool)
     if mask_file:
@@ -129,8 +128,9 @@ def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int) -> None:
         _ARENA = SlotArena(*layout, inherited=False, name=arena_name)
 
 
-def _done(value: Any) -> Future[Any]:
-    future: Future[Any] = Future()
+def done_future(value: T) -> Future[T]:
+    """A future that already holds ``value``: what runs inline takes the same path as what runs in a worker."""
+    future: Future[T] = Future()
     future.set_result(value)
     return future
 
@@ -163,7 +163,7 @@ class Workers:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._pool is None:
-            return _done(fn(*args))
+            return done_future(fn(*args))
         return self._pool.submit(fn, *args)
 
     def map(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
