@@ -48,6 +48,7 @@ from pneumotriage.scan import ScanOptions
 from pneumotriage.scan import run as scan
 from pneumotriage.scan.classify import prepare_models
 from pneumotriage.scan.discover import Found
+from pneumotriage.scan.options import plan_for
 from pneumotriage.scan.workers import Workers, decode_task
 from pneumotriage.synth import synth_workers, write_study
 
@@ -158,17 +159,21 @@ def ceiling(args: argparse.Namespace, tmp: Path) -> None:
     size = 512
     clf = _stub("classifier", _Constant(), size)
     seg = _stub("segmenter", _OneRegion(), size)
-    print(f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores; torch {torch.__version__}")
+    auto = plan_for(ScanOptions(), torch.device("cpu"), size).workers
+    print(
+        f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores (auto: {auto} worker"
+        f"{'s' if auto != 1 else ''}); torch {torch.__version__}"
+    )
     for workers in args.workers_list:
         decode_alone_s(files[: 2 * workers + 2], workers, size)  # warm the page cache and the code paths
-        base = min(decode_alone_s(files, workers, size) for _ in range(2))
+        base = min(decode_alone_s(files, workers, size) for _ in range(3))
         print(f"{workers} workers: decoding alone {len(files) / base:7.1f} img/s")
         for label, options in (
             ("nothing segmented", ScanOptions(gate=2.0, workers=workers)),
             ("every image outlined", ScanOptions(segment_all=True, workers=workers)),
         ):
             times = []
-            for i in range(2):
+            for i in range(3):
                 t0 = time.perf_counter()
                 summary = scan(
                     [folder], tmp / f"ceiling-{workers}-{label[:4]}-{i}", classifier=clf, segmenter=seg, options=options
@@ -339,7 +344,7 @@ def main() -> int:
         "--n",
         type=int,
         default=None,
-        help="images in the synthetic study (default 32; 256 for --ceiling, 40 for --peer)",
+        help="images in the synthetic study (default 32; 1024 for --ceiling, 40 for --peer)",
     )
     parser.add_argument("--data", type=Path, help="scan this folder instead of a new synthetic study")
     parser.add_argument("--workers", default="auto", help="worker processes, or a list for --ceiling (1,2)")
@@ -364,7 +369,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-scan-bench-"))
     try:
         if args.ceiling:
-            args.n = args.n or 256
+            args.n = args.n or 1024
             args.workers_list = [int(w) for w in (args.workers if args.workers != "auto" else "1,2").split(",")]
             ceiling(args, tmp)
         elif args.peer:

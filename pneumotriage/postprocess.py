@@ -180,7 +180,7 @@ def outline(
     the model's size, then the map resized to the image, thresholded at ``bottom_score``, and 8-connected
     components smaller than ``min_component`` (px at 1024²) dropped. None when nothing is left."""
     p = np.asarray(probs, dtype=np.float32)
-    if not bool(triplet_keep(p[None], top_score=top_score, min_area=min_area)[0]):
+    if np.count_nonzero(p > top_score) < min_confident(min_area, p.shape):  # triplet_keep, for one map
         return None
     window = resize_window(p, shape, bottom_score)
     if window is None:

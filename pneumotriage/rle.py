@@ -82,19 +82,32 @@ def rle_decode(rle: str, height: int, width: int, *, relative: bool = True) -> n
     return mask
 
 
-def rle_encode(mask: np.ndarray, *, relative: bool = True) -> str:
-    """Encode a 2-D mask (any dtype; non-zero is foreground) to a run-length string, ``"-1"`` when empty."""
+def rle_encode(
+    mask: np.ndarray,
+    *,
+    relative: bool = True,
+    origin: tuple[int, int] = (0, 0),
+    shape: tuple[int, int] | None = None,
+) -> str:
+    """Encode a 2-D mask (any dtype; non-zero is foreground) to a run-length string, ``"-1"`` when empty.
+
+    ``mask`` may be a window of a larger image: its first pixel at ``origin`` (row, column) of an image of
+    ``shape``, everything outside the window empty. The code is the whole image's, in time proportional to the
+    window."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
         raise ValueError(f"rle_encode needs a 2-D mask, got shape {arr.shape}")
-    height, width = arr.shape
+    top, left = origin
+    height, width = arr.shape if shape is None else shape
+    if top < 0 or left < 0 or top + arr.shape[0] > height or left + arr.shape[1] > width:
+        raise ValueError(f"a {arr.shape} window at {origin} does not fit an image of {(height, width)}")
     c_order = np.flatnonzero(arr)
     if c_order.size == 0:
         return EMPTY
     # Column-major index of each foreground pixel; sorting the (few) foreground pixels is cheaper than a
     # transposed copy of the whole image.
-    rows = c_order // width
-    flat = np.sort((c_order - rows * width) * height + rows)
+    rows = c_order // arr.shape[1]
+    flat = np.sort((c_order - rows * arr.shape[1] + left) * height + rows + top)
     breaks = np.flatnonzero(np.diff(flat) != 1) + 1
     starts = flat[np.concatenate(([0], breaks))]
     ends = flat[np.concatenate((breaks - 1, [flat.size - 1]))] + 1

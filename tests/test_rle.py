@@ -97,6 +97,22 @@ def test_encode_rejects_non_2d() -> None:
         rle_encode(np.zeros((2, 2, 2)))
 
 
+@pytest.mark.parametrize("relative", [True, False])
+def test_window_encodes_as_the_whole_image(relative: bool) -> None:
+    """A mask given as its bounding window (origin + image shape) encodes exactly as the full image would,
+    including runs that continue from one column of the window into the next (window as tall as the image)."""
+    rng = np.random.default_rng(7)
+    for top, left, h, w, shape in [(5, 9, 20, 31, (64, 48)), (0, 3, 64, 10, (64, 48)), (63, 47, 1, 1, (64, 48))]:
+        window = rng.random((h, w)) > 0.4
+        full = np.zeros(shape, dtype=bool)
+        full[top : top + h, left : left + w] = window
+        got = rle_encode(window, relative=relative, origin=(top, left), shape=shape)
+        assert got == rle_encode(full, relative=relative)
+    assert rle_encode(np.zeros((3, 3), bool), origin=(2, 2), shape=(8, 8)) == "-1"
+    with pytest.raises(ValueError, match="does not fit"):
+        rle_encode(np.ones((4, 4), bool), origin=(6, 0), shape=(8, 8))
+
+
 @pytest.mark.realdata
 def test_siim_sample_round_trip_and_counts(real_data) -> None:  # type: ignore[no-untyped-def]
     labels = read_rle_csv(real_data / "siim-sample" / "train-rle-sample.csv")

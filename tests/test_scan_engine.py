@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +297,56 @@ def test_scan_with_jpeg_on_the_device_path_agrees(
         assert r.status == other.status  # the label CSV and manifest beside the images: not DICOM either way
         if r.status == "ok":
             assert other.probability == pytest.approx(r.probability, abs=0.05)
+
+
+class _OneRegion(torch.nn.Module):
+    """A segmenter that outlines one confident 8 x 8 region of every image, after ``delay_s`` (a slow model, so
+    that every decoded file is waiting when its map is ready)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        time.sleep(self.delay_s)
+        b, _, h, w = x.shape
+        logits = torch.full((b, 1, h, w), -10.0)
+        logits[:, :, h // 3 : h // 3 + 8, w // 4 : w // 4 + 8] = 10.0
+        return {"mask": logits}
+
+
+def test_finishing_here_or_in_a_worker_gives_the_same_outputs(
+    study: StudySummary, tiny_models: tuple[LoadedModel, LoadedModel], tmp_path: Path
+) -> None:
+    """The engine finishes an outlined image in a worker while the models are busy (a slow segmenter: 10 of 12
+    went there when this was written), and in the main process when they would only wait for decoding (no
+    workers: all 12): both give the same rows and files, and every outlined image's report thumbnail is cut
+    from its overlay (the outline's red shows in it)."""
+    clf, _ = tiny_models
+    spec = ModelSpec("segmenter", "unet", "resnet34", input_size=64)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for label, workers, delay in (("here", 0, 0.0), ("worker", 1, 0.2)):
+        seg = LoadedModel(_OneRegion(delay), spec, {}, {"clinical": True}, None, "0" * 64, "one region")
+        out = tmp_path / label
+        summary = run(
+            [study.out],
+            out,
+            classifier=clf,
+            segmenter=seg,
+            options=ScanOptions(workers=workers, batch_size=1, segment_all=True),
+        )
+        rows[label] = [{k: v for k, v in asdict(r).items() if k != "key"} for r in summary.results]
+        outlined = [r for r in summary.results if r.mask_file]
+        assert len(outlined) == 12
+        for r in outlined:
+            assert r.overlay_file and (out / r.overlay_file).is_file()
+            thumb = np.asarray(Image.open(out / ".scan" / "thumbs" / f"{r.file_stem}.jpg").convert("RGB"), int)
+            assert ((thumb[..., 0] - thumb[..., 1]) > 100).any(), "no outline in the thumbnail"
+    assert rows["here"] == rows["worker"]
+    for r in rows["here"]:
+        for kind in ("mask_file", "overlay_file"):
+            if r[kind]:
+                assert (tmp_path / "here" / r[kind]).read_bytes() == (tmp_path / "worker" / r[kind]).read_bytes()
 
 
 def test_the_scan_package_has_no_import_cycle() -> None:

@@ -101,6 +101,10 @@ class Stream:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    def starved(self) -> bool:
+        """Whether the next file is still decoding (or not yet found): the models would wait for it."""
+        return not (self.decoding and self.decoding[0][2].done())
+
     def _feed(self, may_wait: bool = False) -> None:
         """Start decoding files until the window is full; with ``may_wait`` and nothing decoding, wait briefly
         for discovery to find one."""
@@ -305,7 +309,9 @@ def run(
                     journal.add(result)
                     if slot >= 0:
                         stream.release(slot)
-                    thumb = outlined or grey
+                    # An outlined image's thumbnail is its own (or, with an overlay, cut from it at the end),
+                    # never the grey one.
+                    thumb = outlined if result.mask_file else grey
                     if thumb is not None:
                         result.tier = tier_of(result, t["gate"], o, segmenter is not None)
                         thumbs.offer(result, thumb)
@@ -375,8 +381,14 @@ def run(
                             out=out,
                         )
                         thumb = d.thumb
-                        if job.segmented:  # post-processing and encoding, in a worker, from the slot
+                        if job.segmented and workers.count and not stream.starved():
+                            # Post-processing and encoding in a worker, from the slot, while the models go on.
                             finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
+                        elif job.segmented:
+                            # The models would only wait for decoding: finish here meanwhile, and leave the
+                            # workers to decode (what bounds a scan whose models are faster than its decoding).
+                            finishing.append((-1, done_future(_finish_here(workers, job, item.slot)), thumb))
+                            stream.release(item.slot)
                         else:  # nothing to compute or write: finished here, the slot free at once
                             finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb))
                             stream.release(item.slot)
@@ -425,12 +437,20 @@ def run(
     return summary
 
 
+def _finish_here(workers: Workers, job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:
+    """Finish a segmented image in this process, from its slot (no view of the arena outlives the call: the
+    arena cannot close while one does)."""
+    return finish(job, workers.arena.map(slot), workers.arena.display(slot, job.display_shape))
+
+
 def _decode_thumbnails(workers: Workers, out: Path, rows: Sequence[ImageResult]) -> None:
-    """Report thumbnails of ``rows`` (done before a resume), decoded again in the workers."""
+    """Report thumbnails of ``rows`` not kept while scanning (outlined images with an overlay, images done before
+    a resume), made in the workers."""
     workers.map(
         thumbnail_task,
         [r.path for r in rows],
         [out] * len(rows),
         [r.file_stem for r in rows],
         [r.mask_file for r in rows],
+        [r.overlay_file for r in rows],
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pneumotriage.io import atomic_write_bytes
 from pneumotriage.postprocess import Outline, outline
@@ -55,12 +56,13 @@ def patient_side(mask: np.ndarray, left: int = 0, width: int | None = None) -> s
     return "right" if on_image_left > on_image_right else "left"
 
 
-def overlay(display: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The radiograph (uint8 grey) with ``mask`` (same size) tinted and outlined in red, as RGB. The mask's
-    edge is found only around its bounding box."""
+def overlay(display: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The radiograph (uint8 grey) with ``mask`` (same size) tinted and outlined in red, as an RGB picture. Only
+    the mask's bounding box is computed in colour; the rest is the grey image in three channels."""
     from scipy import ndimage
 
-    rgb = np.repeat(display[:, :, None], 3, axis=2)
+    grey = Image.fromarray(display)
+    rgb = Image.merge("RGB", (grey, grey, grey))
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if rows.size == 0:
         return rgb
@@ -70,9 +72,10 @@ def overlay(display: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m = mask[box]
     edge = m & ~ndimage.binary_erosion(m, iterations=2, border_value=0)
     fill = m & ~edge
-    part = rgb[box]
+    part = np.repeat(display[box][:, :, None], 3, axis=2)
     part[fill] = (0.7 * part[fill] + 0.3 * np.array([255, 60, 60])).astype(np.uint8)
     part[edge] = (255, 40, 40)
+    rgb.paste(Image.fromarray(part), (left, top))
     return rgb
 
 
@@ -95,30 +98,26 @@ def _shown_mask(found: Outline, display_shape: tuple[int, int]) -> np.ndarray:
 THUMBNAIL = 192
 
 
-def jpeg(rgb: np.ndarray, *, quality: int) -> bytes:
-    from PIL import Image
-
+def jpeg(picture: Image.Image, *, quality: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    picture.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
-def thumbnail(rgb: np.ndarray) -> np.ndarray:
-    """``rgb`` shrunk to at most :data:`THUMBNAIL` a side by averaging whole blocks of pixels (a box filter:
-    several times cheaper than a resampling filter, and as good for a picture this small)."""
-    from PIL import Image
-
-    factor = -(-max(rgb.shape[:2]) // THUMBNAIL)
+def thumbnail(display: np.ndarray) -> np.ndarray:
+    """A grey display copy shrunk to at most :data:`THUMBNAIL` a side by averaging whole blocks of pixels (a box
+    filter: several times cheaper than a resampling filter, and as good for a picture this small)."""
+    factor = -(-max(display.shape[:2]) // THUMBNAIL)
     if factor <= 1:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).reduce(factor))
+        return display
+    return np.asarray(Image.fromarray(display).reduce(factor))
 
 
 def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tuple[ImageResult, bytes | None]:
     """Post-process one image (triplet rule, resize to the source size, small components) and return its worklist
-    row and, when outlined, its report thumbnail (JPEG bytes; the report keeps those of its first rows). An
-    outlined image gets its mask PNG and overlay written; one with nothing outlined gets no file: its empty mask
-    is its run-length code, -1."""
+    row and, when outlined without an overlay, its report thumbnail (JPEG bytes; the report keeps those of its
+    first rows, and cuts those of outlined images from their overlays). An outlined image gets its mask PNG and
+    overlay written; one with nothing outlined gets no file: its empty mask is its run-length code, -1."""
     rows, cols = job.shape
     t = job.thresholds
     found = None
@@ -141,7 +140,7 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         area_px=area if job.segmented else None,
         area_cm2=round(area * spacing[0] * spacing[1] / 100.0, 3) if job.segmented and spacing else None,
         side=(patient_side(found.mask, found.left, cols) if found is not None else None) if job.segmented else None,
-        rle=rle_encode(found.full(), relative=True) if found is not None else EMPTY,
+        rle=rle_encode(found.mask, origin=(found.top, found.left), shape=found.shape) if found is not None else EMPTY,
         rows=rows,
         columns=cols,
         file_stem=job.name,
@@ -150,22 +149,28 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         png = mask_png(found.mask, found.top, found.left, job.shape)
         atomic_write_bytes(job.out / "masks" / f"{job.name}.png", png, durable=False)
         result.mask_file = f"masks/{job.name}.png"
-        rgb = overlay(display, _shown_mask(found, job.display_shape))
         if job.overlays:
-            atomic_write_bytes(job.out / "overlays" / f"{job.name}.jpg", jpeg(rgb, quality=90), durable=False)
+            shown = overlay(display, _shown_mask(found, job.display_shape))
+            atomic_write_bytes(job.out / "overlays" / f"{job.name}.jpg", jpeg(shown, quality=90), durable=False)
             result.overlay_file = f"overlays/{job.name}.jpg"
-        return result, jpeg(thumbnail(rgb), quality=80)
+            # Its report thumbnail is cut from the overlay at the end, only if the report shows it.
+            return result, None
+        # No overlay to cut it from: the thumbnail is drawn at its own size (the grey copy shrunk, the outline
+        # sampled there), as thumbnail_task draws it.
+        small = thumbnail(display)
+        return result, jpeg(overlay(small, _shown_mask(found, (small.shape[0], small.shape[1]))), quality=80)
     return result, None
 
 
 def grey_thumbnail(display: np.ndarray) -> bytes:
     """A report thumbnail (JPEG) of a display copy with nothing outlined."""
-    return jpeg(thumbnail(display), quality=80)
+    return jpeg(Image.fromarray(thumbnail(display)), quality=80)
 
 
 def thumbnail_path(out: Path, name: str) -> Path:
     return out / ".scan" / "thumbs" / f"{name}.jpg"
 
 
-def write_thumbnail(out: Path, name: str, rgb: np.ndarray) -> None:
-    atomic_write_bytes(thumbnail_path(out, name), jpeg(thumbnail(rgb), quality=80), durable=False)
+def write_thumbnail(out: Path, name: str, picture: Image.Image) -> None:
+    """Write a report thumbnail drawn at :data:`THUMBNAIL` size (see :func:`workers.thumbnail_task`)."""
+    atomic_write_bytes(thumbnail_path(out, name), jpeg(picture, quality=80), durable=False)

@@ -99,7 +99,8 @@ def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores:
     512 px) and one torch thread per core. Decoding (a few ms per image against
     hundreds in the models) needs one worker process, run at a lower priority so that it fills the models'
     idle moments instead of taking cores from them; with two or more cores to spare a second worker runs the
-    finishing stage beside it. On a GPU: large batches, and one worker per core but the one that feeds the GPU.
+    finishing stage beside it. (Whenever the models would wait for decoding, the main process finishes images
+    itself: see the engine.) On a GPU: large batches, and one worker per core but the one that feeds the GPU.
     """
     cores = cores or usable_cores()
     if o.batch_size is not None and o.batch_size < 1:

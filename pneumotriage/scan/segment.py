@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import autocast_for
+from pneumotriage.runtime import autocast_for, one_thread
 from pneumotriage.scan.classify import _input
 
 
@@ -18,9 +18,10 @@ def segment(
     x = _input(images, device)
     with autocast_for(device, bf16):
         out = model.model(x)
+        flipped = model.model(torch.flip(x, dims=[3])) if tta else None
+    with one_thread(device):
         probs = torch.sigmoid(out["mask"].float())[:, 0]
-        if tta:
-            flipped = model.model(torch.flip(x, dims=[3]))
+        if flipped is not None:
             probs = (probs + torch.flip(torch.sigmoid(flipped["mask"].float())[:, 0], dims=[2])) / 2
-    present = torch.sigmoid(out["present"].float()) if "present" in out else probs.flatten(1).amax(1)
-    return probs.float(), present.float()
+        present = torch.sigmoid(out["present"].float()) if "present" in out else probs.flatten(1).amax(1)
+        return probs, present.float()

@@ -94,9 +94,21 @@ def finish_task(job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:
     return finish(job, _ARENA.map(slot), _ARENA.display(slot, job.display_shape))
 
 
-def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None) -> bool:
-    """Decode ``path`` again and write its report thumbnail, with its outline from ``mask_file`` (relative to
-    ``out``) where it has one; False when it no longer reads."""
+def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None, overlay_file: str | None) -> bool:
+    """Write the report thumbnail of one image: its overlay (``overlay_file``, relative to ``out``) shrunk, or the
+    DICOM at ``path`` decoded again with its outline from ``mask_file`` where it has one; False when neither
+    reads."""
+    from PIL import Image
+
+    if overlay_file:
+        try:
+            with Image.open(out / overlay_file) as picture:
+                picture.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEG decodes at 1/2, 1/4 or 1/8 of its size
+                picture.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+                write_thumbnail(out, name, picture.convert("RGB"))
+            return True
+        except OSError:
+            pass  # removed or damaged since: decode the image again
     try:
         image = read_dicom(path, reduce_to=THUMBNAIL)  # JPEG Baseline decodes at 1/4 or 1/8 of its size
     except (DicomError, OSError, ValueError, RuntimeError, MemoryError):
@@ -105,8 +117,6 @@ def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None) -> bo
     shown = make_display(torch.from_numpy(image.pixels), shape).numpy()
     outline = np.zeros(shape, dtype=bool)
     if mask_file:
-        from PIL import Image
-
         with Image.open(out / mask_file) as mask:
             outline = np.asarray(mask.convert("L").resize(shape[::-1], Image.Resampling.BOX)) >= 128
     write_thumbnail(out, name, overlay(shown, outline))
