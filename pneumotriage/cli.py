@@ -15,11 +15,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pneumotriage import __version__
 from pneumotriage.dicom import DicomHeader, SkippedFile, discover, read_dicom
 from pneumotriage.errors import DicomError, PneumotriageError, UsageError
+from pneumotriage.io import printable
 
 EXIT_INPUTS_FAILED = 4
 
@@ -45,7 +47,9 @@ def _reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PneumotriageError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -241,7 +245,7 @@ def _print_worklist(summary: Any, limit: int = 20) -> None:
             "" if r.probability is None else f"{r.probability:.3f}",
             "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
             r.side or "",
-            r.image_id[-24:],
+            printable(r.image_id)[-24:],
             r.status if r.status == "ok" else f"[red]{r.status}[/]",
         )
     out.print(table)
@@ -380,6 +384,7 @@ def scan(
         f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
         f"{c['errors']} unreadable; {summary.timings['total_s']:.1f} s"
         + (f" ({c['resumed']} done before the resume)" if c.get("resumed") else "")
+        + (f"\n{c['skipped']} files passed over, not DICOM: {summary.out / 'skipped.csv'}" if c.get("skipped") else "")
         + f"\nreport: {summary.out / 'report.html'}",
         highlight=False,
     )
@@ -666,9 +671,11 @@ def _scan_options(batch_size: str, workers: str, **options: Any) -> Any:
     """:class:`pneumotriage.scan.ScanOptions` from the options scan, submit, evaluate and demo share."""
     from pneumotriage.scan import ScanOptions
 
-    return ScanOptions(
+    scan_options = ScanOptions(
         batch_size=_auto_int(batch_size, "--batch-size"), workers=_auto_int(workers, "--workers"), **options
     )
+    scan_options.check()  # before any model is loaded or file written
+    return scan_options
 
 
 def _auto_int(value: str, option: str) -> int | None:

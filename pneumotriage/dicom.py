@@ -107,6 +107,13 @@ _NORM_PERCENTILES = (0.5, 99.5)
 #: The largest side decoded, in pixels: a header declaring more is refused before any pixel is allocated (the
 #: largest detector images are ~4,300 px a side; a 60,000 x 60,000 claim would ask for 7 GB).
 MAX_SIDE = 16384
+#: The smallest side a scan accepts: a 1 x 1 or 3 x 500 "image" is not a radiograph, and ranking one urgent
+#: would be noise (the models see at least 64 px). Decoding itself takes any size.
+MIN_SIDE = 64
+#: What marks a folder as a scan's output (its journal's signature): walks pass such folders over.
+SCAN_MARK = os.path.join(".scan", "signature.json")
+#: Media Storage Directory Storage: a DICOMDIR's SOP class.
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
 def image_id_for(path: str | Path) -> str:
@@ -251,11 +258,21 @@ def _open(path: Path, *, header_only: bool) -> tuple[Dataset, list[str], bool]:
             else:
                 has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
     except _PARSE_ERRORS as exc:
-        raise NotDicomError(
+        # With the DICM preamble it is a DICOM file, damaged: an error the user must hear of. Without, it is
+        # most likely not DICOM at all, and is passed over.
+        error = CorruptPixelDataError if kind == "part10" else NotDicomError
+        raise error(
             f"DICOM header does not parse ({type(exc).__name__}: {_first_line(exc)})",
             path=path,
             hint="the file is damaged; re-export it from the PACS",
         ) from None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY:
+        raise NotDicomError(
+            "a DICOMDIR (the index of a DICOM medium), not an image",
+            path=path,
+            hint="the images it indexes are scanned",
+        )
     notes.extend(_first_line(w.message) for w in caught)
     if kind == "raw":
         if len(ds) == 0:
@@ -263,6 +280,18 @@ def _open(path: Path, *, header_only: bool) -> tuple[Dataset, list[str], bool]:
         notes.append("no DICOM preamble or file meta; read as a bare data set")
     _ensure_transfer_syntax(ds, notes)
     return ds, notes, has_pixels
+
+
+def _cut_pixel_data(path: Path) -> int | None:
+    """Where a Pixel Data element starts in a file pydicom found none in (it drops an element cut short by the
+    end of the file): the file is truncated. None when the file holds no such tag."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    for tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):  # (7FE0,0010), little then big endian
+        at = raw.find(tag, 132)
+        if at >= 0:
+            return at
+    return None
 
 
 def _next_tag_is_pixels(raw: bytes, *, little: bool) -> bool:
@@ -411,13 +440,22 @@ def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader |
             yield SkippedFile(path=path, reason=err.message)
 
 
-def walk_files(roots: Iterable[Path]) -> Iterator[tuple[Path, os.stat_result | None]]:
+def walk_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[tuple[Path, os.stat_result | None]]:
     """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
     order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
-    and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks). A path that cannot be
-    ``stat``-ed comes with None: reading it then says why."""
+    and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks), folders reached through a
+    symbolic link (as ``os.walk`` does: no loops), scans' output folders (marked by :data:`SCAN_MARK`: a scan
+    whose ``--out`` lies inside its input never reads its own or an earlier scan's outputs) and the folders in
+    ``exclude``. A path that cannot be ``stat``-ed comes with None: reading it then says why."""
+    skip = set()
+    for folder in exclude:
+        try:
+            info = os.stat(folder)
+            skip.add((info.st_dev, info.st_ino))
+        except OSError:
+            pass  # not made yet: nothing of it to find
     for root in roots:
-        for path in _paths(root):
+        for path in _paths(root, skip):
             try:
                 st: os.stat_result | None = path.stat()
             except OSError:
@@ -426,15 +464,41 @@ def walk_files(roots: Iterable[Path]) -> Iterator[tuple[Path, os.stat_result | N
                 yield path, st
 
 
-def _paths(root: Path) -> Iterator[Path]:
+def _paths(root: Path, skip: set[tuple[int, int]]) -> Iterator[Path]:
+    """Depth first with a stack, not recursion: a folder nested thousands deep is walked like any other. Folders
+    are told apart by (device, inode), never by resolving long paths."""
     if not root.is_dir():
         yield root  # a file, or a path that reading will report
         return
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        if skip:
+            try:
+                st = os.stat(folder)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in skip:
+                continue
+        try:
+            with os.scandir(folder) as it:
+                everything = list(it)
+        except OSError:
+            continue  # unreadable or vanished while walking, as os.walk passes it over
+        if any(e.name == ".scan" for e in everything) and os.path.isfile(os.path.join(folder, SCAN_MARK)):
+            continue  # a scan's output folder (masks, overlays, CSVs): never an input
+        entries = sorted((e for e in everything if not e.name.startswith(".")), key=lambda e: e.name)
+        folders = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            if not is_folder:
+                yield Path(entry.path)
+            elif not entry.is_symlink():
+                folders.append(entry.path)
+        stack.extend(reversed(folders))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -463,6 +527,21 @@ def open_image(path: str | Path) -> tuple[Dataset, DicomHeader, list[str]]:
     header = _header_from(ds, path, notes, has_pixels)
     if header.problem is not None:
         if not has_pixels:
+            at = _cut_pixel_data(path)
+            if at is None and "Rows" in ds and "Columns" in ds:
+                raise CorruptPixelDataError(
+                    f"truncated or damaged: an image header ({ds.get('Rows')} x {ds.get('Columns')}) with no pixel "
+                    f"data, the file ending at byte {path.stat().st_size}",
+                    path=path,
+                    hint="the copy is incomplete; copy or export it again",
+                )
+            if at is not None:
+                raise CorruptPixelDataError(
+                    f"truncated: its pixel data element starts at byte {at} but the file ends at byte "
+                    f"{path.stat().st_size}",
+                    path=path,
+                    hint="the copy is incomplete; copy or export it again",
+                )
             raise NoPixelDataError(header.problem, path=path, hint="only image objects can be triaged")
         if header.problem.startswith("declared size"):
             raise CorruptPixelDataError(header.problem, path=path, hint="the header is damaged; re-export the image")

@@ -33,6 +33,10 @@ class UsageError(PneumotriageError):
     exit_code = 2
 
 
+class OutputError(PneumotriageError):
+    """An output could not be written: a full disk, a read-only or vanished folder. What was finished is kept."""
+
+
 class DicomError(PneumotriageError):
     """A file could not be turned into an image."""
 

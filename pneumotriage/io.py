@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +15,34 @@ from typing import Any, TextIO
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _MODE = 0o666 & ~_UMASK
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinity) made None, through dicts, lists and tuples:
+    what JSON can hold (strict JSON has no NaN or Infinity; ``json.dumps`` writes them unless told not to)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``value`` as strict JSON: undefined numbers as ``null``, never ``NaN`` or ``Infinity``."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write as UTF-8: a file name that is not valid UTF-8 (Python holds its bytes as lone
+    surrogates) is shown with those bytes as ``\\xNN`` escapes, so a worklist names it and never fails to be
+    written. Valid text comes back unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 @contextlib.contextmanager

@@ -154,13 +154,16 @@ def write_rle_csv(
     items = rows.items() if isinstance(rows, Mapping) else rows
     seen: set[str] = set()
     out = io.StringIO()
-    out.write("ImageId,EncodedPixels\n")
+    # Quoted by the csv module where a value needs it (an image id holding a comma, quote or newline): every
+    # row reads back as written. SIIM's ids never need it, so a SIIM submission is byte for byte the plain form.
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ImageId", "EncodedPixels"])
     for image_id, value in items:
         if image_id in seen:
             raise LabelError(f"image {image_id!r} given twice; a submission has one row per image", path=path)
         seen.add(image_id)
         rle = (value.strip() or EMPTY) if isinstance(value, str) else rle_encode(value, relative=relative)
-        out.write(f"{image_id},{rle}\n")
+        writer.writerow([image_id, rle])
     atomic_write_text(path, out.getvalue())
 
 

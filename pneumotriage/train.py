@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
 from pneumotriage.errors import PneumotriageError, UsageError
-from pneumotriage.io import atomic_write_text
+from pneumotriage.io import atomic_write_text, strict_json
 from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
@@ -385,7 +385,7 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+    atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))  # an undefined figure is null
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> TrainResult:

@@ -61,7 +61,10 @@ class WeightHashError(WeightError):
 
 
 class WeightFetchError(WeightError):
-    """The download failed: server down, truncated transfer, offline mode."""
+    """The download failed: server down, truncated transfer, offline mode. The weight cannot be had: exit 3, as
+    for a missing one."""
+
+    exit_code = 3
 
 
 class UnsafeWeightsError(WeightError):

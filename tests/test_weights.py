@@ -393,7 +393,7 @@ def test_cli_offline_and_mirror_from_environment(setup: dict, monkeypatch: pytes
     runner = CliRunner()
     monkeypatch.setenv("PNEUMOTRIAGE_OFFLINE", "1")
     result = runner.invoke(app, ["weights", "fetch", "full"])
-    assert result.exit_code == 1 and "offline" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "offline" in result.output and "Traceback" not in result.output
     monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE")
     monkeypatch.setenv("PNEUMOTRIAGE_MIRROR", setup["base"] + "/mirror")
     result = runner.invoke(app, ["weights", "fetch", "full"])

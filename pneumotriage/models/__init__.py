@@ -216,14 +216,24 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
     path, registry_spec = resolve(name_or_path)
     data = load_state_dict(path)
     if data.get("format") == CHECKPOINT_FORMAT:
-        if int(data.get("format_version", 0)) > CHECKPOINT_VERSION:
+        version = data.get("format_version", 0)
+        damaged = "a damaged checkpoint"
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise WeightError(f"{damaged}: its format_version {version!r} is not a whole number", path=path)
+        if version > CHECKPOINT_VERSION:
             raise WeightError(
-                f"checkpoint format {data['format_version']} is newer than this pneumotriage reads "
-                f"({CHECKPOINT_VERSION})",
+                f"checkpoint format {version} is newer than this pneumotriage reads ({CHECKPOINT_VERSION})",
                 path=path,
                 hint="upgrade pneumotriage",
             )
-        spec = ModelSpec(**{k: data[k] for k in _SPEC_FIELDS if k in data})
+        if not isinstance(data.get("state_dict"), dict):
+            raise WeightError(f"{damaged}: it holds no state dict (no weights)", path=path)
+        if not isinstance(data.get("thresholds", {}), dict):
+            raise WeightError(f"{damaged}: its thresholds are not a table of names and values", path=path)
+        try:
+            spec = ModelSpec(**{k: data[k] for k in _SPEC_FIELDS if k in data})
+        except (UsageError, TypeError, ValueError) as exc:
+            raise WeightError(f"{damaged}: {exc}", path=path) from None
         state = data["state_dict"]
         thresholds = {**DEFAULT_THRESHOLDS[spec.kind], **data.get("thresholds", {})}
         meta = {k: v for k, v in data.items() if k != "state_dict"}

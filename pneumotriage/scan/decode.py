@@ -96,7 +96,10 @@ class SlotArena:
                 self._shm.unlink()
             self._shm = None
         elif isinstance(self._buffer, mmap.mmap):
-            self._buffer.close()
+            try:
+                self._buffer.close()
+            except BufferError:
+                pass  # a view still held (by an exception's traceback): the map goes when the last view does
 
 
 def display_shape(shape: tuple[int, int], side: int = DISPLAY) -> tuple[int, int]:

@@ -32,9 +32,16 @@ def file_key(path: Path, st: os.stat_result | None = None) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def found_files(roots: Iterable[Path]) -> Iterator[Found]:
-    """:func:`pneumotriage.dicom.walk_files` (regular files only, never opened here), each keyed."""
-    for path, st in walk_files(roots):
+def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[Found]:
+    """:func:`pneumotriage.dicom.walk_files` (regular files only, never opened here), each keyed, and each file
+    once: a file reached twice (named twice, or through a symbolic link to a sibling) is scanned under the first
+    path it was found by."""
+    seen: set[str] = set()
+    for path, st in walk_files(roots, exclude=exclude):
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
         key = file_key(path, st) if st is not None else f"{path}|missing"
         yield Found(path, image_id_for(path), key)
 
@@ -46,9 +53,11 @@ class Discovery:
     """:func:`found_files` in a background thread. :meth:`poll` returns what was found so far without waiting;
     :attr:`finished` says whether the walk is over. Errors of the walk itself are re-raised by :meth:`poll`."""
 
-    def __init__(self, roots: Iterable[Path], files: Iterator[Found] | None = None) -> None:
+    def __init__(
+        self, roots: Iterable[Path], files: Iterator[Found] | None = None, *, exclude: Iterable[Path] = ()
+    ) -> None:
         self._queue: queue.Queue[object] = queue.Queue()
-        self._files = files if files is not None else found_files(list(roots))
+        self._files = files if files is not None else found_files(list(roots), exclude=exclude)
         self._error: BaseException | None = None
         self.finished = False
         self.count = 0

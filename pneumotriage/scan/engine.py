@@ -10,6 +10,7 @@ memory stays flat whatever the folder's size; results reach the journal in the o
 
 from __future__ import annotations
 
+import errno
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumotriage.errors import UsageError
+from pneumotriage.errors import OutputError, UsageError
+from pneumotriage.io import printable
 from pneumotriage.models import LoadedModel
 from pneumotriage.runtime import pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
@@ -250,8 +252,46 @@ def run(
 ) -> ScanSummary:
     """Scan DICOM files or folders into ``out`` and return the ranked results (see the package docstring).
 
-    ``files`` replaces the walk of ``inputs`` (tests use it to stand in for a slow file system)."""
-    o = options or ScanOptions()
+    ``files`` replaces the walk of ``inputs`` (tests use it to stand in for a slow file system). An output that
+    cannot be written (a full disk, a read-only folder) stops the scan with an :class:`OutputError`; the
+    images journaled so far are kept, and ``--resume`` goes on from them."""
+    out = Path(out)
+    _check_out(out)
+    try:
+        return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files)
+    except OSError as exc:
+        raise _output_error(exc, out) from None
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", path=out, hint="choose a folder for the outputs")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out lies under {parent}, which is a file", path=out, hint="choose a folder")
+            break
+
+
+def _output_error(exc: OSError, out: Path) -> OutputError:
+    where = exc.filename or out
+    reason = exc.strerror or type(exc).__name__
+    hint = "choose an --out you can write to"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, then rerun with --resume: the images finished so far are kept"
+    return OutputError(f"cannot write: {reason}", path=printable(str(where)), hint=hint)
+
+
+def _run(
+    inputs: Iterable[str | Path],
+    out: Path,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    o: ScanOptions,
+    progress: Progress | None,
+    files: Iterator[Found] | None,
+) -> ScanSummary:
     emit = progress or (lambda event: None)
     if classifier is None and segmenter is None:
         raise UsageError("a scan needs a classifier, a segmenter, or both")
@@ -259,7 +299,6 @@ def run(
         segmenter = None
         if classifier is None:
             raise UsageError("--no-segment triages on the classifier alone: give --classifier")
-    out = Path(out)
     roots = [Path(p) for p in inputs]
     for p in roots:
         if not p.exists():
@@ -272,7 +311,7 @@ def run(
     signature = {"version": JOURNAL_VERSION, "models": models, "thresholds": t, "options": o.signature()}
     t_start = time.perf_counter()
 
-    journal = Journal(out / ".scan", signature, o.resume)
+    journal = Journal(out / ".scan", signature, o.resume, no_phi=o.no_phi)
     resumed = len(journal.done)
     taken: set[str] = {r.file_stem for r in journal.done.values() if r.file_stem}
     for sub in ("masks", "overlays", ".scan/thumbs"):
@@ -325,7 +364,7 @@ def run(
                 seen.append(found.key)
                 return found.key in journal.done
 
-            discovery = Discovery(roots, files)
+            discovery = Discovery(roots, files, exclude=[out])  # never its own outputs
             stream = Stream(
                 discovery,
                 workers,
@@ -340,11 +379,12 @@ def run(
             for batch in stream:
                 for found, decoded in batch.failed:
                     row = _error_row(found, decoded)
-                    if decoded.status == "skipped":
+                    if decoded.status == "skipped":  # not DICOM: listed apart, never an image row
+                        row.status = "skipped"
                         skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
                     else:
                         finishing.append((-1, done_future((row, None)), None))
-                    counts["errors"] += 1
+                        counts["errors"] += 1
                 n = len(batch.items)
                 if n:
                     t0 = time.perf_counter()
@@ -398,9 +438,10 @@ def run(
                 drain(True)
             journal.close()
 
-            results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done] + skipped_rows
+            results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done]
             if not results:
-                raise UsageError("no DICOM files found", path=roots[0] if roots else None)
+                hint = f"{len(skipped_rows)} files found, none of them DICOM" if skipped_rows else None
+                raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
             segmented_run = segmenter is not None
             for r in results:
                 r.tier = tier_of(r, t["gate"], o, segmented_run)
@@ -425,12 +466,14 @@ def run(
             "review": sum(r.tier == "review" for r in ranked),
             "routine": sum(r.tier == "routine" for r in ranked),
             "resumed": stream.skipped,
+            "skipped": len(skipped_rows),
         },
         timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
         models=models,
         thresholds=t,
         notes=notes,
         plan=plan.as_dict(),
+        skipped=skipped_rows,
     )
     write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
     emit({"event": "done", **summary.counts})

@@ -10,6 +10,7 @@ bytes; the report writes those of its first rows.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,14 @@ def thumbnail(display: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(display).reduce(factor))
 
 
+def _area_cm2(area: int, spacing: tuple[float, float] | None) -> float | None:
+    """The area in cm² where the pixel spacing gives a finite one (a header's spacing of 1e200 mm does not)."""
+    if not spacing:
+        return None
+    cm2 = area * spacing[0] * spacing[1] / 100.0
+    return round(cm2, 3) if math.isfinite(cm2) else None
+
+
 def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tuple[ImageResult, bytes | None]:
     """Post-process one image (triplet rule, resize to the source size, small components) and return its worklist
     row and, when outlined without an overlay, its report thumbnail (JPEG bytes; the report keeps those of its
@@ -138,7 +147,7 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         probability=None if job.probability is None else round(job.probability, 6),
         segmented=job.segmented,
         area_px=area if job.segmented else None,
-        area_cm2=round(area * spacing[0] * spacing[1] / 100.0, 3) if job.segmented and spacing else None,
+        area_cm2=_area_cm2(area, spacing) if job.segmented else None,
         side=(patient_side(found.mask, found.left, cols) if found is not None else None) if job.segmented else None,
         rle=rle_encode(found.mask, origin=(found.top, found.left), shape=found.shape) if found is not None else EMPTY,
         rows=rows,

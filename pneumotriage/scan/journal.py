@@ -13,7 +13,7 @@ from typing import Any
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text
-from pneumotriage.scan.records import ImageResult
+from pneumotriage.scan.records import PHI_FIELDS, ImageResult
 
 JOURNAL_VERSION = 2
 
@@ -21,7 +21,8 @@ JOURNAL_VERSION = 2
 class Journal:
     """Finished images, appended and synced once per batch; read back on resume."""
 
-    def __init__(self, folder: Path, signature: dict[str, Any], resume: bool) -> None:
+    def __init__(self, folder: Path, signature: dict[str, Any], resume: bool, *, no_phi: bool = False) -> None:
+        self.no_phi = no_phi
         self.path = folder / "journal.jsonl"
         self.signature_path = folder / "signature.json"
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,9 @@ class Journal:
     def add(self, result: ImageResult) -> None:
         """Record a finished image. The line reaches the OS at once (a killed process loses nothing);
         :meth:`sync` makes a batch of lines durable against a power cut with one fsync."""
+        if self.no_phi:  # no identifier under --out, hidden files included (and a resumed run is the same)
+            for k in PHI_FIELDS:
+                setattr(result, k, None)
         self._fh.write(json.dumps(vars(result)) + "\n")  # its fields are plain values: no deep copy
         self._fh.flush()
         self.done[result.key] = result

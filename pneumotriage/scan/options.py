@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,25 +45,85 @@ class ScanOptions:
     #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
     report_thumbnails: int = 100
 
+    def check(self) -> None:
+        """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
+        scan writes anything: a gate of 2 or NaN would silently make every image routine."""
+        for name, value in (("--gate", self.gate), ("--top-score", self.top_score)):
+            _check_probability(name, value)
+        _check_probability("--bottom-score", self.bottom_score)
+        _check_probability("--urgent-probability", self.urgent_probability)
+        for name, value in (("--min-area", self.min_area), ("--min-component", self.min_component)):
+            _check_count(name, value)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: give 1 or more, or auto")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers {self.workers}: give 0 or more, or auto")
+        if self.report_thumbnails < 0:
+            raise UsageError(f"report_thumbnails {self.report_thumbnails}: give 0 or more")
+        if self.jpeg_decode not in ("auto", "workers", "device"):
+            raise UsageError(f"jpeg_decode {self.jpeg_decode!r}: choose auto, workers or device")
+
     def signature(self) -> dict[str, Any]:
         """The options that change what a scan writes (a resume must use the same)."""
         skip = ("resume", "workers", "batch_size", "device", "jpeg_decode")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
+def _check_probability(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
+        raise UsageError(f"{name} {value!r}: give a probability from 0 to 1")
+
+
+def _check_count(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise UsageError(f"{name} {value!r}: give a pixel count of 0 or more")
+
+
+#: Each threshold's check: a probability, or a pixel count.
+_THRESHOLD_CHECKS = {
+    "gate": _check_probability,
+    "top_score": _check_probability,
+    "bottom_score": _check_probability,
+    "min_area": _check_count,
+    "min_component": _check_count,
+}
+
+
+def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
+    """A threshold a checkpoint stores, checked: a damaged or hand-edited one (NaN, a string) is refused with the
+    file named, not turned into a scan that calls everything routine."""
+    from pneumotriage.weights import WeightError
+
+    value = model.thresholds.get(name, default)
+    try:
+        _THRESHOLD_CHECKS[name](name, value if isinstance(value, int | float) and not isinstance(value, bool) else None)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UsageError(f"{name} {value!r} is not a number")
+    except UsageError as exc:
+        raise WeightError(
+            f"its {exc.message.lstrip('-').replace('-', '_', 1)}",
+            path=model.path or model.name,
+            hint="pass the threshold explicitly, or re-run `pneumotriage tune` to write a checkpoint with a valid one",
+        ) from None
+    return float(value)
+
+
 def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> dict[str, float]:
-    """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s."""
+    """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s.
+    Every value is checked (:meth:`ScanOptions.check`; a checkpoint's by :func:`_from_checkpoint`)."""
+    o.check()
     t = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
-    if classifier is not None:
-        t["gate"] = float(classifier.thresholds.get("gate", t["gate"]))
+    if classifier is not None and o.gate is None:
+        t["gate"] = _from_checkpoint(classifier, "gate", t["gate"])
         # `pneumotriage tune` stores the gate it chose in the segmenter's checkpoint, for the classifier it was
         # tuned with: it holds for that classifier (same sha256) only.
         tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
         if segmenter is not None and "gate" in segmenter.thresholds and tuned_with == classifier.sha256:
-            t["gate"] = float(segmenter.thresholds["gate"])
+            t["gate"] = _from_checkpoint(segmenter, "gate", t["gate"])
     if segmenter is not None:
         for k in ("top_score", "min_area", "bottom_score", "min_component"):
-            t[k] = float(segmenter.thresholds.get(k, t[k]))
+            if getattr(o, k) is None:
+                t[k] = _from_checkpoint(segmenter, k, t[k])
     for k in t:
         value = getattr(o, k)
         if value is not None:

@@ -1,5 +1,5 @@
-"""Stage 10, outputs: the ranked worklist (CSV and JSON), the Kaggle submission, and the HTML report
-(:mod:`pneumotriage.scan.report`).
+"""Stage 10, outputs: the ranked worklist (CSV and JSON), the Kaggle submission, the files passed over as not
+DICOM (skipped.csv), and the HTML report (:mod:`pneumotriage.scan.report`).
 
 Everything is written atomically. With ``no_phi`` the patient ID, accession number and study date/time are left
 out of every file.
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pneumotriage.io import atomic_write_text
+from pneumotriage.io import atomic_write_text, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.rle import EMPTY, rle_runs
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
@@ -58,7 +58,7 @@ def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[st
         if no_phi:
             for k in PHI_FIELDS:
                 row.pop(k, None)
-        rows.append(row)
+        rows.append({k: printable(v) if isinstance(v, str) else v for k, v in row.items()})
     return rows
 
 
@@ -78,14 +78,22 @@ def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bo
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow(
+            {k: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v for k, v in row.items()}
+        )
     atomic_write_text(out / "worklist.csv", buffer.getvalue())
-    atomic_write_text(out / "worklist.json", json.dumps(worklist_document(summary, rows), indent=1) + "\n")
+    atomic_write_text(out / "worklist.json", strict_json(worklist_document(summary, rows), indent=1) + "\n")
     write_rle_csv(
         out / "submission.csv",
-        [(r.image_id, r.rle if rle_relative else absolute_rle(r.rle)) for r in _unique(summary.results)],
+        [(printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle)) for r in _unique(summary.results)],
         relative=rle_relative,
     )
+    skipped = io.StringIO()
+    lines = csv.writer(skipped, lineterminator="\n")
+    lines.writerow(["path", "reason"])
+    for r in summary.skipped:
+        lines.writerow([printable(r.path), printable(r.error or "not DICOM")])
+    atomic_write_text(out / "skipped.csv", skipped.getvalue())
     write_report(summary, rows, no_phi=no_phi)
 
 

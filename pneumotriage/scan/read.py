@@ -1,8 +1,9 @@
 """Stage 2, read: parse one file's header and pixel data bytes (in a worker process), without decoding.
 
 Everything a header can get wrong is settled here, before a pixel is allocated: not DICOM, no image, a codec
-missing, a declared size over :data:`~pneumotriage.dicom.MAX_SIDE`, or a JPEG whose own frame size disagrees
-with Rows/Columns (the image's true size comes from its pixel data, never from the header alone).
+missing, a declared size over :data:`~pneumotriage.dicom.MAX_SIDE` or under
+:data:`~pneumotriage.dicom.MIN_SIDE`, or a JPEG whose own frame size disagrees with Rows/Columns (the image's
+true size comes from its pixel data, never from the header alone).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit
 
-from pneumotriage.dicom import DicomHeader, check_jpeg_size, jpeg_frame, open_image
+from pneumotriage.dicom import MIN_SIDE, DicomHeader, check_jpeg_size, jpeg_frame, open_image
+from pneumotriage.errors import DicomError
 
 
 @dataclass
@@ -50,6 +52,13 @@ def read(path: Path, *, want_jpeg: bool) -> Source:
     """Parse ``path`` (raises a :class:`~pneumotriage.errors.DicomError` naming the file and the remedy). With
     ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked."""
     ds, header, notes = open_image(path)
+    if header.shape is not None and min(header.shape) < MIN_SIDE:
+        rows, cols = header.shape
+        raise DicomError(
+            f"{rows} x {cols} px is too small for a radiograph (a scan takes at least {MIN_SIDE} px a side)",
+            path=path,
+            hint="not a radiograph; leave it out of the input",
+        )
     source = Source(ds, header, notes)
     if want_jpeg and _device_decodable(ds, header):
         check_jpeg_size(ds, header)

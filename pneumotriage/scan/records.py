@@ -20,7 +20,7 @@ class ImageResult:
 
     image_id: str
     path: str
-    status: str  # "ok" | "error"
+    status: str  # "ok" | "error" (a DICOM that cannot be used) | "skipped" (not DICOM: never in the worklist)
     error: str | None = None
     rank: int = 0
     tier: str = "review"
@@ -55,6 +55,8 @@ class ScanSummary:
     notes: list[str] = field(default_factory=list)
     #: What ``auto`` chose and why (device, batch size, workers, threads).
     plan: dict[str, Any] = field(default_factory=dict)
+    #: Files passed over as not DICOM (a text file, a label CSV, a DICOMDIR), each with why: skipped.csv.
+    skipped: list[ImageResult] = field(default_factory=list)
 
     @property
     def failed(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumotriage import __version__
-from pneumotriage.io import atomic_open_text, atomic_write_bytes
+from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
 from pneumotriage.scan.finish import thumbnail_path
 from pneumotriage.scan.rank import order_key
 from pneumotriage.scan.records import ImageResult, ScanSummary
@@ -125,6 +125,10 @@ def iter_thumbnails(out: Path, results: Sequence[ImageResult]) -> Iterator[tuple
         yield r, (path.read_bytes() if path is not None and path.exists() else None)
 
 
+#: Names of skipped files shown in the report's footer (all are in skipped.csv).
+_SKIPPED_SHOWN = 20
+
+
 def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bool = False) -> None:
     columns = [(k, label) for k, label in _COLUMNS if not rows or k in rows[0]]
     c = summary.counts
@@ -194,8 +198,17 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
                 fh.write(f"<td data-v=''><img class='thumb' alt='overlay' src='data:image/jpeg;base64,{data}'></td>")
             else:
                 fh.write("<td data-v=''></td>")
-            fh.write(f"<td data-v='{_e(result.error)}'>{_e(result.error)}</td></tr>\n")
+            reason = row.get("error")  # made printable with the row (a file name may not be UTF-8)
+            fh.write(f"<td data-v='{_e(reason)}'>{_e(reason)}</td></tr>\n")
         fh.write("</tbody></table>\n")
+        if summary.skipped:
+            fh.write(
+                f"<p class='skipped'>{len(summary.skipped)} files passed over, not DICOM images (listed in "
+                "skipped.csv): <span class='mono'>"
+            )
+            fh.write(", ".join(_e(printable(Path(r.path).name)) for r in summary.skipped[:_SKIPPED_SHOWN]))
+            more = len(summary.skipped) - _SKIPPED_SHOWN
+            fh.write((f" and {more} more" if more > 0 else "") + "</span></p>\n")
         phi = " Patient identifiers were left out (--no-phi)." if no_phi else ""
         fh.write(
             f"<p class='mono'>pneumotriage {_e(__version__)}.{_e(phi)} Decision support only: every image "
