@@ -1010,7 +1010,7 @@ def evaluate(
             "score": "classifier probability" if loaded_cls is not None else "segmenter image score",
         }
         evaluation = evaluate_results(
-            summary.results,
+            summary.results + summary.skipped,  # not-DICOM files: counted as not scored
             labels,
             threshold=summary.thresholds["gate"] if loaded_cls is not None else 0.5,
             source=source,

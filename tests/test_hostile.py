@@ -364,15 +364,21 @@ def test_outputs_are_strict_json_and_csvs_round_trip(
 # 10. Files that are not DICOM are skipped, listed apart; a scan never reads its own outputs
 
 
-def _dicomdir(path: Path) -> None:
+def _dataset(sop_class: str) -> pydicom.Dataset:
+    """An empty data set with the file meta of a ``sop_class`` object (explicit VR little endian)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    ds.FileSetID = "EXPORT"
     ds.preamble = b"\0" * 128
+    return ds
+
+
+def _dicomdir(path: Path) -> None:
+    ds = _dataset("1.2.840.10008.1.3.10")
+    ds.FileSetID = "EXPORT"
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -402,19 +408,13 @@ def test_files_that_are_not_dicom_are_skipped_not_rows(
 
 
 def _tiny_dicom(path: Path, rows: int, columns: int) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = _dataset("1.2.840.10008.5.1.4.1.1.7")
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.PixelData = np.full((rows, columns), 128, dtype=np.uint8).tobytes()
-    ds.preamble = b"\0" * 128
     ds.save_as(path, enforce_file_format=True)
 
 

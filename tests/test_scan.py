@@ -100,13 +100,14 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(app, _scan_args(scan_input, out, models))
-    assert result.exit_code == 4, result.output  # two inputs failed, the rest were triaged
+    assert result.exit_code == 4, result.output  # a DICOM failed, the rest were triaged
     rows = _rows(out / "worklist.csv")
-    assert len(rows) == 14
-    assert [int(r["rank"]) for r in rows] == list(range(1, 15))
+    assert len(rows) == 13  # the text file is not an image: listed apart
+    assert [int(r["rank"]) for r in rows] == list(range(1, 14))
+    assert [Path(r["path"]).name for r in _rows(out / "skipped.csv")] == ["notes.txt"]
 
     errors = [r for r in rows if r["status"] == "error"]
-    assert {Path(r["path"]).name for r in errors} == {"broken.dcm", "notes.txt"}
+    assert {Path(r["path"]).name for r in errors} == {"broken.dcm"}
     assert all(r["tier"] == "review" and r["path"] in r["error"] for r in errors)
 
     # ranked: tier order, then readable rows by falling probability
@@ -146,7 +147,7 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     assert {m["role"] for m in document["models"]} == {"classifier", "segmenter"}
     assert all(len(m["sha256"]) == 64 for m in document["models"])
     html = (out / "report.html").read_text()
-    assert html.count("<tr class='row") == 14
+    assert html.count("<tr class='row") == 13
 
 
 def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
@@ -177,8 +178,8 @@ def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], t
     ).stdout
     assert 'data-ready="1"' in dom, "the page's script did not finish"
     assert 'data-error="' not in dom, "a script error occurred"
-    assert dom.count('class="row ') == 14
-    assert dom.count('class="row urgent') >= 1 and '<span id="shown">14</span>' in dom
+    assert dom.count('class="row ') == 13
+    assert dom.count('class="row urgent') >= 1 and '<span id="shown">13</span>' in dom
 
 
 def test_no_phi_and_json(scan_input: Path, models: dict[str, Path], tmp_path: Path, study: StudySummary) -> None:
@@ -186,7 +187,7 @@ def test_no_phi_and_json(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     result = CliRunner().invoke(app, [*_scan_args(scan_input, out, models), "--no-phi", "--json"])
     assert result.exit_code == 4
     document = json.loads(result.stdout)
-    assert len(document["worklist"]) == 14 and "patient_id" not in document["worklist"][0]
+    assert len(document["worklist"]) == 13 and "patient_id" not in document["worklist"][0]
     patients = {im.patient_id for im in study.images}
     for name in ("worklist.csv", "worklist.json", "report.html", "submission.csv"):
         text = (out / name).read_text()
