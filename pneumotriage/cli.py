@@ -376,7 +376,7 @@ def scan(
     else:
         _print_worklist(summary)
     for note in summary.notes:
-        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
     if verbose:
         _print_plan(summary)
     c = summary.counts
@@ -413,7 +413,7 @@ def submit(
     mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
     from pneumotriage.labels import read_rle_csv, write_rle_csv
     from pneumotriage.scan import run as run_scan
-    from pneumotriage.scan.outputs import absolute_rle
+    from pneumotriage.scan.outputs import absolute_rle, by_image_id
 
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
@@ -430,7 +430,9 @@ def submit(
         segmenter=_load(segmenter, "segmenter"),
         options=_scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume),
     )
-    found = {r.image_id: r.rle for r in summary.results if r.status == "ok"}
+    found = {i: r.rle for i, r in by_image_id(summary.results).items() if r.status == "ok"}  # as scan's rule
+    for note in summary.notes:
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
     missing = [i for i in sample_ids if i not in found]
     rows = [(i, found.get(i, "-1") if rle == "relative" else absolute_rle(found.get(i, "-1"))) for i in sample_ids]
     write_rle_csv(out_file, rows, relative=rle == "relative")
@@ -1024,7 +1026,7 @@ def evaluate(
     else:
         _print_metrics(evaluation.metrics, out_dir)
     for note in evaluation.notes:
-        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
     err.print(
         f"wrote {out_dir}: metrics.json, per_image.csv, {', '.join(evaluation.metrics['plots'])}", highlight=False
     )
@@ -1135,7 +1137,7 @@ def tune(
         highlight=False,
     )
     for note in result.notes:
-        err.print(f"[bold yellow]note:[/] {note}", highlight=False)
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pneumotriage.cli import app
 from pneumotriage.errors import OutputError
 from pneumotriage.models import ModelSpec, build_model, load_model, save_checkpoint
 from pneumotriage.scan import ScanOptions, run
-from pneumotriage.synth import StudySummary
+from pneumotriage.synth import StudySummary, write_study
 
 TIMEOUT_S = 180
 
@@ -436,3 +436,86 @@ def test_truncated_and_tiny_images_are_error_rows_that_say_why(
     for name in ("one-pixel.dcm", "sliver.dcm"):
         assert rows[name]["status"] == "error" and "too small" in rows[name]["error"]
         assert rows[name]["tier"] != "urgent"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Resume never mixes runs: other inputs refused, outputs of changed or deleted inputs removed, one scan at a time
+
+
+def test_resume_refuses_other_inputs(study: StudySummary, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    _copy(study, tmp_path / "a", 2)
+    _copy(study, tmp_path / "b", 3)
+    out = tmp_path / "out"
+    assert _scan([tmp_path / "a"], out, checkpoints).exit_code == 0
+    result = _scan([tmp_path / "b"], out, checkpoints, "--resume")
+    assert result.exit_code == 2 and "other inputs" in _one_line(result)
+
+
+def test_resume_removes_outputs_of_changed_and_deleted_inputs(
+    study: StudySummary, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    files = _copy(study, folder, 4)
+    out = tmp_path / "out"
+    assert _scan([folder], out, checkpoints, "--segment-all").exit_code == 0
+    before = {p.name for p in (out / "masks").iterdir()}
+    files[0].unlink()  # deleted
+    other = sorted(study.out.rglob("*.dcm"))[5]
+    shutil.copy(other, files[1])  # changed: another image under the same name
+    os.utime(files[1], ns=(1_000_000_000, 1_000_000_000))
+    assert _scan([folder], out, checkpoints, "--segment-all", "--resume").exit_code == 0
+    fresh = tmp_path / "fresh"
+    assert _scan([folder], fresh, checkpoints, "--segment-all").exit_code == 0
+    assert (out / "worklist.csv").read_bytes() == (fresh / "worklist.csv").read_bytes()
+    for sub in ("masks", "overlays"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == sorted(p.name for p in (fresh / sub).iterdir())
+        for p in (fresh / sub).iterdir():
+            assert (out / sub / p.name).read_bytes() == p.read_bytes()
+    assert before  # the first scan did outline something, so there was something to remove
+
+
+def test_a_second_scan_into_a_busy_out_is_refused(
+    study: StudySummary, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    from pneumotriage.scan.journal import OutLock
+
+    out = tmp_path / "out"
+    held = OutLock(out / ".scan")  # a scan still running on this --out
+    try:
+        result = _scan([study.out], out, checkpoints, "--resume")
+        assert result.exit_code == 2 and "another scan" in _one_line(result)
+    finally:
+        held.release()
+    assert _scan([study.out], out, checkpoints, "--resume").exit_code == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Two files with one ImageId: one rule for scan and submit, and a warning
+
+
+def test_a_shared_image_id_follows_one_rule_in_scan_and_submit(
+    study: StudySummary, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    dicoms = sorted(study.out.rglob("*.dcm"))
+    smaller = sorted(write_study(tmp_path / "small", 1, positive_rate=0.0, size=(96, 96), seed=3).out.rglob("*.dcm"))
+    for source, folder in ((dicoms[0], "x"), (smaller[0], "y")):  # two images of different sizes, one file name:
+        (tmp_path / "in" / folder).mkdir(parents=True)  # their run-length codes differ, so the choice shows
+        shutil.copy(source, tmp_path / "in" / folder / "same.dcm")
+    shutil.copy(dicoms[2], tmp_path / "in" / "x" / "other.dcm")
+    out = tmp_path / "out"
+    result = _scan([tmp_path / "in"], out, checkpoints, "--segment-all")
+    assert result.exit_code == 0, result.output
+    assert "shared by more than one file" in result.output and "same" in result.output
+    rows = _csv(out / "worklist.csv")
+    assert sum(1 for r in rows[1:] if r[rows[0].index("image_id")] == "same") == 2
+    submission = dict(_csv(out / "submission.csv")[1:])
+    first = next(r for r in _csv(out / "worklist.csv")[1:] if r[rows[0].index("image_id")] == "same")
+    assert first[rows[0].index("path")].endswith("x/same.dcm")  # ranked first (the larger outline)
+    assert submission["same"] != "-1"
+    sample = tmp_path / "sample.csv"
+    sample.write_text("ImageId,EncodedPixels\nsame,-1\nother,-1\n")
+    args = ["submit", str(tmp_path / "in"), "--sample-submission", str(sample), "--out", str(tmp_path / "sub.csv")]
+    args += ["--classifier", str(checkpoints["classifier"]), "--segmenter", str(checkpoints["segmenter"])]
+    result = CliRunner().invoke(app, [*args, "--segment-all", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert dict(_csv(tmp_path / "sub.csv")[1:]) == {k: submission[k] for k in ("same", "other")}

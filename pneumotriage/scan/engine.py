@@ -11,9 +11,10 @@ memory stays flat whatever the folder's size; results reach the journal in the o
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,11 @@ from pneumotriage.runtime import pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Discovery, Found
-from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail
+from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, thumbnail_path
 from pneumotriage.scan.gate import to_segment
-from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
+from pneumotriage.scan.journal import JOURNAL_VERSION, Journal, OutLock
 from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
-from pneumotriage.scan.outputs import write_outputs
+from pneumotriage.scan.outputs import collision_note, write_outputs
 from pneumotriage.scan.rank import rank, safe_name, tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
@@ -308,19 +309,28 @@ def _run(
     plan = plan_for(o, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
     bf16 = use_bf16(device, o.precision)
     models = [m for m in (_model_info(classifier, "classifier"), _model_info(segmenter, "segmenter")) if m]
-    signature = {"version": JOURNAL_VERSION, "models": models, "thresholds": t, "options": o.signature()}
+    inputs = sorted({os.path.realpath(p) for p in roots})
+    signature = {
+        "version": JOURNAL_VERSION,
+        "models": models,
+        "thresholds": t,
+        "options": o.signature(),
+        "inputs": inputs,
+    }
     t_start = time.perf_counter()
 
-    journal = Journal(out / ".scan", signature, o.resume, no_phi=o.no_phi)
-    resumed = len(journal.done)
-    taken: set[str] = {r.file_stem for r in journal.done.values() if r.file_stem}
-    for sub in ("masks", "overlays", ".scan/thumbs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
-    map_size = segmenter.spec.input_size if segmenter is not None else None
-
+    lock = OutLock(out / ".scan")  # before the journal is read: no second scan into this --out
+    journal: Journal | None = None
     threads_before = torch.get_num_threads()
     try:
+        journal = Journal(out / ".scan", signature, o.resume, no_phi=o.no_phi)
+        resumed = len(journal.done)
+        taken: set[str] = {r.file_stem for r in journal.done.values() if r.file_stem}
+        for sub in ("masks", "overlays", ".scan/thumbs"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
+        map_size = segmenter.spec.input_size if segmenter is not None else None
+
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
         classifier, segmenter = prepare_models(device, classifier, segmenter)
@@ -362,7 +372,14 @@ def _run(
 
             def seen_or_done(found: Found) -> bool:
                 seen.append(found.key)
-                return found.key in journal.done
+                if found.key in journal.done:
+                    return True
+                stale = journal.stale_for(str(found.path), found.key)
+                if stale is not None:  # the file changed since it was done: its old files go, it is done again
+                    _remove_files(out, stale)
+                    taken.discard(stale.file_stem or "")
+                    journal.forget(stale.key)
+                return False
 
             discovery = Discovery(roots, files, exclude=[out])  # never its own outputs
             stream = Stream(
@@ -439,6 +456,10 @@ def _run(
             journal.close()
 
             results = [journal.done[k] for k in dict.fromkeys(seen) if k in journal.done]
+            # Images done before a resume whose files are gone from the inputs: their outputs go too.
+            kept = {f for r in results for f in (r.mask_file, r.overlay_file, r.file_stem) if f}
+            for gone in set(journal.done) - set(seen):
+                _remove_files(out, journal.done[gone], keep=kept)
             if not results:
                 hint = f"{len(skipped_rows)} files found, none of them DICOM" if skipped_rows else None
                 raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
@@ -449,13 +470,18 @@ def _run(
             thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
     finally:
         torch.set_num_threads(threads_before)
-        journal.close()
+        if journal is not None:
+            journal.close()
+        lock.release()
     counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
     notes = []
     if o.no_segment:
         notes.append("classifier only (--no-segment): no outlines, areas or sides")
     if any(not m["clinical"] for m in models):
         notes.append("synthetic demo weights: not for clinical use")
+    shared = collision_note(ranked)
+    if shared:
+        notes.append(shared)
     summary = ScanSummary(
         out=out,
         results=ranked,
@@ -478,6 +504,17 @@ def _run(
     write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
     emit({"event": "done", **summary.counts})
     return summary
+
+
+def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) -> None:
+    """Delete the mask, overlay and report thumbnail of an image that no longer belongs to this scan (those
+    named in ``keep`` belong to another image and stay)."""
+    thumb = thumbnail_path(out, result.file_stem) if result.file_stem and result.file_stem not in keep else None
+    for path in (result.mask_file, result.overlay_file):
+        if path and path not in keep:
+            (out / path).unlink(missing_ok=True)
+    if thumb is not None:
+        thumb.unlink(missing_ok=True)
 
 
 def _finish_here(workers: Workers, job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:

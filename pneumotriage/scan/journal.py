@@ -30,10 +30,11 @@ class Journal:
         if resume and self.path.exists():
             old = json.loads(self.signature_path.read_text()) if self.signature_path.exists() else None
             if old != signature:
+                what = "inputs" if old and old.get("inputs") != signature.get("inputs") else "models or settings"
                 raise UsageError(
-                    "cannot resume: this output folder was scanned with other models or settings",
+                    f"cannot resume: this output folder was scanned with other {what}",
                     path=folder.parent,
-                    hint="resume with the same options, or scan into a new --out",
+                    hint="resume with the same inputs and options, or scan into a new --out",
                 )
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -57,6 +58,16 @@ class Journal:
         atomic_write_text(self.signature_path, json.dumps(signature, indent=1, sort_keys=True) + "\n")
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
+    def stale_for(self, path: str, key: str) -> ImageResult | None:
+        """A finished image at ``path`` whose file has changed since (its key is not ``key``), if any."""
+        for result in self.done.values():
+            if result.path == path and result.key != key:
+                return result
+        return None
+
+    def forget(self, key: str) -> None:
+        self.done.pop(key, None)
+
     def add(self, result: ImageResult) -> None:
         """Record a finished image. The line reaches the OS at once (a killed process loses nothing);
         :meth:`sync` makes a batch of lines durable against a power cut with one fsync."""
@@ -74,3 +85,29 @@ class Journal:
         if not self._fh.closed:
             self.sync()
             self._fh.close()
+
+
+class OutLock:
+    """An exclusive lock on a scan's output folder for as long as the scan runs: a second scan into the same
+    ``--out`` (a resume started twice, two operators) stops with one line instead of mixing its files in.
+    Taken with ``flock`` where the platform has it; the lock goes with the process, so a killed scan leaves none."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._fh = open(folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed in release())
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise UsageError(
+                "another scan is writing to this output folder",
+                path=folder.parent,
+                hint="wait for it to end, or choose another --out",
+            ) from None
+
+    def release(self) -> None:
+        self._fh.close()

@@ -109,13 +109,40 @@ def worklist_document(summary: ScanSummary, rows: list[dict[str, Any]]) -> dict[
     }
 
 
-def _unique(results: list[ImageResult]) -> list[ImageResult]:
-    """One submission row per image id (the first, i.e. highest-ranked, readable one wins)."""
-    seen: dict[str, ImageResult] = {}
+def by_image_id(results: list[ImageResult]) -> dict[str, ImageResult]:
+    """One result per image id, the rule ``scan`` and ``submit`` share when files in different folders have the
+    same name (and so the same ImageId): the readable one ranked first wins (the most urgent: a collision never
+    hides an outline), else the first error row. ``results`` are in worklist order."""
+    chosen: dict[str, ImageResult] = {}
     for r in results:
-        if r.image_id not in seen or (seen[r.image_id].status != "ok" and r.status == "ok"):
-            seen[r.image_id] = r
-    return list(seen.values())
+        if r.image_id not in chosen or (chosen[r.image_id].status != "ok" and r.status == "ok"):
+            chosen[r.image_id] = r
+    return chosen
+
+
+def shared_image_ids(results: list[ImageResult]) -> dict[str, list[str]]:
+    """Image ids that more than one file has, with those files' paths."""
+    paths: dict[str, list[str]] = {}
+    for r in results:
+        paths.setdefault(r.image_id, []).append(r.path)
+    return {image_id: found for image_id, found in paths.items() if len(found) > 1}
+
+
+def collision_note(results: list[ImageResult]) -> str | None:
+    """The warning a scan gives when files share an image id, naming the first such id and its files."""
+    shared = shared_image_ids(results)
+    if not shared:
+        return None
+    image_id, paths = next(iter(shared.items()))
+    return printable(
+        f"{len(shared)} image ids are shared by more than one file (first: {image_id} in {', '.join(paths)}); "
+        "submission.csv takes the readable one ranked first for each"
+    )
+
+
+def _unique(results: list[ImageResult]) -> list[ImageResult]:
+    """One submission row per image id (:func:`by_image_id`), in worklist order."""
+    return list(by_image_id(results).values())
 
 
 def read_worklist(path: str | Path) -> list[dict[str, str]]:
