@@ -144,8 +144,10 @@ def test_no_phi_leaves_no_identifier_in_any_byte(
         identifiers |= {str(ds.PatientID), str(ds.AccessionNumber), str(ds.StudyDate)}
         identifiers.add(f"{ds.StudyDate[:4]}-{ds.StudyDate[4:6]}-{ds.StudyDate[6:]}")  # as an ISO date
     out = tmp_path / "out"
+    outside = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     result = _scan([tmp_path / "in"], out, checkpoints, "--no-phi")
     assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if out not in (p, *p.parents)} == outside
     # A kill after three images, then --resume: the journal must hold no identifier either.
     journal = out / ".scan" / "journal.jsonl"
     lines = journal.read_text().splitlines()
@@ -259,6 +261,24 @@ def test_a_read_only_out(study: StudySummary, checkpoints: dict[str, Path], tmp_
         assert result.exit_code == 1 and "cannot write" in _one_line(result)
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_an_out_that_refuses_writes_is_one_line(
+    code: int, study: StudySummary, checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only file system or a folder without write permission (root ignores permissions, so the refusal is
+    made here as the OS would make it)."""
+    import pneumotriage.scan.journal as journal_module
+
+    def refused(path: Any, text: str) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(journal_module, "atomic_write_text", refused)
+    result = _scan([study.out], tmp_path / "out", checkpoints)
+    assert result.exit_code == 1
+    line = _one_line(result)
+    assert os.strerror(code) in line and "signature.json" in line and "choose an --out you can write to" in line
 
 
 def test_a_full_disk_stops_with_one_line_and_resume_completes_it(

@@ -10,6 +10,7 @@ memory stays flat whatever the folder's size; results reach the journal in the o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -259,7 +260,8 @@ def run(
     out = Path(out)
     _check_out(out)
     try:
-        return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files)
+        with contextlib.ExitStack() as held:  # what the scan holds (the lock on --out) until its outputs are written
+            return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held)
     except OSError as exc:
         raise _output_error(exc, out) from None
 
@@ -292,6 +294,7 @@ def _run(
     o: ScanOptions,
     progress: Progress | None,
     files: Iterator[Found] | None,
+    held: contextlib.ExitStack,
 ) -> ScanSummary:
     emit = progress or (lambda event: None)
     if classifier is None and segmenter is None:
@@ -319,7 +322,7 @@ def _run(
     }
     t_start = time.perf_counter()
 
-    lock = OutLock(out / ".scan")  # before the journal is read: no second scan into this --out
+    held.enter_context(OutLock(out / ".scan"))  # before the journal is read: no second scan into this --out
     journal: Journal | None = None
     threads_before = torch.get_num_threads()
     try:
@@ -472,7 +475,6 @@ def _run(
         torch.set_num_threads(threads_before)
         if journal is not None:
             journal.close()
-        lock.release()
     counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
     notes = []
     if o.no_segment:

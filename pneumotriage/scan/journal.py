@@ -27,6 +27,7 @@ class Journal:
         self.signature_path = folder / "signature.json"
         folder.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, ImageResult] = {}
+        self._by_path: dict[str, ImageResult] = {}  # the latest finished image at each path
         if resume and self.path.exists():
             old = json.loads(self.signature_path.read_text()) if self.signature_path.exists() else None
             if old != signature:
@@ -47,6 +48,7 @@ class Journal:
                 files = [folder.parent / f for f in (result.mask_file, result.overlay_file) if f]
                 if all(f.is_file() and f.stat().st_size > 0 for f in files):
                     self.done[result.key] = result
+                    self._by_path[result.path] = result
         elif not resume and self.path.exists():
             raise UsageError(
                 "this output folder already holds a scan",
@@ -60,10 +62,8 @@ class Journal:
 
     def stale_for(self, path: str, key: str) -> ImageResult | None:
         """A finished image at ``path`` whose file has changed since (its key is not ``key``), if any."""
-        for result in self.done.values():
-            if result.path == path and result.key != key:
-                return result
-        return None
+        result = self._by_path.get(path)
+        return result if result is not None and result.key != key and result.key in self.done else None
 
     def forget(self, key: str) -> None:
         self.done.pop(key, None)
@@ -77,6 +77,7 @@ class Journal:
         self._fh.write(json.dumps(vars(result)) + "\n")  # its fields are plain values: no deep copy
         self._fh.flush()
         self.done[result.key] = result
+        self._by_path[result.path] = result
 
     def sync(self) -> None:
         os.fsync(self._fh.fileno())
@@ -111,3 +112,9 @@ class OutLock:
 
     def release(self) -> None:
         self._fh.close()
+
+    def __enter__(self) -> OutLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
