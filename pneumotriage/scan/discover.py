@@ -26,10 +26,11 @@ class Found:
     key: str
 
 
-def file_key(path: Path, st: os.stat_result | None = None) -> str:
-    """A file's identity for resuming: its real path, size and modification time (a changed file is redone)."""
+def file_key(path: Path, st: os.stat_result | None = None, real: str | None = None) -> str:
+    """A file's identity for resuming: its real path (``real`` where the caller has it), size and modification
+    time (a changed file is redone)."""
     st = st or path.stat()
-    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{real or os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[Found]:
@@ -42,7 +43,7 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
         if real in seen:
             continue
         seen.add(real)
-        key = file_key(path, st) if st is not None else f"{path}|missing"
+        key = file_key(path, st, real) if st is not None else f"{path}|missing"
         yield Found(path, image_id_for(path), key)
 
 
