@@ -447,7 +447,7 @@ def _run(
                         elif job.segmented:
                             # The models would only wait for decoding: finish here meanwhile, and leave the
                             # workers to decode (what bounds a scan whose models are faster than its decoding).
-                            finishing.append((-1, done_future(_finish_here(workers, job, item.slot)), thumb))
+                            finishing.append((-1, done_future(finish_task(job, item.slot)), thumb))
                             stream.release(item.slot)
                         else:  # nothing to compute or write: finished here, the slot free at once
                             finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb))
@@ -517,12 +517,6 @@ def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) ->
             (out / path).unlink(missing_ok=True)
     if thumb is not None:
         thumb.unlink(missing_ok=True)
-
-
-def _finish_here(workers: Workers, job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:
-    """Finish a segmented image in this process, from its slot (no view of the arena outlives the call: the
-    arena cannot close while one does)."""
-    return finish(job, workers.arena.map(slot), workers.arena.display(slot, job.display_shape))
 
 
 def _decode_thumbnails(workers: Workers, out: Path, rows: Sequence[ImageResult]) -> None:

@@ -48,12 +48,9 @@ class ScanOptions:
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
         scan writes anything: a gate of 2 or NaN would silently make every image routine."""
-        for name, value in (("--gate", self.gate), ("--top-score", self.top_score)):
-            _check_probability(name, value)
-        _check_probability("--bottom-score", self.bottom_score)
+        for name in ("gate", "top_score", "bottom_score", "min_area", "min_component"):
+            _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
         _check_probability("--urgent-probability", self.urgent_probability)
-        for name, value in (("--min-area", self.min_area), ("--min-component", self.min_component)):
-            _check_count(name, value)
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: give 1 or more, or auto")
         if self.workers is not None and self.workers < 0:
@@ -96,12 +93,12 @@ def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
 
     value = model.thresholds.get(name, default)
     try:
-        _THRESHOLD_CHECKS[name](name, value if isinstance(value, int | float) and not isinstance(value, bool) else None)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise UsageError(f"{name} {value!r} is not a number")
+        _THRESHOLD_CHECKS[name](name, value)
     except UsageError as exc:
         raise WeightError(
-            f"its {exc.message.lstrip('-').replace('-', '_', 1)}",
+            f"its {exc.message}",
             path=model.path or model.name,
             hint="pass the threshold explicitly, or re-run `pneumotriage tune` to write a checkpoint with a valid one",
         ) from None
@@ -164,12 +161,7 @@ def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores:
     itself: see the engine.) On a GPU: large batches, and one worker per core but the one that feeds the GPU.
     """
     cores = cores or usable_cores()
-    if o.batch_size is not None and o.batch_size < 1:
-        raise UsageError(f"--batch-size {o.batch_size}: give 1 or more, or auto")
-    if o.workers is not None and o.workers < 0:
-        raise UsageError(f"--workers {o.workers}: give 0 or more, or auto")
-    if o.jpeg_decode not in ("auto", "workers", "device"):
-        raise UsageError(f"jpeg_decode {o.jpeg_decode!r}: choose auto, workers or device")
+    o.check()
     gpu = device.type == "cuda"
     if gpu:
         batch = o.batch_size or 64

@@ -85,7 +85,10 @@ def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bo
     atomic_write_text(out / "worklist.json", strict_json(worklist_document(summary, rows), indent=1) + "\n")
     write_rle_csv(
         out / "submission.csv",
-        [(printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle)) for r in _unique(summary.results)],
+        [
+            (printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle))
+            for r in by_image_id(summary.results).values()
+        ],
         relative=rle_relative,
     )
     skipped = io.StringIO()
@@ -138,11 +141,6 @@ def collision_note(results: list[ImageResult]) -> str | None:
         f"{len(shared)} image ids are shared by more than one file (first: {image_id} in {', '.join(paths)}); "
         "submission.csv takes the readable one ranked first for each"
     )
-
-
-def _unique(results: list[ImageResult]) -> list[ImageResult]:
-    """One submission row per image id (:func:`by_image_id`), in worklist order."""
-    return list(by_image_id(results).values())
 
 
 def read_worklist(path: str | Path) -> list[dict[str, str]]:
