@@ -13,13 +13,17 @@ Modes (one per run):
   weights on the same files, each a whole process (target >= 1.2x on a 2-core CPU, >= 3x on a GPU).
   torchxrayvision is installed into a scratch folder (``--peer-site``) for this only; it is not a dependency;
 - ``--memory``: peak memory of scans of 200 and 2,000 small images, each in a fresh process (target: the larger
-  within 1.2x of the smaller).
+  within 1.2x of the smaller);
+- ``--ranks 1,2``: the whole scan of one folder (default architectures, random weights, every image segmented)
+  as 1 process and as R torchrun ranks (each on its own GPU, or its share of the CPU cores), each a whole
+  process, merge included; throughput and the speed-up against 1 process.
 
     python benchmarks/scan.py --n 32
     python benchmarks/scan.py --ceiling --workers 2
     python benchmarks/scan.py --peer --n 40
     python benchmarks/scan.py --device cuda --n 512 --batch-size 64 --data bench-data
     python benchmarks/scan.py --memory
+    python benchmarks/scan.py --ranks 1,2 --n 64
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pneumotriage.models import LoadedModel, ModelSpec, build_model
+from pneumotriage.models import LoadedModel, ModelSpec, build_model, save_checkpoint
 from pneumotriage.runtime import autocast_for, pick_device, usable_cores
 from pneumotriage.scan import ScanOptions
 from pneumotriage.scan import run as scan
@@ -293,6 +297,42 @@ def peer(args: argparse.Namespace, tmp: Path) -> None:
     )
 
 
+def ranks(args: argparse.Namespace, tmp: Path) -> None:
+    folder = args.data or _study(tmp, args.n)
+    n = len(list(folder.rglob("*.dcm")))
+    torch.manual_seed(0)
+    models = tmp / "models"
+    models.mkdir()
+    clf = save_checkpoint(
+        models / "clf.pt", build_model(ModelSpec("classifier", "densenet121", input_size=args.classifier_size))
+    )
+    seg = save_checkpoint(
+        models / "seg.pt", build_model(ModelSpec("segmenter", "unet", "resnet34", input_size=args.segmenter_size))
+    )
+    common = ["--classifier", str(clf), "--segmenter", str(seg), "--gate", str(args.gate), "--no-progress"]
+    common += ["--device", args.device] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    env = {**os.environ, "PNEUMOTRIAGE_HOME": str(tmp / "home")}
+    env.pop("OMP_NUM_THREADS", None)  # torchrun sets 1 per rank; each rank sets its own from its cores
+    best: dict[int, float] = {}
+    for r in args.ranks_list:
+        launcher = [sys.executable] if r == 1 else [sys.executable, "-m", "torch.distributed.run"]
+        launcher += [] if r == 1 else ["--nproc-per-node", str(r), "--master-port", str(29500 + r)]
+        times = []
+        for i in range(args.repeat):
+            out = tmp / f"ranks{r}-{i}"
+            times.append(_wall([*launcher, "-m", "pneumotriage", "scan", str(folder), "--out", str(out), *common], env))
+        best[r] = min(times)
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {usable_cores()} cores"
+    print(f"{n} files of {folder}; {name}; torch {torch.__version__}; every image segmented (gate {args.gate})")
+    print(f"classifier densenet121 @{args.classifier_size}, segmenter unet/resnet34 @{args.segmenter_size}")
+    for r, t in best.items():
+        print(
+            f"{r} process{'es' if r > 1 else '  '}: best of {args.repeat} {t:7.1f} s  {n / t:7.2f} img/s  "
+            f"speed-up {best[args.ranks_list[0]] / t:.2f}x"
+        )
+
+
 def _memory_child(folder: Path, out: Path, workers: int) -> None:
     """Scan ``folder`` and print this process's peak RSS and its largest child's, in MiB."""
     clf = _loaded(ModelSpec("classifier", "densenet121", input_size=64))
@@ -355,7 +395,8 @@ def main() -> int:
     parser.add_argument("--memory", action="store_true", help="peak memory for 200 and 2,000 images")
     parser.add_argument("--ceiling", action="store_true", help="near-zero-cost models against decoding alone")
     parser.add_argument("--peer", action="store_true", help="against TorchXRayVision's per-file loop")
-    parser.add_argument("--repeat", type=int, default=2, help="--peer: runs of each side (the best counts)")
+    parser.add_argument("--repeat", type=int, default=2, help="--peer, --ranks: runs of each (the best counts)")
+    parser.add_argument("--ranks", help="processes to compare, e.g. 1,2 (torchrun ranks; 1: a plain scan)")
     parser.add_argument(
         "--peer-site",
         type=Path,
@@ -375,6 +416,10 @@ def main() -> int:
         elif args.peer:
             args.n = args.n or 40
             peer(args, tmp)
+        elif args.ranks:
+            args.n = args.n or 64
+            args.ranks_list = [int(r) for r in args.ranks.split(",")]
+            ranks(args, tmp)
         else:
             args.n = args.n or 32
             default(args, tmp)

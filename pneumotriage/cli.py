@@ -262,13 +262,10 @@ def _print_plan(summary: Any) -> None:
     )
 
 
-def _run_scan_with_progress(
-    paths: list[Path], out_dir: Path, classifier: Any, segmenter: Any, options: Any, show: bool
-) -> Any:
-    """Run the cascade with a rich progress bar on stderr (discovered / decoded / classified / segmented, ETA)."""
+def _with_progress(show: bool, job: Callable[[Callable[[dict[str, Any]], None]], Any]) -> Any:
+    """Run ``job(on_event)`` with a rich progress bar on stderr (discovered / decoded / classified / segmented,
+    ETA) fed by its scan's progress events."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from pneumotriage.scan import run as run_scan
 
     columns = (
         TextColumn("{task.description}"),
@@ -293,7 +290,7 @@ def _run_scan_with_progress(
                     + found,
                 )
 
-        return run_scan(paths, out_dir, classifier=classifier, segmenter=segmenter, options=options, progress=on_event)
+        return job(on_event)
 
 
 @app.command()
@@ -334,10 +331,22 @@ def scan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K/N",
+            help="Scan only shard K of N (K from 0) into --out, for a job array; `pneumotriage merge` then "
+            "writes the worklist. Under torchrun each rank takes its shard by itself.",
+        ),
+    ] = None,
 ) -> None:
-    """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report."""
+    """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report.
 
-    from pneumotriage.scan.outputs import worklist_document, worklist_rows
+    Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
+    its own GPU) and the first merges them into one worklist."""
+    from pneumotriage.scan import ranks as scan_ranks
+    from pneumotriage.scan import run as run_scan
+    from pneumotriage.scan.shards import Shard
 
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
@@ -368,9 +377,75 @@ def scan(
         resume=resume,
         overlays=overlays,
     )
+    one_shard = Shard.parse(shard) if shard is not None else None
+    if one_shard is not None and scan_ranks.launched():
+        raise UsageError("--shard under torchrun: each rank takes its own shard; leave --shard out")
     loaded_cls = _load(classifier, "classifier")
     loaded_seg = _load(segmenter, "segmenter")
-    summary = _run_scan_with_progress(paths, out_dir, loaded_cls, loaded_seg, options, progress)
+    models = {"classifier": loaded_cls, "segmenter": loaded_seg}
+    if scan_ranks.launched():
+        with scan_ranks.joined(device) as ranks:
+            options.device = str(ranks.device)
+            options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
+            merged = _with_progress(
+                progress and ranks.rank == 0,
+                lambda on_event: scan_ranks.run_ranks(
+                    paths, out_dir, ranks, **models, options=options, progress=on_event
+                ),
+            )
+        if merged is None:
+            return  # not rank 0: quiet; rank 0 reports the whole job
+        _report_scan(merged, as_json=as_json, no_phi=no_phi, verbose=verbose)
+        if merged.failed:
+            raise typer.Exit(EXIT_INPUTS_FAILED)
+        return
+    summary = _with_progress(
+        progress,
+        lambda on_event: run_scan(paths, out_dir, **models, options=options, progress=on_event, shard=one_shard),
+    )
+    if one_shard is not None:
+        c = summary.counts
+        err.print(
+            f"shard {one_shard.label}: {c['images']} images ({c['urgent']} urgent, {c['errors']} unreadable) in "
+            f"{summary.timings['total_s']:.1f} s; when every shard is done: pneumotriage merge {out_dir}",
+            highlight=False,
+        )
+        if summary.failed:
+            raise typer.Exit(EXIT_INPUTS_FAILED)
+        return
+    _report_scan(summary, as_json=as_json, no_phi=no_phi, verbose=verbose)
+    if summary.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@app.command()
+@_reports_errors
+def merge(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The --out of a scan run in shards.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged worklist as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
+) -> None:
+    """Merge the finished shards of a sharded scan (`scan --shard K/N`) into one ranked worklist, submission and
+    report. Exits 4, naming them, while any shard is missing (the outputs then hold the finished ones)."""
+    from pneumotriage.scan.merge import ShardsMissing
+    from pneumotriage.scan.merge import merge as merge_shards
+
+    merged = merge_shards(out_dir)
+    _report_scan(merged.summary, as_json=as_json, no_phi=merged.options.no_phi, verbose=verbose)
+    if merged.missing:
+        raise ShardsMissing(
+            f"shard{'s' if len(merged.missing) > 1 else ''} {', '.join(merged.missing)} missing",
+            path=out_dir,
+            hint=f"run {'them' if len(merged.missing) > 1 else 'it'} (with --resume where started), then merge again",
+        )
+    if merged.summary.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+def _report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> None:
+    """A finished scan's worklist (a table, or JSON on stdout), notes and counts."""
+    from pneumotriage.scan.outputs import worklist_document, worklist_rows
+
     if as_json:
         print(json.dumps(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
     else:
@@ -388,8 +463,6 @@ def scan(
         + f"\nreport: {summary.out / 'report.html'}",
         highlight=False,
     )
-    if summary.failed:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
 @app.command()
@@ -1002,7 +1075,12 @@ def evaluate(
             raise UsageError("give --classifier and/or --segmenter (registry names or files), or --predictions")
         loaded_cls, loaded_seg = _load(classifier, "classifier"), _load(segmenter, "segmenter")
         options = _scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume)
-        summary = _run_scan_with_progress([data], out_dir / "scan", loaded_cls, loaded_seg, options, progress)
+        from pneumotriage.scan import run as run_scan
+
+        models = {"classifier": loaded_cls, "segmenter": loaded_seg}
+        summary = _with_progress(
+            progress, lambda on: run_scan([data], out_dir / "scan", **models, options=options, progress=on)
+        )
         source = {
             "mode": "models",
             "data": str(data),

@@ -110,8 +110,9 @@ MAX_SIDE = 16384
 #: The smallest side a scan accepts: a 1 x 1 or 3 x 500 "image" is not a radiograph, and ranking one urgent
 #: would be noise (the models see at least 64 px). Decoding itself takes any size.
 MIN_SIDE = 64
-#: What marks a folder as a scan's output (its journal's signature): walks pass such folders over.
-SCAN_MARK = os.path.join(".scan", "signature.json")
+#: What marks a folder as a scan's output (its journal's signature, or a sharded scan's layout): walks pass such
+#: folders over.
+SCAN_MARKS = (os.path.join(".scan", "signature.json"), os.path.join(".scan", "shards.json"))
 #: Media Storage Directory Storage: a DICOMDIR's SOP class.
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 
@@ -444,7 +445,7 @@ def walk_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterat
     """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
     order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
     and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks), folders reached through a
-    symbolic link (as ``os.walk`` does: no loops), scans' output folders (marked by :data:`SCAN_MARK`: a scan
+    symbolic link (as ``os.walk`` does: no loops), scans' output folders (marked by :data:`SCAN_MARKS`: a scan
     whose ``--out`` lies inside its input never reads its own or an earlier scan's outputs) and the folders in
     ``exclude``. A path that cannot be ``stat``-ed comes with None: reading it then says why."""
     skip = set()
@@ -485,7 +486,9 @@ def _paths(root: Path, skip: set[tuple[int, int]]) -> Iterator[Path]:
                 everything = list(it)
         except OSError:
             continue  # unreadable or vanished while walking, as os.walk passes it over
-        if any(e.name == ".scan" for e in everything) and os.path.isfile(os.path.join(folder, SCAN_MARK)):
+        if any(e.name == ".scan" for e in everything) and any(
+            os.path.isfile(os.path.join(folder, mark)) for mark in SCAN_MARKS
+        ):
             continue  # a scan's output folder (masks, overlays, CSVs): never an input
         entries = sorted((e for e in everything if not e.name.startswith(".")), key=lambda e: e.name)
         folders = []

@@ -22,8 +22,9 @@ from pneumotriage.dicom import read_header
 from pneumotriage.labels import read_rle_csv
 from pneumotriage.rle import rle_decode
 from pneumotriage.scan import TIERS, ImageResult, ScanOptions
+from pneumotriage.scan.discover import safe_name
 from pneumotriage.scan.finish import patient_side
-from pneumotriage.scan.rank import rank, safe_name, tier_of
+from pneumotriage.scan.rank import rank, tier_of
 from pneumotriage.synth import StudySummary, write_study
 from pneumotriage.train import TrainConfig, train
 

@@ -3,27 +3,55 @@
 The walk runs in a thread and feeds a queue, so decoding starts on the first files while a large folder is
 still being listed. Only names and ``stat`` results are read here: the files themselves are opened by the
 worker processes. Sockets, FIFOs and devices are passed over without being opened (opening a FIFO blocks).
+
+Each file found gets its place in the walk (``seq``) and the name its outputs will have, both from the walk
+alone: every process of a sharded scan walks the same inputs, so all agree on them without talking, and a
+file's outputs are named as one process scanning everything would name them (:mod:`pneumotriage.scan.shards`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pneumotriage.dicom import image_id_for, walk_files
+from pneumotriage.scan.shards import Shard
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class Found:
-    """One file to scan: where it is, its image id and its identity key (real path, size, mtime)."""
+    """One file to scan: where it is, its image id, its identity key (real path, size, mtime); once
+    :class:`Discovery` has seen it, its place in the walk and the name its outputs share."""
 
     path: Path
     image_id: str
     key: str
+    #: Its real path (the key's first part): what decides which shard scans it.
+    real: str = ""
+    seq: int = -1
+    name: str = ""
+
+
+def safe_name(image_id: str, taken: set[str]) -> str:
+    """A file name from an image id: only letters, digits, '.', '_' and '-'; no leading dot; unique in ``taken``
+    (a short hash of the id is added on a collision)."""
+    name = _SAFE.sub("_", image_id).strip("._-")[:120] or "image"
+    if name in taken:
+        name = f"{name}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
+        n = 1
+        base = name
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+    taken.add(name)
+    return name
 
 
 def file_key(path: Path, st: os.stat_result | None = None, real: str | None = None) -> str:
@@ -44,31 +72,47 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
             continue
         seen.add(real)
         key = file_key(path, st, real) if st is not None else f"{path}|missing"
-        yield Found(path, image_id_for(path), key)
+        yield Found(path, image_id_for(path), key, real)
 
 
 _END = object()
 
 
 class Discovery:
-    """:func:`found_files` in a background thread. :meth:`poll` returns what was found so far without waiting;
-    :attr:`finished` says whether the walk is over. Errors of the walk itself are re-raised by :meth:`poll`."""
+    """:func:`found_files` in a background thread, each file numbered and named in the order of the walk, and
+    only those of ``shard`` handed on. :meth:`poll` returns what was found so far without waiting;
+    :attr:`finished` says whether the walk is over; :attr:`walked` counts every file found (every shard's).
+    Errors of the walk itself are re-raised by :meth:`poll`.
+
+    A file's name is the first free one for its image id in walk order, over every file found (whether it turns
+    out readable or not), so that it depends on the walk alone."""
 
     def __init__(
-        self, roots: Iterable[Path], files: Iterator[Found] | None = None, *, exclude: Iterable[Path] = ()
+        self,
+        roots: Iterable[Path],
+        files: Iterator[Found] | None = None,
+        *,
+        exclude: Iterable[Path] = (),
+        shard: Shard | None = None,
     ) -> None:
         self._queue: queue.Queue[object] = queue.Queue()
         self._files = files if files is not None else found_files(list(roots), exclude=exclude)
+        self._shard = shard
         self._error: BaseException | None = None
         self.finished = False
         self.count = 0
+        self.walked = 0
         self._thread = threading.Thread(target=self._run, name="scan-discover", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        taken: set[str] = set()
         try:
-            for item in self._files:
-                self._queue.put(item)
+            for seq, item in enumerate(self._files):
+                found = replace(item, seq=seq, name=safe_name(item.image_id, taken), real=item.real or item.key)
+                self.walked = seq + 1
+                if self._shard is None or self._shard.owns(found.real):
+                    self._queue.put(found)
         except BaseException as exc:  # handed to the scanning thread, which re-raises it
             self._error = exc
         finally:

@@ -35,11 +35,12 @@ from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, thumbnai
 from pneumotriage.scan.gate import to_segment
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal, OutLock
 from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
-from pneumotriage.scan.outputs import collision_note, write_outputs
-from pneumotriage.scan.rank import rank, safe_name, tier_of
+from pneumotriage.scan.outputs import summarise, write_outputs
+from pneumotriage.scan.rank import rank, tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.segment import segment
+from pneumotriage.scan.shards import Shard, claim_layout, shard_started, write_shard
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future, finish_task, thumbnail_task
 
 Progress = Callable[[dict[str, Any]], None]
@@ -237,6 +238,7 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
 def _error_row(found: Found, decoded: Decoded) -> ImageResult:
     return ImageResult(
         **{"image_id": found.image_id, "path": str(found.path), "key": found.key, **decoded.identity},
+        seq=found.seq,
         status="error",
         error=decoded.error,
     )
@@ -251,17 +253,22 @@ def run(
     options: ScanOptions | None = None,
     progress: Progress | None = None,
     files: Iterator[Found] | None = None,
+    shard: Shard | None = None,
 ) -> ScanSummary:
     """Scan DICOM files or folders into ``out`` and return the ranked results (see the package docstring).
 
     ``files`` replaces the walk of ``inputs`` (tests use it to stand in for a slow file system). An output that
     cannot be written (a full disk, a read-only folder) stops the scan with an :class:`OutputError`; the
-    images journaled so far are kept, and ``--resume`` goes on from them."""
+    images journaled so far are kept, and ``--resume`` goes on from them.
+
+    With ``shard``, only the files of that shard are scanned, into its own journal; the summary returned holds
+    that shard's rows, and the worklist, submission and report are left to
+    :func:`pneumotriage.scan.shards.merge` once every shard is done."""
     out = Path(out)
     _check_out(out)
     try:
         with contextlib.ExitStack() as held:  # what the scan holds (the lock on --out) until its outputs are written
-            return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held)
+            return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held, shard)
     except OSError as exc:
         raise _output_error(exc, out) from None
 
@@ -295,6 +302,7 @@ def _run(
     progress: Progress | None,
     files: Iterator[Found] | None,
     held: contextlib.ExitStack,
+    shard: Shard | None = None,
 ) -> ScanSummary:
     emit = progress or (lambda event: None)
     if classifier is None and segmenter is None:
@@ -320,15 +328,23 @@ def _run(
         "options": o.signature(),
         "inputs": inputs,
     }
+    if shard is not None:
+        signature["shards"] = shard.count  # the same for every shard: merge compares them
     t_start = time.perf_counter()
 
-    held.enter_context(OutLock(out / ".scan"))  # before the journal is read: no second scan into this --out
+    # The lock is taken before the journal is read: no second scan into this --out (or this shard of it).
+    folder = claim_layout(out, shard)
+    held_by = "another scan is writing to this output folder"
+    if shard is not None:
+        held_by = f"another process is scanning shard {shard.label} of this output folder"
+    held.enter_context(OutLock(folder, out, held=held_by))
     journal: Journal | None = None
     threads_before = torch.get_num_threads()
     try:
-        journal = Journal(out / ".scan", signature, o.resume, no_phi=o.no_phi)
+        journal = Journal(folder, signature, o.resume, no_phi=o.no_phi, out=out)
+        if shard is not None:
+            shard_started(folder)  # a merge meanwhile counts this shard as unfinished
         resumed = len(journal.done)
-        taken: set[str] = {r.file_stem for r in journal.done.values() if r.file_stem}
         for sub in ("masks", "overlays", ".scan/thumbs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
@@ -375,16 +391,20 @@ def _run(
 
             def seen_or_done(found: Found) -> bool:
                 seen.append(found.key)
-                if found.key in journal.done:
+                done = journal.done.get(found.key)
+                if done is not None and done.file_stem in (None, found.name):
+                    done.seq = found.seq  # its place in this walk (files added since move it)
                     return True
-                stale = journal.stale_for(str(found.path), found.key)
-                if stale is not None:  # the file changed since it was done: its old files go, it is done again
+                # Done again: the file changed since (its old files go), or files added to the inputs since
+                # now give its name to another file.
+                stale = done or journal.stale_for(str(found.path), found.key)
+                if stale is not None:
                     _remove_files(out, stale)
-                    taken.discard(stale.file_stem or "")
                     journal.forget(stale.key)
                 return False
 
-            discovery = Discovery(roots, files, exclude=[out])  # never its own outputs
+            # Never its own outputs; with a shard, only that shard's files.
+            discovery = Discovery(roots, files, exclude=[out], shard=shard)
             stream = Stream(
                 discovery,
                 workers,
@@ -429,8 +449,8 @@ def _run(
                     for i, item in enumerate(batch.items):
                         d = item.decoded
                         job = FinishJob(
-                            name=safe_name(item.found.image_id, taken),
-                            identity={"image_id": item.found.image_id, **d.identity},
+                            name=item.found.name,
+                            identity={"image_id": item.found.image_id, **d.identity, "seq": item.found.seq},
                             shape=d.shape,
                             display_shape=d.display_shape,
                             spacing=d.spacing,
@@ -453,7 +473,15 @@ def _run(
                             finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb))
                             stream.release(item.slot)
                 drain(False)
-                emit({"event": "batch", "discovered": discovery.count, "walked": discovery.finished, **counts})
+                emit(
+                    {
+                        "event": "batch",
+                        "discovered": discovery.count,
+                        "walked": discovery.finished,
+                        "found_all": discovery.walked,
+                        **counts,
+                    }
+                )
             while finishing:
                 drain(True)
             journal.close()
@@ -463,47 +491,34 @@ def _run(
             kept = {f for r in results for f in (r.mask_file, r.overlay_file, r.file_stem) if f}
             for gone in set(journal.done) - set(seen):
                 _remove_files(out, journal.done[gone], keep=kept)
-            if not results:
+            if not results and shard is None:  # a shard of a small archive may hold none
                 hint = f"{len(skipped_rows)} files found, none of them DICOM" if skipped_rows else None
                 raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
             segmented_run = segmenter is not None
             for r in results:
                 r.tier = tier_of(r, t["gate"], o, segmented_run)
             ranked = rank(results)
+            # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
             thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
     finally:
         torch.set_num_threads(threads_before)
         if journal is not None:
             journal.close()
-    counts["errors"] = sum(r.status != "ok" for r in ranked)  # those found before a resume too
-    notes = []
-    if o.no_segment:
-        notes.append("classifier only (--no-segment): no outlines, areas or sides")
-    if any(not m["clinical"] for m in models):
-        notes.append("synthetic demo weights: not for clinical use")
-    shared = collision_note(ranked)
-    if shared:
-        notes.append(shared)
-    summary = ScanSummary(
-        out=out,
-        results=ranked,
-        counts={
-            **counts,
-            "images": len(ranked),
-            "urgent": sum(r.tier == "urgent" for r in ranked),
-            "review": sum(r.tier == "review" for r in ranked),
-            "routine": sum(r.tier == "routine" for r in ranked),
-            "resumed": stream.skipped,
-            "skipped": len(skipped_rows),
-        },
-        timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
+    summary = summarise(
+        out,
+        ranked,
+        counts={**counts, "resumed": stream.skipped},
         models=models,
         thresholds=t,
-        notes=notes,
+        no_segment=o.no_segment,
         plan=plan.as_dict(),
         skipped=skipped_rows,
+        timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
     )
-    write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
+    if shard is not None:
+        write_shard(folder, summary, signature)
+    else:
+        write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
     emit({"event": "done", **summary.counts})
     return summary
 

@@ -21,7 +21,11 @@ JOURNAL_VERSION = 2
 class Journal:
     """Finished images, appended and synced once per batch; read back on resume."""
 
-    def __init__(self, folder: Path, signature: dict[str, Any], resume: bool, *, no_phi: bool = False) -> None:
+    def __init__(
+        self, folder: Path, signature: dict[str, Any], resume: bool, *, no_phi: bool = False, out: Path | None = None
+    ) -> None:
+        """``folder`` holds the journal; ``out`` (default: its parent) the files its rows name."""
+        out = out or folder.parent
         self.no_phi = no_phi
         self.path = folder / "journal.jsonl"
         self.signature_path = folder / "signature.json"
@@ -34,7 +38,7 @@ class Journal:
                 what = "inputs" if old and old.get("inputs") != signature.get("inputs") else "models or settings"
                 raise UsageError(
                     f"cannot resume: this output folder was scanned with other {what}",
-                    path=folder.parent,
+                    path=out,
                     hint="resume with the same inputs and options, or scan into a new --out",
                 )
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -45,14 +49,14 @@ class Journal:
                 result = ImageResult(**data)
                 # Per-image files are not fsynced (one fsync each cost more than the models on a GPU): after a
                 # power cut a journaled image whose files did not reach the disk is done again.
-                files = [folder.parent / f for f in (result.mask_file, result.overlay_file) if f]
+                files = [out / f for f in (result.mask_file, result.overlay_file) if f]
                 if all(f.is_file() and f.stat().st_size > 0 for f in files):
                     self.done[result.key] = result
                     self._by_path[result.path] = result
         elif not resume and self.path.exists():
             raise UsageError(
                 "this output folder already holds a scan",
-                path=folder.parent,
+                path=out,
                 hint="pass --resume to continue it, or choose another --out",
             )
         else:
@@ -93,7 +97,11 @@ class OutLock:
     ``--out`` (a resume started twice, two operators) stops with one line instead of mixing its files in.
     Taken with ``flock`` where the platform has it; the lock goes with the process, so a killed scan leaves none."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, out: Path | None = None, *, held: str = "another scan is writing to this output folder"
+    ) -> None:
+        """Lock ``folder/lock``; ``held`` is the message when another process holds it."""
+        out = out or folder.parent
         folder.mkdir(parents=True, exist_ok=True)
         self._fh = open(folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed in release())
         try:
@@ -104,14 +112,29 @@ class OutLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._fh.close()
-            raise UsageError(
-                "another scan is writing to this output folder",
-                path=folder.parent,
-                hint="wait for it to end, or choose another --out",
-            ) from None
+            raise UsageError(held, path=out, hint="wait for it to end, or choose another --out") from None
 
     def release(self) -> None:
         self._fh.close()
+
+    @staticmethod
+    def held(folder: Path) -> bool:
+        """Whether a running process holds the lock in ``folder`` (a scan in progress there)."""
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        try:
+            fh = open(folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return False
 
     def __enter__(self) -> OutLock:
         return self

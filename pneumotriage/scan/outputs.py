@@ -45,6 +45,50 @@ WORKLIST_FIELDS = (
 )
 
 
+def summarise(
+    out: Path,
+    ranked: list[ImageResult],
+    *,
+    counts: dict[str, int],
+    models: list[dict[str, Any]],
+    thresholds: dict[str, float],
+    no_segment: bool,
+    plan: dict[str, Any],
+    skipped: list[ImageResult],
+    timings: dict[str, float],
+    notes: tuple[str, ...] = (),
+) -> ScanSummary:
+    """A scan's summary from its ranked rows: the counts by tier, and the notes every output carries (what the
+    run could not do, models not for clinical use, image ids shared by several files), then ``notes``."""
+    shown = []
+    if no_segment:
+        shown.append("classifier only (--no-segment): no outlines, areas or sides")
+    if any(not m["clinical"] for m in models):
+        shown.append("synthetic demo weights: not for clinical use")
+    shared = collision_note(ranked)
+    if shared:
+        shown.append(shared)
+    return ScanSummary(
+        out=out,
+        results=ranked,
+        counts={
+            **counts,
+            "errors": sum(r.status != "ok" for r in ranked),  # those found before a resume too
+            "images": len(ranked),
+            "urgent": sum(r.tier == "urgent" for r in ranked),
+            "review": sum(r.tier == "review" for r in ranked),
+            "routine": sum(r.tier == "routine" for r in ranked),
+            "skipped": len(skipped),
+        },
+        timings=timings,
+        models=models,
+        thresholds=thresholds,
+        notes=[*shown, *notes],
+        plan=plan,
+        skipped=skipped,
+    )
+
+
 def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[str, Any]]:
     models = {m["role"]: m for m in summary.models}
     rows = []

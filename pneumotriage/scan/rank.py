@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any
 
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.records import TIERS, ImageResult
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(image_id: str, taken: set[str]) -> str:
-    """A file name from an image id: only letters, digits, '.', '_' and '-'; no leading dot; unique in ``taken``
-    (a short hash of the id is added on a collision)."""
-    name = _SAFE.sub("_", image_id).strip("._-")[:120] or "image"
-    if name in taken:
-        name = f"{name}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
-        n = 1
-        base = name
-        while name in taken:
-            name, n = f"{base}-{n}", n + 1
-    taken.add(name)
-    return name
 
 
 def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_run: bool) -> str:

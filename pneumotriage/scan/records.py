@@ -42,6 +42,8 @@ class ImageResult:
     key: str = ""
     #: The name this image's files (mask, overlay, thumbnail) share; None for an unreadable file.
     file_stem: str | None = None
+    #: Its place in the walk of the inputs: the order of a merged sharded scan's rows before ranking.
+    seq: int = -1
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""A scan under ``torchrun``: each rank scans its shard (:mod:`pneumotriage.scan.shards`) on its own GPU (or its
+share of the CPU cores), reports its counts through the process group's store, and rank 0 merges when every rank
+is done.
+
+The ranks never wait on one another while scanning: there is no collective operation, only counters added to
+the store (one add per counter at most twice a second), so a slow rank never holds up the others, and a long
+scan never meets a collective's timeout. Rank 0 shows one progress bar for the whole job from those counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pneumotriage.models import LoadedModel
+from pneumotriage.runtime import pick_device
+from pneumotriage.scan.engine import run
+from pneumotriage.scan.merge import merge
+from pneumotriage.scan.options import ScanOptions
+from pneumotriage.scan.records import ScanSummary
+from pneumotriage.scan.shards import Shard
+
+Progress = Callable[[dict[str, Any]], None]
+#: The counters each rank adds to the store, as its scan's progress events name them.
+COUNTERS = ("decoded", "classified", "segmented", "errors")
+
+
+def launched() -> bool:
+    """Whether this process is one of several that ``torchrun`` (or a launcher setting the same variables)
+    started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+@dataclass
+class Ranks:
+    """This process's place in the job, from torchrun's environment, and the store the ranks share."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    #: How many times torchrun restarted the job (``--max-restarts``): a restarted rank resumes its shard.
+    restart: int
+    device: torch.device
+    store: Any
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.world)
+
+
+def _share_cores(local_rank: int, local_world: int) -> None:
+    """Give this rank its own share of the machine's cores (its worker processes inherit it): ranks sharing a
+    CPU would otherwise each start a torch thread and a worker per core, and slow one another down."""
+    if local_world <= 1 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[local_rank * len(cores) // local_world : (local_rank + 1) * len(cores) // local_world]
+    os.sched_setaffinity(0, mine or [cores[local_rank % len(cores)]])
+
+
+@contextlib.contextmanager
+def joined(device_name: str = "auto") -> Iterator[Ranks]:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), and leave it cleanly."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cpu":
+        _share_cores(local_rank, local_world)
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    # One connection to the rendezvous store serves the process group and this module's counters.
+    store, _, _ = next(rendezvous("env://", rank, world))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # Keys of a restarted job's attempt apart from the failed attempt's (the store outlives the workers).
+    ours = PrefixStore(f"pneumotriage/{restart}", store)
+    dist.init_process_group(
+        backend,
+        store=PrefixStore("pg", ours),
+        rank=rank,
+        world_size=world,
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        yield Ranks(rank, world, local_rank, local_world, restart, device, PrefixStore("scan", ours))
+    finally:
+        dist.destroy_process_group()
+
+
+class Relay:
+    """Each rank's counts added to the store as its scan goes (at most every ``every`` seconds), and the whole
+    job's read back on rank 0."""
+
+    def __init__(self, ranks: Ranks, every: float = 0.5) -> None:
+        self.ranks = ranks
+        self.every = every
+        self._sent = dict.fromkeys(COUNTERS, 0)
+        self._last = 0.0
+
+    def report(self, event: dict[str, Any], *, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last < self.every:
+            return
+        self._last = time.monotonic()
+        for key in COUNTERS:
+            delta = int(event.get(key, 0)) - self._sent[key]
+            if delta:
+                self.ranks.store.add(key, delta)
+                self._sent[key] += delta
+
+    def finished(self) -> None:
+        self.ranks.store.add("finished", 1)
+
+    def all_finished(self) -> bool:
+        return int(self.ranks.store.add("finished", 0)) >= self.ranks.world
+
+    def job(self, found: int, walked: bool) -> dict[str, Any]:
+        """A progress event for the whole job: every rank's counts; ``found`` files in all (each rank walks all
+        the inputs, so rank 0's walk counts every rank's files)."""
+        counts = {key: int(self.ranks.store.add(key, 0)) for key in COUNTERS}
+        return {"event": "batch", "discovered": found, "walked": walked, **counts}
+
+
+def run_ranks(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    ranks: Ranks,
+    *,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    options: ScanOptions,
+    progress: Progress | None = None,
+) -> ScanSummary | None:
+    """Scan this rank's shard; on rank 0, wait for every rank, merge, and return the merged summary (other
+    ranks return None once their shard is done)."""
+    relay = Relay(ranks)
+    emit = progress if ranks.rank == 0 and progress is not None else None
+    seen = {"found": 0, "walked": False}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["event"] != "batch":
+            return
+        relay.report(event)
+        seen.update(found=event["found_all"], walked=event["walked"])
+        if emit is not None:
+            emit(relay.job(event["found_all"], event["walked"]))
+
+    finished = run(
+        inputs, out, classifier=classifier, segmenter=segmenter, options=options, progress=on_event, shard=ranks.shard
+    )
+    relay.report(finished.counts, force=True)
+    relay.finished()
+    if ranks.rank != 0:
+        return None
+    while not relay.all_finished():  # the others' bars move on rank 0's, while it waits
+        if emit is not None:
+            emit(relay.job(int(seen["found"]), bool(seen["walked"])))
+        time.sleep(0.2)
+    merged: ScanSummary = merge(out).summary
+    return merged
