@@ -57,8 +57,9 @@ class Ranks:
 
 
 def _share_cores(local_rank: int, local_world: int) -> None:
-    """Give this rank its own share of the machine's cores (its worker processes inherit it): ranks sharing a
-    CPU would otherwise each start a torch thread and a worker per core, and slow one another down."""
+    """Give this rank its own share of the machine's cores (its worker processes inherit it, and ``auto`` sizes
+    its workers and threads by it): ranks sharing a machine would otherwise each start a torch thread and a
+    worker per core, and slow one another down."""
     if local_world <= 1 or not hasattr(os, "sched_setaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
@@ -76,10 +77,10 @@ def joined(device_name: str = "auto") -> Iterator[Ranks]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device = pick_device(device_name, local_rank)
-    if device.type == "cpu":
-        _share_cores(local_rank, local_world)
-    elif device.type == "cuda":
+    # "auto" and a bare "cuda" mean this rank's own GPU; "cuda:1" is taken as given.
+    device = pick_device("auto" if device_name == "cuda" and torch.cuda.is_available() else device_name, local_rank)
+    _share_cores(local_rank, local_world)  # on a GPU machine too: each rank's decoding workers on its own cores
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     # One connection to the rendezvous store serves the process group and this module's counters.
     store, _, _ = next(rendezvous("env://", rank, world))
