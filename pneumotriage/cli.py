@@ -1098,6 +1098,7 @@ def evaluate(
             seed=seed,
         )
         failed = evaluation.unreadable
+        evaluation.notes += [n for n in summary.notes if "not for clinical use" in n]  # in metrics.json too
     write_evaluation(evaluation, out_dir)
     if as_json:
         print((out_dir / "metrics.json").read_text(), end="")

@@ -113,6 +113,8 @@ MIN_SIDE = 64
 #: What marks a folder as a scan's output (its journal's signature, or a sharded scan's layout): walks pass such
 #: folders over.
 SCAN_MARKS = (os.path.join(".scan", "signature.json"), os.path.join(".scan", "shards.json"))
+#: What :mod:`pneumotriage.synth` writes in ImageComments: the mark of a synthetic phantom, never a patient.
+SYNTHETIC_MARK = "SYNTHETIC PHANTOM - not a patient image"
 #: Media Storage Directory Storage: a DICOMDIR's SOP class.
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 
@@ -162,6 +164,8 @@ class DicomHeader(DicomIdentity):
     #: Why the file cannot be decoded here (no pixel data, codec missing), or None if it can.
     problem: str | None = None
     warnings: tuple[str, ...] = ()
+    #: Whether the file is a synthetic phantom (ImageComments holds :data:`SYNTHETIC_MARK`).
+    synthetic: bool = False
 
     @property
     def usable(self) -> bool:
@@ -414,6 +418,7 @@ def _header_from(ds: Dataset, path: Path, notes: list[str], has_pixels: bool) ->
         transfer_syntax_name=syntax.name if syntax else None,
         pixel_spacing_mm=_pixel_spacing(ds),
         problem=_pixel_problem(ds, has_pixels),
+        synthetic=_text(ds, "ImageComments") == SYNTHETIC_MARK,
         warnings=tuple(notes),
     )
 

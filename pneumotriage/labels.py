@@ -183,6 +183,8 @@ class ImageRecord:
     mask_area: int
     height: int
     width: int
+    #: A synthetic phantom (:data:`pneumotriage.dicom.SYNTHETIC_MARK`), not a patient image.
+    synthetic: bool = False
 
     @property
     def group(self) -> str:
@@ -241,6 +243,7 @@ def index_dataset(image_root: str | Path, labels_csv: str | Path, *, relative: b
                 mask_area=area,
                 height=height,
                 width=width,
+                synthetic=header.synthetic,
             )
         )
     index.labels_without_images = sorted(set(labels) - seen)

@@ -39,6 +39,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from pneumotriage import __version__
+from pneumotriage.dicom import SYNTHETIC_MARK
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.labels import SIIM_SHAPE, read_rle_csv
@@ -487,7 +488,7 @@ def _dataset(
     ds.ConversionType = "WSD"
     ds.InstitutionName = "pneumotriage synthetic phantom"
     ds.SeriesDescription = f"view: {view}"
-    ds.ImageComments = "SYNTHETIC PHANTOM - not a patient image"
+    ds.ImageComments = SYNTHETIC_MARK  # what training reads: a model trained on these is never clinical
     ds.PatientName = patient["id"]
     ds.PatientID = patient["id"]
     ds.PatientSex = patient["sex"]

@@ -37,7 +37,7 @@ from pneumotriage.io import atomic_write_text, strict_json
 from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
-from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint, unwrap
+from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, provenance, save_checkpoint, unwrap
 from pneumotriage.postprocess import triplet_keep
 from pneumotriage.runtime import PRECISIONS, autocast_for, pick_device, use_bf16
 from pneumotriage.weights import load_state_dict
@@ -458,6 +458,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
 
         model = build_model(cfg.spec(), pretrained=cfg.pretrained)
         pretrained_used = bool(model.meta["pretrained"])  # type: ignore[index]
+        # What it learns from: a model that saw synthetic phantoms is never clinical, in any output.
+        trained_on = provenance(sum(r.synthetic for r in train_records) / max(1, len(train_records)))
         if state is not None:
             model.load_state_dict(state["state_dict"])
         model.to(device)
@@ -538,7 +540,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                         data_fingerprint=fingerprint,
                         metrics={"selection": selection, **metrics},
                         epoch=epoch,
-                        extra={"pretrained": pretrained_used, "world_size": dist.world_size},
+                        extra={"pretrained": pretrained_used, "world_size": dist.world_size, **trained_on},
                     )
                 else:
                     stale += 1
@@ -557,6 +559,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                         "stale": stale,
                         "pretrained": pretrained_used,
                         "world_size": dist.world_size,
+                        **trained_on,
                     },
                 )
             stale = _broadcast_int(stale, dist, device)

@@ -495,6 +495,7 @@ def tune(
         extra={
             "tuning": tuning,
             "clinical": bool(meta.get("clinical", True)),
+            **{k: meta[k] for k in ("synthetic_share", "note") if k in meta},
             "tuned_from": {
                 "name": segmenter.name,
                 "path": str(segmenter.path) if segmenter.path else None,

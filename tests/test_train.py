@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -260,3 +261,48 @@ def test_cli_train_usage_errors(study: StudySummary, tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "START:END" in result.output
+
+
+def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySummary, tmp_path: Path) -> None:
+    """Phantoms carry the synthetic mark; a model that learnt from them says `clinical: false` and "trained on
+    synthetic images" in its checkpoint and in every output of a scan and an evaluation; without the mark it
+    would not."""
+    from pneumotriage.dicom import SYNTHETIC_MARK, read_header
+
+    first = sorted(study.out.rglob("*.dcm"))[0]
+    assert read_header(first).synthetic and pydicom.dcmread(first).ImageComments == SYNTHETIC_MARK
+    run = train(_config("classifier", study, tmp_path / "run", arch="resnet34", epochs=1, image_size=64))
+    best = load_model(run.run_dir / "best.pt")
+    assert best.meta["synthetic_share"] == 1.0 and best.meta["clinical"] is False
+    assert best.meta["note"] == "trained on synthetic images"
+
+    out = tmp_path / "scan"
+    scanned = CliRunner().invoke(
+        app, ["scan", str(study.out), "--out", str(out), "--classifier", str(run.run_dir / "best.pt"), "--no-segment"]
+    )
+    assert scanned.exit_code == 0, scanned.output
+    note = "best.pt: trained on synthetic images, not for clinical use"
+    assert note in " ".join(scanned.output.split())
+    doc = json.loads((out / "worklist.json").read_text())
+    assert doc["models"][0]["clinical"] is False and note in doc["notes"]
+    assert note in (out / "report.html").read_text()
+    evaluated = CliRunner().invoke(
+        app,
+        ["evaluate", str(study.out), "--labels", str(study.labels_csv), "--out", str(tmp_path / "eval")]
+        + ["--classifier", str(run.run_dir / "best.pt"), "--bootstrap", "0", "--no-progress"],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert note in metrics["notes"] and metrics["source"]["models"][0]["clinical"] is False
+
+    # The same images without the mark (as a real export would be): the model is not marked.
+    real = tmp_path / "unmarked"
+    for path in sorted(study.out.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.ImageComments
+        target = real / path.relative_to(study.out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    cfg = _config("classifier", study, tmp_path / "run2", arch="resnet34", epochs=1, image_size=64, data=str(real))
+    unmarked = load_model(train(cfg).run_dir / "best.pt")
+    assert unmarked.meta["synthetic_share"] == 0.0 and unmarked.meta.get("clinical", True) is True

@@ -140,6 +140,19 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+#: What every output says of a model trained, even in part, on synthetic phantoms.
+SYNTHETIC_NOTE = "trained on synthetic images"
+
+
+def provenance(synthetic_share: float) -> dict[str, Any]:
+    """The checkpoint fields that say what a model was trained on: the share of synthetic images among its
+    training images, and for any share above 0, ``clinical: false`` with :data:`SYNTHETIC_NOTE`."""
+    share = round(float(synthetic_share), 4)
+    if share > 0:
+        return {"synthetic_share": share, "clinical": False, "note": SYNTHETIC_NOTE}
+    return {"synthetic_share": share}
+
+
 def checkpoint_dict(
     model: nn.Module,
     *,
@@ -259,7 +272,9 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
     if registry_spec is not None:
         # What the registry says of a weight (its name, licence, whether it may touch patients) holds whatever
         # the file's own format: the demo weights are pneumotriage checkpoints marked clinical = false there.
-        meta.update(registry=registry_spec.name, licence=registry_spec.licence, clinical=registry_spec.clinical)
+        # A file that says it is not clinical (trained on synthetic images) stays so whatever the registry says.
+        clinical = registry_spec.clinical and bool(meta.get("clinical", True))
+        meta.update(registry=registry_spec.name, licence=registry_spec.licence, clinical=clinical)
     model = build_model(spec)
     target = model.get_submodule("backbone") if spec.kind == "classifier" and "format" not in data else model
     try:

@@ -232,6 +232,7 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
         "input_size": m.spec.input_size,
         "sha256": m.sha256,
         "clinical": bool(m.meta.get("clinical", True)),
+        "note": m.meta.get("note"),
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pneumotriage.io import atomic_write_text, printable, strict_json
 from pneumotriage.labels import write_rle_csv
+from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.rle import EMPTY, rle_runs
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
 from pneumotriage.scan.report import write_report
@@ -63,8 +64,12 @@ def summarise(
     shown = []
     if no_segment:
         shown.append("classifier only (--no-segment): no outlines, areas or sides")
-    if any(not m["clinical"] for m in models):
-        shown.append("synthetic demo weights: not for clinical use")
+    synthetic = [m["name"] for m in models if not m["clinical"] and m.get("note") == SYNTHETIC_NOTE]
+    other = [m["name"] for m in models if not m["clinical"] and m["name"] not in synthetic]
+    if synthetic:
+        shown.append(f"{' and '.join(map(str, synthetic))}: {SYNTHETIC_NOTE}, not for clinical use")
+    if other:
+        shown.append(f"{' and '.join(map(str, other))}: not for clinical use")
     shared = collision_note(ranked)
     if shared:
         shown.append(shared)
