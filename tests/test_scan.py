@@ -358,9 +358,10 @@ def test_demo_builds_weights_and_finds_pneumothoraces(tmp_path: Path, monkeypatc
     true_positives = sum(truth[i] for i in urgent)
     assert true_positives >= 0.6 * sum(truth.values()), rows
     assert true_positives >= 0.6 * len(urgent), rows
-    assert "demo-classifier and demo-segmenter: trained on synthetic images, not for clinical use" in (
-        out / "scan" / "report.html"
-    ).read_text()
+    assert (
+        "demo-classifier and demo-segmenter: trained on synthetic images, not for clinical use"
+        in (out / "scan" / "report.html").read_text()
+    )
 
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0"])
     assert again.exit_code == 0 and "building" not in again.output
