@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -802,10 +803,24 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
     with Progress(*columns, console=err, disable=not progress_on or rank != 0) as bar:
         epochs = bar.add_task("epochs", total=cfg.epochs, info="")
         batches = bar.add_task("batches", total=None, info="")
+        # Without a terminal (a log file, a CI job) the bars do not show: a line every half minute instead.
+        quiet_bar = progress_on and rank == 0 and not err.is_terminal
+        clock = {"run": time.monotonic(), "epoch": time.monotonic(), "said": time.monotonic(), "done": 0.0}
+        state = {"epoch": 0, "epochs": cfg.epochs, "batches": 1}
+
+        def eta(epoch: int, total: int, batch: int, batches_: int) -> str:
+            """Time left for the run, from the time per batch so far in this run."""
+            done = epoch - clock["done"] + batch / max(batches_, 1)  # epochs done in this process
+            if done <= 0:
+                return "?"
+            left = (time.monotonic() - clock["run"]) / done * (total - epoch - batch / max(batches_, 1))
+            return f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
 
         def on_event(event: dict[str, Any]) -> None:
             kind_ = event["event"]
-            if kind_ == "data":
+            if kind_ == "weights":
+                err.print(f"starting from {event['start']}", highlight=False)
+            elif kind_ == "data":
                 err.print(
                     f"train {event['train']} images ({event['train_positive']} positive), validation "
                     f"{event['val']} ({event['val_positive']} positive) on {event['device']}"
@@ -813,10 +828,22 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
                     highlight=False,
                 )
             elif kind_ == "epoch_start":
+                if clock["done"] == 0.0 and event["epoch"]:
+                    clock["done"] = float(event["epoch"])  # resumed: epochs done before this process
+                clock["epoch"] = time.monotonic()
                 bar.update(epochs, completed=event["epoch"], total=event["epochs"])
                 bar.reset(batches, total=event["batches"], info="")
+                state.update(epoch=event["epoch"], epochs=event["epochs"], batches=event["batches"])
             elif kind_ == "batch":
                 bar.update(batches, completed=event["batch"], info=f"loss {event['loss']:.4f}")
+                if quiet_bar and time.monotonic() - clock["said"] >= 30:
+                    clock["said"] = time.monotonic()
+                    err.print(
+                        f"epoch {state['epoch'] + 1}/{state['epochs']}: batch {event['batch']}/{state['batches']}, "
+                        f"loss {event['loss']:.4f}; about "
+                        f"{eta(state['epoch'], state['epochs'], event['batch'], state['batches'])} left",
+                        highlight=False,
+                    )
             elif kind_ == "epoch_end":
                 m = event["metrics"]
                 bar.update(epochs, completed=event["epoch"] + 1)
@@ -829,8 +856,11 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
                     and k[4:] in (sel, "auc", "recall", "dice_positives")
                 )
                 star = " [green]*best[/]" if m.get("best") else ""
+                took = time.monotonic() - clock["epoch"]
+                left = eta(event["epoch"] + 1, state["epochs"], 0, 1) if event["epoch"] + 1 < state["epochs"] else ""
                 err.print(
-                    f"epoch {event['epoch'] + 1}: loss {m.get('train_loss', float('nan')):.4f}, {figures}{star}",
+                    f"epoch {event['epoch'] + 1}/{state['epochs']}: loss {m.get('train_loss', float('nan')):.4f}, "
+                    f"{figures}{star} ({took:.0f} s" + (f"; about {left} left)" if left else ")"),
                     highlight=False,
                 )
 
@@ -842,6 +872,8 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
             f"{result.epochs_run} epochs{stop}; best epoch {best} -> {result.run_dir / 'best.pt'}",
             highlight=False,
         )
+        for warning in result.warnings:
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @train_app.command("classifier")
@@ -864,7 +896,9 @@ def train_classifier(
     fold: Fold = 0,
     folds: Folds = 5,
     val_fraction: ValFraction = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from cached ImageNet weights where present.")] = True,
+    pretrained: Annotated[
+        bool, typer.Option(help="Start from ImageNet weights, fetched into the cache if missing (exit 3 offline).")
+    ] = True,
     augment: Augmentation = "strong",
     cache: CacheDir = None,
     precision: PrecisionOpt = "auto",
@@ -925,7 +959,9 @@ def train_segmenter(
     fold: Fold = 0,
     folds: Folds = 5,
     val_fraction: ValFraction = None,
-    pretrained: Annotated[bool, typer.Option(help="Start the encoder from cached ImageNet weights.")] = True,
+    pretrained: Annotated[
+        bool, typer.Option(help="Start the encoder from ImageNet weights, fetched if missing (exit 3 offline).")
+    ] = True,
     augment: Augmentation = "strong",
     cache: CacheDir = None,
     precision: PrecisionOpt = "auto",
@@ -993,24 +1029,29 @@ def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"evaluation: {out_dir / 'metrics.json'}", title_justify="left")
     table.add_column("figure")
     table.add_column("value  [95% CI]", overflow="fold")
-    il, op = doc["image_level"], doc["image_level"]["operating_point"]
+    il, op, md = doc["image_level"], doc["image_level"]["operating_point"], doc["mask_decision"]
+    # First what the scan decides (an outline drawn or not), as confusion.png shows it; then the image-level
+    # score's own operating points, labelled as such.
     rows: list[tuple[str, str]] = [
         ("images (label positive)", f"{doc['n_images']} ({doc['n_positive']})"),
         ("competition Dice", _ci_text(doc["competition_dice"], doc["competition_dice_ci95"])),
         ("Dice on positives", _ci_text(doc["dice_positive_mean"], doc["dice_positive_mean_ci95"])),
         ("IoU", _ci_text(doc["iou_mean"], None)),
-        (f"ROC AUC ({il['score']})", _ci_text(il["roc_auc"], il["roc_auc_ci95"])),
-        ("PR AUC", _ci_text(il["pr_auc"], il["pr_auc_ci95"])),
-        (f"sensitivity at >= {op['threshold']:.4g}", _ci_text(op["recall"], op["recall_ci95"])),
-        ("specificity", _ci_text(op["specificity"], op["specificity_ci95"])),
-        ("precision", _ci_text(op["precision"], op["precision_ci95"])),
-        ("NPV, F1", f"{_ci_text(op['npv'], None)}, {_ci_text(op['f1'], None)}"),
-        ("TP FP FN TN", f"{op['tp']} {op['fp']} {op['fn']} {op['tn']}"),
+        ("scan decision (outlined): sensitivity", _ci_text(md["recall"], None)),
+        ("scan decision: specificity", _ci_text(md["specificity"], None)),
+        ("scan decision: precision, NPV", f"{_ci_text(md['precision'], None)}, {_ci_text(md['npv'], None)}"),
+        ("scan decision: TP FP FN TN", f"{md['tp']} {md['fp']} {md['fn']} {md['tn']}"),
+        (f"{il['score']}: ROC AUC", _ci_text(il["roc_auc"], il["roc_auc_ci95"])),
+        (f"{il['score']}: PR AUC", _ci_text(il["pr_auc"], il["pr_auc_ci95"])),
+        (f"{il['score']} >= {op['threshold']:.4g}: sensitivity", _ci_text(op["recall"], op["recall_ci95"])),
+        (f"{il['score']} >= {op['threshold']:.4g}: specificity", _ci_text(op["specificity"], op["specificity_ci95"])),
+        (f"{il['score']} >= {op['threshold']:.4g}: precision", _ci_text(op["precision"], op["precision_ci95"])),
+        (f"{il['score']} >= {op['threshold']:.4g}: TP FP FN TN", f"{op['tp']} {op['fp']} {op['fn']} {op['tn']}"),
     ]
     for target, point in il["sensitivity_at_specificity"].items():
-        rows.append((f"sensitivity at specificity {target}", _ci_text(point["value"], point["ci95"])))
+        rows.append((f"{il['score']}: sensitivity at specificity {target}", _ci_text(point["value"], point["ci95"])))
     for target, point in il["specificity_at_sensitivity"].items():
-        rows.append((f"specificity at sensitivity {target}", _ci_text(point["value"], point["ci95"])))
+        rows.append((f"{il['score']}: specificity at sensitivity {target}", _ci_text(point["value"], point["ci95"])))
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
@@ -1142,9 +1183,13 @@ def tune(
     workers: ScanWorkers = "auto",
     device: Device = "auto",
     progress: ShowProgress = True,
+    force: Annotated[
+        bool, typer.Option(help="Write the checkpoint even where its best setting outlines no positive image.")
+    ] = False,
 ) -> None:
     """Choose the gate, the triplet (top_score, min_area, bottom_score) and the smallest component kept to
-    maximise the competition score on labelled images, and write them into a copy of the segmenter checkpoint."""
+    maximise the competition score on labelled images, and write them into a copy of the segmenter checkpoint.
+    A setting that outlines none of the positive images is refused unless --force."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pneumotriage.tune import Grid
@@ -1196,14 +1241,21 @@ def tune(
             batch_size=_auto_int(batch_size, "--batch-size"),
             workers=_auto_int(workers, "--workers"),
             progress=on_event,
+            force=force,
         )
     table = Table(title="best settings (competition Dice on these images)", title_justify="left")
-    for col in ("gate", "top_score", "min_area", "bottom_score", "min_component", "competition Dice"):
+    names = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+    for col in (*names, "competition Dice", ""):
         table.add_column(col, justify="right")
-    for row in result.top:
+    chosen_row = {k: result.thresholds[k] for k in names}
+    rows = list(result.top)
+    if not any(all(row[k] == chosen_row[k] for k in names) for row in rows):
+        rows.append({**chosen_row, "competition_dice": result.score})  # kept at the input's values: shown too
+    for row in rows:
         table.add_row(
-            *(f"{row[k]:g}" for k in ("gate", "top_score", "min_area", "bottom_score", "min_component")),
+            *(f"{row[k]:g}" for k in names),
             f"{row['competition_dice']:.4f}",
+            "chosen" if all(row[k] == chosen_row[k] for k in names) else "",
         )
     out.print(table)
     f = result.figures

@@ -376,7 +376,7 @@ def write_evaluation(evaluation: Evaluation, out: str | Path) -> list[Path]:
     figures: dict[str, bytes] = {
         "roc.png": plots.roc_png(y, s, evaluation.threshold),
         "pr.png": plots.pr_png(y, s, evaluation.threshold),
-        "confusion.png": plots.confusion_png(doc["image_level"]["operating_point"], doc["image_level"]["score"]),
+        "confusion.png": plots.confusion_png(doc["mask_decision"]),
         "dice_hist.png": plots.dice_histogram_png(images.dice, y),
     }
     if evaluation.score_kind == "probability":

@@ -67,16 +67,48 @@ def pr_png(y: np.ndarray, s: np.ndarray, threshold: float) -> bytes:
     return _png(fig)
 
 
-def confusion_png(op: dict[str, Any], score_name: str) -> bytes:
+def confusion_png(decision: dict[str, Any]) -> bytes:
+    """The scan's own decision, an outline drawn or not, against the labels (``decision``: counts tp/fp/fn/tn)."""
+    return _png(confusion_figure(decision))
+
+
+def confusion_figure(decision: dict[str, Any]) -> Any:
     fig = _figure()
     ax = fig.add_subplot()
-    cells = np.array([[op["tn"], op["fp"]], [op["fn"], op["tp"]]])
+    cells = np.array([[decision["tn"], decision["fp"]], [decision["fn"], decision["tp"]]])
     ax.imshow(cells, cmap="Blues")
     for (i, j), v in np.ndenumerate(cells):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=14, c="black" if v < cells.max() / 2 else "white")
-    ax.set_xticks([0, 1], ["predicted negative", "predicted positive"])
-    ax.set_yticks([0, 1], ["label negative", "label positive"])
-    ax.set_title(f"{score_name} >= {op['threshold']:.3g}", fontsize=9)
+    # Two short lines a label: a one-line "label negative" did not fit beside the square plot.
+    ax.set_xticks([0, 1], ["no outline", "outlined"])
+    ax.set_yticks([0, 1], ["label\nnegative", "label\npositive"])
+    ax.set_title("the scan's decision: an outline drawn", fontsize=9)
+    return fig
+
+
+def curves_png(history: list[dict[str, Any]], selection: str) -> bytes:
+    """A training run's curves from its metrics.jsonl rows: training and validation loss, and the validation
+    figures that choose the best epoch (AUC, or the competition Dice and Dice on positives), per epoch."""
+    fig = _figure()
+    loss, score = fig.subplots(1, 2)
+    epochs = [int(r["epoch"]) + 1 for r in history]
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) if r.get(key) is not None else np.nan for r in history]
+
+    loss.plot(epochs, series("train_loss"), "o-", label="training")
+    if any(r.get("val_loss") is not None for r in history):
+        loss.plot(epochs, series("val_loss"), "o-", label="validation")
+    loss.set(xlabel="epoch", title="loss")
+    loss.legend()
+    for key in dict.fromkeys((selection, "auc", "dice_positives")):
+        if any(r.get(f"val_{key}") is not None for r in history):
+            score.plot(epochs, series(f"val_{key}"), "o-", label=key.replace("_", " "))
+    best = [e for e, r in zip(epochs, history, strict=True) if r.get("best")]
+    for e in best[-1:]:
+        score.axvline(e, ls="--", c="grey", lw=1, label="best.pt")
+    score.set(xlabel="epoch", title="validation", ylim=(0, 1.01))
+    score.legend(fontsize=7)
     return _png(fig)
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
 from pneumotriage.errors import PneumotriageError, UsageError
-from pneumotriage.io import atomic_write_text, strict_json
+from pneumotriage.io import atomic_write_bytes, atomic_write_text, strict_json
 from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
@@ -47,6 +47,13 @@ Progress = Callable[[dict[str, Any]], None]
 DEFAULT_LOSS = {"classifier": "bce:1", "segmenter": "bce:3,dice:1,focal:4"}
 #: The validation figure that picks the best epoch (higher is better).
 SELECTION_METRIC = {"classifier": "auc", "segmenter": "competition_dice"}
+#: How epochs that tie on it are told apart, in order: for a segmenter, Dice on the positive images with the
+#: triplet rule, then without it (a model that outlines nothing ties on the competition Dice with every other
+#: such epoch, all of them scored on the negatives alone); then the lower validation loss.
+SELECTION_RULE = {
+    "classifier": ("auc", "-loss"),
+    "segmenter": ("competition_dice", "dice_positives_triplet", "dice_positives", "-loss"),
+}
 
 
 @dataclass
@@ -139,6 +146,8 @@ class TrainResult:
     best_epoch: int | None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+    #: What the user must know of the result (a best checkpoint that outlines nothing).
+    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,10 +305,12 @@ def predict(
     kind: str,
     thresholds: dict[str, float] | None = None,
     bf16: bool | None = None,
+    objective: nn.Module | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-image results over a loader, in its order, without keeping any probability map (memory stays flat
     with the validation set): ``labels`` and ``scores`` (N,); for a segmenter also ``dice_plain`` (masks at 0.5),
-    ``dice_triplet`` (the triplet rule with ``thresholds``) and ``predicted`` (the triplet found a pneumothorax)."""
+    ``dice_triplet`` (the triplet rule with ``thresholds``) and ``predicted`` (the triplet found a pneumothorax);
+    with ``objective``, ``loss`` (each image its batch's loss)."""
     t = {**DEFAULT_THRESHOLDS["segmenter"], **(thresholds or {})}
     model.eval()
     out: dict[str, list[np.ndarray]] = {
@@ -308,12 +319,15 @@ def predict(
         "dice_plain": [],
         "dice_triplet": [],
         "predicted": [],
+        "loss": [],
     }
     for batch in loader:
         fast = device.type == "cuda" if bf16 is None else bf16
         batch = _to_device(batch, device, fast)
         with autocast_for(device, fast):
             output = model(batch["image"])
+        if objective is not None:
+            out["loss"].append(np.full(len(batch["label"]), float(objective(output, batch))))
         out["labels"].append(batch["label"].cpu().numpy() >= 0.5)
         if kind == "classifier":
             out["scores"].append(torch.sigmoid(output.float()).cpu().numpy())
@@ -343,6 +357,8 @@ def validation_metrics(kind: str, pred: dict[str, np.ndarray], gate_sensitivity:
         metrics["gate"] = gate
         at = binary_metrics(y, s, gate)
         metrics.update({k: at[k] for k in ("precision", "recall", "specificity", "f1")})
+        if "loss" in pred:
+            metrics["loss"] = float(pred["loss"].mean())
         return metrics
     plain, post = pred["dice_plain"], pred["dice_triplet"]
     metrics["competition_dice"] = float(post.mean())
@@ -351,13 +367,28 @@ def validation_metrics(kind: str, pred: dict[str, np.ndarray], gate_sensitivity:
     metrics["dice_positives_triplet"] = float(post[y].mean()) if y.any() else float("nan")
     at = binary_metrics(y, pred["predicted"].astype(float), 0.5)
     metrics.update({k: at[k] for k in ("precision", "recall", "specificity")})
+    if "loss" in pred:
+        metrics["loss"] = float(pred["loss"].mean())
     return metrics
 
 
-def _better(new: float, old: float | None) -> bool:
-    if math.isnan(new):
-        return old is None
-    return old is None or math.isnan(old) or new > old
+def selection_key(kind: str, metrics: dict[str, Any]) -> list[float]:
+    """An epoch's validation figures in :data:`SELECTION_RULE` order, each higher-is-better (an undefined one
+    counts as the worst)."""
+    key = []
+    for name in SELECTION_RULE[kind]:
+        value = metrics.get(name.lstrip("-"))
+        value = float(value) if value is not None else math.nan
+        key.append(-math.inf if math.isnan(value) else -value if name.startswith("-") else value)
+    return key
+
+
+def _better(new: list[float], old: list[float] | float | None) -> bool:
+    if old is None:
+        return True
+    if not isinstance(old, list):  # a run started before ties were broken: its single figure
+        old = [-math.inf if math.isnan(old) else float(old)]
+    return new > old
 
 
 def _param_checksum(model: nn.Module) -> float:
@@ -388,6 +419,48 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))  # an undefined figure is null
 
 
+def starting_weights(cfg: TrainConfig) -> str:
+    """What a new run starts from, said in its first lines. With ``cfg.pretrained`` (the default) the backbone's
+    ImageNet weights come from the weight cache, fetched through the registry (sha256-checked) when missing: a
+    run never falls back to random weights unasked. Offline, or where the download fails, it stops with the
+    commands that get the file (exit 3); ``--no-pretrained`` is the way to start from random weights."""
+    from pneumotriage.models import ENCODERS
+    from pneumotriage.weights import WeightCache, WeightError, load_registry, mirror_from_env, offline_from_env
+
+    cfg.spec()  # an unknown architecture or encoder is a usage error before anything else
+    if not cfg.pretrained:
+        return "random weights (--no-pretrained)"
+    backbone = cfg.arch if cfg.kind == "classifier" else ENCODERS[cfg.encoder or ""][1]
+    registry = load_registry()
+    spec = next((s for s in registry.values() if s.kind == "backbone" and s.arch == backbone), None)
+    if spec is None:
+        raise UsageError(
+            f"no ImageNet weights are registered for {backbone}",
+            hint="pass --no-pretrained to start from random weights",
+        )
+    cache = WeightCache(registry)
+    try:
+        if cache.status(spec).status != "missing":
+            digest = cache.verify(spec).sha256 or "?"  # in the cache: checked against its hash
+        else:
+            _, digest = cache.fetch(spec, mirror=mirror_from_env(), offline=offline_from_env())
+    except WeightError as exc:
+        raise type(exc)(
+            f"training starts from the ImageNet weights {spec.name!r}, which cannot be had: {exc.message}",
+            hint=f"run `pneumotriage weights fetch {spec.name}` where there is a network, or copy the file here and "
+            f"run `pneumotriage weights import {spec.name} FILE`; or pass --no-pretrained to start from random "
+            "weights",
+        ) from None
+    return f"ImageNet weights {spec.name} (sha256 {digest[:12]}...)"
+
+
+def _write_curves(path: Path, history: list[dict[str, Any]], selection: str) -> None:
+    """curves.png beside metrics.jsonl, redrawn after each epoch."""
+    from pneumotriage import plots
+
+    atomic_write_bytes(path, plots.curves_png(history, selection), durable=False)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None = None) -> TrainResult:
     """Train one model as ``cfg`` says; with ``resume``, continue the run in ``cfg.out`` from its ``last.pt``."""
     run_dir = Path(cfg.out)
@@ -405,6 +478,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             hint="pass --resume to continue it, or choose another --out",
         )
     emit = progress or (lambda event: None)
+    # Before any process group or data: a backbone that cannot be had stops the run at once (exit 3).
+    start = starting_weights(cfg) if state is None else None
 
     with distributed(cfg.device) as (dist, device):
         if not dist.main:
@@ -425,6 +500,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
         n_pos = sum(r.positive for r in train_records)
         if n_pos == 0 or n_pos == len(train_records):
             raise UsageError("the training split needs both positive and negative images", path=cfg.labels)
+        if start is not None:
+            emit({"event": "weights", "start": start})
         emit(
             {
                 "event": "data",
@@ -513,9 +590,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
 
             row: dict[str, Any] = {}
             if dist.main:
-                pred = predict(unwrap(net), val_loader, device, cfg.kind, thresholds, bf16)
+                pred = predict(unwrap(net), val_loader, device, cfg.kind, thresholds, bf16, objective)
                 metrics = validation_metrics(cfg.kind, pred, cfg.gate_sensitivity)
-                value = float(metrics[selection])
+                value = selection_key(cfg.kind, metrics)
                 improved = _better(value, best_value)
                 row = {
                     "epoch": epoch,
@@ -527,6 +604,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 }
                 history.append(row)
                 _write_metrics(metrics_path, history)
+                _write_curves(run_dir / "curves.png", history, selection)
                 if improved:
                     best_value, best_epoch, stale = value, epoch, 0
                     best_thresholds = dict(thresholds)
@@ -538,7 +616,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                         thresholds=best_thresholds,
                         config=cfg.to_dict(),
                         data_fingerprint=fingerprint,
-                        metrics={"selection": selection, **metrics},
+                        metrics={
+                            "selection": selection,
+                            "selection_rule": list(SELECTION_RULE[cfg.kind]),
+                            "selection_values": value,
+                            **metrics,
+                        },
                         epoch=epoch,
                         extra={"pretrained": pretrained_used, "world_size": dist.world_size, **trained_on},
                     )
@@ -567,7 +650,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
 
         _record_rank_checksums(model, dist, best_path, device)
         best_metrics = next((r for r in history if r.get("epoch") == best_epoch), {})
-        return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early)
+        warnings = []
+        if cfg.kind == "segmenter" and best_metrics.get("val_n_positive") and not best_metrics.get("val_recall"):
+            warnings.append(
+                f"best.pt (epoch {best_epoch + 1 if best_epoch is not None else '?'}) outlines none of the "
+                f"{best_metrics['val_n_positive']} validation positives with its thresholds: train longer, or "
+                "check the labels; `pneumotriage tune` will refuse it"
+            )
+        return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early, warnings)
 
 
 def _broadcast_int(value: int, dist: Dist, device: torch.device) -> int:

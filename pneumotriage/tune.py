@@ -386,9 +386,14 @@ def tune(
     workers: int | None = None,
     top_k: int = 10,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> TuneResult:
     """Tune the thresholds on the labelled DICOMs under ``data`` and write a copy of the segmenter's checkpoint
-    with them (and the figures they reach here) to ``out``; the input checkpoint is never modified."""
+    with them (and the figures they reach here) to ``out``; the input checkpoint is never modified.
+
+    Where the best setting outlines none of the positive images here (sensitivity 0: a segmenter that has not
+    learnt, or thresholds no outline passes), nothing is written unless ``force``: such a checkpoint would tier
+    every image routine or review."""
     out = Path(out)
     for m in (segmenter, classifier):
         if m is not None and m.path is not None and out.resolve() == m.path.resolve():
@@ -459,6 +464,15 @@ def tune(
     new_thresholds = {k: chosen[k] for k in ("top_score", "min_area", "bottom_score", "min_component")}
     if classifier is not None:
         new_thresholds["gate"] = chosen["gate"]
+    if figures["n_positive"] and not figures["sensitivity"]:
+        if not force:
+            raise UsageError(
+                f"the best setting outlines none of the {figures['n_positive']} positive images here "
+                f"(competition Dice {figures['competition_dice']:.4f} comes from the negatives alone); nothing written",
+                path=segmenter.path or segmenter.name,
+                hint="train the segmenter further, or pass --force to write it anyway",
+            )
+        notes.append("written with --force: this setting outlines none of the positive images here")
     if predictions.unreadable:
         notes.append(f"{len(predictions.unreadable)} images could not be read and were left out")
     if index.skipped:

@@ -335,6 +335,11 @@ def _evaluate(study: StudySummary, cls: Path, seg: Path, out: Path) -> dict:
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["plots"] == ["calibration.png", "confusion.png", "dice_hist.png", "pr.png", "roc.png"]
+    # the table shows the scan's decision first, then the classifier's operating points, labelled
+    text = " ".join(result.output.split())
+    md = doc["mask_decision"]
+    assert "scan decision: TP FP FN TN" in text and f"{md['tp']} {md['fp']} {md['fn']} {md['tn']}" in text
+    assert text.index("scan decision") < text.index("classifier probability: ROC AUC")
     for name in doc["plots"]:
         with Image.open(out / name) as image:
             image.verify()
@@ -479,3 +484,45 @@ def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Pat
     assert "predictions read from the cache" in tuned.output
     first, cached = (load_model(tmp_path / f"{a}.pt").meta["tuning"] for a in ("first", "cached"))
     assert first["figures"] == cached["figures"] and first["chosen"] == cached["chosen"]
+
+
+def test_tune_refuses_a_setting_that_outlines_nothing(tiny: tuple[StudySummary, Path, Path], tmp_path: Path) -> None:
+    """A min_area no outline reaches: the best setting outlines no positive image, so nothing is written unless
+    --force; the table always shows the row chosen."""
+    study, cls, seg = tiny
+    # the checkpoint's own min_area and the whole grid's: no outline reaches it
+    data = torch.load(seg, weights_only=True)
+    data["thresholds"] = {**data.get("thresholds", {}), "min_area": 1e8}
+    blind = tmp_path / "blind.pt"
+    torch.save(data, blind)
+    out = tmp_path / "none.pt"
+    refused = _tune(study, cls, blind, out, "--min-areas", "100000000")
+    lines = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert refused.exit_code == 2 and len(lines) == 1, refused.output
+    assert "outlines none of the" in " ".join(refused.output.split()) and "--force" in refused.output
+    assert not out.exists()
+    forced = _tune(study, cls, blind, out, "--min-areas", "100000000", "--force")
+    assert forced.exit_code == 0 and out.exists(), forced.output
+    assert "chosen" in forced.output
+
+    kept = _tune(study, cls, seg, tmp_path / "kept.pt")
+    assert kept.exit_code == 0 and "chosen" in kept.output, kept.output
+
+
+def test_confusion_plot_shows_the_scan_decision_and_every_label_fits() -> None:
+    """confusion.png is the scan's decision (an outline drawn), and no tick label is cut at the figure's edge
+    (a one-line "label negative" lost its first letter)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from pneumotriage.plots import confusion_figure
+
+    fig = confusion_figure({"tp": 3, "fp": 1, "fn": 2, "tn": 10})
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    assert "outline" in ax.get_title()
+    assert sorted(t.get_text() for t in ax.texts) == ["1", "10", "2", "3"]
+    for label in ax.get_yticklabels() + ax.get_xticklabels() + [ax.title]:
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, label

@@ -215,7 +215,8 @@ def test_ddp_gloo_two_processes(study: StudySummary, tmp_path: Path) -> None:
     assert ranks["world_size"] == 2
     a, b = ranks["param_checksums"]
     assert a == b, "the two ranks ended with different weights"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "ranks.json"]
+    expected = ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl", "ranks.json"]
+    assert sorted(p.name for p in out.iterdir()) == expected
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and last["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
@@ -275,6 +276,9 @@ def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySumma
     best = load_model(run.run_dir / "best.pt")
     assert best.meta["synthetic_share"] == 1.0 and best.meta["clinical"] is False
     assert best.meta["note"] == "trained on synthetic images"
+    # the checkpoint records how its epoch was chosen, and the figures it was chosen by
+    assert best.meta["metrics"]["selection_rule"] == ["auc", "-loss"]
+    assert best.meta["metrics"]["selection_values"][1] == -best.meta["metrics"]["loss"]
 
     out = tmp_path / "scan"
     scanned = CliRunner().invoke(
@@ -306,3 +310,82 @@ def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySumma
     cfg = _config("classifier", study, tmp_path / "run2", arch="resnet34", epochs=1, image_size=64, data=str(real))
     unmarked = load_model(train(cfg).run_dir / "best.pt")
     assert unmarked.meta["synthetic_share"] == 0.0 and unmarked.meta.get("clinical", True) is True
+
+
+def test_best_epoch_ties_are_broken_by_dice_on_positives_then_loss() -> None:
+    """Two epochs that outline nothing on the positives tie on the competition Dice (the negatives alone); an
+    epoch that outlines them wins the tie, and among equals the lower validation loss does."""
+    from pneumotriage.train import _better, selection_key
+
+    nothing = {"competition_dice": 0.6, "dice_positives_triplet": 0.0, "dice_positives": 0.0, "loss": 0.5}
+    learning = {"competition_dice": 0.6, "dice_positives_triplet": 0.0, "dice_positives": 0.224, "loss": 0.7}
+    first = selection_key("segmenter", nothing)
+    assert _better(first, None)
+    assert _better(selection_key("segmenter", learning), first)
+    assert not _better(selection_key("segmenter", {**nothing, "loss": 0.6}), first)
+    assert _better(selection_key("segmenter", {**nothing, "loss": 0.4}), first)
+    assert not _better(selection_key("segmenter", {**nothing, "competition_dice": 0.59, "dice_positives": 1}), first)
+    # undefined figures count as the worst; a run resumed from before ties were broken kept one figure
+    undefined = selection_key("classifier", {"auc": float("nan"), "loss": 0.1})
+    assert _better(selection_key("classifier", {"auc": 0.5, "loss": 9.0}), undefined)
+    assert _better(selection_key("classifier", {"auc": 0.9, "loss": 0.3}), 0.9)
+    assert not _better(selection_key("classifier", {"auc": 0.8, "loss": 0.3}), 0.9)
+
+
+def test_cli_training_says_how_long_is_left_and_draws_curves(study: StudySummary, tmp_path: Path) -> None:
+    """Each epoch's line says its number of the total, how long it took and about how long is left; curves.png
+    (loss and validation figures per epoch) is drawn beside metrics.jsonl."""
+    from PIL import Image
+
+    result = CliRunner().invoke(app, _train_args(study, tmp_path / "run", 2))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "epoch 1/2: loss" in text and " left)" in text and "epoch 2/2: loss" in text
+    with Image.open(tmp_path / "run" / "curves.png") as image:
+        image.verify()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["val_loss"] is not None for r in rows)
+
+
+def test_training_starts_from_imagenet_weights_or_says_why_not(
+    study: StudySummary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a run starts from the backbone's ImageNet weights, fetched when missing; offline it stops with
+    exit 3 and the commands that get the file, never falling back to random weights unasked; the first lines say
+    what it starts from, and the checkpoint and config.json agree."""
+    import hashlib
+
+    import torchvision.models as tvm
+
+    args = [a for a in _train_args(study, tmp_path / "offline", 1) if a != "--no-pretrained"]
+    monkeypatch.setenv("PNEUMOTRIAGE_OFFLINE", "1")
+    offline = CliRunner().invoke(app, args)
+    lines = [line for line in offline.output.splitlines() if line.startswith("error:")]
+    assert offline.exit_code == 3 and len(lines) == 1, offline.output
+    text = " ".join(offline.output.split())
+    assert "weights fetch resnet34-imagenet" in text and "--no-pretrained" in text
+    assert not (tmp_path / "offline" / "best.pt").exists()
+
+    # the backbone in the cache (a random state dict, registered under its hash): the run starts from it
+    home = tmp_path / "home"
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
+    file = home / "weights" / "r34.pth"
+    file.parent.mkdir(parents=True)
+    torch.save(tvm.resnet34(weights=None).state_dict(), file)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    registry = tmp_path / "weights.toml"
+    registry.write_text(
+        f'[resnet34-imagenet]\nkind = "backbone"\narch = "resnet34"\ninput_size = 224\nnormalisation = "imagenet"\n'
+        f'url = "http://127.0.0.1:9/r34.pth"\nfile = "r34.pth"\nsha256 = "{digest}"\n'
+    )
+    monkeypatch.setenv("PNEUMOTRIAGE_REGISTRY", str(registry))
+    run = tmp_path / "pretrained"
+    started = CliRunner().invoke(app, [a if a != str(tmp_path / "offline") else str(run) for a in args])
+    assert started.exit_code == 0, started.output
+    assert f"starting from ImageNet weights resnet34-imagenet (sha256 {digest[:12]}" in started.output
+    assert load_model(run / "best.pt").meta["pretrained"] is True
+    assert json.loads((run / "config.json").read_text())["pretrained"] is True
+
+    scratch = CliRunner().invoke(app, _train_args(study, tmp_path / "scratch", 1))
+    assert scratch.exit_code == 0 and "starting from random weights (--no-pretrained)" in scratch.output
+    assert load_model(tmp_path / "scratch" / "best.pt").meta["pretrained"] is False
