@@ -710,6 +710,9 @@ Fold = Annotated[int, typer.Option(help="Validation fold (patient-grouped, strat
 Folds = Annotated[int, typer.Option(help="Number of folds.")]
 ValFraction = Annotated[float | None, typer.Option(help="Hold out this share instead of k-fold.")]
 Patience = Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")]
+SwaEpochs = Annotated[
+    int, typer.Option(help="Also write swa.pt: the weights of the last K epochs averaged, batch norm recomputed.")
+]
 Resume = Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")]
 ShowProgress = Annotated[bool, typer.Option(help="Show progress bars on stderr.")]
 Augmentation = Annotated[
@@ -872,6 +875,14 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
             f"{result.epochs_run} epochs{stop}; best epoch {best} -> {result.run_dir / 'best.pt'}",
             highlight=False,
         )
+        if result.swa_metrics:
+            m, sel = result.swa_metrics, "auc" if cfg.kind == "classifier" else "competition_dice"
+            best_value = result.best_metrics.get(f"val_{sel}")
+            err.print(
+                f"swa.pt (the last {m['averaged']} epoch{'s' if m['averaged'] != 1 else ''} averaged): {sel.replace('_', ' ')} {m[sel]:.4f}"
+                + (f" (best.pt: {best_value:.4f})" if isinstance(best_value, float) else ""),
+                highlight=False,
+            )
         for warning in result.warnings:
             err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
@@ -903,6 +914,7 @@ def train_classifier(
     cache: CacheDir = None,
     precision: PrecisionOpt = "auto",
     patience: Patience = None,
+    swa_epochs: SwaEpochs = 0,
     resume: Resume = None,
     progress: ShowProgress = True,
 ) -> None:
@@ -931,6 +943,7 @@ def train_classifier(
         cache=cache,
         precision=precision,
         patience=patience,
+        swa_epochs=swa_epochs,
     )
 
 
@@ -966,6 +979,7 @@ def train_segmenter(
     cache: CacheDir = None,
     precision: PrecisionOpt = "auto",
     patience: Patience = None,
+    swa_epochs: SwaEpochs = 0,
     resume: Resume = None,
     progress: ShowProgress = True,
 ) -> None:
@@ -997,6 +1011,7 @@ def train_segmenter(
         cache=cache,
         precision=precision,
         patience=patience,
+        swa_epochs=swa_epochs,
     )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
@@ -88,6 +89,10 @@ class TrainConfig:
     #: (a triage cascade's operating point: the segmenter's triplet rule removes what it lets through); None:
     #: Youden's J (sensitivity + specificity - 1 at its largest).
     gate_sensitivity: float | None = None
+    #: Stochastic weight averaging: the weights of the last ``swa_epochs`` epochs averaged
+    #: (``torch.optim.swa_utils.AveragedModel``), batch-norm statistics recomputed over the training images, and
+    #: written as ``swa.pt`` beside ``best.pt`` with its own validation figures. 0: none.
+    swa_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_LOSS:
@@ -106,6 +111,8 @@ class TrainConfig:
                 raise UsageError("positive shares must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 32:
             raise UsageError("epochs and batch size must be >= 1 and the image size >= 32")
+        if not 0 <= self.swa_epochs <= self.epochs:
+            raise UsageError(f"--swa-epochs {self.swa_epochs}: give 0 (none) up to --epochs ({self.epochs})")
         if self.val_fraction is None and not 0 <= self.fold < self.folds:
             raise UsageError(f"--fold must be in 0..{self.folds - 1}")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
@@ -148,6 +155,8 @@ class TrainResult:
     stopped_early: bool = False
     #: What the user must know of the result (a best checkpoint that outlines nothing).
     warnings: list[str] = field(default_factory=list)
+    #: The averaged model's validation figures (with ``swa_epochs``), written as swa.pt.
+    swa_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -454,6 +463,31 @@ def starting_weights(cfg: TrainConfig) -> str:
     return f"ImageNet weights {spec.name} (sha256 {digest[:12]}...)"
 
 
+@torch.no_grad()
+def recompute_batch_norm(
+    model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch.device, bf16: bool
+) -> None:
+    """Batch-norm running statistics recomputed as a plain average over the training images: those of averaged
+    weights are not the average of the epochs' statistics (``torch.optim.swa_utils.update_bn`` does the same for
+    loaders of bare tensors; these batches are dicts)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    was_training = model.training
+    model.train()
+    for batch in loader:
+        batch = _to_device(batch, device, bf16)
+        with autocast_for(device, bf16):
+            model(batch["image"])
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def _write_curves(path: Path, history: list[dict[str, Any]], selection: str) -> None:
     """curves.png beside metrics.jsonl, redrawn after each epoch."""
     from pneumotriage import plots
@@ -555,6 +589,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
 
         start_epoch, best_value, best_epoch, stale = 0, None, None, 0
         history: list[dict[str, Any]] = []
+        swa = AveragedModel(model, use_buffers=False) if cfg.swa_epochs and dist.main else None
+        if swa is not None and state is not None and state.get("swa_state") is not None:
+            swa.load_state_dict(state["swa_state"])
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -587,6 +624,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 emit({"event": "batch", "epoch": epoch, "batch": i + 1, "loss": loss_sum / seen})
             scheduler.step()
             train_time = time.perf_counter() - t0
+            if swa is not None and epoch >= cfg.epochs - cfg.swa_epochs:
+                swa.update_parameters(model)
 
             row: dict[str, Any] = {}
             if dist.main:
@@ -642,6 +681,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                         "stale": stale,
                         "pretrained": pretrained_used,
                         "world_size": dist.world_size,
+                        "swa_state": swa.state_dict() if swa is not None else None,
                         **trained_on,
                     },
                 )
@@ -649,6 +689,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             emit({"event": "epoch_end", "epoch": epoch, "metrics": row, "selection": selection})
 
         _record_rank_checksums(model, dist, best_path, device)
+        swa_metrics: dict[str, Any] = {}
+        if swa is not None and int(swa.n_averaged) > 0:
+            averaged: nn.Module = swa.module
+            recompute_batch_norm(averaged, train_loader, device, bf16)
+            pred = predict(averaged, val_loader, device, cfg.kind, thresholds, bf16, objective)
+            swa_metrics = {**validation_metrics(cfg.kind, pred, cfg.gate_sensitivity), "averaged": int(swa.n_averaged)}
+            swa_thresholds = dict(thresholds)
+            if cfg.kind == "classifier":
+                swa_thresholds["gate"] = float(swa_metrics["gate"])
+            save_checkpoint(
+                run_dir / "swa.pt",
+                averaged,
+                thresholds=swa_thresholds,
+                config=cfg.to_dict(),
+                data_fingerprint=fingerprint,
+                metrics={"selection_values": selection_key(cfg.kind, swa_metrics), **swa_metrics},
+                epoch=epoch,
+                extra={
+                    "swa": {"epochs": cfg.swa_epochs, "averaged": int(swa.n_averaged)},
+                    "pretrained": pretrained_used,
+                    **trained_on,
+                },
+            )
+            emit({"event": "swa", "metrics": swa_metrics, "averaged": int(swa.n_averaged), "selection": selection})
         best_metrics = next((r for r in history if r.get("epoch") == best_epoch), {})
         warnings = []
         if cfg.kind == "segmenter" and best_metrics.get("val_n_positive") and not best_metrics.get("val_recall"):
@@ -657,7 +721,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 f"{best_metrics['val_n_positive']} validation positives with its thresholds: train longer, or "
                 "check the labels; `pneumotriage tune` will refuse it"
             )
-        return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early, warnings)
+        return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early, warnings, swa_metrics)
 
 
 def _broadcast_int(value: int, dist: Dist, device: torch.device) -> int:

@@ -337,10 +337,11 @@ def test_cli_training_says_how_long_is_left_and_draws_curves(study: StudySummary
     (loss and validation figures per epoch) is drawn beside metrics.jsonl."""
     from PIL import Image
 
-    result = CliRunner().invoke(app, _train_args(study, tmp_path / "run", 2))
+    result = CliRunner().invoke(app, [*_train_args(study, tmp_path / "run", 2), "--swa-epochs", "2"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "epoch 1/2: loss" in text and " left)" in text and "epoch 2/2: loss" in text
+    assert "swa.pt (the last 2 epochs averaged): auc" in text and (tmp_path / "run" / "swa.pt").is_file()
     with Image.open(tmp_path / "run" / "curves.png") as image:
         image.verify()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -389,3 +390,25 @@ def test_training_starts_from_imagenet_weights_or_says_why_not(
     scratch = CliRunner().invoke(app, _train_args(study, tmp_path / "scratch", 1))
     assert scratch.exit_code == 0 and "starting from random weights (--no-pretrained)" in scratch.output
     assert load_model(tmp_path / "scratch" / "best.pt").meta["pretrained"] is False
+
+
+def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(study: StudySummary, tmp_path: Path) -> None:
+    """--swa-epochs K writes swa.pt: the weights of the last K epochs averaged (one epoch: exactly the last
+    weights), batch-norm statistics recomputed over the training images, with its own validation figures."""
+    one = train(_config("classifier", study, tmp_path / "one", arch="resnet34", epochs=2, image_size=64, swa_epochs=1))
+    swa, last = load_model(one.run_dir / "swa.pt"), load_model(one.run_dir / "last.pt")
+    assert swa.meta["swa"] == {"epochs": 1, "averaged": 1} and one.swa_metrics["averaged"] == 1
+    assert 0 <= one.swa_metrics["auc"] <= 1 and "gate" in swa.thresholds
+    ours, theirs = swa.model.state_dict(), last.model.state_dict()
+    weights = [k for k in ours if k.endswith("weight") and "bn" not in k and ours[k].dim() > 1]
+    assert weights and all(torch.equal(ours[k], theirs[k]) for k in weights)
+    stats = [k for k in ours if k.endswith("running_mean")]
+    assert stats and not all(torch.equal(ours[k], theirs[k]) for k in stats)  # recomputed, not copied
+
+    two = train(_config("classifier", study, tmp_path / "two", arch="resnet34", epochs=3, image_size=64, swa_epochs=2))
+    averaged = load_model(two.run_dir / "swa.pt")
+    assert averaged.meta["swa"]["averaged"] == 2
+    final = load_model(two.run_dir / "last.pt").model.state_dict()
+    assert not all(torch.equal(averaged.model.state_dict()[k], final[k]) for k in weights)
+    with pytest.raises(Exception, match="--swa-epochs 4"):
+        _config("classifier", study, tmp_path / "bad", epochs=3, swa_epochs=4)
