@@ -879,7 +879,8 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
             m, sel = result.swa_metrics, "auc" if cfg.kind == "classifier" else "competition_dice"
             best_value = result.best_metrics.get(f"val_{sel}")
             err.print(
-                f"swa.pt (the last {m['averaged']} epoch{'s' if m['averaged'] != 1 else ''} averaged): {sel.replace('_', ' ')} {m[sel]:.4f}"
+                f"swa.pt (the last {m['averaged']} epoch{'s' if m['averaged'] != 1 else ''} averaged): "
+                f"{sel.replace('_', ' ')} {m[sel]:.4f}"
                 + (f" (best.pt: {best_value:.4f})" if isinstance(best_value, float) else ""),
                 highlight=False,
             )
