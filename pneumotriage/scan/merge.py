@@ -103,16 +103,15 @@ def _merge(out: Path, count: int) -> Merged:
     rows.sort(key=lambda r: r.seq)  # walk order, as one process finds them
     skipped.sort(key=lambda r: r.seq)
 
-    options_given = signature["options"]
-    o = ScanOptions(**options_given)
+    o = ScanOptions(**signature["options"])
     t = signature["thresholds"]
     segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
     for r in rows:
         r.tier = tier_of(r, t["gate"], o, segmented_run)
     ranked = rank(rows)
-    # Each shard wrote the thumbnails of its own first rows; any other the report needs is made here.
 
     def make_thumbnails(need: list[ImageResult]) -> None:
+        """The report's thumbnails no shard wrote (each wrote those of its own first rows)."""
         for r in need:
             thumbnail_task(r.path, out, r.file_stem or "", r.mask_file, r.overlay_file)
 

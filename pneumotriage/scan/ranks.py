@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,12 @@ import torch
 
 from pneumotriage.models import LoadedModel
 from pneumotriage.runtime import pick_device
-from pneumotriage.scan.engine import run
+from pneumotriage.scan.engine import Progress, run
 from pneumotriage.scan.merge import merge
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.records import ScanSummary
 from pneumotriage.scan.shards import Shard
 
-Progress = Callable[[dict[str, Any]], None]
 #: The counters each rank adds to the store, as its scan's progress events name them.
 COUNTERS = ("decoded", "classified", "segmented", "errors")
 
