@@ -77,6 +77,7 @@ def _train(spec: WeightSpec, study: Path, run: Path, progress: Callable[[dict[st
         # bf16 with channels_last where the CPU computes bf16 natively (AVX512-BF16/AMX): 1.8x faster there.
         precision="bf16" if cpu_has_bf16() else "fp32",
         cache=str(run.parent / "cache"),
+        curves=False,  # the run folder is thrown away once the weight is in the cache
         **recipe,
     )
     train(cfg, progress=progress)

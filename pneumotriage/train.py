@@ -93,6 +93,9 @@ class TrainConfig:
     #: (``torch.optim.swa_utils.AveragedModel``), batch-norm statistics recomputed over the training images, and
     #: written as ``swa.pt`` beside ``best.pt`` with its own validation figures. 0: none.
     swa_epochs: int = 0
+    #: Redraw ``curves.png`` beside ``metrics.jsonl`` after each epoch (~0.2 s each; the demo build, whose run
+    #: folders are thrown away, turns it off).
+    curves: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_LOSS:
@@ -643,7 +646,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 }
                 history.append(row)
                 _write_metrics(metrics_path, history)
-                _write_curves(run_dir / "curves.png", history, selection)
+                if cfg.curves:
+                    _write_curves(run_dir / "curves.png", history, selection)
                 if improved:
                     best_value, best_epoch, stale = value, epoch, 0
                     best_thresholds = dict(thresholds)

@@ -103,9 +103,12 @@ def test_segmenter_learns(learn_studies: tuple[StudySummary, StudySummary], tmp_
 
 
 def test_resume_config_and_refusals(study: StudySummary, tmp_path: Path) -> None:
-    cfg = _config("classifier", study, tmp_path / "run", arch="resnet34", epochs=2, image_size=64, val_fraction=0.34)
+    cfg = _config(
+        "classifier", study, tmp_path / "run", arch="resnet34", epochs=2, image_size=64, val_fraction=0.34, curves=False
+    )
     first = train(cfg)
     assert first.epochs_run == 2 and (tmp_path / "run" / "best.pt").is_file()
+    assert not (tmp_path / "run" / "curves.png").exists()  # curves=False: none drawn
     from pneumotriage.errors import UsageError
 
     with pytest.raises(UsageError, match="already holds a run"):
