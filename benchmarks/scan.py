@@ -63,9 +63,11 @@ def _loaded(spec: ModelSpec) -> LoadedModel:
 
 
 @torch.inference_mode()
-def pure_model_s(clf: LoadedModel, seg: LoadedModel, n: int, n_seg: int, batch: int, device: torch.device) -> float:
+def pure_model_s(
+    clf: LoadedModel, seg: LoadedModel, n: int, n_seg: int, batch: int, device: torch.device, compiled: bool = False
+) -> float:
     """The models alone, set up as the scan runs them, on tensors already in memory."""
-    prepared = prepare_models(device, clf, seg)
+    prepared = prepare_models(device, clf, seg, compile_batch=batch if compiled else None)
 
     def run(m: LoadedModel, count: int) -> None:
         size = m.spec.input_size
@@ -102,6 +104,17 @@ def _study(folder: Path, n: int, distinct: int = 64) -> Path:
         shutil.copyfile(files[i % len(files)], out / f"img{i:05d}.dcm")
     shutil.rmtree(src)
     return out
+
+
+def _folder(args: argparse.Namespace, tmp: Path) -> Path:
+    """``--data`` (written first when missing: ``--n`` images, kept), else a new study in ``tmp``."""
+    if args.data is None:
+        return _study(tmp, args.n)
+    if not args.data.exists():
+        built = _study(tmp / "data", args.n)
+        args.data.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(built), str(args.data))
+    return args.data
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -158,7 +171,7 @@ def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
 
 
 def ceiling(args: argparse.Namespace, tmp: Path) -> None:
-    folder = args.data or _study(tmp, args.n)
+    folder = _folder(args, tmp)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     size = 512
     clf = _stub("classifier", _Constant(), size)
@@ -166,15 +179,16 @@ def ceiling(args: argparse.Namespace, tmp: Path) -> None:
     auto = plan_for(ScanOptions(), torch.device("cpu"), size).workers
     print(
         f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores (auto: {auto} worker"
-        f"{'s' if auto != 1 else ''}); torch {torch.__version__}"
+        f"{'s' if auto != 1 else ''}); torch {torch.__version__}; JPEG decoding: {args.jpeg_decode}"
     )
     for workers in args.workers_list:
         decode_alone_s(files[: 2 * workers + 2], workers, size)  # warm the page cache and the code paths
         base = min(decode_alone_s(files, workers, size) for _ in range(3))
         print(f"{workers} workers: decoding alone {len(files) / base:7.1f} img/s")
         for label, options in (
-            ("nothing segmented", ScanOptions(gate=1.0, workers=workers)),  # the constant 0.5 never reaches 1
-            ("every image outlined", ScanOptions(segment_all=True, workers=workers)),
+            # the constant 0.5 never reaches 1
+            ("nothing segmented", ScanOptions(gate=1.0, workers=workers, jpeg_decode=args.jpeg_decode)),
+            ("every image outlined", ScanOptions(segment_all=True, workers=workers, jpeg_decode=args.jpeg_decode)),
         ):
             times = []
             for i in range(3):
@@ -240,7 +254,7 @@ def _wall(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def peer(args: argparse.Namespace, tmp: Path) -> None:
-    folder = args.data or _study(tmp, args.n)
+    folder = _folder(args, tmp)
     _peer_site(args.peer_site)
     cache = tmp / "xrv-cache"
     cache.mkdir()
@@ -298,7 +312,7 @@ def peer(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def ranks(args: argparse.Namespace, tmp: Path) -> None:
-    folder = args.data or _study(tmp, args.n)
+    folder = _folder(args, tmp)
     n = len(list(folder.rglob("*.dcm")))
     torch.manual_seed(0)
     models = tmp / "models"
@@ -386,12 +400,25 @@ def main() -> int:
         default=None,
         help="images in the synthetic study (default 32; 1024 for --ceiling, 40 for --peer)",
     )
-    parser.add_argument("--data", type=Path, help="scan this folder instead of a new synthetic study")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="scan this folder instead of a new synthetic study; if it does not exist, the study is written there "
+        "and kept for later runs",
+    )
     parser.add_argument("--workers", default="auto", help="worker processes, or a list for --ceiling (1,2)")
     parser.add_argument("--batch-size", type=_auto, default=None)
     parser.add_argument("--classifier-size", type=int, default=256)
     parser.add_argument("--segmenter-size", type=int, default=512)
     parser.add_argument("--gate", type=float, default=0.0)
+    parser.add_argument("--compile", action="store_true", help="default mode: scan with compiled models")
+    parser.add_argument(
+        "--jpeg-decode",
+        choices=("auto", "workers", "device"),
+        default="auto",
+        help="where JPEG Baseline frames are decoded (default and --ceiling): the plan's choice, the worker "
+        "processes, or the device (nvJPEG on CUDA)",
+    )
     parser.add_argument("--memory", action="store_true", help="peak memory for 200 and 2,000 images")
     parser.add_argument("--ceiling", action="store_true", help="near-zero-cost models against decoding alone")
     parser.add_argument("--peer", action="store_true", help="against TorchXRayVision's per-file loop")
@@ -430,10 +457,17 @@ def main() -> int:
 
 def default(args: argparse.Namespace, tmp: Path) -> None:
     device = pick_device(args.device)
-    folder = args.data or _study(tmp, args.n)
+    folder = _folder(args, tmp)
     clf = _loaded(ModelSpec("classifier", "densenet121", input_size=args.classifier_size))
     seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=args.segmenter_size))
-    options = ScanOptions(gate=args.gate, workers=_auto(args.workers), batch_size=args.batch_size, device=str(device))
+    options = ScanOptions(
+        gate=args.gate,
+        workers=_auto(args.workers),
+        batch_size=args.batch_size,
+        device=str(device),
+        jpeg_decode=args.jpeg_decode,
+        compile=args.compile,
+    )
 
     scan([folder], tmp / "warm", classifier=clf, segmenter=seg, options=options)  # first run: imports, caches
     t0 = time.perf_counter()
@@ -441,7 +475,7 @@ def default(args: argparse.Namespace, tmp: Path) -> None:
     end_to_end = time.perf_counter() - t0
     n = summary.counts["decoded"]
     batch = summary.plan["batch_size"]
-    model = pure_model_s(clf, seg, n, summary.counts["segmented"], batch, device)
+    model = pure_model_s(clf, seg, n, summary.counts["segmented"], batch, device, args.compile)
 
     one = next(p for p in sorted(folder.rglob("*")) if p.is_file())
     single_options = ScanOptions(gate=args.gate, workers=0, batch_size=1, device=str(device))
@@ -453,7 +487,10 @@ def default(args: argparse.Namespace, tmp: Path) -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     p = summary.plan
-    print(f"device {device} ({name}); torch {torch.__version__}; {p['workers']} workers; batch {batch}")
+    print(
+        f"device {device} ({name}); torch {torch.__version__}; {p['workers']} workers; batch {batch}; JPEG decoded "
+        f"{'on the device' if p['jpeg_on_device'] else 'in the workers'}"
+    )
     print(
         f"classifier densenet121 @{args.classifier_size}, segmenter unet/resnet34 @{args.segmenter_size}; "
         f"{n} images, {summary.counts['segmented']} segmented"

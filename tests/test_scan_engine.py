@@ -28,9 +28,10 @@ from pneumotriage.errors import CorruptPixelDataError
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
 from pneumotriage.postprocess import outline, resize_full, resize_window
 from pneumotriage.scan import ScanOptions, run
-from pneumotriage.scan.classify import prepare_models
+from pneumotriage.scan.classify import FixedBatch, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Found, found_files
+from pneumotriage.scan.options import JPEG_WORKERS_OVER_DEVICE, plan_for
 from pneumotriage.scan.png import mask_png
 from pneumotriage.scan.read import read
 from pneumotriage.synth import StudySummary
@@ -256,6 +257,58 @@ def test_prepared_models_agree_with_the_originals(spec: ModelSpec) -> None:
     a, b = (a["mask"], b["mask"]) if isinstance(a, dict) else (a, b)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
     assert all(torch.equal(v, before[k]) for k, v in original.model.state_dict().items())
+
+
+def test_compiled_model_pads_a_short_batch_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile``: the model is compiled for one batch shape; a shorter batch is padded and cut back, so its
+    outputs are the eager model's (to float rounding), and a dict of outputs is cut too."""
+    seen: list[int] = []
+
+    def recording_compile(net: torch.nn.Module, **options: Any) -> Any:
+        assert options == {"dynamic": False}
+        return lambda x: (seen.append(x.shape[0]), net(x))[1]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "compile", recording_compile)
+        fixed = FixedBatch(torch.nn.Conv2d(1, 1, 1), batch=4)
+        with torch.inference_mode():
+            sizes = [fixed(torch.rand(n, 1, 8, 8)).shape[0] for n in (4, 3, 1)]
+    assert seen == [4, 4, 4] and sizes == [4, 3, 1]
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.conv(x)
+            return {"mask": y, "present": y.flatten(1).amax(1)}
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    fixed = FixedBatch(net, batch=4)
+    x = torch.rand(3, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, want = fixed(x), net(x)
+    assert isinstance(got, dict) and got["mask"].shape == (3, 2, 16, 16) and got["present"].shape == (3,)
+    torch.testing.assert_close(got["mask"], want["mask"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["present"], want["present"], rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_plan_decodes_jpeg_in_the_workers_when_there_are_enough() -> None:
+    """On a GPU, ``auto`` decodes JPEG Baseline in the workers from :data:`JPEG_WORKERS_OVER_DEVICE` of them
+    (faster on an H100 host with 14), on the GPU with fewer; a CPU always decodes in the workers; the choice
+    is said in the plan, and the user's choice wins."""
+    cuda = torch.device("cuda")
+    many = plan_for(ScanOptions(), cuda, 512, cores=JPEG_WORKERS_OVER_DEVICE + 1)
+    few = plan_for(ScanOptions(), cuda, 512, cores=4)
+    assert many.workers == JPEG_WORKERS_OVER_DEVICE and not many.jpeg_on_device and "in the workers" in many.why
+    assert few.workers == 3 and few.jpeg_on_device and "nvJPEG" in few.why
+    assert plan_for(ScanOptions(jpeg_decode="device"), cuda, 512, cores=16).jpeg_on_device
+    assert not plan_for(ScanOptions(jpeg_decode="workers"), cuda, 512, cores=4).jpeg_on_device
+    assert not plan_for(ScanOptions(), torch.device("cpu"), 512, cores=16).jpeg_on_device
+    # How the models run is no part of what a scan writes: a resume may change it.
+    assert ScanOptions(compile=True).signature() == ScanOptions().signature()
 
 
 def test_jpeg_decoded_on_the_device_path_matches_the_workers(study: StudySummary) -> None:

@@ -45,16 +45,42 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return folded
 
 
-def prepare_models(device: torch.device, *models: LoadedModel | None) -> list[LoadedModel | None]:
+class FixedBatch(nn.Module):
+    """A model compiled (``torch.compile``) for one batch shape: a smaller batch is padded with zeros and the
+    outputs cut back, so compilation happens once, at the first batch, whatever the folder holds."""
+
+    def __init__(self, net: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.net = torch.compile(net, dynamic=False)
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> object:
+        n = x.shape[0]
+        if n < self.batch:
+            pad = x.new_zeros(self.batch - n, *x.shape[1:])
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
+        out = self.net(x)
+        if n == self.batch:
+            return out
+        if isinstance(out, dict):
+            return {k: v[:n] for k, v in out.items()}
+        return out[:n]
+
+
+def prepare_models(
+    device: torch.device, *models: LoadedModel | None, compile_batch: int | None = None
+) -> list[LoadedModel | None]:
     """The models ready for inference on ``device``, as copies (the caller's stay as they are): eval mode,
     batch norm folded into the convolutions, channels_last memory format (oneDNN's fast path on a CPU,
-    tensor cores' on CUDA)."""
+    tensor cores' on CUDA); with ``compile_batch``, compiled for batches of that many images (:class:`FixedBatch`)."""
     prepared: list[LoadedModel | None] = []
     for m in models:
         if m is None:
             prepared.append(None)
             continue
         net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
+        if compile_batch is not None:
+            net = FixedBatch(net, compile_batch)
         prepared.append(replace(m, model=net))
     return prepared
 

@@ -102,6 +102,8 @@ class Stream:
         self.on_wait = on_wait
         self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
         self.skipped = 0
+        # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
+        self._staging: dict[int, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
 
     def release(self, slot: int) -> None:
         self.free.append(slot)
@@ -174,7 +176,7 @@ class Stream:
         in_slots = [it for it in items if it.decoded.jpeg is None]
         for size in self.arena.sizes:
             if not on_device:
-                inputs[size] = self.arena.batch([it.slot for it in items], size).to(self.device, non_blocking=True)
+                inputs[size] = self._to_device([it.slot for it in items], size)
                 continue
             x = torch.empty(len(items), 1, size, size, device=self.device)
             x[[rows[id(it)] for it in on_device]] = decoded[size]
@@ -184,6 +186,26 @@ class Stream:
                 )
             inputs[size] = x
         return Batch(items, inputs, failed)
+
+    def _to_device(self, slots: list[int], size: int) -> torch.Tensor:
+        """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor on the device. On CUDA they are gathered
+        straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable memory);
+        a buffer is refilled only once its previous copy is done."""
+        if self.device.type != "cuda":
+            return self.arena.batch(slots, size).to(self.device)
+        turn = self._staging.setdefault(size, deque())
+        if len(turn) < 2:
+            turn.append((torch.empty(self.batch_size, 1, size, size, pin_memory=True), None))
+        buffer, copied = turn.popleft()
+        if copied is not None:
+            copied.synchronize()
+        part = buffer[: len(slots)]
+        np.stack([self.arena.image(s, size) for s in slots], out=part.numpy()[:, 0])
+        on_device = part.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self.device))
+        turn.append((buffer, event))
+        return on_device
 
     def _decode_on_device(
         self, items: list[Item], failed: list[tuple[Found, Decoded]]
@@ -353,7 +375,9 @@ def _run(
 
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
-        classifier, segmenter = prepare_models(device, classifier, segmenter)
+        classifier, segmenter = prepare_models(
+            device, classifier, segmenter, compile_batch=plan.batch_size if o.compile else None
+        )
         window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
         # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
         # tasks queue behind decode tasks): too few and the workers starve.
@@ -367,6 +391,9 @@ def _run(
         synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
         model_s = 0.0
         nice = WORKER_NICE if device.type == "cpu" else 0
+        # On a CPU the models' process would only wait while decoding lags, so it finishes images itself then; on
+        # a GPU it is the feeder, and every millisecond it spends finishing the GPU waits.
+        finish_here = device.type == "cpu"
         with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
 
             def drain(block: bool) -> bool:
@@ -462,7 +489,7 @@ def _run(
                             out=out,
                         )
                         thumb = d.thumb
-                        if job.segmented and workers.count and not stream.starved():
+                        if job.segmented and workers.count and (not finish_here or not stream.starved()):
                             # Post-processing and encoding in a worker, from the slot, while the models go on.
                             finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
                         elif job.segmented:
