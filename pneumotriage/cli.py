@@ -223,15 +223,28 @@ def _default_weight(kind: str) -> str | None:
     return None
 
 
-def _load(value: str | None, kind: str) -> Any:
+def _load(values: str | list[str] | None, kind: str) -> Any:
+    """The model named by ``--classifier``/``--segmenter``; several names make an ensemble of them."""
     from pneumotriage.models import load_model
+    from pneumotriage.models.ensemble import ensemble_of
 
-    if value is None:
+    if not values:
         return None
-    loaded = load_model(value)
-    if loaded.spec.kind != kind:
-        raise UsageError(f"--{kind} {value}: that is a {loaded.spec.kind}, not a {kind}")
-    return loaded
+    loaded = []
+    for value in [values] if isinstance(values, str) else values:
+        model = load_model(value)
+        if model.spec.kind != kind:
+            raise UsageError(f"--{kind} {value}: that is a {model.spec.kind}, not a {kind}")
+        loaded.append(model)
+    return ensemble_of(loaded)
+
+
+def _default_list(values: list[str] | None, kind: str) -> list[str] | None:
+    """``values``, else the registry's default model of ``kind`` (see :func:`_default_weight`)."""
+    if values:
+        return values
+    default = _default_weight(kind)
+    return [default] if default else None
 
 
 def _print_worklist(summary: Any, limit: int = 20) -> None:
@@ -359,8 +372,8 @@ def scan(
 
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
-    classifier = classifier or _default_weight("classifier")
-    segmenter = None if no_segment else (segmenter or _default_weight("segmenter"))
+    classifier = _default_list(classifier, "classifier")
+    segmenter = None if no_segment else _default_list(segmenter, "segmenter")
     if classifier is None and segmenter is None:
         raise UsageError(
             "no models given and the registry names no default for real images: pass --classifier and "
@@ -728,8 +741,16 @@ Augmentation = Annotated[
     str,
     typer.Option(help="strong (flip, shift-scale-rotate, grid distortion, brightness/contrast/gamma), light or none."),
 ]
-ClassifierOpt = Annotated[str | None, typer.Option(help="Classifier: registry name or checkpoint file.")]
-SegmenterOpt = Annotated[str | None, typer.Option(help="Segmenter: registry name or checkpoint file.")]
+ClassifierOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Classifier: registry name, checkpoint or ensemble file; repeat for an ensemble (probabilities averaged)."
+    ),
+]
+SegmenterOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Segmenter: registry name, checkpoint or ensemble file; repeat for an ensemble (maps averaged)."),
+]
 SegmentAll = Annotated[bool, typer.Option(help="Segment every image, not only those past the gate.")]
 Tta = Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
@@ -1185,12 +1206,28 @@ def tune(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Folder of labelled validation DICOMs.")],
     labels: Annotated[Path | None, typer.Option(help="SIIM-form RLE label CSV (required).")] = None,
     segmenter: Annotated[
-        str | None, typer.Option(help="Segmenter: registry name or checkpoint file (required).")
+        list[str] | None,
+        typer.Option(help="Segmenter: registry name, checkpoint or ensemble file (required); repeat for an ensemble."),
     ] = None,
-    classifier: Annotated[str | None, typer.Option(help="Classifier whose gate is tuned with the segmenter.")] = None,
-    out_file: Annotated[Path, typer.Option("--out", help="The tuned checkpoint to write (a new file).")] = Path(
-        "tuned.pt"
-    ),
+    classifier: Annotated[
+        list[str] | None,
+        typer.Option(help="Classifier whose gate is tuned with the segmenter; repeat for an ensemble."),
+    ] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The tuned file to write (new): a checkpoint (default tuned.pt), or for an ensemble an ensemble "
+            "file (default tuned.json).",
+        ),
+    ] = None,
+    oof: Annotated[
+        bool,
+        typer.Option(
+            help="Out-of-fold: DATA is the fold runs' training data, and each image is predicted only by the run "
+            "that held it out (give every fold's best.pt)."
+        ),
+    ] = False,
     sensitivity: Annotated[
         float | None, typer.Option(help="Fix the gate for this classifier sensitivity (e.g. 0.95), tune the rest.")
     ] = None,
@@ -1239,6 +1276,7 @@ def tune(
         if values is not None:
             grid = Grid(**{**grid.__dict__, name: values})
     loaded_seg, loaded_cls = _load(segmenter, "segmenter"), _load(classifier, "classifier")
+    out_file = out_file or Path("tuned.json" if loaded_seg.members else "tuned.pt")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=not progress, transient=True) as bar:
         tasks: dict[str, Any] = {}
@@ -1267,6 +1305,7 @@ def tune(
             workers=_auto_int(workers, "--workers"),
             progress=on_event,
             force=force,
+            oof=oof,
         )
     table = Table(title="best settings (competition Dice on these images)", title_justify="left")
     names = ("gate", "top_score", "min_area", "bottom_score", "min_component")

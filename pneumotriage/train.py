@@ -15,7 +15,9 @@ The library never prints: progress goes to the ``progress`` callback as small ev
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -220,6 +222,21 @@ def split_records(cfg: TrainConfig, records: list[ImageRecord]) -> tuple[list[Im
             r for r, f in zip(records, assignment, strict=True) if f == 0
         ]
     return split_fold(records, cfg.fold, cfg.folds, seed=cfg.seed)
+
+
+def _write_oof(path: Path, records: list[ImageRecord], pred: dict[str, np.ndarray]) -> None:
+    """best.pt's out-of-fold predictions: one row per validation image, in the loader's order (the records'):
+    its label, the model's image-level score, and for a segmenter the triplet's decision and Dice at the
+    checkpoint's thresholds. Written atomically with best.pt, so the two always belong together."""
+    columns = [k for k in ("scores", "predicted", "dice_triplet", "dice_plain") if k in pred]
+    names = {"scores": "score", "predicted": "outlined", "dice_triplet": "dice", "dice_plain": "dice_at_0.5"}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ImageId", "label", *(names[c] for c in columns)])
+    for i, r in enumerate(records):
+        values = [int(pred[c][i]) if c == "predicted" else f"{float(pred[c][i]):.6f}" for c in columns]
+        writer.writerow([r.image_id, int(pred["labels"][i]), *values])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def data_fingerprint(train: list[ImageRecord], val: list[ImageRecord]) -> str:
@@ -649,6 +666,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 if cfg.curves:
                     _write_curves(run_dir / "curves.png", history, selection)
                 if improved:
+                    _write_oof(run_dir / "oof.csv", val_records, pred)
                     best_value, best_epoch, stale = value, epoch, 0
                     best_thresholds = dict(thresholds)
                     if cfg.kind == "classifier":

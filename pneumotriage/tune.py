@@ -367,6 +367,96 @@ def _figures(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# out-of-fold
+
+
+@dataclass
+class Group:
+    """Images and the models that predict them: all images and the models given, or (out-of-fold) one fold's
+    validation images and the member trained without them."""
+
+    records: list[ImageRecord]
+    segmenter: LoadedModel
+    classifier: LoadedModel | None
+
+
+def _fold_of(member: LoadedModel, records: list[ImageRecord], option: str) -> tuple[tuple[Any, ...], list[ImageRecord]]:
+    """A fold run's identity (fold, folds, seed, val_fraction) and its validation records among ``records``,
+    which must be the images and labels it was trained on."""
+    from pneumotriage.train import TrainConfig, data_fingerprint, split_records
+
+    where = member.path or member.name
+    config = member.meta.get("config")
+    if not isinstance(config, dict) or not config:
+        raise UsageError(
+            f"{option} {where}: no training config in it, so its validation fold is unknown",
+            hint="--oof takes the best.pt (or swa.pt) of `pneumotriage train` runs with --fold K --folds N",
+        )
+    cfg = TrainConfig.from_dict(config)
+    train, val = split_records(cfg, records)
+    if data_fingerprint(train, val) != member.meta.get("data_fingerprint"):
+        raise UsageError(
+            f"{option} {where} was trained on other images or labels than these",
+            hint="--oof needs DATA and --labels to be the training data the fold runs were given",
+        )
+    return (cfg.fold, cfg.folds, cfg.seed, cfg.val_fraction), val
+
+
+def oof_groups(records: list[ImageRecord], segmenter: LoadedModel, classifier: LoadedModel | None) -> list[Group]:
+    """Out-of-fold groups: each member of the segmenter (fold) ensemble predicts only the images of its own
+    validation fold, with the classifier member of the same fold (or, for one classifier, that one), so that no
+    image is predicted by a model that saw it in training."""
+    groups: list[Group] = []
+    covered: set[str] = set()
+    classifiers: dict[tuple[Any, ...], LoadedModel] = {}
+    if classifier is not None and classifier.members:
+        for c in classifier.members:
+            fold, _ = _fold_of(c, records, "--classifier")
+            classifiers[fold] = c
+    for member in segmenter.members or [segmenter]:
+        fold, val = _fold_of(member, records, "--segmenter")
+        ids = {r.image_id for r in val}
+        if ids & covered:
+            raise UsageError(
+                f"--segmenter {member.path or member.name}: its validation fold overlaps another member's",
+                hint="--oof takes one run per fold (--fold 0 .. --fold N-1 of the same --folds and --seed)",
+            )
+        covered |= ids
+        partner = classifier
+        if classifier is not None and classifier.members:
+            if fold not in classifiers:
+                raise UsageError(
+                    f"no --classifier was trained on fold {fold[0]} of {fold[1]} (seed {fold[2]}), the fold of "
+                    f"--segmenter {member.path or member.name}",
+                    hint="give one classifier run per fold, or a single classifier",
+                )
+            partner = classifiers[fold]
+        groups.append(Group(val, member, partner))
+    return groups
+
+
+def _joined(parts: list[Predictions], counts: list[Counts]) -> tuple[Predictions, Counts]:
+    """The groups' predictions and counts as one set (maps are not joined: the search needs only the counts)."""
+    if len({c.model_size for c in counts}) > 1:
+        raise UsageError("--oof: the fold segmenters have different input sizes; tune needs one size")
+    cls = [p.classifier for p in parts]
+    joined = Predictions(
+        [i for p in parts for i in p.image_ids],
+        np.concatenate([p.shapes for p in parts]),
+        np.zeros((0, 1, 1), dtype=np.float32),
+        np.concatenate(cls) if all(c is not None for c in cls) else None,  # type: ignore[arg-type]
+        [u for p in parts for u in p.unreadable],
+    )
+    return joined, Counts(
+        np.concatenate([c.true_area for c in counts]),
+        np.concatenate([c.confident for c in counts]),
+        np.concatenate([c.area for c in counts]),
+        np.concatenate([c.inter for c in counts]),
+        counts[0].model_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the whole job
 
 
@@ -387,9 +477,15 @@ def tune(
     top_k: int = 10,
     progress: Progress | None = None,
     force: bool = False,
+    oof: bool = False,
 ) -> TuneResult:
     """Tune the thresholds on the labelled DICOMs under ``data`` and write a copy of the segmenter's checkpoint
-    with them (and the figures they reach here) to ``out``; the input checkpoint is never modified.
+    with them (and the figures they reach here) to ``out``; the input checkpoint is never modified. For an
+    ensemble segmenter, ``out`` is an ensemble file (JSON) naming the members with the tuned thresholds.
+
+    With ``oof`` the segmenter is a fold ensemble (or one fold run) and ``data`` its training data: each image is
+    predicted only by the member whose validation fold holds it (:func:`oof_groups`), and the thresholds are
+    chosen on those out-of-fold predictions.
 
     Where the best setting outlines none of the positive images here (sensitivity 0: a segmenter that has not
     learnt, or thresholds no outline passes), nothing is written unless ``force``: such a checkpoint would tier
@@ -411,27 +507,46 @@ def tune(
     if classifier is None:
         current["gate"] = 0.0  # without a classifier the scan segments every image
     grid = (grid or Grid()).with_values(current)
+    ensemble = bool(segmenter.members)
+    if ensemble and out.suffix.lower() != ".json":
+        raise UsageError("an ensemble is tuned into an ensemble file: give --out a name ending in .json", path=out)
+    notes: list[str] = []
+    if oof:
+        groups = oof_groups(list(index.records), segmenter, classifier)
+        notes.append(
+            f"out-of-fold: {len(groups)} fold run(s), each predicting its own validation images only "
+            f"({sum(len(g.records) for g in groups)} of {len(index.records)} images)"
+        )
+        if classifier is not None and not classifier.members:
+            notes.append("one classifier for every fold: its probabilities are not out-of-fold")
+    else:
+        groups = [Group(list(index.records), segmenter, classifier)]
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output, not in /tmp (often a RAM disk): the maps may be gigabytes. They are needed only until
     # the per-image counts are taken.
+    parts: list[Predictions] = []
+    part_counts: list[Counts] = []
+    cache: Path | None = None
     with tempfile.TemporaryDirectory(prefix=".pneumotriage-tune-", dir=out.parent) as scratch:
-        predictions, cache = predict(
-            index.records,
-            segmenter=segmenter,
-            classifier=classifier,
-            cache_root=cache_root,
-            scratch=Path(scratch) / "maps",
-            tta=tta,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            progress=progress,
-        )
+        for i, group in enumerate(groups):
+            part, cache = predict(
+                group.records,
+                segmenter=group.segmenter,
+                classifier=group.classifier,
+                cache_root=cache_root,
+                scratch=Path(scratch) / f"maps{i}",
+                tta=tta,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+            )
+            parts.append(part)
+            part_counts.append(count(part, labels, grid, progress))
+        predictions, counts = _joined(parts, part_counts) if len(parts) > 1 else (parts[0], part_counts[0])
         if not predictions.image_ids:
             raise UsageError("none of the labelled images could be read", path=data)
-        counts = count(predictions, labels, grid, progress)
     y = counts.true_area > 0
-    notes: list[str] = []
     cls = predictions.classifier
     if cls is None:
         gates: list[float] = [0.0]
@@ -496,12 +611,42 @@ def tune(
         "grid": {k: list(v) for k, v in asdict(grid).items() if k != "gate"} | {"gate": list(gates)},
         "segmenter_sha256": segmenter.sha256,
         "classifier_sha256": classifier.sha256 if classifier is not None else None,
+        "out_of_fold": oof,
     }
+    meta = segmenter.meta
+    if ensemble:
+        from pneumotriage.models.ensemble import write_ensemble
+
+        write_ensemble(
+            out,
+            segmenter.members,
+            {**segmenter.thresholds, **new_thresholds},
+            tuning=tuning,
+            clinical=bool(meta.get("clinical", True)),
+            note=meta.get("note"),
+        )
+    else:
+        _write_tuned(out, segmenter, new_thresholds, tuning)
+    return TuneResult(
+        thresholds=chosen,
+        defaults=current,
+        score=figures["competition_dice"],
+        default_score=default_score,
+        top=top,
+        figures=figures,
+        out=out,
+        cache=cache,
+        notes=notes,
+    )
+
+
+def _write_tuned(out: Path, segmenter: LoadedModel, thresholds: dict[str, float], tuning: dict[str, Any]) -> None:
+    """A copy of the segmenter's checkpoint with the tuned thresholds and how they were chosen."""
     meta = segmenter.meta
     save_checkpoint(
         out,
         segmenter.model,
-        thresholds={**segmenter.thresholds, **new_thresholds},
+        thresholds={**segmenter.thresholds, **thresholds},
         config=meta.get("config"),
         data_fingerprint=meta.get("data_fingerprint"),
         metrics=meta.get("metrics"),
@@ -516,15 +661,4 @@ def tune(
                 "sha256": segmenter.sha256,
             },
         },
-    )
-    return TuneResult(
-        thresholds=chosen,
-        defaults=current,
-        score=figures["competition_dice"],
-        default_score=default_score,
-        top=top,
-        figures=figures,
-        out=out,
-        cache=cache,
-        notes=notes,
     )

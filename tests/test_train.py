@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 from pneumotriage.cli import app
 from pneumotriage.datasets import RadiographDataset
 from pneumotriage.labels import index_dataset, read_rle_csv
+from pneumotriage.metrics import roc_auc
 from pneumotriage.models import ModelSpec, build_model, load_model
 from pneumotriage.synth import StudySummary, write_study
 from pneumotriage.train import TrainConfig, predict, train, validation_metrics
@@ -109,6 +112,16 @@ def test_resume_config_and_refusals(study: StudySummary, tmp_path: Path) -> None
     first = train(cfg)
     assert first.epochs_run == 2 and (tmp_path / "run" / "best.pt").is_file()
     assert not (tmp_path / "run" / "curves.png").exists()  # curves=False: none drawn
+    # best.pt's out-of-fold predictions: every validation image once, with its label and score.
+    best = load_model(tmp_path / "run" / "best.pt")
+    oof = list(csv.DictReader(open(tmp_path / "run" / "oof.csv", newline="")))
+    assert list(oof[0]) == ["ImageId", "label", "score"] and len(oof) == best.meta["metrics"]["n"]
+    assert sum(int(r["label"]) for r in oof) == best.meta["metrics"]["n_positive"]
+    assert {r["ImageId"] for r in oof} <= {i.image_id for i in study.images}
+    scores = np.array([float(r["score"]) for r in oof])
+    labels = np.array([int(r["label"]) for r in oof])
+    assert 0 < labels.sum() < len(labels)  # both kinds in the validation split: the AUC is defined
+    assert roc_auc(labels, scores) == pytest.approx(best.meta["metrics"]["auc"], abs=1e-5)
     from pneumotriage.errors import UsageError
 
     with pytest.raises(UsageError, match="already holds a run"):
@@ -218,7 +231,7 @@ def test_ddp_gloo_two_processes(study: StudySummary, tmp_path: Path) -> None:
     assert ranks["world_size"] == 2
     a, b = ranks["param_checksums"]
     assert a == b, "the two ranks ended with different weights"
-    expected = ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl", "ranks.json"]
+    expected = ["best.pt", "config.json", "curves.png", "last.pt", "metrics.jsonl", "oof.csv", "ranks.json"]
     assert sorted(p.name for p in out.iterdir()) == expected
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and last["epoch"] == 1

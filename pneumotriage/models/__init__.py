@@ -205,6 +205,8 @@ class LoadedModel:
     path: Path | None = None
     sha256: str | None = None
     name: str | None = None
+    #: An ensemble's members (:mod:`pneumotriage.models.ensemble`); empty for one model.
+    members: list[LoadedModel] = field(default_factory=list)
 
     def __call__(self, x: torch.Tensor) -> Any:
         return self.model(x)
@@ -223,9 +225,14 @@ def _sha256(path: Path) -> str:
 
 def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a model from a pneumotriage checkpoint, or from a registry weight (name or file) holding a plain
-    state dict, such as TorchXRayVision's ResNet50. Loading is ``weights_only``: a file cannot run code."""
+    state dict, such as TorchXRayVision's ResNet50, or an ensemble file (:mod:`pneumotriage.models.ensemble`).
+    Loading is ``weights_only``: a file cannot run code."""
+    from pneumotriage.models.ensemble import is_ensemble_file, load_ensemble
     from pneumotriage.weights import resolve
 
+    candidate = Path(name_or_path)
+    if candidate.suffix.lower() == ".json" and candidate.is_file() and is_ensemble_file(candidate):
+        return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location))  # type: ignore[no-any-return]
     path, registry_spec = resolve(name_or_path)
     data = load_state_dict(path)
     if data.get("format") == CHECKPOINT_FORMAT:

@@ -255,6 +255,7 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
         "sha256": m.sha256,
         "clinical": bool(m.meta.get("clinical", True)),
         "note": m.meta.get("note"),
+        **({"members": m.meta["members"]} if m.meta.get("members") else {}),
     }
 
 

@@ -166,7 +166,13 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         for m in summary.models:
             fh.write(
                 f"<div>{_e(m['role'])}: <b>{_e(m['name'])}</b> ({_e(m['model'])} @{_e(m['input_size'])} px)"
-                f"<br><span class='mono'>sha256 {_e(m['sha256'])}</span></div>"
+                f"<br><span class='mono'>sha256 {_e(m['sha256'])}</span>"
+                + "".join(
+                    f"<br>member <b>{_e(x['name'])}</b> ({_e(x['model'])} @{_e(x['input_size'])} px) "
+                    f"<span class='mono'>sha256 {_e(x['sha256'])}</span>"
+                    for x in m.get("members", [])
+                )
+                + "</div>"
             )
         t = summary.thresholds
         fh.write(
