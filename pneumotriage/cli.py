@@ -129,12 +129,13 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
     else:
-        table = Table(title=f"{len(rows)} files", show_lines=False)
-        for col in ("image id", "modality", "size", "photometric", "bits", "syntax", "spacing mm", "status"):
-            table.add_column(col, overflow="fold")
+        table = Table(title=f"{len(rows)} files", box=None, padding=(0, 1, 0, 0))
+        for col in ("image id", "mod.", "size", "photometric", "bits", "syntax", "spacing", "status"):
+            table.add_column(col, no_wrap=col not in ("syntax", "status"), overflow="fold")
         for row in rows:
             if "image_id" not in row:
-                table.add_row(row["path"], "", "", "", "", "", "", f"[red]skip:[/] {row['reason']}")
+                name = _short(printable(Path(row["path"]).name))
+                table.add_row(name, "", "", "", "", "", "", f"[red]skip:[/] {row['reason']}")
                 continue
             size = f"{row['rows']}x{row['columns']}" if row["rows"] else "?"
             spacing = "x".join(f"{v:.3g}" for v in row["pixel_spacing_mm"]) if row["pixel_spacing_mm"] else "-"
@@ -142,12 +143,12 @@ def inspect(
             if row["status"] == "ok" and row["warnings"]:
                 status += f" [yellow]({'; '.join(row['warnings'])})[/]"
             table.add_row(
-                row["image_id"],
+                _short(printable(row["image_id"])),
                 row["modality"] or "?",
                 size,
-                row["photometric"] or "?",
+                (row["photometric"] or "?").replace("MONOCHROME", "MONO"),
                 str(row["bits_stored"] or "?"),
-                row["transfer_syntax_name"] or "?",
+                (row["transfer_syntax_name"] or "?").split(" (")[0],  # "JPEG Baseline (Process 1)": its name
                 spacing,
                 status,
             )
@@ -247,8 +248,19 @@ def _default_list(values: list[str] | None, kind: str) -> list[str] | None:
     return [default] if default else None
 
 
+#: Characters of an id kept in a table (its end: UIDs differ there); ``--json`` and the files hold them whole.
+SHORT_ID = 12
+
+
+def _short(text: str, keep: int = SHORT_ID) -> str:
+    """``text``, or "…" and its last ``keep`` characters, so that tables fit 80 columns."""
+    return text if len(text) <= keep + 1 else "…" + text[-keep:]
+
+
 def _print_worklist(summary: Any, limit: int = 20) -> None:
-    table = Table(title=f"worklist: {summary.out / 'worklist.csv'}", title_justify="left")
+    table = Table(
+        title=f"worklist: {summary.out / 'worklist.csv'}", title_justify="left", box=None, padding=(0, 1, 0, 0)
+    )
     for col in ("rank", "tier", "probability", "area cm²", "side", "image", "status"):
         table.add_column(col, overflow="fold")
     style = {"urgent": "bold red", "review": "yellow", "routine": "green"}
@@ -259,7 +271,7 @@ def _print_worklist(summary: Any, limit: int = 20) -> None:
             "" if r.probability is None else f"{r.probability:.3f}",
             "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
             r.side or "",
-            printable(r.image_id)[-24:],
+            _short(printable(r.image_id)),
             r.status if r.status == "ok" else f"[red]{r.status}[/]",
         )
     out.print(table)
@@ -325,7 +337,9 @@ def scan(
         float | None, typer.Option(help="Drop mask components smaller than this (px at 1024²).")
     ] = None,
     segment_all: SegmentAll = False,
-    no_segment: Annotated[bool, typer.Option(help="Triage on the classifier alone (no outlines).")] = False,
+    no_segment: Annotated[
+        bool, typer.Option("--no-segment", help="Triage on the classifier alone (no outlines).")
+    ] = False,
     tta: Tta = False,
     urgent_probability: Annotated[
         float, typer.Option(help="With --no-segment: the probability that makes an image urgent.")
@@ -345,9 +359,15 @@ def scan(
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
         "relative"
     ),
-    no_phi: Annotated[bool, typer.Option(help="Leave patient ID, accession and study date out of all outputs.")] = (
-        False
-    ),
+    submission: Annotated[
+        bool | None,
+        typer.Option(
+            help="Write submission.csv (default: yes, but not with --no-segment, where every row would be -1)."
+        ),
+    ] = None,
+    no_phi: Annotated[
+        bool, typer.Option("--no-phi", help="Leave patient ID, accession and study date out of all outputs.")
+    ] = (False),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
@@ -395,6 +415,7 @@ def scan(
         device=device,
         precision=precision,
         compile=compile_models,
+        submission=submission,
         rle_relative=rle == "relative",
         no_phi=no_phi,
         resume=resume,
@@ -599,18 +620,24 @@ def weights_list(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"weights in {cache.registry.path} (cache {cache.dir})", title_justify="left")
+    table = Table(
+        title=f"weights in {cache.registry.path} (cache {cache.dir})",
+        title_justify="left",
+        box=None,
+        padding=(0, 1, 0, 0),
+    )
     table.add_column("name", no_wrap=True)
     for col in ("kind", "model", "size", "sha256", "status"):
-        table.add_column(col, overflow="fold")
+        # Whole words ("classifier", never "classifi" over "er"); the model folds at its spaces.
+        table.add_column(col, no_wrap=col != "model", min_width=13 if col == "model" else None)
     for row in rows:
         model = row["arch"] + (f" / {row['encoder']}" if row["encoder"] else "") + f" @{row['input_size']}"
         if row["sha256"]:
-            sha = row["sha256"][:12] + "…"
+            sha = row["sha256"][:8] + "…"
         elif row["recipe"]:
             sha = "built here"
         else:
-            sha = (row["sha256_prefix"] or "unpinned") + "…"
+            sha = (row["sha256_prefix"] or "unpinned")[:8] + "…"
         size = f"{row['size_mb']:.0f} MB" if row["size_mb"] else "?"
         style = _STATUS_STYLE[row["status"]]
         table.add_row(row["name"], row["kind"], model, size, sha, f"[{style}]{row['status']}[/]")
@@ -1106,6 +1133,7 @@ def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
 @app.command()
 @_reports_errors
 def evaluate(
+    labels: Annotated[Path, typer.Option(help="SIIM-form RLE label CSV.")],
     data: Annotated[
         Path | None,
         typer.Argument(
@@ -1113,7 +1141,6 @@ def evaluate(
             help="Folder of labelled DICOMs: scanned with the models, or (with --predictions) read for sizes only.",
         ),
     ] = None,
-    labels: Annotated[Path | None, typer.Option(help="SIIM-form RLE label CSV (required).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, per_image.csv, plots.")] = Path(
         "evaluation"
     ),
@@ -1140,8 +1167,6 @@ def evaluate(
     ROC/PR, operating points with bootstrap intervals, plots, metrics.json and per_image.csv."""
     from pneumotriage.evaluate import evaluate_results, evaluate_submission, write_evaluation
 
-    if labels is None:
-        raise UsageError("give the label CSV with --labels")
     if rle not in ("relative", "absolute"):
         raise UsageError(f"--rle {rle!r}: choose relative or absolute")
     if bootstrap < 0:
@@ -1204,11 +1229,11 @@ def evaluate(
 @_reports_errors
 def tune(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Folder of labelled validation DICOMs.")],
-    labels: Annotated[Path | None, typer.Option(help="SIIM-form RLE label CSV (required).")] = None,
+    labels: Annotated[Path, typer.Option(help="SIIM-form RLE label CSV.")],
     segmenter: Annotated[
-        list[str] | None,
-        typer.Option(help="Segmenter: registry name, checkpoint or ensemble file (required); repeat for an ensemble."),
-    ] = None,
+        list[str],
+        typer.Option(help="Segmenter: registry name, checkpoint or ensemble file; repeat for an ensemble."),
+    ],
     classifier: Annotated[
         list[str] | None,
         typer.Option(help="Classifier whose gate is tuned with the segmenter; repeat for an ensemble."),
@@ -1239,7 +1264,7 @@ def tune(
     cache: Annotated[
         Path | None, typer.Option(help="Folder for cached predictions (default: PNEUMOTRIAGE_HOME/predictions).")
     ] = None,
-    no_cache: Annotated[bool, typer.Option(help="Neither read nor write cached predictions.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write cached predictions.")] = False,
     tta: Tta = False,
     batch_size: ScanBatch = "auto",
     workers: ScanWorkers = "auto",
@@ -1258,10 +1283,6 @@ def tune(
     from pneumotriage.tune import tune as run_tune
     from pneumotriage.weights import default_home
 
-    if labels is None:
-        raise UsageError("give the label CSV with --labels")
-    if segmenter is None:
-        raise UsageError("give --segmenter (a registry name or a checkpoint file)")
     if not data.exists():
         raise UsageError("no such file or folder", path=data)
     grid = Grid()
@@ -1407,8 +1428,24 @@ def demo(
     )
 
 
+#: The command-line parser's own error type (click's, which typer may vendor): a bad or missing option.
+_ParserError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    app()
+    """The console script: every error, the parser's included, is one line starting "error:"."""
+    try:
+        code = app(standalone_mode=False)
+    except _ParserError as exc:
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = escape(printable(exc.format_message().rstrip(".")))
+        err.print(f"[bold red]error:[/] {message}{see}", highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        err.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,45 @@ def test_synth_command_and_bad_option(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "train-rle.csv").is_file()
     result = runner.invoke(app, ["synth", str(tmp_path / "t"), "--size", "big"])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+def _console(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
+    """The console entry point as a user runs it, in a terminal ``columns`` wide."""
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pneumotriage", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_tables_fit_80_columns_and_ids_are_never_cut_across_lines(study) -> None:  # type: ignore[no-untyped-def]
+    """inspect and weights list at 80 columns: no line is longer, an image id is shown as its last 12 characters
+    on one line (the full id stays in --json), and a word like "classifier" is never split."""
+    done = _console("inspect", str(study.out))
+    assert done.returncode == 4  # the label CSV and manifest beside the images are not DICOM
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for image in study.images:
+        assert any(line.startswith("…" + image.image_id[-12:]) for line in lines), image.image_id
+    full = json.loads(_console("inspect", str(study.out), "--json").stdout)
+    assert {r["image_id"] for r in full if "image_id" in r} == {i.image_id for i in study.images}
+    listed = _console("weights", "list")
+    assert listed.returncode == 0 and max(len(line) for line in listed.stdout.splitlines()) <= 80
+    assert any(" classifier " in line for line in listed.stdout.splitlines())
+
+
+def test_one_flag_per_no_option_required_options_and_one_error_prefix(tmp_path: Path) -> None:
+    """--no-segment, --no-phi and --no-cache are single flags (no --no-no-… twin); required options say so in
+    --help; the parser's own errors read like every other error: one line starting "error:", exit 2."""
+    scan_help = _console("scan", "--help", columns=200).stdout
+    tune_help = _console("tune", "--help", columns=200).stdout
+    assert "--no-segment" in scan_help and "--no-phi" in scan_help and "--no-cache" in tune_help
+    assert "--no-no-" not in scan_help + tune_help
+    assert tune_help.count("[required]") == 3  # DATA, --labels, --segmenter
+    for args, text in (
+        (["scan", "--bogus"], "error: No such option: --bogus"),
+        (["tune", str(tmp_path)], "error: Missing option '--labels'"),
+        (["evaluate", str(tmp_path)], "error: Missing option '--labels'"),
+    ):
+        done = _console(*args)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(text), done.stderr

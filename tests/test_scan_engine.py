@@ -425,3 +425,19 @@ def test_the_scan_package_has_no_import_cycle() -> None:
 
     assert len(graph) >= 14
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_classifier_only_scan_writes_no_all_empty_submission_unless_asked(
+    study: StudySummary, tiny_models: tuple[LoadedModel, LoadedModel], tmp_path: Path
+) -> None:
+    """With --no-segment every mask is empty: no submission.csv (every row would be -1) unless asked for."""
+    clf, seg = tiny_models
+    plain = run([study.out], tmp_path / "a", classifier=clf, segmenter=seg, options=ScanOptions(no_segment=True))
+    assert (plain.out / "worklist.csv").is_file() and not (plain.out / "submission.csv").exists()
+    assert not any((plain.out / "masks").iterdir())
+    asked = ScanOptions(no_segment=True, submission=True)
+    wanted = run([study.out], tmp_path / "b", classifier=clf, segmenter=seg, options=asked)
+    rows = (wanted.out / "submission.csv").read_text().splitlines()[1:]
+    assert len(rows) == 12 and all(r.endswith(",-1") for r in rows)
+    with_masks = run([study.out], tmp_path / "c", classifier=clf, segmenter=seg, options=ScanOptions(workers=0))
+    assert (with_masks.out / "submission.csv").is_file()

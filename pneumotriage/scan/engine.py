@@ -547,7 +547,7 @@ def _run(
     if shard is not None:
         write_shard(folder, summary, signature)
     else:
-        write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
+        write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi, submission=o.writes_submission())
     emit({"event": "done", **summary.counts})
     return summary
 

@@ -142,5 +142,5 @@ def _merge(out: Path, count: int) -> Merged:
         },
         notes=notes,
     )
-    write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi)
+    write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi, submission=o.writes_submission())
     return Merged(summary, o, missing)

@@ -42,6 +42,8 @@ class ScanOptions:
     #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
     #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
     jpeg_decode: str = "auto"
+    #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1".
+    submission: bool | None = None
     #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
     #: first batch waits ~1 min for compilation), not on a CPU.
     compile: bool = False
@@ -63,10 +65,13 @@ class ScanOptions:
         if self.jpeg_decode not in ("auto", "workers", "device"):
             raise UsageError(f"jpeg_decode {self.jpeg_decode!r}: choose auto, workers or device")
 
+    def writes_submission(self) -> bool:
+        return self.submission if self.submission is not None else not self.no_segment
+
     def signature(self) -> dict[str, Any]:
         """The options that change what a scan writes (a resume must use the same)."""
         # How the models are run, not what they compute (their outputs move in the last float digits only).
-        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile")
+        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

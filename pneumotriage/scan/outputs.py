@@ -119,7 +119,11 @@ def absolute_rle(relative: str) -> str:
     return " ".join(f"{s + 1} {n}" for s, n in zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
-def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bool = False) -> None:
+def write_outputs(
+    summary: ScanSummary, *, rle_relative: bool = True, no_phi: bool = False, submission: bool = True
+) -> None:
+    """Write the worklist (CSV, JSON), ``submission.csv`` (unless ``submission`` is False: then any earlier one
+    goes, so the folder never holds one of another run), ``skipped.csv`` and the report."""
     out = summary.out
     rows = worklist_rows(summary, no_phi=no_phi)
     fields = [f for f in WORKLIST_FIELDS if not rows or f in rows[0]]
@@ -132,14 +136,17 @@ def write_outputs(summary: ScanSummary, *, rle_relative: bool = True, no_phi: bo
         )
     atomic_write_text(out / "worklist.csv", buffer.getvalue())
     atomic_write_text(out / "worklist.json", strict_json(worklist_document(summary, rows), indent=1) + "\n")
-    write_rle_csv(
-        out / "submission.csv",
-        [
-            (printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle))
-            for r in by_image_id(summary.results).values()
-        ],
-        relative=rle_relative,
-    )
+    if submission:
+        write_rle_csv(
+            out / "submission.csv",
+            [
+                (printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle))
+                for r in by_image_id(summary.results).values()
+            ],
+            relative=rle_relative,
+        )
+    else:
+        (out / "submission.csv").unlink(missing_ok=True)
     skipped = io.StringIO()
     lines = csv.writer(skipped, lineterminator="\n")
     lines.writerow(["path", "reason"])
