@@ -97,10 +97,12 @@ def _csv(path: Path) -> list[list[str]]:
         return list(csv.reader(fh))
 
 
-def _all_outputs_parse(out: Path) -> dict[str, Any]:
-    """worklist.json and metrics are strict JSON; every CSV has as many fields in each row as in its header."""
+def _all_outputs_parse(out: Path, *, submission: bool = True) -> dict[str, Any]:
+    """worklist.json and metrics are strict JSON; every CSV has as many fields in each row as in its header.
+    Without ``submission`` (a --no-segment scan) there must be no submission.csv."""
     doc = _strict_json(out / "worklist.json")
-    for name in ("worklist.csv", "submission.csv", "skipped.csv"):
+    assert (out / "submission.csv").exists() == submission
+    for name in ("worklist.csv", "skipped.csv", *(["submission.csv"] if submission else [])):
         rows = _csv(out / name)
         assert rows and all(len(r) == len(rows[0]) for r in rows), name
     assert len(_csv(out / "worklist.csv")) == len(doc["worklist"]) + 1
@@ -126,7 +128,7 @@ def test_a_fifo_does_not_hang_scan_or_inspect(
     done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S)  # fails, never hangs
     assert done.returncode == 0, done.stderr
     if command == "scan":
-        doc = _all_outputs_parse(tmp_path / "out")
+        doc = _all_outputs_parse(tmp_path / "out", submission=False)
         assert len(doc["worklist"]) == 3 and not any("p.dcm" in r["path"] for r in doc["worklist"])
 
 
@@ -325,7 +327,7 @@ def test_folders_nested_1100_deep(study: StudySummary, checkpoints: dict[str, Pa
     try:
         result = _scan([deep], tmp_path / "out", checkpoints, "--no-segment")
         assert result.exit_code == 0, result.output
-        assert len(_all_outputs_parse(tmp_path / "out")["worklist"]) == 2
+        assert len(_all_outputs_parse(tmp_path / "out", submission=False)["worklist"]) == 2
     finally:  # removed here, bottom up: shutil.rmtree (pytest's clean-up) recurses and would fail on it
         (inner / "x.dcm").unlink()
         while inner != deep:
