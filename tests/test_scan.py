@@ -132,7 +132,7 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
         mask = np.asarray(Image.open(out / r["mask_file"]))
         assert mask.shape == (header.rows, header.columns) and set(np.unique(mask)) <= {0, 255}
         assert int(r["area_px"]) == int(np.count_nonzero(mask)) > 0
-        assert r["tier"] == "urgent"  # segmented run: urgent = outlined
+        assert r["tier"] == ("review" if r["flag"] else "urgent")  # segmented run: urgent = outlined plausibly
         np.testing.assert_array_equal(decoded, mask > 0)
         overlay = Image.open(out / r["overlay_file"])
         assert overlay.mode == "RGB" and overlay.size[0] <= 512
@@ -151,14 +151,12 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     assert html.count("<tr class='row") == 13
 
 
-def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
+def _rendered(report: Path, profile: Path) -> str:
+    """report.html as headless Chromium leaves its DOM once the page's script has run (skips without Chromium)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium package)")
-    out = tmp_path / "out"
-    CliRunner().invoke(app, _scan_args(scan_input, out, models))
-    profile = tmp_path / "profile"
-    dom = subprocess.run(
+    return subprocess.run(
         [
             browser,
             "--headless",
@@ -171,12 +169,18 @@ def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], t
             "--disable-sync",
             f"--user-data-dir={profile}",
             "--dump-dom",
-            (out / "report.html").as_uri(),
+            report.as_uri(),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     ).stdout
+
+
+def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    CliRunner().invoke(app, _scan_args(scan_input, out, models))
+    dom = _rendered(out / "report.html", tmp_path / "profile")
     assert 'data-ready="1"' in dom, "the page's script did not finish"
     assert 'data-error="' not in dom, "a script error occurred"
     assert dom.count('class="row ') == 13
@@ -365,3 +369,48 @@ def test_demo_builds_weights_and_finds_pneumothoraces(tmp_path: Path, monkeypatc
 
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0"])
     assert again.exit_code == 0 and "building" not in again.output
+
+
+def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
+    """The report says what each tier means at the thresholds in force and what the red outline is; an outline
+    over half the image is flagged "implausible outline — check" and tiered review, not urgent (checked in the
+    page Chromium renders)."""
+    from pneumotriage.postprocess import Outline
+    from pneumotriage.scan.finish import implausible
+    from pneumotriage.scan.outputs import summarise, write_outputs
+
+    big = Outline(0, 0, np.ones((80, 100), dtype=bool), (100, 100))
+    border = Outline(10, 0, np.pad(np.ones((70, 1), dtype=bool), ((0, 0), (0, 4))), (100, 100))
+    inside = Outline(30, 30, np.ones((20, 20), dtype=bool), (100, 100))
+    assert "covers 80% of the image" in (implausible(big) or "")
+    assert "70% of the image's left border" in (implausible(border) or "")
+    assert implausible(inside) is None
+    rows = [
+        ImageResult("flagged", "a.dcm", "ok", probability=0.97, segmented=True, area_px=8000, flag=implausible(big)),
+        ImageResult("plain", "b.dcm", "ok", probability=0.9, segmented=True, area_px=400),
+        ImageResult("calm", "c.dcm", "ok", probability=0.1, segmented=False),
+    ]
+    for i, r in enumerate(rows):
+        r.file_stem, r.seq = r.image_id, i
+        r.tier = tier_of(r, 0.5, ScanOptions(), True)
+    assert [r.tier for r in rows] == ["review", "urgent", "routine"]
+    thresholds = {"gate": 0.5, "top_score": 0.75, "min_area": 2000.0, "bottom_score": 0.3, "min_component": 0.0}
+    summary = summarise(
+        tmp_path, rank(rows), counts={}, models=[], thresholds=thresholds, no_segment=False, plan={}, skipped=[],
+        timings={},
+    )  # fmt: skip
+    write_outputs(summary)
+    html = (tmp_path / "report.html").read_text()
+    assert "at least 2000 pixels (at 1024²) above 0.75, the outline then drawn at 0.30" in html
+    assert "gate 0.5 but no outline survived" in html and "outline is drawn in red" in html
+    worklist = list(csv.DictReader(open(tmp_path / "worklist.csv", newline="")))
+    assert worklist[1]["image_id"] == "flagged" and worklist[1]["flag"].startswith("implausible outline — check")
+    dom = _rendered(tmp_path / "report.html", tmp_path / "profile")
+    assert 'data-ready="1"' in dom and 'data-error="' not in dom
+    assert "implausible outline — check: it covers 80% of the image" in dom
+    assert dom.count('class="row urgent') == 1 and dom.count('class="row review') == 1
+    # Without a segmenter the legend gives the urgent probability in force instead of the unused triplet.
+    summary.urgent_probability = 0.85
+    write_outputs(summary)
+    html = (tmp_path / "report.html").read_text()
+    assert "classifier probability ≥ 0.85" in html and "pixels (at 1024²)" not in html

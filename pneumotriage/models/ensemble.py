@@ -132,7 +132,6 @@ def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None =
     loaded = LoadedModel(net, spec, chosen, meta, None, digest, label, list(members))
     net.thresholds = chosen  # type: ignore[assignment]
     net.meta = meta  # type: ignore[assignment]
-    loaded.spec = spec
     if len(titles) > 1:
         loaded.meta["architectures"] = titles
     return loaded

@@ -540,6 +540,7 @@ def _run(
         models=models,
         thresholds=t,
         no_segment=o.no_segment,
+        urgent_probability=o.urgent_probability,
         plan=plan.as_dict(),
         skipped=skipped_rows,
         timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},

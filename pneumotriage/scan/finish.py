@@ -114,6 +114,37 @@ def thumbnail(display: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(display).reduce(factor))
 
 
+#: An outline covering more than this share of the image is implausible (a large pneumothorax fills about a
+#: quarter of a chest radiograph; more is a segmenter seeing the whole lung field or the background).
+MAX_OUTLINE_SHARE = 0.4
+#: An outline running along one image border for more than this share of the border's length is implausible (a
+#: pneumothorax lies inside the chest, not along the film's edge: that is a collimation or label artefact).
+MAX_BORDER_SHARE = 0.5
+
+
+def implausible(found: Outline) -> str | None:
+    """Why ``found`` is not a plausible pneumothorax outline, or None."""
+    rows, cols = found.shape
+    share = found.area / float(rows * cols)
+    if share > MAX_OUTLINE_SHARE:
+        return f"implausible outline — check: it covers {share:.0%} of the image"
+    h, w = found.mask.shape
+    borders = []
+    if found.top == 0:
+        borders.append(("top", found.mask[0], cols))
+    if found.top + h == rows:
+        borders.append(("bottom", found.mask[-1], cols))
+    if found.left == 0:
+        borders.append(("left", found.mask[:, 0], rows))
+    if found.left + w == cols:
+        borders.append(("right", found.mask[:, -1], rows))
+    for side, line, length in borders:
+        along = int(np.count_nonzero(line)) / float(length)
+        if along > MAX_BORDER_SHARE:
+            return f"implausible outline — check: it runs along {along:.0%} of the image's {side} border"
+    return None
+
+
 def _area_cm2(area: int, spacing: tuple[float, float] | None) -> float | None:
     """The area in cm² where the pixel spacing gives a finite one (a header's spacing of 1e200 mm does not)."""
     if not spacing:
@@ -153,6 +184,7 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         rows=rows,
         columns=cols,
         file_stem=job.name,
+        flag=implausible(found) if found is not None else None,
     )
     if found is not None:
         png = mask_png(found.mask, found.top, found.left, job.shape)

@@ -133,6 +133,7 @@ def _merge(out: Path, count: int) -> Merged:
         models=signature["models"],
         thresholds=t,
         no_segment=o.no_segment,
+        urgent_probability=o.urgent_probability,
         plan=plan,
         skipped=skipped,
         timings={

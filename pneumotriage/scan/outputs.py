@@ -28,6 +28,7 @@ WORKLIST_FIELDS = (
     "area_px",
     "area_cm2",
     "side",
+    "flag",
     "image_id",
     "sop_instance_uid",
     "study_instance_uid",
@@ -58,6 +59,7 @@ def summarise(
     skipped: list[ImageResult],
     timings: dict[str, float],
     notes: tuple[str, ...] = (),
+    urgent_probability: float | None = None,
 ) -> ScanSummary:
     """A scan's summary from its ranked rows: the counts by tier, and the notes every output carries (what the
     run could not do, models not for clinical use, image ids shared by several files), then ``notes``."""
@@ -91,6 +93,7 @@ def summarise(
         notes=[*shown, *notes],
         plan=plan,
         skipped=skipped,
+        urgent_probability=urgent_probability if no_segment else None,
     )
 
 

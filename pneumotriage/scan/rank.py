@@ -12,7 +12,8 @@ def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_ru
     """Priority rules (documented in the README):
 
     - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when the classifier
-      passed the gate but no outline survived the triplet rule; ``routine`` below the gate;
+      passed the gate but no outline survived the triplet rule, or when the outline is implausible (its
+      ``flag``: never urgent on such an outline alone); ``routine`` below the gate;
     - classifier alone (``no_segment``): ``urgent`` at probability >= ``urgent_probability``, ``review`` at
       >= the gate, else ``routine``;
     - an image that could not be read: ``review`` (a person must look at it).
@@ -21,7 +22,7 @@ def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_ru
         return "review"
     if segmented_run:
         if result.area_px:
-            return "urgent"
+            return "review" if result.flag else "urgent"
         return "review" if result.probability >= gate else "routine"
     if result.probability >= options.urgent_probability:
         return "urgent"

@@ -44,6 +44,9 @@ class ImageResult:
     file_stem: str | None = None
     #: Its place in the walk of the inputs: the order of a merged sharded scan's rows before ranking.
     seq: int = -1
+    #: Why an outline is implausible ("implausible outline — check: ..."): such an image is tiered review, never
+    #: urgent on its outline alone. None for a plausible outline or none.
+    flag: str | None = None
 
 
 @dataclass
@@ -59,6 +62,8 @@ class ScanSummary:
     plan: dict[str, Any] = field(default_factory=dict)
     #: Files passed over as not DICOM (a text file, a label CSV, a DICOMDIR), each with why: skipped.csv.
     skipped: list[ImageResult] = field(default_factory=list)
+    #: With ``--no-segment``: the classifier probability that makes an image urgent (the report's legend).
+    urgent_probability: float | None = None
 
     @property
     def failed(self) -> int:

@@ -29,6 +29,9 @@ tr.urgent td.tier{background:#d7191c;color:#fff} tr.review td.tier{background:#f
 background:#a6d96a} tr.error td{color:#8a1c00} img.thumb{height:96px;display:block}
 .summary{display:flex;gap:2em;flex-wrap:wrap;margin:.8em 0} .summary div{background:#fff;padding:.5em .8em;
 border:1px solid #ddd} .controls{margin:.8em 0} .mono{font-family:ui-monospace,monospace;font-size:12px}
+.legend{margin:.6em 0;padding-left:1.2em} .legend .key{display:inline-block;min-width:4.5em;padding:0 .4em;
+margin-right:.4em} .key.urgent{background:#d7191c;color:#fff} .key.review{background:#fdae61}
+.key.routine{background:#a6d96a} td.flag{color:#8a1c00;font-weight:600}
 """
 
 _JS = """
@@ -75,6 +78,40 @@ _COLUMNS = (
     ("study_datetime", "Study date"),
     ("status", "Status"),
 )
+
+
+def _legend(summary: ScanSummary) -> str:
+    """What the tiers mean, with the thresholds this scan ran at, and what the outline colour means."""
+    from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
+
+    t = summary.thresholds
+    gate = f"{t.get('gate', 0):.3g}"
+    if summary.urgent_probability is not None:  # --no-segment: the classifier alone
+        items = [
+            ("urgent", f"classifier probability ≥ {summary.urgent_probability:.3g} (no outlines: --no-segment)"),
+            ("review", f"probability ≥ the gate {gate}, or a file that could not be read"),
+            ("routine", f"probability below the gate {gate}"),
+        ]
+        colour = ""
+    else:
+        triplet = (
+            f"at least {t.get('min_area', 0):.0f} pixels (at 1024²) above {t.get('top_score', 0):.2f}, the outline "
+            f"then drawn at {t.get('bottom_score', 0):.2f}"
+            + (f", parts under {t.get('min_component', 0):.0f} px dropped" if t.get("min_component") else "")
+        )
+        items = [
+            ("urgent", f"the segmenter outlined a pneumothorax ({triplet})"),
+            (
+                "review",
+                f"the classifier passed the gate {gate} but no outline survived; an implausible outline (over "
+                f"{MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} of an image border: "
+                "marked <i>implausible outline — check</i>); or a file that could not be read",
+            ),
+            ("routine", f"classifier probability below the gate {gate}"),
+        ]
+        colour = "<li>In the overlays, the outline is drawn in red and its inside tinted red.</li>"
+    rows = "".join(f"<li><span class='key {k}'>{k}</span> {text}</li>" for k, text in items)
+    return f"<ul class='legend'>{rows}{colour}</ul>\n"
 
 
 def _e(value: Any) -> str:
@@ -180,6 +217,7 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             f"min area {t.get('min_area', 0):.0f} px at 1024², bottom {t.get('bottom_score', 0):.2f}</div>"
         )
         fh.write("</div>\n")
+        fh.write(_legend(summary))
         fh.write(
             "<div class='controls'>Tier <select id='tier'><option value=''>all</option>"
             "<option>urgent</option><option>review</option><option>routine</option></select> "
@@ -204,8 +242,9 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
                 fh.write(f"<td data-v=''><img class='thumb' alt='overlay' src='data:image/jpeg;base64,{data}'></td>")
             else:
                 fh.write("<td data-v=''></td>")
-            reason = row.get("error")  # made printable with the row (a file name may not be UTF-8)
-            fh.write(f"<td data-v='{_e(reason)}'>{_e(reason)}</td></tr>\n")
+            reason = row.get("error") or row.get("flag")  # made printable with the row (names may not be UTF-8)
+            flagged = " class='flag'" if row.get("flag") else ""
+            fh.write(f"<td{flagged} data-v='{_e(reason)}'>{_e(reason)}</td></tr>\n")
         fh.write("</tbody></table>\n")
         if summary.skipped:
             fh.write(
