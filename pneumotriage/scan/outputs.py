@@ -35,6 +35,8 @@ WORKLIST_FIELDS = (
     "accession",
     "patient_id",
     "study_datetime",
+    "modality",
+    "view_position",
     "path",
     "status",
     "error",

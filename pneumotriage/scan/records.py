@@ -34,6 +34,9 @@ class ImageResult:
     accession: str | None = None
     patient_id: str | None = None
     study_datetime: str | None = None
+    modality: str | None = None
+    #: AP, PA, LL... as the header says (a lateral view is not what the models were trained on).
+    view_position: str | None = None
     rows: int | None = None
     columns: int | None = None
     mask_file: str | None = None

@@ -32,6 +32,9 @@ border:1px solid #ddd} .controls{margin:.8em 0} .mono{font-family:ui-monospace,m
 .legend{margin:.6em 0;padding-left:1.2em} .legend .key{display:inline-block;min-width:4.5em;padding:0 .4em;
 margin-right:.4em} .key.urgent{background:#d7191c;color:#fff} .key.review{background:#fdae61}
 .key.routine{background:#a6d96a} td.flag{color:#8a1c00;font-weight:600}
+th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
+img[data-full]{cursor:zoom-in} #lightbox{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);
+align-items:center;justify-content:center;cursor:zoom-out} #lightbox img{max-width:95vw;max-height:95vh}
 """
 
 _JS = """
@@ -42,6 +45,8 @@ _JS = """
   Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,col){
     th.addEventListener('click',function(){
       dir[col]=!dir[col];
+      Array.prototype.forEach.call(table.tHead.rows[0].cells,function(h){h.removeAttribute('aria-sort');});
+      th.setAttribute('aria-sort',dir[col]?'ascending':'descending');
       rows.sort(function(a,b){
         var x=a.cells[col].getAttribute('data-v'), y=b.cells[col].getAttribute('data-v');
         var nx=num(x), ny=num(y), c;
@@ -61,6 +66,15 @@ _JS = """
     document.getElementById('shown').textContent=shown;
   }
   tier.addEventListener('change',filter); search.addEventListener('input',filter); filter();
+  var box=document.getElementById('lightbox'), big=document.getElementById('big');
+  function show(img){big.src=img.getAttribute('data-full');big.alt=img.alt;box.style.display='flex';}
+  box.addEventListener('click',function(){box.style.display='none';big.removeAttribute('src');});
+  Array.prototype.forEach.call(document.querySelectorAll('img[data-full]'),function(img){
+    img.addEventListener('click',function(){show(img);});
+  });
+  var m=/^#view=(.+)$/.exec(location.hash);  // a link straight to one image's overlay
+  if(m){var hit=document.querySelector('img[data-full][data-image="'+CSS.escape(decodeURIComponent(m[1]))+'"]');
+    if(hit){show(hit);}}
   document.body.setAttribute('data-ready','1');
 })();
 """
@@ -76,8 +90,20 @@ _COLUMNS = (
     ("patient_id", "Patient"),
     ("accession", "Accession"),
     ("study_datetime", "Study date"),
+    ("view_position", "View"),
+    ("modality", "Modality"),
     ("status", "Status"),
 )
+
+
+def _overlay_data(out: Path, result: ImageResult) -> str | None:
+    """The overlay JPEG of an outlined image, base64, for the lightbox (None without one)."""
+    if not result.overlay_file:
+        return None
+    try:
+        return base64.b64encode((out / result.overlay_file).read_bytes()).decode("ascii")
+    except OSError:
+        return None
 
 
 def _legend(summary: ScanSummary) -> str:
@@ -123,6 +149,9 @@ def _fmt(key: str, value: Any) -> str:
         return ""
     if key == "probability":
         return f"{float(value):.3f}"
+    if key == "study_datetime":  # ISO 8601 from the header: "2019-03-04T10:22:05" reads "2019-03-04 10:22"
+        text = str(value).replace("T", " ")
+        return text[:16] if len(text) >= 16 else text
     return str(value)
 
 
@@ -239,13 +268,20 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
                 fh.write(f"<td{cls} data-v='{_e(value)}'>{_e(_fmt(key, value))}</td>")
             if thumb is not None:
                 data = base64.b64encode(thumb).decode("ascii")
-                fh.write(f"<td data-v=''><img class='thumb' alt='overlay' src='data:image/jpeg;base64,{data}'></td>")
+                full = _overlay_data(summary.out, result)
+                zoom = f" data-full='data:image/jpeg;base64,{full}' data-image='{_e(result.image_id)}'" if full else ""
+                fh.write(
+                    f"<td data-v=''><img class='thumb' alt='overlay of {_e(result.image_id)}'{zoom} "
+                    f"src='data:image/jpeg;base64,{data}'></td>"
+                )
             else:
                 fh.write("<td data-v=''></td>")
             reason = row.get("error") or row.get("flag")  # made printable with the row (names may not be UTF-8)
             flagged = " class='flag'" if row.get("flag") else ""
             fh.write(f"<td{flagged} data-v='{_e(reason)}'>{_e(reason)}</td></tr>\n")
         fh.write("</tbody></table>\n")
+        # Click a thumbnail: its overlay at full size (the data sits in the thumbnail's attribute until then).
+        fh.write("<div id='lightbox' title='click to close'><img id='big' alt=''></div>\n")
         if summary.skipped:
             fh.write(
                 f"<p class='skipped'>{len(summary.skipped)} files passed over, not DICOM images (listed in "

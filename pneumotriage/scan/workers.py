@@ -63,6 +63,8 @@ def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
         "accession": h.accession_number,
         "patient_id": h.patient_id,
         "study_datetime": h.study_datetime.isoformat() if h.study_datetime else None,
+        "modality": h.modality,
+        "view_position": h.view_position,
     }
 
 
