@@ -365,6 +365,16 @@ def scan(
             help="Write submission.csv (default: yes, but not with --no-segment, where every row would be -1)."
         ),
     ] = None,
+    dicom_seg: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-seg", help="Write OUT/dicom/<image>-seg.dcm, a DICOM Segmentation of each outline (for PACS)."
+        ),
+    ] = False,
+    dicom_sr: Annotated[
+        bool,
+        typer.Option("--dicom-sr", help="Write OUT/dicom/<image>-sr.dcm, a DICOM Structured Report of each image."),
+    ] = False,
     no_phi: Annotated[
         bool, typer.Option("--no-phi", help="Leave patient ID, accession and study date out of all outputs.")
     ] = (False),
@@ -416,6 +426,8 @@ def scan(
         precision=precision,
         compile=compile_models,
         submission=submission,
+        dicom_seg=dicom_seg,
+        dicom_sr=dicom_sr,
         rle_relative=rle == "relative",
         no_phi=no_phi,
         resume=resume,

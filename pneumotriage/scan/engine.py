@@ -339,6 +339,10 @@ def _run(
     for p in roots:
         if not p.exists():
             raise UsageError("no such file or folder", path=p)
+    if o.dicom_seg or o.dicom_sr:
+        from pneumotriage.scan.pacs import require
+
+        require()  # before anything is scanned
     t = scan_thresholds(classifier, segmenter, o)
     device = pick_device(o.device)
     plan = plan_for(o, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
@@ -529,6 +533,7 @@ def _run(
             ranked = rank(results)
             # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
             thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
+            dicom_notes = _write_dicom(workers, out, ranked, models, o) if o.dicom_seg or o.dicom_sr else []
     finally:
         torch.set_num_threads(threads_before)
         if journal is not None:
@@ -544,6 +549,7 @@ def _run(
         plan=plan.as_dict(),
         skipped=skipped_rows,
         timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
+        notes=tuple(dicom_notes),
     )
     if shard is not None:
         write_shard(folder, summary, signature)
@@ -562,6 +568,28 @@ def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) ->
             (out / path).unlink(missing_ok=True)
     if thumb is not None:
         thumb.unlink(missing_ok=True)
+
+
+def _write_dicom(
+    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], o: ScanOptions
+) -> list[str]:
+    """The DICOM SEG and SR objects of every readable image, made in the workers once the tiers are known;
+    returns a note for the images whose objects could not be made (their rows stand)."""
+    from pneumotriage.scan.pacs import dicom_task
+
+    rows = [r for r in ranked if r.status == "ok"]
+    (out / "dicom").mkdir(exist_ok=True)
+    n = len(rows)
+    failed = [
+        e
+        for e in workers.map(
+            dicom_task, rows, [out] * n, [models] * n, [o.dicom_seg] * n, [o.dicom_sr] * n, [o.no_phi] * n
+        )
+        if e
+    ]
+    if not failed:
+        return []
+    return [f"{len(failed)} image(s) got no DICOM SEG/SR, e.g. {failed[0]}"]
 
 
 def _decode_thumbnails(workers: Workers, out: Path, rows: Sequence[ImageResult]) -> None:

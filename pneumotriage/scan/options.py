@@ -42,6 +42,10 @@ class ScanOptions:
     #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
     #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
     jpeg_decode: str = "auto"
+    #: DICOM outputs for a PACS (:mod:`pneumotriage.scan.pacs`): a Segmentation per outlined image, a
+    #: Comprehensive SR per image, in ``OUT/dicom/``.
+    dicom_seg: bool = False
+    dicom_sr: bool = False
     #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1".
     submission: bool | None = None
     #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the

@@ -1,0 +1,250 @@
+"""DICOM outputs a PACS takes in: a Segmentation per outlined image and a Comprehensive SR per image.
+
+Both reference their source image (its Study, Series and SOP Instance UIDs; the SEG also its size and pixel
+spacing), so any viewer (OHIF, Weasis, a vendor PACS) shows the outline over the original and lists the findings
+with the study. They are made with highdicom, the optional extra ``pneumotriage[dicom]``.
+
+- ``OUT/dicom/<name>-seg.dcm``: a binary Segmentation with one segment "Pneumothorax" (SNOMED CT 36118008,
+  property category "Morphologically abnormal structure"), the algorithm's identification (pneumotriage, its
+  version, the models' names and sha256), at the source image's size.
+- ``OUT/dicom/<name>-sr.dcm``: a Comprehensive SR holding a TID 1500 Measurement Report: the triage tier, the
+  probability, the area in cm² where the spacing is known, the side, the plausibility flag, the models and, for a
+  model that is not clinical, the statement "not for clinical use".
+
+Their UIDs are derived from the source image's SOP Instance UID and the models' sha256, so scanning again gives
+the same object identities (a PACS replaces rather than duplicates them). With ``--no-phi`` the objects carry no
+patient name, ID, birth date or accession number: a PACS files objects under the patient and study they name, so
+such objects reach it only as unmatched orphans; use it for research exports, not for sending back to the PACS.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumotriage import __version__
+from pneumotriage.errors import UsageError
+from pneumotriage.io import atomic_write_bytes
+from pneumotriage.scan.records import ImageResult
+
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+#: Private coding scheme of this tool's own concepts (triage tier, clinical-use statement).
+SCHEME = "99PNTRG"
+#: Patient and study attributes a derived object copies from its source, which must exist (Type 2: empty is
+#: allowed) even where an export left them out.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
+)
+_PHI = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs", "PatientAge")
+
+
+def require() -> None:
+    """Stop with one line when highdicom is missing."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--dicom-seg and --dicom-sr need highdicom", hint="pip install 'pneumotriage[dicom]'"
+        ) from None
+
+
+def _uid(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["pneumotriage", *parts]))
+
+
+def _source(path: str, no_phi: bool) -> Any:
+    """The source image's header, with the Type 2 attributes a derived object copies present (empty when
+    missing), and without patient identifiers under ``no_phi``."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword in _TYPE2:
+        if keyword not in ds or ds.get(keyword) is None:
+            setattr(ds, keyword, "")
+    if no_phi:
+        for keyword in _PHI:
+            if keyword in ds:
+                setattr(ds, keyword, "")
+    return ds
+
+
+def _algorithm(models: list[dict[str, Any]]) -> Any:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    parameters = {str(m["role"]): f"{m['name']} sha256 {m['sha256']}" for m in models}
+    return hd.AlgorithmIdentificationSequence(
+        name="pneumotriage",
+        version=__version__,
+        family=codes.cid7162.ArtificialIntelligence,
+        source="pneumotriage",
+        parameters=parameters,
+    )
+
+
+def write_seg(source: str, mask: np.ndarray, out: Path, models: list[dict[str, Any]], *, no_phi: bool) -> None:
+    """A binary Segmentation of ``mask`` (the source image's size) over the image at ``source``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ds = _source(source, no_phi)
+    if tuple(mask.shape) != (int(ds.Rows), int(ds.Columns)):
+        raise UsageError(f"{source}: the mask is {mask.shape}, the image {ds.Rows}x{ds.Columns}")
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Pneumothorax",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=_algorithm(models),
+    )
+    key = "|".join(str(m["sha256"]) for m in models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a one-component patient name (anonymised exports) is fine
+        seg = hd.seg.Segmentation(
+            source_images=[ds],
+            pixel_array=mask[None].astype(bool),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=_uid(ds.StudyInstanceUID, "seg-series", key),
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=_uid(ds.SOPInstanceUID, "seg", key),
+            instance_number=1,
+            series_description="pneumotriage pneumothorax outline",
+            manufacturer="pneumotriage",
+            manufacturer_model_name="pneumotriage",
+            software_versions=__version__,
+            device_serial_number="0",
+        )
+    # A projection radiograph has no patient-based frame of reference: Patient Orientation (Type 2C) stands in.
+    seg.PatientOrientation = ds.get("PatientOrientation", "")
+    _save(seg, out)
+
+
+def write_sr(
+    source: str,
+    result: ImageResult,
+    out: Path,
+    models: list[dict[str, Any]],
+    *,
+    no_phi: bool,
+) -> None:
+    """A Comprehensive SR (TID 1500 Measurement Report) of one image's triage: tier, probability, area, side,
+    flag, models, and "not for clinical use" where a model is not clinical."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ds = _source(source, no_phi)
+    key = "|".join(str(m["sha256"]) for m in models)
+    own = hd.sr.CodedConcept
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            own("TIER", SCHEME, "Triage priority"), own(result.tier.upper(), SCHEME, result.tier.capitalize())
+        )
+    ]
+    if result.side:
+        side = {"left": codes.SCT.Left, "right": codes.SCT.Right, "both": codes.SCT.Bilateral}[result.side]
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Laterality, side))
+    if result.flag:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(own("FLAG", SCHEME, "Plausibility"), own("IMPL", SCHEME, result.flag[:64]))
+        )
+    if not all(m["clinical"] for m in models):
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                own("USE", SCHEME, "Intended use"), own("NOTCLIN", SCHEME, "Not for clinical use")
+            )
+        )
+    measurements = []
+    if result.probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=own("PROB", SCHEME, "Pneumothorax probability"),
+                value=float(result.probability),
+                unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+            )
+        )
+    if result.area_cm2 is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.SCT.Area,
+                value=float(result.area_cm2),
+                unit=hd.sr.CodedConcept("cm2", "UCUM", "square centimeter"),
+            )
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(ds.SOPInstanceUID, "track"), identifier="triage"),
+        finding_type=hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
+        algorithm_id=hd.sr.AlgorithmIdentification(name="pneumotriage", version=__version__),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid("device"), name="pneumotriage", manufacturer_name="pneumotriage", model_name=__version__
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+        imaging_measurements=[group],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[ds],
+            content=report,
+            series_instance_uid=_uid(ds.StudyInstanceUID, "sr-series", key),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=_uid(ds.SOPInstanceUID, "sr", key),
+            instance_number=1,
+            manufacturer="pneumotriage",
+            series_description="pneumotriage triage report",
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+        )
+    _save(sr, out)
+
+
+def _save(dataset: Any, out: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    atomic_write_bytes(out, buffer.getvalue(), durable=False)
+
+
+def dicom_task(
+    result: ImageResult, out: Path, models: list[dict[str, Any]], seg: bool, sr: bool, no_phi: bool
+) -> str | None:
+    """Write one image's SEG (if outlined and ``seg``) and SR (if ``sr``); an error line instead of raising."""
+    from PIL import Image
+
+    name = result.file_stem or result.image_id
+    try:
+        if seg and result.mask_file:
+            with Image.open(out / result.mask_file) as picture:
+                mask = np.asarray(picture.convert("L")) >= 128
+            write_seg(result.path, mask, out / "dicom" / f"{name}-seg.dcm", models, no_phi=no_phi)
+        if sr:
+            write_sr(result.path, result, out / "dicom" / f"{name}-sr.dcm", models, no_phi=no_phi)
+    except Exception as exc:  # a source that changed or vanished since: the rest go on
+        return f"{result.path}: no DICOM output ({type(exc).__name__}: {exc})"
+    return None
