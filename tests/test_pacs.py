@@ -50,6 +50,20 @@ def scanned(study: StudySummary, tmp_path_factory: pytest.TempPathFactory) -> di
     return outs
 
 
+def _texts(ds: pydicom.Dataset) -> list[str]:
+    """Every text and code meaning in an SR's content tree (a dataset's repr cuts long values short)."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        for sequence in ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence"):
+            found += [str(code.CodeMeaning) for code in item.get(sequence, [])]
+        for nested in item.get("MeasuredValueSequence", []):
+            found += [str(code.CodeMeaning) for code in nested.get("MeasurementUnitsCodeSequence", [])]
+        if "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += _texts(item)
+    return found
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     import csv
 
@@ -100,9 +114,10 @@ def test_sr_holds_the_triage_and_references_the_image(scanned: dict[str, Path]) 
         assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
             source.SOPInstanceUID
         )
-        text = str(sr)
+        text = " | ".join(_texts(sr))
         assert r["tier"].capitalize() in text and "Pneumothorax probability" in text
         assert "Not for clinical use" in text  # the classifier is not clinical
+        assert "demo-classifier sha256 " + "c" * 64 in text and "one-region sha256 " + "d" * 64 in text
         assert (r["area_cm2"] != "") == ("square centimeter" in text)
 
 

@@ -421,9 +421,10 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     dom = _rendered(tmp_path / "report.html", tmp_path / "profile")
     assert 'data-ready="1"' in dom and 'data-error="' not in dom
     assert "implausible outline — check: it covers 80% of the image" in dom
+    assert "the segmenter outlined a pneumothorax (at least 2000 pixels" in dom  # the legend, rendered
     assert dom.count('class="row urgent') == 1 and dom.count('class="row review') == 1
     assert 'id="lightbox" title="click to close" style="display: flex;"' not in dom  # closed until asked
-    # Opened (as a click does; a link's #view= does the same): the overlay at full size, from inside the file.
+    # A link's #view= clicks the image's thumbnail, as a reader does: the overlay at full size, from the file.
     report = tmp_path / "report.html"
     opened = _rendered(report.as_uri() + "#view=flagged", tmp_path / "profile2")
     assert 'id="lightbox" title="click to close" style="display: flex;"' in opened

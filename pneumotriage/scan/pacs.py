@@ -189,7 +189,11 @@ def write_sr(
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(ds.SOPInstanceUID, "track"), identifier="triage"),
         finding_type=hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
-        algorithm_id=hd.sr.AlgorithmIdentification(name="pneumotriage", version=__version__),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name="pneumotriage",
+            version=__version__,
+            parameters=[f"{m['role']} {m['name']} sha256 {m['sha256']}" for m in models],
+        ),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
         measurements=measurements or None,
         qualitative_evaluations=evaluations,

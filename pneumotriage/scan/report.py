@@ -74,7 +74,7 @@ _JS = """
   });
   var m=/^#view=(.+)$/.exec(location.hash);  // a link straight to one image's overlay
   if(m){var hit=document.querySelector('img[data-full][data-image="'+CSS.escape(decodeURIComponent(m[1]))+'"]');
-    if(hit){show(hit);}}
+    if(hit){hit.click();}}  // the same click a reader gives it
   document.body.setAttribute('data-ready','1');
 })();
 """
