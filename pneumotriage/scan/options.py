@@ -74,7 +74,8 @@ class ScanOptions:
 
     def signature(self) -> dict[str, Any]:
         """The options that change what a scan writes (a resume must use the same)."""
-        # How the models are run, not what they compute (their outputs move in the last float digits only).
+        # Neither how the models run (compiled outputs move in the last float digits only) nor whether
+        # submission.csv is written at the end changes a journaled row.
         skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
