@@ -352,8 +352,8 @@ def scan(
         bool,
         typer.Option(
             "--compile",
-            help="Compile the models (torch.compile) first: on a GPU ~1.7-1.9x their speed, after about a minute "
-            "of compiling at the first batch; for large folders. Not faster on a CPU.",
+            help="Compile the models (torch.compile) first: on an H100 1.7-1.9x their speed, after up to a minute "
+            "of compiling at the first batch; for large folders (on a CPU the compiling outweighs most scans).",
         ),
     ] = False,
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
@@ -377,7 +377,7 @@ def scan(
     ] = False,
     no_phi: Annotated[
         bool, typer.Option("--no-phi", help="Leave patient ID, accession and study date out of all outputs.")
-    ] = (False),
+    ] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
