@@ -66,6 +66,18 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["pneumotriage", *parts]))
 
 
+def _identity(ds: Any, kind: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Series and instance identity of the ``kind`` ("seg" or "sr") object made from ``ds`` by ``models``: the
+    same source and models give the same UIDs."""
+    key = "|".join(str(m["sha256"]) for m in models)
+    return {
+        "series_instance_uid": _uid(ds.StudyInstanceUID, f"{kind}-series", key),
+        "series_number": SEG_SERIES_NUMBER if kind == "seg" else SR_SERIES_NUMBER,
+        "sop_instance_uid": _uid(ds.SOPInstanceUID, kind, key),
+        "instance_number": 1,
+    }
+
+
 def _source(path: str, no_phi: bool) -> Any:
     """The source image's header, with the Type 2 attributes a derived object copies present (empty when
     missing), and without patient identifiers under ``no_phi``."""
@@ -112,7 +124,6 @@ def write_seg(source: str, mask: np.ndarray, out: Path, models: list[dict[str, A
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm(models),
     )
-    key = "|".join(str(m["sha256"]) for m in models)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a one-component patient name (anonymised exports) is fine
         seg = hd.seg.Segmentation(
@@ -120,10 +131,7 @@ def write_seg(source: str, mask: np.ndarray, out: Path, models: list[dict[str, A
             pixel_array=mask[None].astype(bool),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=_uid(ds.StudyInstanceUID, "seg-series", key),
-            series_number=SEG_SERIES_NUMBER,
-            sop_instance_uid=_uid(ds.SOPInstanceUID, "seg", key),
-            instance_number=1,
+            **_identity(ds, "seg", models),
             series_description="pneumotriage pneumothorax outline",
             manufacturer="pneumotriage",
             manufacturer_model_name="pneumotriage",
@@ -149,7 +157,6 @@ def write_sr(
     from pydicom.sr.codedict import codes
 
     ds = _source(source, no_phi)
-    key = "|".join(str(m["sha256"]) for m in models)
     own = hd.sr.CodedConcept
     evaluations = [
         hd.sr.QualitativeEvaluation(
@@ -214,10 +221,7 @@ def write_sr(
         sr = hd.sr.ComprehensiveSR(
             evidence=[ds],
             content=report,
-            series_instance_uid=_uid(ds.StudyInstanceUID, "sr-series", key),
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=_uid(ds.SOPInstanceUID, "sr", key),
-            instance_number=1,
+            **_identity(ds, "sr", models),
             manufacturer="pneumotriage",
             series_description="pneumotriage triage report",
             is_complete=True,
