@@ -117,11 +117,10 @@ def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None =
     net = EnsembleNet([m.model for m in members], [m.spec.input_size for m in members], first.spec.kind)
     info = [member_info(m) for m in members]
     digest = hashlib.sha256("\n".join(str(m.sha256) for m in members).encode()).hexdigest()
-    not_clinical = [i["name"] for i in info if not i["clinical"]]
     notes = sorted({str(m.meta["note"]) for m in members if m.meta.get("note")})
     meta = {
         "members": info,
-        "clinical": not not_clinical,
+        "clinical": all(i["clinical"] for i in info),
         "note": "; ".join(notes) if notes else None,
         "synthetic_share": max(float(m.meta.get("synthetic_share", 0.0) or 0.0) for m in members),
     }
