@@ -269,9 +269,10 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             if thumb is not None:
                 data = base64.b64encode(thumb).decode("ascii")
                 full = _overlay_data(summary.out, result)
-                zoom = f" data-full='data:image/jpeg;base64,{full}' data-image='{_e(result.image_id)}'" if full else ""
+                shown_id = _e(row.get("image_id"))  # made printable with the row (a file name may not be UTF-8)
+                zoom = f" data-full='data:image/jpeg;base64,{full}' data-image='{shown_id}'" if full else ""
                 fh.write(
-                    f"<td data-v=''><img class='thumb' alt='overlay of {_e(result.image_id)}'{zoom} "
+                    f"<td data-v=''><img class='thumb' alt='overlay of {shown_id}'{zoom} "
                     f"src='data:image/jpeg;base64,{data}'></td>"
                 )
             else:
