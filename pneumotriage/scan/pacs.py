@@ -108,14 +108,14 @@ def _algorithm(models: list[dict[str, Any]]) -> Any:
     )
 
 
-def write_seg(source: str, mask: np.ndarray, out: Path, models: list[dict[str, Any]], *, no_phi: bool) -> None:
-    """A binary Segmentation of ``mask`` (the source image's size) over the image at ``source``."""
+def write_seg(ds: Any, mask: np.ndarray, out: Path, models: list[dict[str, Any]]) -> None:
+    """A binary Segmentation of ``mask`` (the source image's size) over the image whose header (:func:`_source`)
+    is ``ds``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    ds = _source(source, no_phi)
     if tuple(mask.shape) != (int(ds.Rows), int(ds.Columns)):
-        raise UsageError(f"{source}: the mask is {mask.shape}, the image {ds.Rows}x{ds.Columns}")
+        raise UsageError(f"{ds.filename}: the mask is {mask.shape}, the image {ds.Rows}x{ds.Columns}")
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Pneumothorax",
@@ -143,20 +143,12 @@ def write_seg(source: str, mask: np.ndarray, out: Path, models: list[dict[str, A
     _save(seg, out)
 
 
-def write_sr(
-    source: str,
-    result: ImageResult,
-    out: Path,
-    models: list[dict[str, Any]],
-    *,
-    no_phi: bool,
-) -> None:
+def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any]]) -> None:
     """A Comprehensive SR (TID 1500 Measurement Report) of one image's triage: tier, probability, area, side,
     flag, models, and "not for clinical use" where a model is not clinical."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    ds = _source(source, no_phi)
     own = hd.sr.CodedConcept
     evaluations = [
         hd.sr.QualitativeEvaluation(
@@ -247,12 +239,13 @@ def dicom_task(
 
     name = result.file_stem or result.image_id
     try:
+        ds = _source(result.path, no_phi)  # its header, read once for both objects
         if seg and result.mask_file:
             with Image.open(out / result.mask_file) as picture:
                 mask = np.asarray(picture.convert("L")) >= 128
-            write_seg(result.path, mask, out / "dicom" / f"{name}-seg.dcm", models, no_phi=no_phi)
+            write_seg(ds, mask, out / "dicom" / f"{name}-seg.dcm", models)
         if sr:
-            write_sr(result.path, result, out / "dicom" / f"{name}-sr.dcm", models, no_phi=no_phi)
+            write_sr(ds, result, out / "dicom" / f"{name}-sr.dcm", models)
     except Exception as exc:  # a source that changed or vanished since: the rest go on
         return f"{result.path}: no DICOM output ({type(exc).__name__}: {exc})"
     return None
