@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import EpochSampler, RadiographDataset, make_augment
-from pneumotriage.labels import index_dataset, read_rle_csv
+from pneumotriage.folds import index_dataset
+from pneumotriage.labels import read_rle_csv
 from pneumotriage.losses import parse_loss
 from pneumotriage.models import ModelSpec, build_model
 from pneumotriage.synth import write_study

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from pneumotriage.dicom import DicomHeader, DicomImage, discover, read_dicom, read_header  # noqa: E402
-from pneumotriage.errors import PneumotriageError  # noqa: E402
-from pneumotriage.labels import index_dataset, read_rle_csv, write_rle_csv  # noqa: E402
-from pneumotriage.rle import rle_decode, rle_encode  # noqa: E402
+from pneumotriage.dicom import DicomHeader, DicomImage, discover, read_dicom, read_header
+from pneumotriage.errors import PneumotriageError
+from pneumotriage.folds import index_dataset
+from pneumotriage.labels import read_rle_csv, write_rle_csv
+from pneumotriage.rle import rle_decode, rle_encode
+from pneumotriage.version import __version__
 
 __all__ = [
     "DicomHeader",

@@ -21,8 +21,9 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch.utils.data import Dataset, Sampler
 
 from pneumotriage.dicom import read_dicom
-from pneumotriage.io import atomic_write_bytes
-from pneumotriage.labels import ImageRecord, RleLabels
+from pneumotriage.folds import ImageRecord
+from pneumotriage.io import atomic_write_bytes, file_key
+from pneumotriage.labels import RleLabels
 
 _CACHE_VERSION = "1"
 
@@ -73,8 +74,7 @@ class RadiographDataset(Dataset[dict[str, Any]]):
     def _cache_path(self, record: ImageRecord) -> Path | None:
         if self.cache_dir is None:
             return None
-        st = record.path.stat()
-        key = f"{_CACHE_VERSION}|{record.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.size}|{self.masks}"
+        key = f"{_CACHE_VERSION}|{file_key(record.path)}|{self.size}|{self.masks}"
         key += "|" + "|".join(self.labels.get(record.image_id, []))
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{self.size}" / f"{record.image_id}-{digest}.npz"

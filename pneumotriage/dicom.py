@@ -10,6 +10,9 @@ Two entry points:
 The grey-level pipeline follows DICOM PS3.3 C.11 (the "grayscale pipeline"): stored values -> Modality LUT
 (rescale slope/intercept or a LUT) -> VOI LUT or window -> Presentation (MONOCHROME1 is inverted *after* the
 LUTs) -> a robust percentile normalisation to [0, 1].
+
+Why one module of ~770 lines: header reading, the pixel decode and the grey-level pipeline share the parsed
+dataset, the header record and the list of transfer syntaxes; everything that opens a DICOM goes through here.
 """
 
 from __future__ import annotations
@@ -659,10 +662,10 @@ def check_jpeg_size(ds: Dataset, header: DicomHeader) -> tuple[int, int] | None:
     return size
 
 
-def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarray | None:
-    """Decode a single-frame, 8-bit, grey JPEG Baseline image at a reduced size with Pillow's ``draft``, or return
-    None where that does not apply (the caller then decodes in full)."""
-    if (
+def codec_reduces(ds: Dataset, header: DicomHeader, reduce_to: int) -> bool:
+    """Whether ``decode_pixels(..., reduce_to=reduce_to)`` decodes this image smaller than stored, in the JPEG
+    codec (a single-frame, 8-bit, grey JPEG Baseline image at least twice ``reduce_to`` a side)."""
+    return not (
         header.transfer_syntax != JPEGBaseline8Bit
         or header.frames != 1
         or header.samples_per_pixel != 1
@@ -670,7 +673,13 @@ def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarra
         or int(ds.get("BitsAllocated", 0)) != 8
         or header.shape is None
         or min(header.shape) < 2 * reduce_to
-    ):
+    )
+
+
+def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarray | None:
+    """Decode a single-frame, 8-bit, grey JPEG Baseline image at a reduced size with Pillow's ``draft``, or return
+    None where that does not apply (the caller then decodes in full)."""
+    if not codec_reduces(ds, header, reduce_to):
         return None
     from PIL import Image
 
@@ -731,3 +740,39 @@ def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:
     if not np.isfinite(out).all():  # only float pixel data can carry NaN; nan_to_num alone costs ~5 ms/MPixel
         np.nan_to_num(out, copy=False, nan=0.0)
     return out
+
+
+def describe(found: DicomHeader | SkippedFile, *, decode: bool = False) -> dict[str, Any]:
+    """One row of `pneumotriage inspect`: what :func:`discover` found in a file (with ``decode``, the pixel data
+    is decoded too, so its warnings and problems show), as plain values for a table or JSON."""
+    if isinstance(found, SkippedFile):
+        return {"path": str(found.path), "status": "skip", "reason": found.reason}
+    h = found
+    row: dict[str, Any] = {
+        "path": str(h.path),
+        "status": "ok" if h.usable else "skip",
+        "reason": h.problem,
+        "image_id": h.image_id,
+        "sop_instance_uid": h.sop_instance_uid,
+        "study_instance_uid": h.study_instance_uid,
+        "patient_id": h.patient_id,
+        "modality": h.modality,
+        "view_position": h.view_position,
+        "rows": h.rows,
+        "columns": h.columns,
+        "frames": h.frames,
+        "photometric": h.photometric,
+        "bits_stored": h.bits_stored,
+        "transfer_syntax": h.transfer_syntax,
+        "transfer_syntax_name": h.transfer_syntax_name,
+        "pixel_spacing_mm": list(h.pixel_spacing_mm) if h.pixel_spacing_mm else None,
+        "study_datetime": h.study_datetime.isoformat() if h.study_datetime else None,
+        "warnings": list(h.warnings),
+    }
+    if decode and h.usable:
+        try:
+            image = read_dicom(h.path)
+            row["warnings"] = image.warnings
+        except DicomError as exc:
+            row["status"], row["reason"] = "skip", exc.message
+    return row

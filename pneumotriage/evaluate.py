@@ -367,7 +367,7 @@ def per_image_csv(images: ImageScores) -> str:
 
 def write_evaluation(evaluation: Evaluation, out: str | Path) -> list[Path]:
     """Write ``metrics.json``, ``per_image.csv`` and the plots into ``out``; returns the files written."""
-    from pneumotriage import plots
+    import pneumotriage.plots as plots
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written output, and an interrupted run leaves the old file."""
+"""Files: atomic writes (a reader never sees a half-written output, and an interrupted run leaves the old file),
+a file's sha256 and its identity key, and text made safe to print."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -15,6 +17,22 @@ from typing import Any, TextIO
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _MODE = 0o666 & ~_UMASK
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_key(path: Path, st: os.stat_result | None = None, real: str | None = None) -> str:
+    """A file's identity for resuming and caching: its real path (``real`` where the caller has it), size and
+    modification time, so that a changed file is redone."""
+    st = st or path.stat()
+    return f"{real or os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def finite(value: Any) -> Any:

@@ -7,11 +7,38 @@ the figures each reports describe the same rule.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The cascade's five operating numbers, as a scan applies them: the classifier ``gate`` (segment an image
+    whose probability reaches it); the triplet rule (an image is positive when at least ``min_area`` pixels,
+    stated at 1024 x 1024, exceed ``top_score``; its mask is then the pixels above ``bottom_score``); and the
+    smallest mask component kept (``min_component`` pixels at 1024 x 1024). The defaults are the SIIM-ACR winners'
+    triplet and a gate of 0.5; checkpoints store the ones chosen on validation data as a plain table of names."""
+
+    gate: float = 0.5
+    top_score: float = 0.75
+    min_area: float = 2000.0
+    bottom_score: float = 0.3
+    min_component: float = 0.0
+
+    NAMES: ClassVar[tuple[str, ...]] = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Thresholds:
+        """From a table of names (a checkpoint's, a scan journal's); names it lacks keep their defaults."""
+        return cls(**{k: float(values[k]) for k in cls.NAMES if k in values})
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
 
 #: The image area the triplet's ``min_area`` is stated for (SIIM-ACR images are 1024 x 1024).
 REFERENCE_AREA = 1024 * 1024

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -16,6 +16,12 @@ import torch
 from pneumotriage.errors import UsageError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+#: What long jobs (training, scanning, tuning) report as they go: a dict whose "event" says what happened
+#: ("epoch_start", "stage", "image"...), with that event's figures beside it.
+ProgressEvent = dict[str, Any]
+#: The callback those jobs take to report it.
+Progress = Callable[[ProgressEvent], None]
 
 
 def usable_cores() -> int:

@@ -11,6 +11,10 @@ regions are crescents hugging the chest wall; with ``mask_shapes`` the regions a
 Confounders appear in positives and negatives at the same rate, so they carry no label information: skin folds
 (a step edge with markings continuing across it) and line-like edges (tubes, the medial scapular border).
 Everything is deterministic given the seed.
+
+Why one module of ~720 lines: the phantom's anatomy, pathology and confounders are one generator whose parts
+share the same coordinate frame and random streams (golden figures in the tests pin its output); splitting it
+would scatter one drawing across files.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from pneumotriage import __version__
 from pneumotriage.dicom import SYNTHETIC_MARK
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.labels import SIIM_SHAPE, read_rle_csv
 from pneumotriage.rle import rle_decode, rle_encode
 from pneumotriage.runtime import usable_cores
+from pneumotriage.version import __version__
 
 __all__ = ["Phantom", "StudyImage", "StudySummary", "make_phantom", "parse_size", "write_study"]
 

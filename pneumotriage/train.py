@@ -11,6 +11,9 @@
   moment resumes from its last finished epoch.
 
 The library never prints: progress goes to the ``progress`` callback as small event dicts.
+
+Why one module of ~800 lines: the loop, validation, checkpointing and resuming share the run folder's state and
+the distributed set-up; data, losses, metrics and models live in their own modules.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,16 +39,15 @@ from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
 from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.folds import ImageRecord, index_dataset, patient_folds, split_fold
 from pneumotriage.io import atomic_write_bytes, atomic_write_text, strict_json
-from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, read_rle_csv, split_fold
+from pneumotriage.labels import read_rle_csv
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, provenance, save_checkpoint, unwrap
-from pneumotriage.postprocess import triplet_keep
-from pneumotriage.runtime import PRECISIONS, autocast_for, pick_device, use_bf16
+from pneumotriage.postprocess import Thresholds, triplet_keep
+from pneumotriage.runtime import PRECISIONS, Progress, autocast_for, pick_device, use_bf16
 from pneumotriage.weights import load_state_dict
-
-Progress = Callable[[dict[str, Any]], None]
 
 DEFAULT_LOSS = {"classifier": "bce:1", "segmenter": "bce:3,dice:1,focal:4"}
 #: The validation figure that picks the best epoch (higher is better).
@@ -61,31 +63,58 @@ SELECTION_RULE = {
 
 @dataclass
 class TrainConfig:
+    """One training run. ``pneumotriage train classifier|segmenter`` sets these fields from its options of the
+    same names; ``config.json`` in the run folder holds them, so that ``--resume`` and ``tune --oof`` rebuild it."""
+
+    #: "classifier" (stage 1, one logit per image) or "segmenter" (stage 2, a mask logit per pixel).
     kind: str
+    #: The folder of training DICOMs (searched recursively) and its SIIM-form RLE label CSV.
     data: str
     labels: str
+    #: The run folder: best.pt, last.pt, metrics.jsonl, config.json, oof.csv, curves.png.
     out: str
+    #: Architecture (:data:`~pneumotriage.models.CLASSIFIERS` or :data:`~pneumotriage.models.SEGMENTERS`);
+    #: empty: densenet121 for a classifier, unet for a segmenter.
     arch: str = ""
+    #: A segmenter's encoder (:data:`~pneumotriage.models.ENCODERS`); None: resnet34.
     encoder: str | None = None
+    #: A segmenter's extra image-level head ("is there any pneumothorax"), trained beside the mask.
     empty_head: bool = False
     epochs: int = 10
+    #: The side, in pixels, images are resized to (square).
     image_size: int = 256
+    #: Images per step, across all processes under torchrun.
     batch_size: int = 8
+    #: Peak learning rate of AdamW with cosine decay, and its weight decay.
     lr: float = 3e-4
     weight_decay: float = 1e-4
+    #: Seeds the fold split, sampling, augmentation and initialisation.
     seed: int = 0
+    #: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
     device: str = "auto"
+    #: DataLoader worker processes that decode DICOMs.
     workers: int = 2
+    #: Validation: fold ``fold`` of ``folds`` (patient-grouped, stratified); or, with ``val_fraction``, that share
+    #: held out instead.
     fold: int = 0
     folds: int = 5
     val_fraction: float | None = None
+    #: The loss, e.g. "bce+dice+focal" (:func:`~pneumotriage.losses.parse_loss`); empty: the kind's default.
     loss: str = ""
+    #: A segmenter's share of positive images per epoch, from the first to the last (linear), as the SIIM-ACR
+    #: winners' 0.8 -> 0.4; None: the data's own share.
     positive_share: tuple[float, float] | None = None
+    #: Start the backbone from its cached ImageNet weights (fetched when missing); False: random weights.
     pretrained: bool = True
+    #: Augmentation level: "none", "light" or "strong".
     augment: str = "strong"
+    #: A folder for resized arrays, so that later epochs skip decoding.
     cache: str | None = None
+    #: Stop after this many epochs without a better validation score; None: run every epoch.
     patience: int | None = None
+    #: The label CSV's run-length form: SIIM's relative one, or absolute.
     relative_rle: bool = True
+    #: auto (bf16 + channels_last on CUDA), bf16 (also on a CPU with native bf16) or fp32.
     precision: str = "auto"
     #: Classifier: choose the gate as the highest threshold that keeps this share of the validation positives
     #: (a triage cascade's operating point: the segmenter's triplet rule removes what it lets through); None:
@@ -340,7 +369,7 @@ def predict(
     with the validation set): ``labels`` and ``scores`` (N,); for a segmenter also ``dice_plain`` (masks at 0.5),
     ``dice_triplet`` (the triplet rule with ``thresholds``) and ``predicted`` (the triplet found a pneumothorax);
     with ``objective``, ``loss`` (each image its batch's loss)."""
-    t = {**DEFAULT_THRESHOLDS["segmenter"], **(thresholds or {})}
+    t = Thresholds.from_mapping(thresholds or {})  # what the checkpoint holds, defaults for the rest
     model.eval()
     out: dict[str, list[np.ndarray]] = {
         "labels": [],
@@ -363,8 +392,8 @@ def predict(
             continue
         p = torch.sigmoid(output["mask"].float())[:, 0]
         true = batch["mask"][:, 0] >= 0.5
-        keep = triplet_keep(p, top_score=t["top_score"], min_area=t["min_area"])
-        post = (p > t["bottom_score"]) & keep[:, None, None]
+        keep = triplet_keep(p, top_score=t.top_score, min_area=t.min_area)
+        post = (p > t.bottom_score) & keep[:, None, None]
         out["dice_plain"].append(_dice(p >= 0.5, true).cpu().numpy())
         out["dice_triplet"].append(_dice(post, true).cpu().numpy())
         out["predicted"].append(keep.cpu().numpy())
@@ -459,7 +488,7 @@ def starting_weights(cfg: TrainConfig) -> str:
     cfg.spec()  # an unknown architecture or encoder is a usage error before anything else
     if not cfg.pretrained:
         return "random weights (--no-pretrained)"
-    backbone = cfg.arch if cfg.kind == "classifier" else ENCODERS[cfg.encoder or ""][1]
+    backbone = cfg.arch if cfg.kind == "classifier" else ENCODERS[cfg.encoder or ""].backbone
     registry = load_registry()
     spec = next((s for s in registry.values() if s.kind == "backbone" and s.arch == backbone), None)
     if spec is None:
@@ -510,7 +539,7 @@ def recompute_batch_norm(
 
 def _write_curves(path: Path, history: list[dict[str, Any]], selection: str) -> None:
     """curves.png beside metrics.jsonl, redrawn after each epoch."""
-    from pneumotriage import plots
+    import pneumotriage.plots as plots
 
     atomic_write_bytes(path, plots.curves_png(history, selection), durable=False)
 

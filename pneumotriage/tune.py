@@ -17,6 +17,9 @@ target sensitivity first.
 
 The figures reported are the scan's own on these images: scanning them with the tuned checkpoint gives the same
 competition score (to float rounding where the scan ran on a GPU).
+
+Why one module of ~660 lines: the three steps (predict once, count per image, search the grid) share one
+data layout (:class:`Counts`) that no other module needs, and the out-of-fold grouping is part of step 1.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,15 +41,17 @@ import torch
 from scipy import ndimage
 
 from pneumotriage.errors import UsageError
-from pneumotriage.labels import ImageRecord, RleLabels, index_dataset, read_rle_csv
+from pneumotriage.folds import ImageRecord, index_dataset
+from pneumotriage.io import file_key
+from pneumotriage.labels import RleLabels, read_rle_csv
 from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
 from pneumotriage.models import LoadedModel, save_checkpoint
-from pneumotriage.postprocess import EIGHT_CONNECTED, min_confident, resize_window, scaled_area
+from pneumotriage.postprocess import EIGHT_CONNECTED, Thresholds, min_confident, resize_window, scaled_area
+from pneumotriage.runtime import Progress
 from pneumotriage.scan.options import ScanOptions, scan_thresholds
 
-Progress = Callable[[dict[str, Any]], None]
-PARAMETERS = ("gate", "top_score", "min_area", "bottom_score", "min_component")
-CACHE_VERSION = 1
+PARAMETERS = Thresholds.NAMES
+CACHE_VERSION = 2  # 2: inputs smaller than the display copy decoded as training decodes them
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,7 @@ def _cache_key(
     }
     digest.update(json.dumps(head, sort_keys=True).encode())
     for r in records:
-        st = r.path.stat()
-        digest.update(f"{r.image_id}|{r.path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        digest.update(f"{r.image_id}|{file_key(r.path)}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -503,7 +507,7 @@ def tune(
         raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
     labels = read_rle_csv(labels_csv)
     # The thresholds the scan would use with these checkpoints: the baseline the chosen setting must beat.
-    current = scan_thresholds(classifier, segmenter, ScanOptions())
+    current = scan_thresholds(classifier, segmenter, ScanOptions()).as_dict()
     if classifier is None:
         current["gate"] = 0.0  # without a classifier the scan segments every image
     grid = (grid or Grid()).with_values(current)

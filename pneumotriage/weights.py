@@ -4,12 +4,21 @@ Where a weight comes from, in this order: a file path given by the user → the 
 asked to fetch, never implicitly). A download goes to a temporary file beside its destination, is hashed as it
 arrives, and is renamed into place only when its length and hash are right; anything else deletes it.
 
+Bundled weights (``bundled = true``, the synthetic demo's) ship inside the package, in ``pneumotriage/bundled/``:
+fetching one copies it into the cache after checking its pinned sha256, so it needs neither the network nor
+training. A weight with a build ``recipe`` can instead be rebuilt on this machine (``weights fetch --rebuild``, which
+the CLI runs through :mod:`pneumotriage.demo`); training is seeded but not bit-identical across machines, so the
+hash of a rebuilt file is recorded in the cache as *built here* and accepted beside the pinned one.
+
 Hashes: ``sha256`` is checked in full; ``sha256_prefix`` (torchvision publishes only 8 hex digits) is checked as a
 prefix; an entry with neither is *unpinned*: it is fetched or imported only with ``allow_unpinned=True``, and the
 hash seen then is recorded in the cache (``observed.json``) and checked from then on (trust on first use).
 
 Loading always goes through :func:`load_state_dict`, which uses ``torch.load(..., weights_only=True)``: a weight
 file cannot run code.
+
+Why one module of ~600 lines: the registry, the cache and the download share the hash rules (pinned, prefix,
+unpinned, bundled, built here), which must be read together to be trusted.
 """
 
 from __future__ import annotations
@@ -30,10 +39,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pneumotriage.errors import PneumotriageError, UsageError
-from pneumotriage.io import atomic_write_text
+from pneumotriage.io import atomic_write_text, sha256_file
+from pneumotriage.normalisations import NORMALISATIONS
 
 KINDS = ("backbone", "classifier", "segmenter")
-NORMALISATIONS = ("imagenet", "xrv", "unit")
 Status = Literal["missing", "cached", "verified", "corrupt"]
 ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes received so far, total bytes or None) while a download runs."""
@@ -101,6 +110,7 @@ class WeightSpec:
     clinical: bool = True
     default: bool = False
     recipe: str | None = None
+    bundled: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -150,8 +160,10 @@ def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
             raise bad(f"has a {key} that is not lower-case hex")
         if length and len(value) != length:
             raise bad(f"has a {key} of {len(value)} digits, not {length}")
-    if not table["url"] and not table.get("recipe"):
-        raise bad("has no url and no build recipe")
+    if not table["url"] and not table.get("recipe") and not table.get("bundled"):
+        raise bad("has no url, no build recipe and no bundled file")
+    if table.get("bundled") and len(table.get("sha256") or "") != 64:
+        raise bad("is bundled but has no full sha256 to check its file against")
     if "/" in table["file"] or table["file"] in ("", ".", ".."):
         raise bad(f"has a file name with a path in it: {table['file']!r}")
     thresholds = {str(k): float(v) for k, v in dict(table.get("thresholds", {})).items()}
@@ -164,6 +176,10 @@ class Registry(dict[str, WeightSpec]):
     def __init__(self, specs: Mapping[str, WeightSpec], path: Path) -> None:
         super().__init__(specs)
         self.path = path
+
+    def default_for(self, kind: str) -> str | None:
+        """The registry's default model of a kind (``default = true`` and meant for patients), if any."""
+        return next((s.name for s in self.values() if s.kind == kind and s.default and s.clinical), None)
 
     def get_spec(self, name: str) -> WeightSpec:
         try:
@@ -195,6 +211,11 @@ def load_registry(path: str | Path | None = None) -> Registry:
 # the cache
 
 
+def bundled_path(spec: WeightSpec) -> Path:
+    """Where a bundled weight's file lies in the installed package."""
+    return Path(__file__).resolve().parent / "bundled" / spec.file
+
+
 def default_home() -> Path:
     """``$PNEUMOTRIAGE_HOME``, else the platform's user cache folder for pneumotriage."""
     env = os.environ.get("PNEUMOTRIAGE_HOME")
@@ -211,14 +232,6 @@ def offline_from_env() -> bool:
 
 def mirror_from_env() -> str | None:
     return os.environ.get("PNEUMOTRIAGE_MIRROR") or None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -259,9 +272,11 @@ class WeightCache:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _record_observed(self, spec: WeightSpec, digest: str) -> None:
+    def _record_observed(self, spec: WeightSpec, digest: str, *, built: bool = False) -> None:
         data = self.observed()
         data[spec.name] = {"sha256": digest, "url": spec.url, "recorded": datetime.now(UTC).isoformat()}
+        if built:
+            data[spec.name]["origin"] = "built here from its recipe"
         atomic_write_text(self._observed_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def forget_observed(self, spec: WeightSpec) -> None:
@@ -287,8 +302,16 @@ class WeightCache:
                 return digest
         return None
 
+    def built_here(self, spec: WeightSpec) -> str | None:
+        """The sha256 of this weight as last rebuilt on this machine from its recipe, if it was."""
+        seen = self.observed().get(spec.name, {})
+        return seen.get("sha256") if spec.recipe and seen.get("origin") else None
+
     def hash_ok(self, spec: WeightSpec, digest: str) -> bool:
-        """Whether ``digest`` is what the registry, or for an unpinned weight the first fetch, recorded."""
+        """Whether ``digest`` is what the registry, or for an unpinned weight the first fetch, recorded (or, for a
+        weight with a recipe, what its last rebuild here gave)."""
+        if digest == self.built_here(spec):
+            return True
         if spec.sha256:
             return digest == spec.sha256
         if spec.sha256_prefix:
@@ -332,10 +355,15 @@ class WeightCache:
         return result
 
     def missing_error(self, spec: WeightSpec) -> WeightMissingError:
+        if spec.bundled:
+            return WeightMissingError(
+                f"weight {spec.name!r} is not in the cache (cache path {self.path(spec)}): run "
+                f"`pneumotriage weights fetch {spec.name}`, which copies it from the package"
+            )
         if spec.recipe:
             return WeightMissingError(
                 f"weight {spec.name!r} is not in the cache (cache path {self.path(spec)}): run "
-                f"`pneumotriage weights fetch {spec.name}`, which builds it on this machine from its recipe"
+                f"`pneumotriage weights fetch {spec.name} --rebuild`, which builds it on this machine from its recipe"
             )
         unpinned = "" if spec.pinned else " --allow-unpinned"
         return WeightMissingError(
@@ -354,9 +382,14 @@ class WeightCache:
 
     # getting files in
 
-    def _accept(self, spec: WeightSpec, tmp: Path, digest: str, *, allow_unpinned: bool, origin: str) -> Path:
-        """Move a complete, hashed temporary file into the cache if its hash is right; else delete it."""
-        if spec.pinned:
+    def _accept(
+        self, spec: WeightSpec, tmp: Path, digest: str, *, allow_unpinned: bool, origin: str, built: bool = False
+    ) -> Path:
+        """Move a complete, hashed temporary file into the cache if its hash is right; else delete it. A file
+        ``built`` from the weight's recipe is accepted whatever its hash, which is recorded as built here."""
+        if built:
+            pass
+        elif spec.pinned:
             if not self.hash_ok(spec, digest):
                 tmp.unlink(missing_ok=True)
                 raise WeightHashError(
@@ -382,8 +415,10 @@ class WeightCache:
                 )
         final = self.path(spec)
         os.replace(tmp, final)
-        if not spec.pinned:
-            self._record_observed(spec, digest)
+        if built or not spec.pinned:
+            self._record_observed(spec, digest, built=built)
+        elif self.built_here(spec):
+            self.forget_observed(spec)  # the pinned file replaces an earlier rebuild
         self._write_stamp(spec, digest)
         return final
 
@@ -414,10 +449,13 @@ class WeightCache:
             current = self.status(spec)
             if current.status == "verified" and current.sha256:
                 return current.path, current.sha256
-        if spec.recipe:
-            from pneumotriage.demo import build
-
-            return build(spec, self)
+        if spec.bundled:
+            return self.import_file(spec, bundled_path(spec))
+        if not spec.url:
+            raise UsageError(
+                f"weight {spec.name!r} has no download; it is built on this machine from its recipe",
+                hint=f"run `pneumotriage weights fetch {spec.name} --rebuild`",
+            )
         url = mirror_url(spec, mirror) if mirror else spec.url
         if offline:
             raise WeightFetchError(
@@ -442,8 +480,11 @@ class WeightCache:
             )
         return self._accept(spec, tmp, digest, allow_unpinned=allow_unpinned, origin=f"download from {url}"), digest
 
-    def import_file(self, spec: WeightSpec, source: str | Path, *, allow_unpinned: bool = False) -> tuple[Path, str]:
-        """Copy a file obtained by hand (USB, internal share) into the cache after checking its hash."""
+    def import_file(
+        self, spec: WeightSpec, source: str | Path, *, allow_unpinned: bool = False, built: bool = False
+    ) -> tuple[Path, str]:
+        """Copy a file obtained by hand (USB, internal share) into the cache after checking its hash; one ``built``
+        from the weight's recipe on this machine is kept whatever its hash (see :meth:`_accept`)."""
         source = Path(source)
         if not source.is_file():
             raise UsageError("no such file to import", path=source)
@@ -455,7 +496,7 @@ class WeightCache:
             fh.flush()
             os.fsync(fh.fileno())
         return self._accept(
-            spec, tmp, digest.hexdigest(), allow_unpinned=allow_unpinned, origin=f"file {source}"
+            spec, tmp, digest.hexdigest(), allow_unpinned=allow_unpinned, origin=f"file {source}", built=built
         ), digest.hexdigest()
 
 

@@ -17,7 +17,8 @@ from pneumotriage.datasets import (
     prepare_mask,
     share_at,
 )
-from pneumotriage.labels import index_dataset, read_rle_csv
+from pneumotriage.folds import index_dataset
+from pneumotriage.labels import read_rle_csv
 from pneumotriage.synth import StudySummary
 
 

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from pneumotriage.cli import app
-from pneumotriage.labels import index_dataset
+from pneumotriage.folds import index_dataset
 from pneumotriage.models import ModelSpec, build_model, load_model, save_checkpoint
 from pneumotriage.models.ensemble import ensemble_of, write_ensemble
 from pneumotriage.scan.classify import prepare_models

@@ -9,7 +9,7 @@ import pytest
 
 from pneumotriage import read_rle_csv, rle_decode, write_rle_csv
 from pneumotriage.errors import LabelError
-from pneumotriage.labels import ImageRecord, index_dataset, patient_folds, split_fold
+from pneumotriage.folds import ImageRecord, index_dataset, patient_folds, split_fold
 
 
 def _write(path: Path, text: str, *, bom: bool = False, crlf: bool = False) -> Path:

@@ -116,9 +116,9 @@ def test_grey_conv_sums_rgb_weights() -> None:
 def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(UsageError, match="valid: unet, unetpp, double_unet"):
         ModelSpec("segmenter", "segformer", "resnet34")
-    with pytest.raises(UsageError, match="valid: vgg19_bn, resnet34, efficientnet_b0, densenet121"):
+    with pytest.raises(UsageError, match="valid: vgg19_bn, resnet34, efficientnet_b0, densenet121, densenet_mini"):
         ModelSpec("segmenter", "unet", "resnet18")
-    with pytest.raises(UsageError, match="valid: densenet121, resnet50, resnet34, efficientnet_b0"):
+    with pytest.raises(UsageError, match="valid: densenet121, resnet50, resnet34, efficientnet_b0, densenet_mini"):
         ModelSpec("classifier", "vit")
     with pytest.raises(KeyError, match="valid:"):
         get_encoder("nope")

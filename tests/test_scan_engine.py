@@ -441,3 +441,21 @@ def test_classifier_only_scan_writes_no_all_empty_submission_unless_asked(
     assert len(rows) == 12 and all(r.endswith(",-1") for r in rows)
     with_masks = run([study.out], tmp_path / "c", classifier=clf, segmenter=seg, options=ScanOptions(workers=0))
     assert (with_masks.out / "submission.csv").is_file()
+
+
+@pytest.mark.parametrize(("side", "size"), [(256, 128), (1024, 256), (1024, 512), (300, 128)])
+def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: int, size: int) -> None:
+    """A JPEG the codec can shrink to a model's input (training's ``read_dicom(reduce_to=size)``) reaches that
+    model in a scan as the same pixels, though the scan also decodes the image at its display size: the demo
+    classifier gave a negative 0.72 on the display copy shrunk, 0.21 on training's pixels."""
+    from pneumotriage.datasets import prepare_image
+    from pneumotriage.scan.decode import SlotArena, decode_into
+    from pneumotriage.synth import write_study
+
+    study = write_study(tmp_path / "s", 1, positive_rate=1.0, size=(side, side), seed=3)
+    path = study.out / study.images[0].path
+    arena = SlotArena(1, (size, 64), None, inherited=True)
+    decode_into(read(path, want_jpeg=False), arena, 0)
+    for s in (size, 64):
+        trained_on = prepare_image(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
+        np.testing.assert_array_equal(arena.image(0, s), trained_on)

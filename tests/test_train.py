@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from pneumotriage.cli import app
 from pneumotriage.datasets import RadiographDataset
-from pneumotriage.labels import index_dataset, read_rle_csv
+from pneumotriage.folds import index_dataset
+from pneumotriage.labels import read_rle_csv
 from pneumotriage.metrics import roc_auc
 from pneumotriage.models import ModelSpec, build_model, load_model
 from pneumotriage.synth import StudySummary, write_study

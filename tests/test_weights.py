@@ -398,3 +398,111 @@ def test_cli_offline_and_mirror_from_environment(setup: dict, monkeypatch: pytes
     monkeypatch.setenv("PNEUMOTRIAGE_MIRROR", setup["base"] + "/mirror")
     result = runner.invoke(app, ["weights", "fetch", "full"])
     assert result.exit_code == 0, result.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bundled weights (the synthetic demo's)
+
+
+def test_shipped_demo_weights_are_bundled_small_pinned_and_load(tmp_path: Path) -> None:
+    """The demo weights ship in the package, a few MB in all, and match the sha256 the registry pins; a fresh
+    cache gets them by copying, and they load into float32 models that run."""
+    from pneumotriage.io import sha256_file
+    from pneumotriage.models import load_model
+    from pneumotriage.weights import bundled_path
+
+    reg = load_registry(REPO / "weights.toml")
+    demo = [reg["demo-classifier"], reg["demo-segmenter"]]
+    assert all(spec.bundled and spec.recipe == "demo" and not spec.clinical for spec in demo)
+    files = [bundled_path(spec) for spec in demo]
+    assert sum(f.stat().st_size for f in files) < 6_000_000
+    assert [sha256_file(f) for f in files] == [spec.sha256 for spec in demo]
+    cache = WeightCache(reg, tmp_path / "home")
+    for spec in demo:
+        assert cache.status(spec).status == "missing"
+        path, digest = cache.fetch(spec, offline=True)  # a copy from the package: no network needed
+        assert digest == spec.sha256 and cache.status(spec).status == "verified"
+        model = load_model(str(path))
+        assert next(model.model.parameters()).dtype == torch.float32
+        with torch.inference_mode():
+            out = model(torch.rand(1, 1, 128, 128))
+        logits = out if spec.kind == "classifier" else out["mask"]
+        assert torch.isfinite(logits).all()
+
+
+@pytest.fixture
+def bundled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A registry with one bundled weight whose package file lies in ``tmp_path/package``."""
+    package = tmp_path / "package"
+    package.mkdir()
+    digest = _weight_file(package / "b.pt", 4)
+    registry = tmp_path / "weights.toml"
+    registry.write_text(
+        f'[b]\nkind = "classifier"\narch = "densenet_mini"\ninput_size = 128\nnormalisation = "imagenet"\nurl = ""\n'
+        f'file = "b.pt"\nsha256 = "{digest}"\nbundled = true\nrecipe = "demo"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setattr("pneumotriage.weights.bundled_path", lambda spec: package / spec.file)
+    reg = load_registry(registry)
+    return {"package": package, "digest": digest, "spec": reg["b"], "cache": WeightCache(reg, tmp_path / "home")}
+
+
+def test_bundled_weight_is_copied_only_when_its_hash_matches(bundled: dict) -> None:
+    cache: WeightCache = bundled["cache"]
+    spec = bundled["spec"]
+    good = (bundled["package"] / "b.pt").read_bytes()
+    (bundled["package"] / "b.pt").write_bytes(good[:-10] + b"0123456789")
+    with pytest.raises(WeightHashError, match="wrong sha256"):
+        cache.fetch(spec)
+    assert not cache.path(spec).exists() and _leftovers(cache) == []
+    assert "weights fetch b`, which copies it from the package" in str(cache.missing_error(spec))
+    (bundled["package"] / "b.pt").write_bytes(good)
+    path, digest = cache.fetch(spec)
+    assert digest == bundled["digest"] and path.read_bytes() == good
+
+
+def test_a_rebuilt_weight_is_kept_as_built_here_until_the_shipped_one_returns(bundled: dict, tmp_path: Path) -> None:
+    """A file built from the recipe on this machine may differ from the shipped bytes: it is accepted and its hash
+    recorded as built here (and checked from then on); fetching with --force brings the shipped file back."""
+    cache: WeightCache = bundled["cache"]
+    spec = bundled["spec"]
+    rebuilt = tmp_path / "rebuilt.pt"
+    other = _weight_file(rebuilt, 5)
+    with pytest.raises(WeightHashError):
+        cache.import_file(spec, rebuilt)  # not as a build: the pin holds
+    path, digest = cache.import_file(spec, rebuilt, built=True)
+    assert digest == other and cache.built_here(spec) == other
+    assert cache.verify(spec).status == "verified"
+    assert cache.fetch(spec) == (path, other)  # a verified copy is kept
+    path.write_bytes(b"tampered")
+    assert cache.status(spec, rehash=True).status == "corrupt"
+    path, digest = cache.fetch(spec, force=True)
+    assert digest == bundled["digest"] and cache.built_here(spec) is None and cache.verify(spec).status == "verified"
+
+
+def test_bundled_entry_needs_a_full_sha256(tmp_path: Path) -> None:
+    bad = tmp_path / "w.toml"
+    bad.write_text(_ENTRY.replace('url = "u"', 'url = ""\nbundled = true'))
+    with pytest.raises(WeightError, match="no full sha256"):
+        load_registry(bad)
+
+
+def test_pack_gives_the_same_bytes_for_the_same_training(tmp_path: Path) -> None:
+    """pack() drops what differs between two runs of the same training (creation time, temporary paths) and
+    halves the floats, so a seeded rebuild on the same machine gives the shipped bytes."""
+    import time
+
+    from pneumotriage.demo import pack
+    from pneumotriage.models import ModelSpec, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(kind="classifier", arch="densenet_mini", input_size=128))
+    first = save_checkpoint(tmp_path / "a.pt", model, config={"data": str(tmp_path / "x"), "epochs": 3})
+    time.sleep(1.1)  # a later creation time
+    second = save_checkpoint(tmp_path / "b.pt", model, config={"data": str(tmp_path / "y"), "epochs": 3})
+    assert first.read_bytes() != second.read_bytes()
+    a, b = pack(first, tmp_path / "a.packed"), pack(second, tmp_path / "b.packed")
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size < first.stat().st_size * 0.6
+    data = torch.load(a, weights_only=True)
+    assert data["config"] == {"epochs": 3} and "created" not in data
+    assert {v.dtype for v in data["state_dict"].values() if v.is_floating_point()} == {torch.float16}

@@ -1,9 +1,9 @@
 """Models of the cascade, their registries, and the one self-describing checkpoint format.
 
 - Classifiers (:data:`CLASSIFIERS`): ``densenet121`` (CheXNet-style, default), ``resnet50``, ``resnet34``,
-  ``efficientnet_b0``.
+  ``efficientnet_b0``, ``densenet_mini`` (a compact DenseNet without ImageNet weights, for the synthetic demo).
 - Segmenters (:data:`SEGMENTERS`): ``unet``, ``unetpp``, ``double_unet``, each over an encoder of
-  :data:`ENCODERS`: ``vgg19_bn``, ``resnet34``, ``efficientnet_b0``, ``densenet121``.
+  :data:`ENCODERS`: ``vgg19_bn``, ``resnet34``, ``efficientnet_b0``, ``densenet121``, ``densenet_mini``.
 
 A checkpoint is a plain dict (loadable with ``torch.load(..., weights_only=True)``): what to build
 (:class:`ModelSpec`), the operating thresholds, the training config, a fingerprint of the training data, the
@@ -12,8 +12,7 @@ validation metrics, the package version and the state dict. :func:`load_model` r
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from pneumotriage import __version__
 from pneumotriage.errors import UsageError
-from pneumotriage.io import atomic_write_bytes
+from pneumotriage.io import atomic_write_bytes, sha256_file
 from pneumotriage.models.classifiers import CLASSIFIERS, Classifier
 from pneumotriage.models.encoders import ENCODERS
-from pneumotriage.models.normalise import NORMALISATIONS
 from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
+from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
+from pneumotriage.version import __version__
 from pneumotriage.weights import WeightError, load_state_dict
 
 __all__ = [
     "CLASSIFIERS",
+    "DEFAULT_THRESHOLDS",
     "ENCODERS",
     "SEGMENTERS",
     "Classifier",
@@ -41,53 +41,12 @@ __all__ = [
     "build_model",
     "imagenet_state",
     "load_model",
+    "load_models",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "pneumotriage-checkpoint"
 CHECKPOINT_VERSION = 1
-
-#: Default operating thresholds, used until validation (or ``pneumotriage tune``) chooses others. The triplet
-#: values are the SIIM-ACR winners'; ``min_area`` is in pixels at 1024 x 1024 and scales with the image area.
-DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "classifier": {"gate": 0.5},
-    "segmenter": {"top_score": 0.75, "min_area": 2000.0, "bottom_score": 0.3, "min_component": 0.0},
-}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to build: enough to rebuild a model from a state dict."""
-
-    kind: str  # "classifier" | "segmenter"
-    arch: str
-    encoder: str | None = None
-    input_size: int = 512
-    normalisation: str = "imagenet"
-    outputs: int = 1
-    output_index: int = 0
-    empty_head: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind == "classifier":
-            _check(self.arch, CLASSIFIERS, "classifier")
-        elif self.kind == "segmenter":
-            _check(self.arch, SEGMENTERS, "segmenter")
-            _check(self.encoder or "", ENCODERS, "encoder")
-        else:
-            raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
-        _check(self.normalisation, NORMALISATIONS, "normalisation")
-        if self.input_size < 32:
-            raise UsageError(f"input size {self.input_size} is below 32 pixels")
-
-    @property
-    def title(self) -> str:
-        return f"{self.arch}/{self.encoder}" if self.encoder else self.arch
-
-
-def _check(name: str, registry: dict[str, Any], what: str) -> None:
-    if name not in registry:
-        raise UsageError(f"unknown {what} {name!r}; valid: {', '.join(registry)}")
 
 
 def imagenet_state(backbone: str, *, home: str | Path | None = None) -> dict[str, Any] | None:
@@ -123,7 +82,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
         )
     else:
         assert spec.encoder is not None
-        state = imagenet_state(ENCODERS[spec.encoder][1]) if pretrained else None
+        state = imagenet_state(ENCODERS[spec.encoder].backbone) if pretrained else None
         model = SEGMENTERS[spec.arch](spec.encoder, state, empty_head=spec.empty_head, normalisation=spec.normalisation)
     model.spec = spec  # type: ignore[assignment]
     model.thresholds = dict(DEFAULT_THRESHOLDS[spec.kind])  # type: ignore[assignment]
@@ -194,33 +153,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, **fields: Any) -> Path:
     return path
 
 
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint or a registry weight, in eval mode, with what describes it."""
-
-    model: nn.Module
-    spec: ModelSpec
-    thresholds: dict[str, float]
-    meta: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-    sha256: str | None = None
-    name: str | None = None
-    #: An ensemble's members (:mod:`pneumotriage.models.ensemble`); empty for one model.
-    members: list[LoadedModel] = field(default_factory=list)
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        return self.model(x)
-
-
 _SPEC_FIELDS = tuple(ModelSpec.__dataclass_fields__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -293,4 +226,21 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
     model.meta = meta  # type: ignore[assignment]
     model.to(map_location).eval()
     name = registry_spec.name if registry_spec is not None else None
-    return LoadedModel(model, spec, thresholds, meta, path, _sha256(path), name)
+    return LoadedModel(model, spec, thresholds, meta, path, sha256_file(path), name)
+
+
+def load_models(names: str | list[str] | None, kind: str) -> LoadedModel | None:
+    """The model ``names`` names (registry names, checkpoints or ensemble files) as one :class:`LoadedModel`:
+    several make an ensemble of them (:func:`~pneumotriage.models.ensemble.ensemble_of`), none gives None. Each
+    must be a ``kind`` ("classifier" or "segmenter")."""
+    from pneumotriage.models.ensemble import ensemble_of
+
+    if not names:
+        return None
+    loaded = []
+    for name in [names] if isinstance(names, str) else names:
+        model = load_model(name)
+        if model.spec.kind != kind:
+            raise UsageError(f"--{kind} {name}: that is a {model.spec.kind}, not a {kind}")
+        loaded.append(model)
+    return ensemble_of(loaded)  # type: ignore[no-any-return]

@@ -14,17 +14,15 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from pneumotriage.models.encoders import grey_conv
+from pneumotriage.models.encoders import densenet, grey_conv
 from pneumotriage.models.normalise import Normalise
 
 
-def _densenet121(state: dict[str, Any] | None, outputs: int) -> nn.Module:
-    net = tvm.densenet121(weights=None)
-    if state is not None:
-        net.load_state_dict(state)
-    net.features.conv0 = grey_conv(net.features.conv0)
-    net.classifier = nn.Linear(net.classifier.in_features, outputs)
-    return cast(nn.Module, net)
+def _densenet(name: str) -> Callable[[dict[str, Any] | None, int], nn.Module]:
+    def build(state: dict[str, Any] | None, outputs: int) -> nn.Module:
+        return cast(nn.Module, densenet(name, state, outputs))
+
+    return build
 
 
 def _resnet(depth: int) -> Callable[[dict[str, Any] | None, int], nn.Module]:
@@ -53,10 +51,11 @@ def _efficientnet_b0(state: dict[str, Any] | None, outputs: int) -> nn.Module:
 
 #: arch -> builder(ImageNet state dict or None, number of outputs).
 CLASSIFIERS: dict[str, Callable[[dict[str, Any] | None, int], nn.Module]] = {
-    "densenet121": _densenet121,
+    "densenet121": _densenet("densenet121"),
     "resnet50": _resnet(50),
     "resnet34": _resnet(34),
     "efficientnet_b0": _efficientnet_b0,
+    "densenet_mini": _densenet("densenet_mini"),
 }
 
 

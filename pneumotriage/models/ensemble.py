@@ -103,7 +103,7 @@ def _short(m: Any) -> str:
 def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None = None, name: str | None = None) -> Any:
     """One :class:`~pneumotriage.models.LoadedModel` running ``members`` (LoadedModels of one kind) together; a
     single member is returned as it is. Thresholds: ``thresholds``, else the first member's."""
-    from pneumotriage.models import LoadedModel
+    from pneumotriage.models.spec import LoadedModel
 
     if len(members) == 1 and thresholds is None:
         return members[0]

@@ -66,7 +66,7 @@ class UNet(Segmenter):
         ec = self.encoder.out_channels
         skips = (ec[3], ec[2], ec[1], ec[0], 0)
         blocks, cin = [], ec[4]
-        for skip, cout in zip(skips, DECODER_CHANNELS, strict=True):
+        for skip, cout in zip(skips, self.encoder.decoder_channels, strict=True):
             blocks.append(DecoderBlock(cin, skip, cout))
             cin = cout
         self.decoder = nn.ModuleList(blocks)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 
 from pneumotriage.datasets import prepare_image
-from pneumotriage.dicom import _NORM_PERCENTILES, decode_pixels
+from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels
 from pneumotriage.scan.read import Source
 
 #: Longest side of the display copy each slot keeps for overlays and thumbnails.
@@ -121,9 +121,16 @@ def make_display(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
     """Decode ``source`` on the CPU into ``slot`` at every size of the arena and as a display copy of
     :func:`display_shape`; returns the image's true size."""
-    image = decode_pixels(source.ds, source.header, source.notes, reduce_to=max(*arena.sizes, DISPLAY))
+    top = max(*arena.sizes, DISPLAY)
+    image = decode_pixels(source.ds, source.header, source.notes, reduce_to=top)
     for size in arena.sizes:
-        arena.image(slot, size)[...] = prepare_image(image.pixels, size)[0].numpy()
+        pixels = image.pixels
+        if size < top and codec_reduces(source.ds, source.header, size):
+            # Decoded again as training decodes it (``read_dicom(reduce_to=size)``): a JPEG the codec reduces to
+            # the model's size is not the image reduced to the display size and then resized, and a model should
+            # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
+            pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
+        arena.image(slot, size)[...] = prepare_image(pixels, size)[0].numpy()
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
     return image.original_shape

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pneumotriage.dicom import image_id_for, walk_files
+from pneumotriage.io import file_key
 from pneumotriage.scan.shards import Shard
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -52,13 +53,6 @@ def safe_name(image_id: str, taken: set[str]) -> str:
             name, n = f"{base}-{n}", n + 1
     taken.add(name)
     return name
-
-
-def file_key(path: Path, st: os.stat_result | None = None, real: str | None = None) -> str:
-    """A file's identity for resuming: its real path (``real`` where the caller has it), size and modification
-    time (a changed file is redone)."""
-    st = st or path.stat()
-    return f"{real or os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[Found]:

@@ -6,6 +6,10 @@
 The main process only runs the models and moves small records: pixels and probability maps travel through the
 shared slot arena. At most ``window`` files are being decoded and at most one arena of slots is in use, so
 memory stays flat whatever the folder's size; results reach the journal in the order files were found.
+
+Why one module of ~600 lines: the pipeline is one loop whose stages share the slot arena, the window of files
+in flight and the journal; each stage's own work lives in its module (``read``, ``decode``, ``classify``, ...),
+and what remains here is the order they run in, which reads best in one place.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from pneumotriage.errors import OutputError, UsageError
 from pneumotriage.io import printable
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import pick_device, use_bf16
+from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Discovery, Found
@@ -43,7 +47,6 @@ from pneumotriage.scan.segment import segment
 from pneumotriage.scan.shards import Shard, claim_layout, shard_started, write_shard
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future, finish_task, thumbnail_task
 
-Progress = Callable[[dict[str, Any]], None]
 #: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
 #: so the workers fill the models' idle moments instead of taking cores from them.
 WORKER_NICE = 10
@@ -322,7 +325,7 @@ def _run(
     out: Path,
     classifier: LoadedModel | None,
     segmenter: LoadedModel | None,
-    o: ScanOptions,
+    options: ScanOptions,
     progress: Progress | None,
     files: Iterator[Found] | None,
     held: contextlib.ExitStack,
@@ -331,7 +334,7 @@ def _run(
     emit = progress or (lambda event: None)
     if classifier is None and segmenter is None:
         raise UsageError("a scan needs a classifier, a segmenter, or both")
-    if o.no_segment:
+    if options.no_segment:
         segmenter = None
         if classifier is None:
             raise UsageError("--no-segment triages on the classifier alone: give --classifier")
@@ -339,21 +342,21 @@ def _run(
     for p in roots:
         if not p.exists():
             raise UsageError("no such file or folder", path=p)
-    if o.dicom_seg or o.dicom_sr:
+    if options.dicom_seg or options.dicom_sr:
         from pneumotriage.scan.pacs import require
 
         require()  # before anything is scanned
-    t = scan_thresholds(classifier, segmenter, o)
-    device = pick_device(o.device)
-    plan = plan_for(o, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
-    bf16 = use_bf16(device, o.precision)
+    thresholds = scan_thresholds(classifier, segmenter, options)
+    device = pick_device(options.device)
+    plan = plan_for(options, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
+    bf16 = use_bf16(device, options.precision)
     models = [m for m in (_model_info(classifier, "classifier"), _model_info(segmenter, "segmenter")) if m]
     inputs = sorted({os.path.realpath(p) for p in roots})
     signature = {
         "version": JOURNAL_VERSION,
         "models": models,
-        "thresholds": t,
-        "options": o.signature(),
+        "thresholds": thresholds.as_dict(),
+        "options": options.signature(),
         "inputs": inputs,
     }
     if shard is not None:
@@ -369,7 +372,7 @@ def _run(
     journal: Journal | None = None
     threads_before = torch.get_num_threads()
     try:
-        journal = Journal(folder, signature, o.resume, no_phi=o.no_phi, out=out)
+        journal = Journal(folder, signature, options.resume, no_phi=options.no_phi, out=out)
         if shard is not None:
             shard_started(folder)  # a merge meanwhile counts this shard as unfinished
         resumed = len(journal.done)
@@ -381,7 +384,7 @@ def _run(
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
         classifier, segmenter = prepare_models(
-            device, classifier, segmenter, compile_batch=plan.batch_size if o.compile else None
+            device, classifier, segmenter, compile_batch=plan.batch_size if options.compile else None
         )
         window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
         # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
@@ -392,7 +395,7 @@ def _run(
         skipped_rows: list[ImageResult] = []
         # Images on their way to the journal, in the order found: (slot held or -1, result, report thumbnail).
         finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None]] = deque()
-        thumbs = ReportThumbnails(o.report_thumbnails)
+        thumbs = ReportThumbnails(options.report_thumbnails)
         synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
         model_s = 0.0
         nice = WORKER_NICE if device.type == "cpu" else 0
@@ -414,7 +417,7 @@ def _run(
                     # never the grey one.
                     thumb = outlined if result.mask_file else grey
                     if thumb is not None:
-                        result.tier = tier_of(result, t["gate"], o, segmenter is not None)
+                        result.tier = tier_of(result, thresholds.gate, options, segmenter is not None)
                         thumbs.offer(result, thumb)
                     any_done = True
                 if time.perf_counter() - synced[0] > 1.0:  # durable against a power cut at least every second
@@ -465,12 +468,16 @@ def _run(
                     if classifier is not None:
                         probs = classify(classifier, batch.inputs[classifier.spec.input_size], device, bf16=bf16)
                         counts["classified"] += n
-                    chosen = to_segment(probs, n, t["gate"], segment_all=o.segment_all) if segmenter is not None else []
+                    chosen = (
+                        to_segment(probs, n, thresholds.gate, segment_all=options.segment_all)
+                        if segmenter is not None
+                        else []
+                    )
                     scores: dict[int, float] = {}
                     if chosen and segmenter is not None:
                         x = batch.inputs[segmenter.spec.input_size]
                         maps, present = segment(
-                            segmenter, x[chosen] if len(chosen) < n else x, device, o.tta, bf16=bf16
+                            segmenter, x[chosen] if len(chosen) < n else x, device, options.tta, bf16=bf16
                         )
                         maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
                         for j, i in enumerate(chosen):
@@ -489,8 +496,8 @@ def _run(
                             spacing=d.spacing,
                             probability=float(probs[i]) if probs is not None else scores.get(i),
                             segmented=i in scores,
-                            thresholds=t,
-                            overlays=o.overlays,
+                            thresholds=thresholds,
+                            overlays=options.overlays,
                             out=out,
                         )
                         thumb = d.thumb
@@ -529,11 +536,13 @@ def _run(
                 raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
             segmented_run = segmenter is not None
             for r in results:
-                r.tier = tier_of(r, t["gate"], o, segmented_run)
+                r.tier = tier_of(r, thresholds.gate, options, segmented_run)
             ranked = rank(results)
             # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
             thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))
-            dicom_notes = _write_dicom(workers, out, ranked, models, o) if o.dicom_seg or o.dicom_sr else []
+            dicom_notes = (
+                _write_dicom(workers, out, ranked, models, options) if options.dicom_seg or options.dicom_sr else []
+            )
     finally:
         torch.set_num_threads(threads_before)
         if journal is not None:
@@ -543,9 +552,9 @@ def _run(
         ranked,
         counts={**counts, "resumed": stream.skipped},
         models=models,
-        thresholds=t,
-        no_segment=o.no_segment,
-        urgent_probability=o.urgent_probability,
+        thresholds=thresholds,
+        no_segment=options.no_segment,
+        urgent_probability=options.urgent_probability,
         plan=plan.as_dict(),
         skipped=skipped_rows,
         timings={"model_s": model_s, "total_s": time.perf_counter() - t_start},
@@ -554,7 +563,9 @@ def _run(
     if shard is not None:
         write_shard(folder, summary, signature)
     else:
-        write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi, submission=o.writes_submission())
+        write_outputs(
+            summary, rle_relative=options.rle_relative, no_phi=options.no_phi, submission=options.writes_submission()
+        )
     emit({"event": "done", **summary.counts})
     return summary
 
@@ -571,7 +582,7 @@ def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) ->
 
 
 def _write_dicom(
-    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], o: ScanOptions
+    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], options: ScanOptions
 ) -> list[str]:
     """The DICOM SEG and SR objects of every readable image, made in the workers once the tiers are known;
     returns a note for the images whose objects could not be made (their rows stand)."""
@@ -583,7 +594,13 @@ def _write_dicom(
     failed = [
         e
         for e in workers.map(
-            dicom_task, rows, [out] * n, [models] * n, [o.dicom_seg] * n, [o.dicom_sr] * n, [o.no_phi] * n
+            dicom_task,
+            rows,
+            [out] * n,
+            [models] * n,
+            [options.dicom_seg] * n,
+            [options.dicom_sr] * n,
+            [options.no_phi] * n,
         )
         if e
     ]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pneumotriage.io import atomic_write_bytes
-from pneumotriage.postprocess import Outline, outline
+from pneumotriage.postprocess import Outline, Thresholds, outline
 from pneumotriage.rle import EMPTY, rle_encode
 from pneumotriage.scan.png import mask_png
 from pneumotriage.scan.records import ImageResult
@@ -36,7 +36,7 @@ class FinishJob:
     spacing: tuple[float, float] | None
     probability: float | None
     segmented: bool
-    thresholds: dict[str, float]
+    thresholds: Thresholds
     overlays: bool
     out: Path
 
@@ -165,10 +165,10 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         found = outline(
             probs,
             job.shape,
-            top_score=t["top_score"],
-            min_area=t["min_area"],
-            bottom_score=t["bottom_score"],
-            min_component=t["min_component"],
+            top_score=t.top_score,
+            min_area=t.min_area,
+            bottom_score=t.bottom_score,
+            min_component=t.min_component,
         )
     area = found.area if found is not None else 0
     spacing = job.spacing

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise, write_outputs
@@ -104,10 +105,10 @@ def _merge(out: Path, count: int) -> Merged:
     skipped.sort(key=lambda r: r.seq)
 
     o = ScanOptions(**signature["options"])
-    t = signature["thresholds"]
+    t = Thresholds.from_mapping(signature["thresholds"])
     segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
     for r in rows:
-        r.tier = tier_of(r, t["gate"], o, segmented_run)
+        r.tier = tier_of(r, t.gate, o, segmented_run)
     ranked = rank(rows)
 
     def make_thumbnails(need: list[ImageResult]) -> None:

@@ -10,10 +10,10 @@ import torch
 
 from pneumotriage.errors import UsageError
 from pneumotriage.models import DEFAULT_THRESHOLDS, LoadedModel
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.runtime import usable_cores
 
 #: Threshold names, in the order reports show them.
-THRESHOLD_NAMES = ("gate", "top_score", "min_area", "bottom_score", "min_component")
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
     return float(value)
 
 
-def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> dict[str, float]:
+def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> Thresholds:
     """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s.
     Every value is checked (:meth:`ScanOptions.check`; a checkpoint's by :func:`_from_checkpoint`)."""
     o.check()
@@ -139,7 +139,7 @@ def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | Non
         value = getattr(o, k)
         if value is not None:
             t[k] = float(value)
-    return t
+    return Thresholds.from_mapping(t)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 from pneumotriage.io import atomic_write_text, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.models import SYNTHETIC_NOTE
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY, rle_runs
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
 from pneumotriage.scan.report import write_report
@@ -55,7 +56,7 @@ def summarise(
     *,
     counts: dict[str, int],
     models: list[dict[str, Any]],
-    thresholds: dict[str, float],
+    thresholds: Thresholds,
     no_segment: bool,
     plan: dict[str, Any],
     skipped: list[ImageResult],
@@ -166,7 +167,7 @@ def worklist_document(summary: ScanSummary, rows: list[dict[str, Any]]) -> dict[
         "counts": summary.counts,
         "timings": {k: round(v, 3) for k, v in summary.timings.items()},
         "models": summary.models,
-        "thresholds": summary.thresholds,
+        "thresholds": summary.thresholds.as_dict(),
         "notes": summary.notes,
         "plan": summary.plan,
         "worklist": rows,

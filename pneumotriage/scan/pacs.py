@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from pneumotriage import __version__
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
 from pneumotriage.scan.records import ImageResult
+from pneumotriage.version import __version__
 
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import pick_device
-from pneumotriage.scan.engine import Progress, run
+from pneumotriage.runtime import Progress, pick_device
+from pneumotriage.scan.engine import run
 from pneumotriage.scan.merge import merge
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.records import ScanSummary

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY
 
 #: Worklist tiers, most urgent first.
@@ -59,7 +60,7 @@ class ScanSummary:
     counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
     notes: list[str] = field(default_factory=list)
     #: What ``auto`` chose and why (device, batch size, workers, threads).
     plan: dict[str, Any] = field(default_factory=dict)

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumotriage import __version__
 from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
 from pneumotriage.scan.finish import thumbnail_path
 from pneumotriage.scan.rank import order_key
 from pneumotriage.scan.records import ImageResult, ScanSummary
+from pneumotriage.version import __version__
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#111;background:#fafafa}
@@ -111,7 +111,7 @@ def _legend(summary: ScanSummary) -> str:
     from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
 
     t = summary.thresholds
-    gate = f"{t.get('gate', 0):.3g}"
+    gate = f"{t.gate:.3g}"
     if summary.urgent_probability is not None:  # --no-segment: the classifier alone
         items = [
             ("urgent", f"classifier probability ≥ {summary.urgent_probability:.3g} (no outlines: --no-segment)"),
@@ -121,9 +121,9 @@ def _legend(summary: ScanSummary) -> str:
         colour = ""
     else:
         triplet = (
-            f"at least {t.get('min_area', 0):.0f} pixels (at 1024²) above {t.get('top_score', 0):.2f}, the outline "
-            f"then drawn at {t.get('bottom_score', 0):.2f}"
-            + (f", parts under {t.get('min_component', 0):.0f} px dropped" if t.get("min_component") else "")
+            f"at least {t.min_area:.0f} pixels (at 1024²) above {t.top_score:.2f}, the outline "
+            f"then drawn at {t.bottom_score:.2f}"
+            + (f", parts under {t.min_component:.0f} px dropped" if t.min_component else "")
         )
         items = [
             ("urgent", f"the segmenter outlined a pneumothorax ({triplet})"),
@@ -242,8 +242,8 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             )
         t = summary.thresholds
         fh.write(
-            f"<div>gate {t.get('gate', 0):.3f}; triplet top {t.get('top_score', 0):.2f}, "
-            f"min area {t.get('min_area', 0):.0f} px at 1024², bottom {t.get('bottom_score', 0):.2f}</div>"
+            f"<div>gate {t.gate:.3f}; triplet top {t.top_score:.2f}, "
+            f"min area {t.min_area:.0f} px at 1024², bottom {t.bottom_score:.2f}</div>"
         )
         fh.write("</div>\n")
         fh.write(_legend(summary))

@@ -1,0 +1,82 @@
+"""The command-line layer: argument parsing, console output and exit codes. All work happens in the library.
+
+One module per command group (data, scan, weights, train, evaluate), the options they share (options), console
+output (console) and progress bars (progress). This module builds the app from them.
+
+Exit codes: 0 all went well; 1 an error stopped the command; 2 usage error; 3 weights missing;
+4 some inputs could not be used (the rest were processed).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from pneumotriage.cli import data, evaluate, scan, train, weights
+from pneumotriage.cli.console import err, out
+from pneumotriage.io import printable
+from pneumotriage.version import __version__
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="pneumotriage",
+    help="Triage chest radiographs for pneumothorax from folders of DICOMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pneumotriage {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Triage chest radiographs for pneumothorax from folders of DICOMs."""
+
+
+app.command()(data.inspect)
+app.command()(data.synth)
+app.command()(scan.scan)
+app.command()(scan.merge)
+app.command()(scan.submit)
+app.add_typer(weights.weights_app, name="weights")
+app.add_typer(train.train_app, name="train")
+app.command()(evaluate.evaluate)
+app.command()(evaluate.tune)
+app.command()(data.demo)
+
+
+#: The command-line parser's own error type (click's, which typer may vendor): a bad or missing option.
+_ParserError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    """The console script: every error, the parser's included, is one line starting "error:"."""
+    try:
+        code = app(standalone_mode=False)
+    except _ParserError as exc:
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = escape(printable(exc.format_message().rstrip(".")))
+        err.print(f"[bold red]error:[/] {message}{see}", highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        err.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Console output of the command line: the two consoles, errors as one line and their exit codes, and the
+worklist and figures as tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from pneumotriage.errors import PneumotriageError
+from pneumotriage.io import printable
+
+EXIT_INPUTS_FAILED = 4
+
+err = Console(stderr=True)
+
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(func: F) -> F:
+    """Turn a library error into one red line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PneumotriageError as exc:
+            err.print(
+                f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+#: Characters of an id kept in a table (its end: UIDs differ there); ``--json`` and the files hold them whole.
+SHORT_ID = 12
+
+
+def short(text: str, keep: int = SHORT_ID) -> str:
+    """``text``, or "…" and its last ``keep`` characters, so that tables fit 80 columns."""
+    return text if len(text) <= keep + 1 else "…" + text[-keep:]
+
+
+def print_worklist(summary: Any, limit: int = 20) -> None:
+    table = Table(
+        title=f"worklist: {summary.out / 'worklist.csv'}", title_justify="left", box=None, padding=(0, 1, 0, 0)
+    )
+    for col in ("rank", "tier", "probability", "area cm²", "side", "image", "status"):
+        table.add_column(col, overflow="fold")
+    style = {"urgent": "bold red", "review": "yellow", "routine": "green"}
+    for r in summary.results[:limit]:
+        table.add_row(
+            str(r.rank),
+            f"[{style[r.tier]}]{r.tier}[/]",
+            "" if r.probability is None else f"{r.probability:.3f}",
+            "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
+            r.side or "",
+            short(printable(r.image_id)),
+            r.status if r.status == "ok" else f"[red]{r.status}[/]",
+        )
+    out.print(table)
+    if len(summary.results) > limit:
+        out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
+
+
+def print_plan(summary: Any) -> None:
+    p, t = summary.plan, summary.timings
+    err.print(
+        f"ran on {p['device']}: batch {p['batch_size']}, {p['workers']} workers, {p['torch_threads']} torch threads"
+        f" ({p['why']}); {t['model_s']:.1f} s in the models of {t['total_s']:.1f} s",
+        highlight=False,
+    )
+
+
+def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> None:
+    """A finished scan's worklist (a table, or JSON on stdout), notes and counts."""
+    from pneumotriage.scan.outputs import worklist_document, worklist_rows
+
+    if as_json:
+        print(json.dumps(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
+    else:
+        print_worklist(summary)
+    for note in summary.notes:
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+    if verbose:
+        print_plan(summary)
+    c = summary.counts
+    err.print(
+        f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
+        f"{c['errors']} unreadable; {summary.timings['total_s']:.1f} s"
+        + (f" ({c['resumed']} done before the resume)" if c.get("resumed") else "")
+        + (f"\n{c['skipped']} files passed over, not DICOM: {summary.out / 'skipped.csv'}" if c.get("skipped") else "")
+        + f"\nreport: {summary.out / 'report.html'}",
+        highlight=False,
+    )
+
+
+def ci_text(value: float | None, ci: list[float | None] | None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f"  [{ci[0]:.4f}, {ci[1]:.4f}]"
+    return text

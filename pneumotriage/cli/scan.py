@@ -1,0 +1,252 @@
+"""Commands that scan: scan (the worklist), merge (shards of a distributed scan) and submit (a Kaggle CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from pneumotriage.cli.console import (
+    EXIT_INPUTS_FAILED,
+    err,
+    report_scan,
+    reports_errors,
+)
+from pneumotriage.cli.options import (
+    ClassifierOpt,
+    Device,
+    PrecisionOpt,
+    ScanBatch,
+    ScanWorkers,
+    SegmentAll,
+    SegmenterOpt,
+    Tta,
+    default_list,
+    load_models,
+    relative_rle,
+    scan_options,
+)
+from pneumotriage.cli.progress import with_progress
+from pneumotriage.errors import UsageError
+
+
+@reports_errors
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("scan-out"),
+    classifier: ClassifierOpt = None,
+    segmenter: SegmenterOpt = None,
+    gate: Annotated[
+        float | None,
+        typer.Option(help="Classifier probability that sends an image to the segmenter (default: the checkpoint's)."),
+    ] = None,
+    top_score: Annotated[float | None, typer.Option(help="Triplet rule: pixel score that counts as confident.")] = None,
+    min_area: Annotated[float | None, typer.Option(help="Triplet rule: confident pixels needed (at 1024²).")] = None,
+    bottom_score: Annotated[float | None, typer.Option(help="Triplet rule: threshold of the final mask.")] = None,
+    min_component: Annotated[
+        float | None, typer.Option(help="Drop mask components smaller than this (px at 1024²).")
+    ] = None,
+    segment_all: SegmentAll = False,
+    no_segment: Annotated[
+        bool, typer.Option("--no-segment", help="Triage on the classifier alone (no outlines).")
+    ] = False,
+    tta: Tta = False,
+    urgent_probability: Annotated[
+        float, typer.Option(help="With --no-segment: the probability that makes an image urgent.")
+    ] = 0.9,
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
+    device: Device = "auto",
+    precision: PrecisionOpt = "auto",
+    compile_models: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Compile the models (torch.compile) first: on an H100 1.7-1.9x their speed, after up to a minute "
+            "of compiling at the first batch; for large folders (on a CPU the compiling outweighs most scans).",
+        ),
+    ] = False,
+    rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
+        "relative"
+    ),
+    submission: Annotated[
+        bool | None,
+        typer.Option(
+            help="Write submission.csv (default: yes, but not with --no-segment, where every row would be -1)."
+        ),
+    ] = None,
+    dicom_seg: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-seg", help="Write OUT/dicom/<image>-seg.dcm, a DICOM Segmentation of each outline (for PACS)."
+        ),
+    ] = False,
+    dicom_sr: Annotated[
+        bool,
+        typer.Option("--dicom-sr", help="Write OUT/dicom/<image>-sr.dcm, a DICOM Structured Report of each image."),
+    ] = False,
+    no_phi: Annotated[
+        bool, typer.Option("--no-phi", help="Leave patient ID, accession and study date out of all outputs.")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
+    overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K/N",
+            help="Scan only shard K of N (K from 0) into --out, for a job array; `pneumotriage merge` then "
+            "writes the worklist. Under torchrun each rank takes its shard by itself.",
+        ),
+    ] = None,
+) -> None:
+    """Triage DICOMs: classify all, segment the likely positives, write a ranked worklist, masks, a report.
+
+    Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
+    its own GPU) and the first merges them into one worklist."""
+    from pneumotriage.scan import ranks as scan_ranks
+    from pneumotriage.scan import run as run_scan
+    from pneumotriage.scan.shards import Shard
+
+    classifier = default_list(classifier, "classifier")
+    segmenter = None if no_segment else default_list(segmenter, "segmenter")
+    if classifier is None and segmenter is None:
+        raise UsageError(
+            "no models given and the registry names no default for real images: pass --classifier and "
+            "--segmenter (a registry name or a checkpoint file), e.g. --classifier xrv-resnet50-res512-all "
+            "--no-segment; `pneumotriage weights list` shows what there is"
+        )
+    options = scan_options(
+        batch_size,
+        workers,
+        gate=gate,
+        top_score=top_score,
+        min_area=min_area,
+        bottom_score=bottom_score,
+        min_component=min_component,
+        segment_all=segment_all,
+        no_segment=no_segment,
+        tta=tta,
+        urgent_probability=urgent_probability,
+        device=device,
+        precision=precision,
+        compile=compile_models,
+        submission=submission,
+        dicom_seg=dicom_seg,
+        dicom_sr=dicom_sr,
+        rle_relative=relative_rle(rle),
+        no_phi=no_phi,
+        resume=resume,
+        overlays=overlays,
+    )
+    one_shard = Shard.parse(shard) if shard is not None else None
+    if one_shard is not None and scan_ranks.launched():
+        raise UsageError("--shard under torchrun: each rank takes its own shard; leave --shard out")
+    loaded_cls = load_models(classifier, "classifier")
+    loaded_seg = load_models(segmenter, "segmenter")
+    models = {"classifier": loaded_cls, "segmenter": loaded_seg}
+    if scan_ranks.launched():
+        with scan_ranks.joined(device) as ranks:
+            options.device = str(ranks.device)
+            options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
+            merged = with_progress(
+                progress and ranks.rank == 0,
+                lambda on_event: scan_ranks.run_ranks(
+                    paths, out_dir, ranks, **models, options=options, progress=on_event
+                ),
+            )
+        if merged is None:
+            return  # not rank 0: quiet; rank 0 reports the whole job
+        report_scan(merged, as_json=as_json, no_phi=no_phi, verbose=verbose)
+        if merged.failed:
+            raise typer.Exit(EXIT_INPUTS_FAILED)
+        return
+    summary = with_progress(
+        progress,
+        lambda on_event: run_scan(paths, out_dir, **models, options=options, progress=on_event, shard=one_shard),
+    )
+    if one_shard is not None:
+        c = summary.counts
+        err.print(
+            f"shard {one_shard.label}: {c['images']} images ({c['urgent']} urgent, {c['errors']} unreadable) in "
+            f"{summary.timings['total_s']:.1f} s; when every shard is done: pneumotriage merge {out_dir}",
+            highlight=False,
+        )
+        if summary.failed:
+            raise typer.Exit(EXIT_INPUTS_FAILED)
+        return
+    report_scan(summary, as_json=as_json, no_phi=no_phi, verbose=verbose)
+    if summary.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@reports_errors
+def merge(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The --out of a scan run in shards.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged worklist as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
+) -> None:
+    """Merge the finished shards of a sharded scan (`scan --shard K/N`) into one ranked worklist, submission and
+    report. Exits 4, naming them, while any shard is missing (the outputs then hold the finished ones)."""
+    from pneumotriage.scan.merge import ShardsMissing
+    from pneumotriage.scan.merge import merge as merge_shards
+
+    merged = merge_shards(out_dir)
+    report_scan(merged.summary, as_json=as_json, no_phi=merged.options.no_phi, verbose=verbose)
+    if merged.missing:
+        raise ShardsMissing(
+            f"shard{'s' if len(merged.missing) > 1 else ''} {', '.join(merged.missing)} missing",
+            path=out_dir,
+            hint=f"run {'them' if len(merged.missing) > 1 else 'it'} (with --resume where started), then merge again",
+        )
+    if merged.summary.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@reports_errors
+def submit(
+    test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of the test DICOMs.")],
+    sample_submission: Annotated[Path, typer.Option(help="The competition's sample submission CSV.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Submission CSV to write.")] = Path("submission.csv"),
+    classifier: ClassifierOpt = None,
+    segmenter: SegmenterOpt = None,
+    work: Annotated[Path | None, typer.Option(help="Scan folder (default: OUT.scan beside --out).")] = None,
+    segment_all: SegmentAll = False,
+    tta: Tta = False,
+    rle: Annotated[str, typer.Option(help="relative (SIIM) or absolute run-length form.")] = "relative",
+    batch_size: ScanBatch = "auto",
+    workers: ScanWorkers = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
+) -> None:
+    """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
+    mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
+    from pneumotriage.submit import write_submission
+
+    relative = relative_rle(rle)
+    if segmenter is None:
+        raise UsageError("a submission needs masks: pass --segmenter (and usually --classifier)")
+    done = write_submission(
+        test_dir,
+        sample_submission,
+        out_file,
+        classifier=load_models(classifier, "classifier"),
+        segmenter=load_models(segmenter, "segmenter"),
+        options=scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume),
+        work=work,
+        relative=relative,
+    )
+    for note in done.notes:
+        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+    missing = done.missing
+    err.print(
+        f"wrote {out_file}: {done.rows} images, {done.with_mask} with a mask"
+        + (f"; {len(missing)} ImageIds had no readable image and got -1 (first: {missing[0]})" if missing else ""),
+        highlight=False,
+    )
+    if missing:
+        raise typer.Exit(EXIT_INPUTS_FAILED)

@@ -1,0 +1,243 @@
+"""`pneumotriage weights`: the registry and the local cache (list, fetch, verify, import, path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pneumotriage.cli.console import (
+    err,
+    out,
+    reports_errors,
+)
+from pneumotriage.cli.options import (
+    PrecisionOpt,
+)
+from pneumotriage.errors import PneumotriageError, UsageError
+
+weights_app = typer.Typer(
+    help="The weights registry (weights.toml) and the local cache: list, fetch, verify, import, path.",
+    no_args_is_help=True,
+)
+
+_STATUS_STYLE = {"verified": "green", "cached": "yellow", "missing": "dim", "corrupt": "bold red"}
+
+
+def _cache() -> Any:
+    from pneumotriage.weights import WeightCache, load_registry
+
+    return WeightCache(load_registry())
+
+
+def _specs(cache: Any, names: list[str] | None) -> list[Any]:
+    return [cache.registry.get_spec(n) for n in names] if names else list(cache.registry.values())
+
+
+@weights_app.command("list")
+@reports_errors
+def weights_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout instead of a table.")] = False,
+    rehash: Annotated[bool, typer.Option("--verify", help="Re-hash cached files (slow for big files).")] = False,
+) -> None:
+    """Every weight in the registry with its cache status: verified, cached (not yet checked), missing, corrupt."""
+    cache = _cache()
+    rows = []
+    for spec in cache.registry.values():
+        st = cache.status(spec, rehash=rehash)
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "arch": spec.arch,
+                "encoder": spec.encoder,
+                "input_size": spec.input_size,
+                "url": spec.url,
+                "sha256": spec.sha256,
+                "sha256_prefix": spec.sha256_prefix,
+                "pinned": spec.pinned,
+                "observed_sha256": st.sha256,
+                "status": st.status,
+                "path": str(st.path),
+                "size_mb": spec.size_mb,
+                "licence": spec.licence,
+                "clinical": spec.clinical,
+                "recipe": spec.recipe,
+                "bundled": spec.bundled,
+                "built_here": st.sha256 is not None and st.sha256 == cache.built_here(spec),
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(
+        title=f"weights in {cache.registry.path} (cache {cache.dir})",
+        title_justify="left",
+        box=None,
+        padding=(0, 1, 0, 0),
+    )
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "model", "size", "sha256", "status"):
+        # Whole words ("classifier", never "classifi" over "er"); the model folds at its spaces.
+        table.add_column(col, no_wrap=col != "model", min_width=13 if col == "model" else None)
+    for row in rows:
+        model = row["arch"] + (f" / {row['encoder']}" if row["encoder"] else "") + f" @{row['input_size']}"
+        if row["built_here"]:
+            sha = "built here"
+        elif row["sha256"]:
+            sha = row["sha256"][:8] + "…"
+        else:
+            sha = (row["sha256_prefix"] or "unpinned")[:8] + "…"
+        size = f"{row['size_mb']:.0f} MB" if row["size_mb"] else "?"
+        style = _STATUS_STYLE[row["status"]]
+        table.add_row(row["name"], row["kind"], model, size, sha, f"[{style}]{row['status']}[/]")
+    out.print(table)
+
+
+@weights_app.command("fetch")
+@reports_errors
+def weights_fetch(
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Registry names (see `weights list`).")],
+    mirror: Annotated[
+        str | None,
+        typer.Option(envvar="PNEUMOTRIAGE_MIRROR", help="Base URL that replaces the publisher's: MIRROR/<file>."),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option(envvar="PNEUMOTRIAGE_OFFLINE", help="Forbid the network (use `weights import`).")
+    ] = False,
+    allow_unpinned: Annotated[
+        bool, typer.Option(help="Accept a weight whose publisher gives no hash, and record the hash seen.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Download again even if a verified copy is cached.")] = False,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            help="Train weights that have a recipe (the demo's) on this machine instead of copying the shipped "
+            "files, and compare them with those (a few minutes on a 2-core CPU)."
+        ),
+    ] = False,
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Download weights into the cache, verifying each file's sha256 before it is kept. Bundled weights (the
+    demo's) are copied from the package."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    cache = _cache()
+    specs = _specs(cache, names)
+    if rebuild:
+        _rebuild(cache, specs, precision)
+        return
+    for spec in specs:
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(spec.name, total=None)
+
+            def report(done: int, total: int | None, task: Any = task, progress: Any = progress) -> None:
+                progress.update(task, completed=done, total=total)
+
+            path, digest = cache.fetch(
+                spec, mirror=mirror, offline=offline, allow_unpinned=allow_unpinned, force=force, progress=report
+            )
+        note = "" if spec.pinned else " (unpinned: this hash is now recorded and checked from here on)"
+        err.print(f"[green]ok[/] {spec.name}: sha256 {digest}{note}", highlight=False)
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _rebuild(cache: Any, specs: list[Any], precision: str) -> None:
+    """``weights fetch --rebuild``: build the demo weights from their recipe, then say how each compares with the
+    shipped file, bytes and validation figures."""
+    from rich.progress import Progress
+
+    from pneumotriage.demo import NAMES, build_all, quality
+    from pneumotriage.weights import bundled_path
+
+    no_recipe = [spec.name for spec in specs if not spec.recipe]
+    if no_recipe:
+        raise UsageError(f"--rebuild: {', '.join(no_recipe)} has no build recipe (only the demo weights have one)")
+    err.print(
+        f"building {' and '.join(NAMES)} together from the recipe in pneumotriage/demo.py "
+        "(the segmenter's thresholds are tuned with the classifier)",
+        highlight=False,
+    )
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(f"training {NAMES[-1]}", total=None)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "epoch_start":
+                bar.update(task, total=event["epochs"], completed=event["epoch"])
+
+        built = build_all(cache, progress=on_event, precision=precision)
+    for name, (path, digest) in zip(NAMES, built, strict=True):
+        spec = cache.registry.get_spec(name)
+        shipped = bundled_path(spec) if spec.bundled else None
+        if shipped is None or not shipped.is_file():
+            compare = "no shipped file to compare with"
+        elif digest == spec.sha256:
+            compare = "the same bytes as the shipped file"
+        else:
+            here, there = quality(path), quality(shipped)
+            figures = ", ".join(f"{k} {here.get(k, float('nan')):.3f} (shipped {v:.3f})" for k, v in there.items())
+            compare = f"different bytes from the shipped file; validation {figures}"
+        err.print(f"[green]built[/] {name}: sha256 {digest}: {compare}", highlight=False)
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@weights_app.command("verify")
+@reports_errors
+def weights_verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="[NAME...]", help="Registry names; default every cached weight.")
+    ] = None,
+) -> None:
+    """Re-hash cached weights. Exit 1 if any named weight is missing or any cached file does not match."""
+    cache = _cache()
+    failed = 0
+    for spec in _specs(cache, names):
+        st = cache.status(spec, rehash=True)
+        if st.status == "missing" and not names:
+            continue
+        if st.status == "verified":
+            err.print(f"[green]verified[/] {spec.name}: {st.sha256}", highlight=False)
+            continue
+        failed += 1
+        try:
+            cache.verify(spec)
+        except PneumotriageError as exc:
+            err.print(f"[bold red]{st.status}[/] {exc}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@weights_app.command("import")
+@reports_errors
+def weights_import(
+    name: Annotated[str, typer.Argument(help="Registry name.")],
+    file: Annotated[Path, typer.Argument(help="The file, copied by hand (USB, internal share).")],
+    allow_unpinned: Annotated[
+        bool, typer.Option(help="Accept a weight whose publisher gives no hash, and record this file's hash.")
+    ] = False,
+) -> None:
+    """Side-load a weight file into the cache after checking its sha256."""
+    cache = _cache()
+    path, digest = cache.import_file(cache.registry.get_spec(name), file, allow_unpinned=allow_unpinned)
+    err.print(f"[green]ok[/] {name}: sha256 {digest}", highlight=False)
+    out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@weights_app.command("path")
+@reports_errors
+def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) -> None:
+    """Print the cached file of a weight (exit 3 with the commands that get it if it is missing)."""
+    cache = _cache()
+    out.print(str(cache.require(cache.registry.get_spec(name))), highlight=False, soft_wrap=True)

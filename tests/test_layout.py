@@ -1,0 +1,143 @@
+"""The package's layering, read from its source with ``ast``: every import, at module level or inside a function,
+is an edge; the graph must have no cycle, the ground floor must import nothing above it, and nothing inside the
+package may import the package facade (``pneumotriage/__init__.py``) or the command line."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pneumotriage"
+#: Modules every layer may use; they import only each other.
+GROUND = {"pneumotriage.version", "pneumotriage.errors", "pneumotriage.io", "pneumotriage.runtime"}
+#: The top: the facade and the command line, which nothing in the package imports (``__main__`` runs the CLI).
+TOP = {"pneumotriage", "pneumotriage.cli"}
+#: The layers, lowest first, as README's "How the code is laid out" lists them; a name ending in "." stands for
+#: a package and all its modules. A module may import from its own layer and those before it.
+LAYERS = [
+    ["version", "errors", "io", "runtime", "normalisations"],
+    ["dicom", "rle"],
+    ["labels", "metrics"],
+    ["folds"],
+    ["losses", "postprocess"],
+    ["plots"],
+    ["datasets", "synth"],
+    ["weights"],
+    ["models."],
+    ["scan."],
+    ["train", "tune", "evaluate"],
+    ["submit", "demo"],
+    ["cli."],
+    ["", "__main__"],
+]
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix("pneumotriage").removeprefix(".")
+    for i, layer in enumerate(LAYERS):
+        for entry in layer:
+            if name == entry or (entry.endswith(".") and (name == entry[:-1] or name.startswith(entry))):
+                return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and to README's layout")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from a.b import c`` counts ``a.b.c`` where that is a
+    module, else ``a.b``). A module inside a package imports its package's ``__init__`` only when it names it."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    targets.append(full if full in modules else base)
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path that returns to its start, or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = import_graph()
+    # The walk sees imports at module level, inside functions and relative ones.
+    assert {"pneumotriage.models", "pneumotriage.scan.engine"} <= graph["pneumotriage.scan.ranks"]
+    assert "pneumotriage.models.spec" in graph["pneumotriage.models.ensemble"]
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_planted_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_ground_floor_imports_nothing_above_it() -> None:
+    graph = import_graph()
+    assert GROUND <= set(graph)
+    upward = {m: sorted(graph[m] - GROUND) for m in GROUND if graph[m] - GROUND}
+    assert not upward, upward
+
+
+def test_nothing_in_the_package_imports_the_facade_or_the_cli() -> None:
+    graph = import_graph()
+    offenders = {
+        m: sorted(graph[m] & TOP) for m in graph if m not in TOP | {"pneumotriage.__main__"} and graph[m] & TOP
+    }
+    assert not offenders, offenders
+
+
+def test_every_import_points_down_the_layers() -> None:
+    graph = import_graph()
+    upward = {m: sorted(i for i in imported if layer_of(i) > layer_of(m)) for m, imported in graph.items()}
+    upward = {m: found for m, found in upward.items() if found}
+    assert not upward, upward
+
+
+def test_the_layers_are_those_the_readme_lists() -> None:
+    """Every top-level module and package of the layer list has its line in README's layout section."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## How the code is laid out") :].split("\n## ")[0]
+    for layer in LAYERS:
+        for entry in layer:
+            if entry and entry != "__main__":
+                assert (entry[:-1] + "/" if entry.endswith(".") else entry + ".py") in layout, entry
