@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import TINY_SIZE
 
 from pneumotriage.synth import StudySummary, write_study
+from pneumotriage.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,72 @@ def _private_weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch
     monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(tmp_path_factory.mktemp("pneumotriage-home")))
     monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE", raising=False)
     monkeypatch.delenv("PNEUMOTRIAGE_MIRROR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small models trained for two epochs at 64 px: enough to run the cascade, not to be right."""
+    root = tmp_path_factory.mktemp("scan-models")
+    study = write_study(root / "study", 16, positive_rate=0.5, size=(128, 128), seed=5, ptx_scale=2.0)
+    paths = {}
+    for kind, extra in (("classifier", {"arch": "efficientnet_b0"}), ("segmenter", {"encoder": "efficientnet_b0"})):
+        cfg = TrainConfig(
+            kind=kind,
+            data=str(study.out),
+            labels=str(study.labels_csv),
+            out=str(root / kind),
+            image_size=64,
+            batch_size=4,
+            epochs=2,
+            workers=0,
+            device="cpu",
+            val_fraction=0.34,
+            pretrained=False,
+            augment="none",
+            **extra,
+        )
+        train(cfg)
+        paths[kind] = root / kind / "best.pt"
+    return paths
+
+
+@pytest.fixture
+def scan_input(study: StudySummary, tmp_path: Path) -> Path:
+    """The 12-image study, a truncated DICOM and a text file."""
+    folder = tmp_path / "in"
+    shutil.copytree(study.out, folder)
+    (folder / "train-rle.csv").unlink()
+    (folder / "manifest.json").unlink()
+    first = next(folder.rglob("*.dcm"))
+    (folder / "broken.dcm").write_bytes(first.read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySummary, Path, Path]:
+    """A 48-image 64-px study and a ResNet34 classifier and UNet/ResNet34 segmenter trained on it briefly."""
+    from pneumotriage.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    study = write_study(root / "study", 48, positive_rate=0.5, size=(TINY_SIZE, TINY_SIZE), seed=5, ptx_scale=2.0)
+    common = {
+        "data": str(study.out),
+        "labels": str(study.labels_csv),
+        "image_size": TINY_SIZE,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "seed": 0,
+        "device": "cpu",
+        "workers": 0,
+        "val_fraction": 1 / 3,
+        "pretrained": False,
+        "augment": "none",
+    }
+    torch.manual_seed(0)
+    cls = train(TrainConfig(kind="classifier", out=str(root / "cls"), arch="resnet34", epochs=6, **common))
+    seg = train(
+        TrainConfig(kind="segmenter", out=str(root / "seg"), arch="unet", encoder="resnet34", epochs=10, **common)
+    )
+    # the last epoch: at 64 px the segmenter's best validation epoch can be one that outlines nothing yet
+    return study, cls.run_dir / "best.pt", seg.run_dir / "last.pt"

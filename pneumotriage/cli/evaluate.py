@@ -133,7 +133,7 @@ def evaluate(
             "data": str(data),
             "scan": str(out_dir / "scan"),
             "models": summary.models,
-            "thresholds": summary.thresholds,
+            "thresholds": summary.thresholds.as_dict(),
             "score": "classifier probability" if loaded_cls is not None else "segmenter image score",
         }
         evaluation = evaluate_results(
@@ -211,6 +211,7 @@ def tune(
     """Choose the gate, the triplet (top_score, min_area, bottom_score) and the smallest component kept to
     maximise the competition score on labelled images, and write them into a copy of the segmenter checkpoint.
     A setting that outlines none of the positive images is refused unless --force."""
+    from pneumotriage.postprocess import Thresholds
     from pneumotriage.tune import Grid
     from pneumotriage.tune import tune as run_tune
     from pneumotriage.weights import default_home
@@ -260,7 +261,7 @@ def tune(
             oof=oof,
         )
     table = Table(title="best settings (competition Dice on these images)", title_justify="left")
-    names = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+    names = Thresholds.NAMES
     for col in (*names, "competition Dice", ""):
         table.add_column(col, justify="right")
     chosen_row = {k: result.thresholds[k] for k in names}

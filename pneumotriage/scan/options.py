@@ -57,7 +57,7 @@ class ScanOptions:
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
         scan writes anything: a gate of 2 or NaN would silently make every image routine."""
-        for name in ("gate", "top_score", "bottom_score", "min_area", "min_component"):
+        for name in Thresholds.NAMES:
             _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
         _check_probability("--urgent-probability", self.urgent_probability)
         if self.batch_size is not None and self.batch_size < 1:

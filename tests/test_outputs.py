@@ -1,0 +1,49 @@
+"""The scan's outputs besides the report: worklist.json without PHI, safe file names, the patient's side."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from helpers import scan_args
+from typer.testing import CliRunner
+
+from pneumotriage.cli import app
+from pneumotriage.scan.discover import safe_name
+from pneumotriage.scan.finish import patient_side
+from pneumotriage.synth import StudySummary
+
+
+def test_no_phi_and_json(scan_input: Path, models: dict[str, Path], tmp_path: Path, study: StudySummary) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*scan_args(scan_input, out, models), "--no-phi", "--json"])
+    assert result.exit_code == 4
+    document = json.loads(result.stdout)
+    assert len(document["worklist"]) == 13 and "patient_id" not in document["worklist"][0]
+    patients = {im.patient_id for im in study.images}
+    for name in ("worklist.csv", "worklist.json", "report.html", "submission.csv"):
+        # Embedded pictures are base64: any three letters turn up there by chance. The text is what counts.
+        text = re.sub(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", "", (out / name).read_text())
+        assert not any(p in text for p in patients), name
+        assert "SYN" not in text  # accession numbers of the phantoms
+
+
+def test_safe_names() -> None:
+    taken: set[str] = set()
+    assert safe_name("../../etc/passwd", taken) == "etc_passwd"
+    assert safe_name("a/b", taken) == "a_b"
+    second = safe_name("a:b", taken)
+    assert second.startswith("a_b-") and second != "a_b"
+    assert safe_name("...", taken) == "image"
+    assert all("/" not in n and not n.startswith(".") for n in taken)
+
+
+def test_patient_side() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[2:5, 1:3] = True  # image left = patient's right
+    assert patient_side(mask) == "right"
+    assert patient_side(mask[:, ::-1]) == "left"
+    assert patient_side(mask | mask[:, ::-1]) == "both"
+    assert patient_side(np.zeros((4, 4), dtype=bool)) is None
