@@ -4,7 +4,7 @@ They exist so that ``pneumotriage demo`` (and anyone without SIIM-ACR data or a 
 offline. They are registered in ``weights.toml`` with ``clinical = false``: never a default for real images, and
 every output of a scan that uses them says "synthetic — not for clinical use".
 
-The files ship inside the package (``pneumotriage/bundled/``, 4 MB in all: compact DenseNets stored in half
+The files ship inside the package (``pneumotriage/bundled/``, 4.6 MB in all: compact DenseNets stored in half
 precision by :func:`pack`), pinned by sha256 in ``weights.toml``, so the first demo needs no training.
 ``pneumotriage weights fetch demo-classifier demo-segmenter --rebuild`` runs the recipe (:data:`RECIPES`) on this
 machine instead. Training is seeded, so the same machine and torch give the same bytes; elsewhere the bytes may
