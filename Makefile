@@ -5,23 +5,36 @@ PY := $(VENV)/bin/python
 # What the tool needs (the demo, the benchmarks), and on top of it the dev tools (pytest, ruff, mypy).
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# Peers the tests check imported models against (tests/test_imports.py), in a folder of their own that only those
+# tests put on their path: TorchXRayVision and what it imports beyond our own dependencies.
+REFERENCE := $(VENV)/reference
+REFERENCE_PACKAGES := torchxrayvision==1.5.7 pandas imageio requests python-dateutil pytz tzdata six urllib3 idna \
+	charset-normalizer certifi
 
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e .
-	touch $(STAMP)
+	@test -x $(PY) || { echo "make: creating the virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing pneumotriage and what it needs into $(VENV) (torch is most of it: about 2 minutes"
+	@echo "      and 3-6 GB on a first run, seconds once installed; see README 'Set-up' for CPU-only torch)"
+	$(PY) -m pip install --progress-bar on --no-input -e .
+	@touch $(STAMP)
+	@echo "make: pneumotriage installed in $(VENV)"
 
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(DEV_STAMP)
+	@echo "make: installing the dev tools (pytest, ruff, mypy, highdicom, build) into $(VENV)"
+	$(PY) -m pip install --progress-bar on --no-input -e '.[dev]'
+	@echo "make: installing the reference packages the import tests compare against into $(REFERENCE) (not the tool's)"
+	rm -rf $(REFERENCE)
+	$(PY) -m pip install --quiet --no-input --no-deps --target $(REFERENCE) $(REFERENCE_PACKAGES)
+	@touch $(DEV_STAMP)
 
 demo: $(STAMP)
+	@echo "make: scanning the built-in synthetic study with the shipped demo models (about 10 s)"
 	$(VENV)/bin/pneumotriage demo
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check pneumotriage tests benchmarks

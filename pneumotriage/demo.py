@@ -29,6 +29,7 @@ from pneumotriage.weights import WeightCache, WeightSpec
 if TYPE_CHECKING:
     from pneumotriage.scan import ScanOptions, ScanSummary
     from pneumotriage.synth import StudySummary
+    from pneumotriage.train import TrainConfig
 
 #: What each demo weight is trained as: a training config on the study that :func:`demo_training_study` makes.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -135,15 +136,24 @@ def quality(path: Path) -> dict[str, float]:
     return {k: float(figures[k]) for k in keys if isinstance(figures.get(k), int | float)}
 
 
-def _train(spec: WeightSpec, study: Path, run: Path, progress: Progress | None, precision: str) -> Path:
+def _train(
+    spec: WeightSpec, recipe: dict[str, Any], study: Path, run: Path, progress: Progress | None, precision: str
+) -> Path:
     """Train one demo weight by its recipe on ``study``; returns its best checkpoint."""
-    from pneumotriage.runtime import cpu_has_bf16
-    from pneumotriage.train import TrainConfig, train
+    from pneumotriage.train import train
 
-    recipe = RECIPES[spec.name]
+    train(recipe_config(spec, recipe, study, run, precision), progress=progress)
+    return run / "best.pt"
+
+
+def recipe_config(spec: WeightSpec, recipe: dict[str, Any], study: Path, run: Path, precision: str) -> TrainConfig:
+    """The training config a demo weight's recipe gives, on ``study``, writing to ``run``."""
+    from pneumotriage.runtime import cpu_has_bf16
+    from pneumotriage.train import TrainConfig
+
     if recipe["kind"] != spec.kind or spec.input_size != INPUT_SIZE:
         raise UsageError(f"weights.toml entry {spec.name!r} does not match its recipe (kind, input size)")
-    cfg = TrainConfig(
+    return TrainConfig(
         data=str(study),
         labels=str(study / "train-rle.csv"),
         out=str(run),
@@ -161,19 +171,26 @@ def _train(spec: WeightSpec, study: Path, run: Path, progress: Progress | None, 
         curves=False,  # the run folder is thrown away once the weight is in the cache
         **recipe,
     )
-    train(cfg, progress=progress)
-    return run / "best.pt"
 
 
-def _train_in_child(spec: WeightSpec, study: Path, run: Path, precision: str) -> Path:
+def _train_in_child(spec: WeightSpec, recipe: dict[str, Any], study: Path, run: Path, precision: str) -> Path:
     """:func:`_train` in a worker process, on one thread (the parent trains the other weight meanwhile)."""
     import torch
 
     torch.set_num_threads(1)
-    return _train(spec, study, run, None, precision)
+    return _train(spec, recipe, study, run, None, precision)
 
 
 NAMES = ("demo-classifier", "demo-segmenter")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A smaller run of the recipe: ``epochs`` for each model, ``images`` phantoms in the training and the tuning
+    study. Its tuning is forced (``tune --force``): so brief a segmenter may outline nothing yet."""
+
+    epochs: int
+    images: int
 
 
 def build_all(
@@ -182,6 +199,7 @@ def build_all(
     progress: Progress | None = None,
     work_dir: Path | None = None,
     precision: str = "auto",
+    scale: Scale | None = None,
 ) -> list[tuple[Path, str]]:
     """Build both demo weights by their recipes and put them in the cache as built here; returns each one's
     (path, sha256), classifier first.
@@ -193,7 +211,10 @@ def build_all(
     On a machine with two or more cores the classifier trains in a worker process on one thread and the
     segmenter here, on one thread until :data:`ALL_CORES_FROM_EPOCH` and on all of them after. ``progress`` follows the
     segmenter. The study and the worker are spawned processes, which re-import the calling script: call this
-    from the CLI or from behind ``if __name__ == "__main__":``."""
+    from the CLI or from behind ``if __name__ == "__main__":``.
+
+    ``scale`` runs the same steps on a smaller recipe (fewer epochs and phantoms): what the test suite does to
+    check the build path in a minute rather than eight; its weights are not the shipped ones' equal."""
     import torch
 
     from pneumotriage.models import load_model
@@ -204,9 +225,15 @@ def build_all(
     for spec in (cls_spec, seg_spec):
         if spec.recipe != "demo" or spec.name not in RECIPES:
             raise UsageError(f"weight {spec.name!r} has no build recipe; known: {', '.join(RECIPES)}")
+    recipes = {name: dict(RECIPES[name]) for name in NAMES}
+    training, tuning_study = dict(TRAINING_STUDY), dict(TUNING_STUDY)
+    if scale is not None:
+        for recipe in recipes.values():
+            recipe["epochs"] = scale.epochs
+        training["n"], tuning_study["n"] = scale.images, scale.images
     tmp = Path(tempfile.mkdtemp(prefix="pneumotriage-demo-", dir=work_dir))
     try:
-        study = demo_training_study(tmp / "study")
+        study = demo_training_study(tmp / "study", training)
         runs = [tmp / f"run-{name}" for name in NAMES]
         threads = torch.get_num_threads()
         if usable_cores() > 1:
@@ -215,7 +242,7 @@ def build_all(
 
             pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             try:
-                child = pool.submit(_train_in_child, cls_spec, study, runs[0], precision)
+                child = pool.submit(_train_in_child, cls_spec, recipes[cls_spec.name], study, runs[0], precision)
                 torch.set_num_threads(1)
 
                 def watch(event: dict[str, Any]) -> None:
@@ -227,17 +254,17 @@ def build_all(
                     if progress is not None:
                         progress(event)
 
-                segmenter = _train(seg_spec, study, runs[1], watch, precision)
+                segmenter = _train(seg_spec, recipes[seg_spec.name], study, runs[1], watch, precision)
                 classifier = child.result()
             finally:
                 torch.set_num_threads(threads)
                 pool.shutdown(cancel_futures=True)
         else:
-            classifier = _train(cls_spec, study, runs[0], progress, precision)
-            segmenter = _train(seg_spec, study, runs[1], progress, precision)
+            classifier = _train(cls_spec, recipes[cls_spec.name], study, runs[0], progress, precision)
+            segmenter = _train(seg_spec, recipes[seg_spec.name], study, runs[1], progress, precision)
         classifier = pack(classifier, tmp / cls_spec.file)
         tuned = tmp / "tuned.pt"
-        tuning = demo_training_study(tmp / "tuning", TUNING_STUDY)
+        tuning = demo_training_study(tmp / "tuning", tuning_study)
         tune(
             tuning,
             tuning / "train-rle.csv",
@@ -249,6 +276,8 @@ def build_all(
             device="cpu",
             workers=0,
             tta=True,  # as the demo scans
+            # a smaller run may not outline anything yet; the full recipe's tuning must find a setting that does
+            force=scale is not None,
         )
         segmenter = pack(tuned, tmp / seg_spec.file)
         return [

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import importlib.resources
 import json
 import os
 import tempfile
@@ -131,12 +132,19 @@ _FIELDS = frozenset(WeightSpec.__dataclass_fields__) - {"name"}
 
 
 def default_registry_path() -> Path:
-    """``$PNEUMOTRIAGE_REGISTRY``, else the ``weights.toml`` at the top of the source tree."""
+    """``$PNEUMOTRIAGE_REGISTRY``; else the copy of ``weights.toml`` that the wheel build puts inside the package
+    (an installed tool); else the ``weights.toml`` at the top of the source tree (a checkout, an editable install).
+
+    The repository keeps one file, at its top; only a built wheel holds the packaged copy, so a checkout can never
+    read a stale one."""
     env = os.environ.get("PNEUMOTRIAGE_REGISTRY")
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "weights.toml"
 
+    packaged = importlib.resources.files("pneumotriage").joinpath("weights.toml")
+    if isinstance(packaged, Path) and packaged.is_file():
+        return packaged
 
 def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
     def bad(what: str) -> WeightError:

@@ -200,8 +200,8 @@ def test_evaluate_and_tune_take_registry_names(
             f'normalisation = "imagenet"\nurl = "https://weights.invalid/tiny-{kind}.pt"\n'
             f'file = "tiny-{kind}.pt"\nsha256 = "{sha(path)}"\n\n'
             for kind, arch, encoder, path in (
-                ("classifier", "resnet34", "", cls),
-                ("segmenter", "unet", 'encoder = "resnet34"\n', seg),
+                ("classifier", "densenet_mini", "", cls),
+                ("segmenter", "unet", 'encoder = "densenet_mini"\n', seg),
             )
         )
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pneumotriage.cli.console import (
@@ -74,12 +75,10 @@ def weights_list(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(
-        title=f"weights in {cache.registry.path} (cache {cache.dir})",
-        title_justify="left",
-        box=None,
-        padding=(0, 1, 0, 0),
-    )
+    # whole paths, never folded at the table's width: a user copies them
+    out.print(f"registry: {escape(str(cache.registry.path))}", highlight=False, soft_wrap=True)
+    out.print(f"cache:    {escape(str(cache.dir))}", highlight=False, soft_wrap=True)
+    table = Table(box=None, padding=(0, 1, 0, 0))
     table.add_column("name", no_wrap=True)
     for col in ("kind", "model", "size", "sha256", "status"):
         # Whole words ("classifier", never "classifi" over "er"); the model folds at its spaces.
