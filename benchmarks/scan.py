@@ -47,6 +47,7 @@ import torchvision
 from torch import nn
 
 from pneumotriage.models import LoadedModel, ModelSpec, build_model, save_checkpoint
+from pneumotriage.pipelines import InputKey
 from pneumotriage.runtime import autocast_for, pick_device, usable_cores
 from pneumotriage.scan import ScanOptions
 from pneumotriage.scan import run as scan
@@ -154,7 +155,7 @@ def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
     """The decode stage alone: the same worker processes reading and decoding every file into the slot arena,
     with the same window of files in flight, nothing else."""
     window = 2 + 2 * workers
-    with Workers(workers, slots=window, sizes=[size], map_size=None) as pool:
+    with Workers(workers, slots=window, keys=[InputKey(size)], map_size=None) as pool:
         t0 = time.perf_counter()
         pending: deque[Future[Any]] = deque()
         free = deque(range(window))

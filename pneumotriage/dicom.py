@@ -600,6 +600,23 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
     )
 
 
+def stored_pixels(ds: Dataset, header: DicomHeader) -> np.ndarray:
+    """The first frame's stored values as the file holds them, decoded in full: no LUT, no inversion, no
+    scaling (what ``ds.pixel_array`` gives, as an imported model's own pipeline reads it). Raises
+    :class:`CorruptPixelDataError` naming the file where the pixel data does not decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
+    except _PARSE_ERRORS as exc:
+        raise CorruptPixelDataError(
+            f"pixel data does not decode ({_first_line(exc)})",
+            path=header.path,
+            hint="the file is truncated or damaged; re-export it",
+        ) from None
+    return np.asarray(arr)
+
+
 def jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
     """(rows, columns) from a JPEG codestream's start-of-frame marker, read without decoding; None where the
     stream has no readable SOF before its scan data."""
@@ -719,6 +736,11 @@ def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -
         # MONOCHROME1: the minimum value is displayed white. Invert after the LUTs (PS3.3 C.7.6.3.1.2).
         out = -out
     return out
+
+
+def grey_values(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """Stored values through the modality and VOI LUTs as float32, denser = larger (MONOCHROME1 inverted)."""
+    return _to_grey(arr, ds, photometric, [])
 
 
 def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:

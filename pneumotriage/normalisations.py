@@ -12,3 +12,23 @@ NORMALISATIONS: dict[str, tuple[float, float]] = {
     "xrv": (0.5, 1.0 / 2048.0),
     "unit": (0.0, 1.0),
 }
+
+#: name -> (per-channel means, per-channel standard deviations) of a three-channel network: the grey image is
+#: repeated on each channel (what Pillow's ``convert("RGB")`` of a grey PNG gives), then scaled channel by channel.
+RGB_NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    # torchvision's transforms.Normalize with ImageNet's statistics (CheXNet, Keras DenseNet on /255 input).
+    "imagenet-rgb": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def channels_of(normalisation: str) -> int:
+    """How many input channels the network behind a normalisation takes."""
+    return 3 if normalisation in RGB_NORMALISATIONS else 1
+
+
+def known(normalisation: str) -> bool:
+    return normalisation in NORMALISATIONS or normalisation in RGB_NORMALISATIONS
+
+
+def names() -> list[str]:
+    return [*NORMALISATIONS, *RGB_NORMALISATIONS]

@@ -46,6 +46,7 @@ from pneumotriage.io import file_key
 from pneumotriage.labels import RleLabels, read_rle_csv
 from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
 from pneumotriage.models import LoadedModel, save_checkpoint
+from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import EIGHT_CONNECTED, Thresholds, min_confident, resize_window, scaled_area
 from pneumotriage.runtime import Progress
 from pneumotriage.scan.options import ScanOptions, scan_thresholds
@@ -184,7 +185,7 @@ def predict(
         options, torch_device, max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else []))
     )
     size = segmenter.spec.input_size
-    sizes = [size] + ([classifier.spec.input_size] if classifier is not None else [])
+    keys = [segmenter.spec.input_key] + ([classifier.spec.input_key] if classifier is not None else [])
     n = len(records)
     work = folder.with_name(f"{folder.name}.partial-{os.getpid()}") if folder is not None else scratch
     shutil.rmtree(work, ignore_errors=True)
@@ -202,24 +203,24 @@ def predict(
     done = 0
     window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
     slots = window + plan.batch_size
-    with Workers(plan.workers, slots=slots, sizes=sizes, map_size=None) as pool:
+    with Workers(plan.workers, slots=slots, keys=keys, map_size=None) as pool:
         stream = Stream(
             Discovery([], files),
             pool,
             batch_size=plan.batch_size,
             window=window,
             device=torch_device,
-            jpeg_on_device=plan.jpeg_on_device,
+            jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
         )
         for batch in stream:
             unreadable += [decoded.error or str(found.path) for found, decoded in batch.failed]
             index = [int(item.found.key) for item in batch.items]
             done += len(index) + len(batch.failed)
             if index:
-                probs, _ = segment(segmenter, batch.inputs[size], torch_device, tta)
+                probs, _ = segment(segmenter, batch.inputs[segmenter.spec.input_key], torch_device, tta)
                 maps[index] = probs.cpu().numpy()
                 if classifier is not None and cls is not None:
-                    cls[index] = classify(classifier, batch.inputs[classifier.spec.input_size], torch_device)
+                    cls[index] = classify(classifier, batch.inputs[classifier.spec.input_key], torch_device)
                 shapes[index] = np.asarray([item.decoded.shape for item in batch.items])
                 ok[index] = True
             for item in batch.items:

@@ -41,7 +41,8 @@ from typing import Any, Literal
 
 from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_text, sha256_file
-from pneumotriage.normalisations import NORMALISATIONS
+from pneumotriage.normalisations import known, names
+from pneumotriage.pipelines import NATIVE, PIPELINES
 
 KINDS = ("backbone", "classifier", "segmenter")
 Status = Literal["missing", "cached", "verified", "corrupt"]
@@ -112,6 +113,7 @@ class WeightSpec:
     default: bool = False
     recipe: str | None = None
     bundled: bool = False
+    pipeline: str = NATIVE
 
     @property
     def pinned(self) -> bool:
@@ -140,11 +142,11 @@ def default_registry_path() -> Path:
     env = os.environ.get("PNEUMOTRIAGE_REGISTRY")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "weights.toml"
-
     packaged = importlib.resources.files("pneumotriage").joinpath("weights.toml")
     if isinstance(packaged, Path) and packaged.is_file():
         return packaged
+    return Path(__file__).resolve().parent.parent / "weights.toml"
+
 
 def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
     def bad(what: str) -> WeightError:
@@ -158,8 +160,10 @@ def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
         raise bad(f"has unknown fields {', '.join(unknown)}; valid: {', '.join(sorted(_FIELDS))}")
     if table["kind"] not in KINDS:
         raise bad(f"has kind {table['kind']!r}; valid: {', '.join(KINDS)}")
-    if table["normalisation"] not in NORMALISATIONS:
-        raise bad(f"has normalisation {table['normalisation']!r}; valid: {', '.join(NORMALISATIONS)}")
+    if not known(table["normalisation"]):
+        raise bad(f"has normalisation {table['normalisation']!r}; valid: {', '.join(names())}")
+    if table.get("pipeline", NATIVE) not in PIPELINES:
+        raise bad(f"has pipeline {table['pipeline']!r}; valid: {', '.join(PIPELINES)}")
     for key, length in (("sha256", 64), ("sha256_prefix", None)):
         value = table.get(key)
         if value is None:
@@ -583,6 +587,17 @@ def resolve(
     return WeightCache(registry, home).require(spec), spec
 
 
+#: What torch.load raises on a file that is not a checkpoint at all (a text file, a truncated or damaged one): the
+#: pickle machinery fails wherever the bytes lead it.
+READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError)
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception's first line, or its type's name where it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Load a weight file with ``weights_only=True``; a file with pickled code in it is refused, not run."""
     import pickle
@@ -602,8 +617,8 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
             path=path,
             hint="use a plain state dict; never load files of unknown origin with weights_only=False",
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightError(f"not a readable weight file: {exc}".splitlines()[0], path=path) from None
+    except READ_ERRORS as exc:
+        raise WeightError(f"not a readable weight file: {error_line(exc)}", path=path) from None
     if not isinstance(obj, dict):
         raise WeightError(f"holds a {type(obj).__name__}, not a state dict or checkpoint", path=path)
     return obj

@@ -449,13 +449,14 @@ def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: 
     model in a scan as the same pixels, though the scan also decodes the image at its display size: the demo
     classifier gave a negative 0.72 on the display copy shrunk, 0.21 on training's pixels."""
     from pneumotriage.datasets import prepare_image
+    from pneumotriage.pipelines import InputKey
     from pneumotriage.scan.decode import SlotArena, decode_into
     from pneumotriage.synth import write_study
 
     study = write_study(tmp_path / "s", 1, positive_rate=1.0, size=(side, side), seed=3)
     path = study.out / study.images[0].path
-    arena = SlotArena(1, (size, 64), None, inherited=True)
+    arena = SlotArena(1, (InputKey(size), InputKey(64)), None, inherited=True)
     decode_into(read(path, want_jpeg=False), arena, 0)
     for s in (size, 64):
         trained_on = prepare_image(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
-        np.testing.assert_array_equal(arena.image(0, s), trained_on)
+        np.testing.assert_array_equal(arena.image(0, InputKey(s)), trained_on)

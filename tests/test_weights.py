@@ -165,7 +165,7 @@ def test_shipped_registry_parses_and_matches_torchvision() -> None:
         assert spec.sha256_prefix and spec.url.endswith(f"-{spec.sha256_prefix}.pth")
     xrv = reg["xrv-resnet50-res512-all"]
     assert not xrv.pinned and xrv.output_label == "Pneumothorax" and xrv.output_index == 3 and xrv.outputs == 18
-    assert xrv.normalisation == "xrv" and "Apache" in xrv.licence
+    assert (xrv.pipeline, xrv.normalisation) == ("xrv", "unit") and "Apache" in xrv.licence
 
 
 _ENTRY = '[x]\nkind = "backbone"\narch = "a"\nurl = "u"\nfile = "f"\ninput_size = 1\nnormalisation = "unit"\n'

@@ -240,3 +240,55 @@ def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) ->
     """Print the cached file of a weight (exit 3 with the commands that get it if it is missing)."""
     cache = _cache()
     out.print(str(cache.require(cache.registry.get_spec(name))), highlight=False, soft_wrap=True)
+
+
+#: The formats `convert` knows (pneumotriage.imports.FORMATS; named here so that --help imports no torch).
+CONVERT_FORMATS = ("xrv-densenet121", "xrv-resnet50", "chexnet", "chexnet-jrzech")
+
+
+@reports_errors
+def convert(
+    file: Annotated[Path, typer.Argument(help="A public checkpoint (TorchXRayVision, CheXNet, ...).")],
+    out_path: Annotated[Path, typer.Option("--out", help="The pneumotriage checkpoint to write.")],
+    source_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="The file's format where it cannot be told from the file: " + ", ".join(CONVERT_FORMATS)
+        ),
+    ] = None,
+    crops: Annotated[
+        str | None,
+        typer.Option(help="Test-time crops other than the publisher's: centre (one crop) or ten (TenCrop)."),
+    ] = None,
+    gate: Annotated[
+        float | None,
+        typer.Option(help="The probability gate; default the publisher's operating point, else 0.5."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was recorded as JSON on stdout.")] = False,
+) -> None:
+    """Turn a model brought from elsewhere into a pneumotriage checkpoint that scan, submit, evaluate and tune
+    take: its weights, the output used, its publisher's input pipeline and where it came from. Nothing in the
+    file runs; the model is not validated by pneumotriage."""
+    from pneumotriage.imports import convert as convert_file
+
+    if crops is not None and crops not in ("none", "centre", "ten"):
+        raise UsageError(f"--crops {crops!r}: choose none, centre or ten")
+    done = convert_file(file, out_path, format=source_format, crops=crops, gate=gate)
+    if as_json:
+        print(json.dumps({"checkpoint": str(done.path), "gate": done.gate, **done.imported}, indent=2))
+        return
+    info = done.imported
+    lines = [
+        f"[green]converted[/] {escape(info['title'])}",
+        f"  source:   {escape(info['file'])} (sha256 {info['sha256']}); {escape(info['publisher'])}",
+        f"  licence:  {escape(info['licence'])}",
+        f"  output:   {escape(info['output_label'])} (output {info['output_index']} of {len(info['outputs'])})",
+        f"  pipeline: {info['pipeline']}: {escape(info['pipeline_steps'])}",
+        f"  views:    {escape(info['evaluation'])}",
+        f"  gate:     {done.gate:g} ({info['gate_from']})",
+        "  [yellow]trained by a third party on real images; not validated by pneumotriage: clinical use is your "
+        "decision[/]",
+    ]
+    for line in lines:
+        err.print(line, highlight=False, soft_wrap=True)
+    out.print(escape(str(done.path)), highlight=False, soft_wrap=True)

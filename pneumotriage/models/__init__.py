@@ -78,7 +78,13 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     if spec.kind == "classifier":
         state = imagenet_state(spec.arch) if pretrained else None
         model = Classifier(
-            spec.arch, state, outputs=spec.outputs, output_index=spec.output_index, normalisation=spec.normalisation
+            spec.arch,
+            state,
+            outputs=spec.outputs,
+            output_index=spec.output_index,
+            normalisation=spec.normalisation,
+            crops=spec.crops,
+            crop_size=spec.crop_size,
         )
     else:
         assert spec.encoder is not None
@@ -199,6 +205,7 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
             normalisation=registry_spec.normalisation,
             outputs=registry_spec.outputs or 1,
             output_index=registry_spec.output_index or 0,
+            pipeline=registry_spec.pipeline,
         )
         state = data
         thresholds = {**DEFAULT_THRESHOLDS[spec.kind], **registry_spec.thresholds}

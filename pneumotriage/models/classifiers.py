@@ -1,8 +1,10 @@
 """Image-level classifiers: is there a pneumothorax? torchvision backbones with one input channel.
 
-``forward(x)`` takes ``(B, 1, H, W)`` grey images in [0, 1] (any size of at least 32) and returns the
-pneumothorax logit ``(B,)``. A multi-label network (TorchXRayVision's 18 findings) keeps all its outputs and
-reports the one at ``output_index``.
+``forward(x)`` takes ``(B, 1, H, W)`` grey images (any size of at least 32; in [0, 1] from the tool's own pipeline)
+and returns the pneumothorax logit ``(B,)``. A multi-label network (TorchXRayVision's 18 findings, CheXNet's 14)
+keeps all its outputs and reports the one at ``output_index``. An imported three-channel network (an RGB
+normalisation) keeps its RGB first convolution and sees the grey image on each channel; test-time crops
+(CheXNet's TenCrop) average the crops' probabilities, as the publisher's evaluation does.
 """
 
 from __future__ import annotations
@@ -16,32 +18,38 @@ from torch import nn
 
 from pneumotriage.models.encoders import densenet, grey_conv
 from pneumotriage.models.normalise import Normalise
+from pneumotriage.normalisations import channels_of
+
+Builder = Callable[[dict[str, Any] | None, int, bool], nn.Module]
+"""(ImageNet state dict or None, number of outputs, one grey input channel or three) -> the network."""
 
 
-def _densenet(name: str) -> Callable[[dict[str, Any] | None, int], nn.Module]:
-    def build(state: dict[str, Any] | None, outputs: int) -> nn.Module:
-        return cast(nn.Module, densenet(name, state, outputs))
+def _densenet(name: str) -> Builder:
+    def build(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
+        return cast(nn.Module, densenet(name, state, outputs, grey=grey))
 
     return build
 
 
-def _resnet(depth: int) -> Callable[[dict[str, Any] | None, int], nn.Module]:
-    def build(state: dict[str, Any] | None, outputs: int) -> nn.Module:
+def _resnet(depth: int) -> Builder:
+    def build(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
         net = {34: tvm.resnet34, 50: tvm.resnet50}[depth](weights=None)
         if state is not None:
             net.load_state_dict(state)
-        net.conv1 = grey_conv(net.conv1)
+        if grey:
+            net.conv1 = grey_conv(net.conv1)
         net.fc = nn.Linear(net.fc.in_features, outputs)
         return cast(nn.Module, net)
 
     return build
 
 
-def _efficientnet_b0(state: dict[str, Any] | None, outputs: int) -> nn.Module:
+def _efficientnet_b0(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
     net = tvm.efficientnet_b0(weights=None)
     if state is not None:
         net.load_state_dict(state)
-    net.features[0][0] = grey_conv(net.features[0][0])
+    if grey:
+        net.features[0][0] = grey_conv(net.features[0][0])
     head: nn.Sequential = net.classifier
     last = head[1]
     assert isinstance(last, nn.Linear)
@@ -49,14 +57,27 @@ def _efficientnet_b0(state: dict[str, Any] | None, outputs: int) -> nn.Module:
     return cast(nn.Module, net)
 
 
-#: arch -> builder(ImageNet state dict or None, number of outputs).
-CLASSIFIERS: dict[str, Callable[[dict[str, Any] | None, int], nn.Module]] = {
+#: arch -> builder.
+CLASSIFIERS: dict[str, Builder] = {
     "densenet121": _densenet("densenet121"),
     "resnet50": _resnet(50),
     "resnet34": _resnet(34),
     "efficientnet_b0": _efficientnet_b0,
     "densenet_mini": _densenet("densenet_mini"),
 }
+
+
+def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """torchvision's ``five_crop`` of a (B, C, H, W) batch: top-left, top-right, bottom-left, bottom-right, centre."""
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return [
+        x[..., :size, :size],
+        x[..., :size, w - size :],
+        x[..., h - size :, :size],
+        x[..., h - size :, w - size :],
+        x[..., top : top + size, left : left + size],
+    ]
 
 
 class Classifier(nn.Module):
@@ -68,6 +89,8 @@ class Classifier(nn.Module):
         outputs: int = 1,
         output_index: int = 0,
         normalisation: str = "imagenet",
+        crops: str = "none",
+        crop_size: int = 0,
     ) -> None:
         super().__init__()
         if arch not in CLASSIFIERS:
@@ -75,9 +98,21 @@ class Classifier(nn.Module):
         if not 0 <= output_index < outputs:
             raise ValueError(f"output_index {output_index} is not among {outputs} outputs")
         self.normalise = Normalise(normalisation)
-        self.backbone = CLASSIFIERS[arch](state, outputs)
+        self.backbone = CLASSIFIERS[arch](state, outputs, channels_of(normalisation) == 1)
         self.output_index = output_index
+        self.crops = crops
+        self.crop_size = crop_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.backbone(self.normalise(x))
-        return logits[:, self.output_index]
+        x = self.normalise(x)
+        if self.crops == "none":
+            logits: torch.Tensor = self.backbone(x)
+            return logits[:, self.output_index]
+        if self.crops == "centre":
+            crops = five_crops(x, self.crop_size)[4:]
+        else:
+            crops = five_crops(x, self.crop_size) + five_crops(torch.flip(x, dims=[-1]), self.crop_size)
+        logits = self.backbone(torch.cat(crops))[:, self.output_index].float()
+        # the publisher averages the crops' probabilities; the logit of that average goes on as any other logit
+        p = torch.sigmoid(logits).view(len(crops), x.shape[0]).mean(0)
+        return torch.logit(p.clamp(1e-7, 1 - 1e-7))

@@ -117,12 +117,14 @@ DENSENETS: dict[str, tuple[int, tuple[int, int, int, int], int]] = {
 }
 
 
-def densenet(name: str, state: dict[str, Any] | None = None, outputs: int = 1000) -> tvm.DenseNet:
-    """A torchvision DenseNet of shape ``name`` with one grey input channel (ImageNet ``state`` loaded first)."""
+def densenet(name: str, state: dict[str, Any] | None = None, outputs: int = 1000, *, grey: bool = True) -> tvm.DenseNet:
+    """A torchvision DenseNet of shape ``name`` with one grey input channel, or three (``grey=False``, an imported
+    RGB network); an ImageNet ``state`` is loaded first."""
     growth, blocks, initial = DENSENETS[name]
     net = tvm.DenseNet(growth, blocks, initial, num_classes=1000)
     load_backbone_state(net, state)
-    net.features.conv0 = grey_conv(net.features.conv0)
+    if grey:
+        net.features.conv0 = grey_conv(net.features.conv0)
     if outputs != 1000:
         net.classifier = nn.Linear(net.classifier.in_features, outputs)
     return net

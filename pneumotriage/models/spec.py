@@ -17,7 +17,8 @@ from pneumotriage.errors import UsageError
 from pneumotriage.models.classifiers import CLASSIFIERS
 from pneumotriage.models.encoders import ENCODERS
 from pneumotriage.models.segmenters import SEGMENTERS
-from pneumotriage.normalisations import NORMALISATIONS
+from pneumotriage.normalisations import known, names
+from pneumotriage.pipelines import NATIVE, PIPELINES, InputKey
 from pneumotriage.postprocess import Thresholds
 
 #: Default operating thresholds by model kind (:class:`~pneumotriage.postprocess.Thresholds`' defaults), used
@@ -26,6 +27,9 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "classifier": {"gate": Thresholds().gate},
     "segmenter": {k: v for k, v in Thresholds().as_dict().items() if k != "gate"},
 }
+
+
+CROPS = ("none", "centre", "ten")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,14 @@ class ModelSpec:
     outputs: int = 1
     output_index: int = 0
     empty_head: bool = False
+    #: How its input is made from a DICOM (:data:`pneumotriage.pipelines.PIPELINES`): the tool's own for a model
+    #: trained here, the publisher's for an imported one.
+    pipeline: str = NATIVE
+    #: A classifier's test-time crops of ``crop_size`` from its ``input_size`` input, probabilities averaged:
+    #: "none", "centre" (torchvision's CenterCrop) or "ten" (TenCrop: four corners and the centre, and the same
+    #: of the mirrored image).
+    crops: str = "none"
+    crop_size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind == "classifier":
@@ -49,9 +61,22 @@ class ModelSpec:
             _check(self.encoder or "", ENCODERS, "encoder")
         else:
             raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
-        _check(self.normalisation, NORMALISATIONS, "normalisation")
-        if self.input_size < 32:
+        if not known(self.normalisation):
+            raise UsageError(f"unknown normalisation {self.normalisation!r}; valid: {', '.join(names())}")
+        _check(self.pipeline, PIPELINES, "input pipeline")
+        if not isinstance(self.input_size, int) or self.input_size < 32:
             raise UsageError(f"input size {self.input_size} is below 32 pixels")
+        if self.crops not in CROPS:
+            raise UsageError(f"unknown crops {self.crops!r}; valid: {', '.join(CROPS)}")
+        if self.crops != "none" and not 32 <= self.crop_size <= self.input_size:
+            raise UsageError(f"crop size {self.crop_size} is not between 32 and the input size {self.input_size}")
+        if self.crops != "none" and self.kind != "classifier":
+            raise UsageError("test-time crops are for classifiers only")
+
+    @property
+    def input_key(self) -> InputKey:
+        """The input the scan makes for this model: its size by its pipeline."""
+        return InputKey(self.input_size, self.pipeline)
 
     @property
     def title(self) -> str:

@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 
 from pneumotriage.datasets import prepare_image
 from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels
+from pneumotriage.pipelines import NATIVE, InputKey, make_input
 from pneumotriage.scan.read import Source
 
 #: Longest side of the display copy each slot keeps for overlays and thumbnails.
@@ -32,25 +33,25 @@ DISPLAY = 512
 
 
 class SlotArena:
-    """``count`` slots, each holding one image at every model input size, a display copy (uint8, longest side
-    :data:`DISPLAY`) and, with ``map_size``, one probability map: arrays in memory shared with the worker
-    processes.
+    """``count`` slots, each holding one image as every model's input (:class:`~pneumotriage.pipelines.InputKey`:
+    a size by a pipeline), a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``, one
+    probability map: arrays in memory shared with the worker processes.
 
     With the ``fork`` start method the arena is an anonymous shared mapping the workers inherit (it does not
     count against a container's small ``/dev/shm``); otherwise a named shared-memory block they attach to."""
 
     def __init__(
-        self, count: int, sizes: Sequence[int], map_size: int | None, *, inherited: bool, name: str | None = None
+        self, count: int, keys: Sequence[InputKey], map_size: int | None, *, inherited: bool, name: str | None = None
     ) -> None:
         """A new arena, or (``name``) the one another process made."""
         self.count = count
-        self.sizes = tuple(sorted(set(sizes)))
+        self.keys = tuple(sorted(set(keys)))
         self.map_size = map_size
         self._offsets: dict[object, int] = {}
         offset = 0
-        for size in self.sizes:
-            self._offsets[size] = offset
-            offset += size * size * 4
+        for key in self.keys:
+            self._offsets[key] = offset
+            offset += key.size * key.size * 4
         if map_size:
             self._offsets["map"] = offset
             offset += map_size * map_size * 4
@@ -71,8 +72,13 @@ class SlotArena:
         start = slot * self.slot_bytes + self._offsets[part]
         return np.frombuffer(self._buffer, dtype=np.float32, count=side * side, offset=start).reshape(side, side)
 
-    def image(self, slot: int, size: int) -> np.ndarray:
-        return self._array(slot, size, size)
+    @property
+    def native_sizes(self) -> tuple[int, ...]:
+        """The sizes of the inputs made by the tool's own pipeline (the only ones nvJPEG's path can make)."""
+        return tuple(k.size for k in self.keys if k.pipeline == NATIVE)
+
+    def image(self, slot: int, key: InputKey) -> np.ndarray:
+        return self._array(slot, key, key.size)
 
     def map(self, slot: int) -> np.ndarray:
         assert self.map_size is not None
@@ -83,11 +89,11 @@ class SlotArena:
         flat = np.frombuffer(self._buffer, dtype=np.uint8, count=DISPLAY * DISPLAY, offset=start)
         return flat[: shape[0] * shape[1]].reshape(shape)
 
-    def batch(self, slots: Sequence[int], size: int) -> torch.Tensor:
-        """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused)."""
+    def batch(self, slots: Sequence[int], key: InputKey) -> torch.Tensor:
+        """The inputs ``key`` of ``slots`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused)."""
         if len(slots) == 1:
-            return torch.from_numpy(self.image(slots[0], size).copy())[None, None]
-        return torch.from_numpy(np.stack([self.image(s, size) for s in slots]))[:, None]
+            return torch.from_numpy(self.image(slots[0], key).copy())[None, None]
+        return torch.from_numpy(np.stack([self.image(s, key) for s in slots]))[:, None]
 
     def close(self) -> None:
         if self._shm is not None:
@@ -119,18 +125,23 @@ def make_display(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
-    """Decode ``source`` on the CPU into ``slot`` at every size of the arena and as a display copy of
-    :func:`display_shape`; returns the image's true size."""
-    top = max(*arena.sizes, DISPLAY)
+    """Decode ``source`` on the CPU into ``slot`` as every input of the arena and as a display copy of
+    :func:`display_shape`; returns the image's true size. An imported model's input is made by its own pipeline
+    from the stored pixels (:func:`pneumotriage.pipelines.make_input`)."""
+    top = max((*arena.native_sizes, DISPLAY))
     image = decode_pixels(source.ds, source.header, source.notes, reduce_to=top)
-    for size in arena.sizes:
+    for key in arena.keys:
+        if key.pipeline != NATIVE:
+            arena.image(slot, key)[...] = make_input(source.ds, source.header, key)
+            continue
+        size = key.size
         pixels = image.pixels
         if size < top and codec_reduces(source.ds, source.header, size):
             # Decoded again as training decodes it (``read_dicom(reduce_to=size)``): a JPEG the codec reduces to
             # the model's size is not the image reduced to the display size and then resized, and a model should
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
             pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
-        arena.image(slot, size)[...] = prepare_image(pixels, size)[0].numpy()
+        arena.image(slot, key)[...] = prepare_image(pixels, size)[0].numpy()
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
     return image.original_shape

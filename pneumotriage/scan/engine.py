@@ -31,6 +31,7 @@ import torch
 from pneumotriage.errors import OutputError, UsageError
 from pneumotriage.io import printable
 from pneumotriage.models import LoadedModel
+from pneumotriage.pipelines import NATIVE, InputKey
 from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
@@ -69,7 +70,7 @@ class Batch:
     already free)."""
 
     items: list[Item]
-    inputs: dict[int, torch.Tensor]
+    inputs: dict[InputKey, torch.Tensor]
     failed: list[tuple[Found, Decoded]] = field(default_factory=list)
 
 
@@ -106,7 +107,7 @@ class Stream:
         self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
         self.skipped = 0
         # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
-        self._staging: dict[int, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
+        self._staging: dict[InputKey, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
 
     def release(self, slot: int) -> None:
         self.free.append(slot)
@@ -174,36 +175,37 @@ class Stream:
             items = [it for it in items if it.decoded.jpeg is None or id(it) in kept]
         if not items:
             return Batch([], {}, failed)
-        inputs: dict[int, torch.Tensor] = {}
+        inputs: dict[InputKey, torch.Tensor] = {}
         rows = {id(it): i for i, it in enumerate(items)}
         in_slots = [it for it in items if it.decoded.jpeg is None]
-        for size in self.arena.sizes:
+        for key in self.arena.keys:
             if not on_device:
-                inputs[size] = self._to_device([it.slot for it in items], size)
+                inputs[key] = self._to_device([it.slot for it in items], key)
                 continue
+            size = key.size
             x = torch.empty(len(items), 1, size, size, device=self.device)
             x[[rows[id(it)] for it in on_device]] = decoded[size]
             if in_slots:
-                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.slot for it in in_slots], size).to(
+                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.slot for it in in_slots], key).to(
                     self.device
                 )
-            inputs[size] = x
+            inputs[key] = x
         return Batch(items, inputs, failed)
 
-    def _to_device(self, slots: list[int], size: int) -> torch.Tensor:
+    def _to_device(self, slots: list[int], key: InputKey) -> torch.Tensor:
         """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor on the device. On CUDA they are gathered
         straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable memory);
         a buffer is refilled only once its previous copy is done."""
         if self.device.type != "cuda":
-            return self.arena.batch(slots, size).to(self.device)
-        turn = self._staging.setdefault(size, deque())
+            return self.arena.batch(slots, key).to(self.device)
+        turn = self._staging.setdefault(key, deque())
         if len(turn) < 2:
-            turn.append((torch.empty(self.batch_size, 1, size, size, pin_memory=True), None))
+            turn.append((torch.empty(self.batch_size, 1, key.size, key.size, pin_memory=True), None))
         buffer, copied = turn.popleft()
         if copied is not None:
             copied.synchronize()
         part = buffer[: len(slots)]
-        np.stack([self.arena.image(s, size) for s in slots], out=part.numpy()[:, 0])
+        np.stack([self.arena.image(s, key) for s in slots], out=part.numpy()[:, 0])
         on_device = part.to(self.device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(self.device))
@@ -218,7 +220,8 @@ class Stream:
 
         def run(group: list[Item]) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
             frames = [it.decoded.jpeg or b"" for it in group]
-            return decode_jpegs_on_device(frames, [it.decoded.invert for it in group], self.arena.sizes, self.device)
+            invert = [it.decoded.invert for it in group]
+            return decode_jpegs_on_device(frames, invert, self.arena.native_sizes, self.device)
 
         try:
             decoded, displays, shapes = run(items)
@@ -258,7 +261,9 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
         "sha256": m.sha256,
         "clinical": bool(m.meta.get("clinical", True)),
         "note": m.meta.get("note"),
+        "pipeline": m.spec.pipeline,
         **({"members": m.meta["members"]} if m.meta.get("members") else {}),
+        **({"imported": m.meta["imported"]} if isinstance(m.meta.get("imported"), dict) else {}),
     }
 
 
@@ -378,7 +383,7 @@ def _run(
         resumed = len(journal.done)
         for sub in ("masks", "overlays", ".scan/thumbs"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        sizes = [m.spec.input_size for m in (classifier, segmenter) if m is not None]
+        keys = [m.spec.input_key for m in (classifier, segmenter) if m is not None]
         map_size = segmenter.spec.input_size if segmenter is not None else None
 
         if device.type == "cpu":
@@ -402,7 +407,7 @@ def _run(
         # On a CPU the models' process would only wait while decoding lags, so it finishes images itself then; on
         # a GPU it is the feeder, and every millisecond it spends finishing the GPU waits.
         finish_here = device.type == "cpu"
-        with Workers(plan.workers, slots=slots, sizes=sizes, map_size=map_size, nice=nice) as workers:
+        with Workers(plan.workers, slots=slots, keys=keys, map_size=map_size, nice=nice) as workers:
 
             def drain(block: bool) -> bool:
                 """Journal finished images from the head of the queue; True when one was."""
@@ -447,7 +452,8 @@ def _run(
                 batch_size=plan.batch_size,
                 window=window,
                 device=device,
-                jpeg_on_device=plan.jpeg_on_device,
+                # nvJPEG's path makes the tool's own inputs only; an imported model's pipeline reads stored pixels
+                jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
                 skip=seen_or_done,
                 on_wait=drain,
             )
@@ -466,7 +472,7 @@ def _run(
                     t0 = time.perf_counter()
                     probs = None
                     if classifier is not None:
-                        probs = classify(classifier, batch.inputs[classifier.spec.input_size], device, bf16=bf16)
+                        probs = classify(classifier, batch.inputs[classifier.spec.input_key], device, bf16=bf16)
                         counts["classified"] += n
                     chosen = (
                         to_segment(probs, n, thresholds.gate, segment_all=options.segment_all)
@@ -475,7 +481,7 @@ def _run(
                     )
                     scores: dict[int, float] = {}
                     if chosen and segmenter is not None:
-                        x = batch.inputs[segmenter.spec.input_size]
+                        x = batch.inputs[segmenter.spec.input_key]
                         maps, present = segment(
                             segmenter, x[chosen] if len(chosen) < n else x, device, options.tta, bf16=bf16
                         )

@@ -75,6 +75,14 @@ def summarise(
         shown.append(f"{' and '.join(map(str, synthetic))}: {SYNTHETIC_NOTE}, not for clinical use")
     if other:
         shown.append(f"{' and '.join(map(str, other))}: not for clinical use")
+    for m in models:
+        source = m.get("imported")
+        if source:
+            shown.append(
+                f"{m['name']}: imported from {source['title']} ({source['licence']}); its output "
+                f"{source['output_label']!r} through its publisher's pipeline {source['pipeline']!r}; trained by "
+                "a third party, not validated by pneumotriage: clinical use is your decision"
+            )
     shared = collision_note(ranked)
     if shared:
         shown.append(shared)

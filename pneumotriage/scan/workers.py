@@ -22,6 +22,7 @@ import torch
 
 from pneumotriage.dicom import DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
+from pneumotriage.pipelines import InputKey
 from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display
 from pneumotriage.scan.discover import Found
 from pneumotriage.scan.finish import THUMBNAIL, FinishJob, finish, grey_thumbnail, overlay, write_thumbnail
@@ -150,18 +151,20 @@ def done_future(value: T) -> Future[T]:
 class Workers:
     """The pool and the arena, for one scan; a context manager that stops both."""
 
-    def __init__(self, count: int, *, slots: int, sizes: Sequence[int], map_size: int | None, nice: int = 0) -> None:
+    def __init__(
+        self, count: int, *, slots: int, keys: Sequence[InputKey], map_size: int | None, nice: int = 0
+    ) -> None:
         global _ARENA
         self.count = count
         # fork on Linux: the workers start in milliseconds and inherit the arena. Elsewhere spawn (fork is unsafe
         # on macOS and absent on Windows), with the arena attached by name.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         inherited = method == "fork" or count == 0
-        self.arena = SlotArena(slots, sizes, map_size, inherited=inherited)
+        self.arena = SlotArena(slots, keys, map_size, inherited=inherited)
         _ARENA = self.arena
         self._pool: ProcessPoolExecutor | None = None
         if count > 0:
-            layout = (slots, sizes, map_size)
+            layout = (slots, keys, map_size)
             self._pool = ProcessPoolExecutor(
                 max_workers=count,
                 mp_context=multiprocessing.get_context(method),

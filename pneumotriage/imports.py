@@ -1,0 +1,509 @@
+"""Models brought from elsewhere: a public checkpoint file turned into a self-describing pneumotriage checkpoint
+(``pneumotriage convert``), which scan, submit, evaluate and tune then take like their own.
+
+What a converted checkpoint records, beside the weights: the source format and its publisher, the original file's
+name and sha256, the output used (index and label among the model's findings), the input pipeline its publisher's
+code feeds it (:mod:`pneumotriage.pipelines`; the scan makes exactly that input), the licence note that can be
+known, and that it was trained by a third party on real images and has not been validated by pneumotriage. Whether
+to use it on patients stays the user's decision: every output says so.
+
+Formats (:data:`FORMATS`; told apart from the file itself, ``format=`` where it cannot be):
+
+- ``xrv-densenet121``: TorchXRayVision ``densenet121-res224-all``, a whole ``nn.Module`` pickled with
+  ``torch.save(model)``.
+- ``xrv-resnet50``: TorchXRayVision ``resnet50-res512-all``, a torchvision ResNet50 state dict, one input channel.
+- ``chexnet``: arnoweng/CheXNet and zoogzog/chexnet ``.pth.tar``: ``{"state_dict": ...}`` saved through
+  ``nn.DataParallel`` (``module.densenet121.`` keys, torchvision's old ``norm.1`` layer names, no
+  ``num_batches_tracked``), classifier ``Sequential(Linear(1024, 14), Sigmoid())``; TenCrop 224 from 256.
+- ``chexnet-jrzech``: jrzech/reproduce-chexnet ``checkpoint``, a pickled dict holding a whole torchvision DenseNet
+  under ``model``; centre crop 224.
+
+A whole-module pickle never runs code from the file: it is read by torch's weights-only unpickler with each class
+these formats contain mapped onto an inert stand-in that only keeps its attributes (:class:`StandIn`); any other
+global (``os.system``, ``builtins.eval``, a class of another package) is refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pneumotriage.errors import UsageError
+from pneumotriage.io import atomic_write_bytes, sha256_file
+from pneumotriage.models import CHECKPOINT_FORMAT, ModelSpec, build_model, checkpoint_dict
+from pneumotriage.pipelines import PIPELINES
+from pneumotriage.weights import READ_ERRORS, UnsafeWeightsError, WeightError, error_line
+
+#: TorchXRayVision's ``datasets.default_pathologies``: its models' 18 outputs, in order.
+XRV_LABELS = (
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
+)
+#: ChestX-ray14's 14 findings in CheXNet's output order.
+CHESTXRAY14_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """One public checkpoint format: what it is, whose it is, and how its publisher's code runs it."""
+
+    name: str
+    title: str
+    publisher: str
+    licence: str
+    arch: str
+    labels: tuple[str, ...]
+    input_size: int
+    pipeline: str
+    normalisation: str
+    crops: str = "none"
+    crop_size: int = 0
+    #: The publisher's operating point for the Pneumothorax output, where one is published.
+    operating_point: float | None = None
+    evaluation: str = ""
+
+    @property
+    def output_index(self) -> int:
+        return self.labels.index("Pneumothorax")
+
+
+FORMATS: dict[str, SourceFormat] = {
+    f.name: f
+    for f in (
+        SourceFormat(
+            "xrv-densenet121",
+            "TorchXRayVision densenet121-res224-all (a pickled whole model)",
+            "https://github.com/mlmed/torchxrayvision",
+            "Apache-2.0 (TorchXRayVision, Cohen et al., MIDL 2022)",
+            "densenet121",
+            XRV_LABELS,
+            224,
+            "xrv",
+            "unit",
+            operating_point=0.0098118475,
+            evaluation="one 224 px view; op_threshs[3] = 0.0098118475",
+        ),
+        SourceFormat(
+            "xrv-resnet50",
+            "TorchXRayVision resnet50-res512-all (a state dict)",
+            "https://github.com/mlmed/torchxrayvision",
+            "Apache-2.0 (TorchXRayVision, Cohen et al., MIDL 2022)",
+            "resnet50",
+            XRV_LABELS,
+            512,
+            "xrv",
+            "unit",
+            operating_point=0.50723547,
+            evaluation="one 512 px view; op_threshs[3] = 0.50723547",
+        ),
+        SourceFormat(
+            "chexnet",
+            "CheXNet in PyTorch, arnoweng/CheXNet or zoogzog/chexnet (.pth.tar)",
+            "https://github.com/arnoweng/CheXNet",
+            "none stated (arnoweng/CheXNet has no licence file): ask the publisher before any use",
+            "densenet121",
+            CHESTXRAY14_LABELS,
+            256,
+            "png8",
+            "imagenet-rgb",
+            crops="ten",
+            crop_size=224,
+            evaluation="Resize(256), TenCrop(224), the ten probabilities averaged",
+        ),
+        SourceFormat(
+            "chexnet-jrzech",
+            "CheXNet reproduced, jrzech/reproduce-chexnet (a pickled dict holding the model)",
+            "https://github.com/jrzech/reproduce-chexnet",
+            "BSD-3-Clause (jrzech/reproduce-chexnet)",
+            "densenet121",
+            CHESTXRAY14_LABELS,
+            224,
+            "png8",
+            "imagenet-rgb",
+            evaluation="Resize(224), CenterCrop(224)",
+        ),
+    )
+}
+
+#: The classes a whole-module pickle of these formats holds, by the path it names them with.
+_PICKLED_CLASSES = (
+    "torchxrayvision.models.DenseNet",
+    "torchxrayvision.models._DenseBlock",
+    "torchxrayvision.models._DenseLayer",
+    "torchxrayvision.models._Transition",
+    "torchvision.models.densenet.DenseNet",
+    "torchvision.models.densenet._DenseBlock",
+    "torchvision.models.densenet._DenseLayer",
+    "torchvision.models.densenet._Transition",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.container.ModuleList",
+    "torch.nn.modules.conv.Conv2d",
+    "torch.nn.modules.batchnorm.BatchNorm2d",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.activation.Sigmoid",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.pooling.AvgPool2d",
+    "torch.nn.modules.pooling.AdaptiveAvgPool2d",
+    "torch.nn.modules.linear.Linear",
+    "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.flatten.Flatten",
+)
+
+
+class StandIn:
+    """An inert object in place of a pickled module: it keeps the attributes the pickle gives it and nothing
+    else (no ``forward``, no hooks, no code of the file's classes)."""
+
+    pickled_as = ""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from copyreg
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors, named as ``nn.Module.state_dict`` names them (non-persistent buffers left out)."""
+        out: dict[str, torch.Tensor] = {}
+        skip = set(self.__dict__.get("_non_persistent_buffers_set") or ())
+        for group in ("_parameters", "_buffers"):
+            for name, value in (self.__dict__.get(group) or {}).items():
+                if isinstance(value, torch.Tensor) and name not in skip:
+                    out[prefix + name] = value.detach()
+        for name, child in (self.__dict__.get("_modules") or {}).items():
+            if isinstance(child, StandIn):
+                out.update(child.state_dict(f"{prefix}{name}."))
+        return out
+
+
+def _stand_ins() -> list[tuple[type, str]]:
+    made = []
+    for path in _PICKLED_CLASSES:
+        cls = type(path.rsplit(".", 1)[1], (StandIn,), {"pickled_as": path})
+        made.append((cls, path))
+    return made
+
+
+#: Callables a legacy whole-module pickle may name besides its classes: torch's tensor and parameter rebuilders
+#: and the containers of a module's state (storages are resolved by torch before this list is asked).
+_LEGACY_CALLABLES = {
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+    "collections.OrderedDict",
+    "builtins.set",
+    "torch.Size",
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """A pickle reader that admits the known formats' classes as stand-ins and a few torch rebuilders, and
+    refuses every other global before it is looked up (so nothing of it is imported, let alone called)."""
+
+    _classes = {path: cls for cls, path in _stand_ins()}
+
+    def find_class(self, module: str, name: str) -> Any:
+        # protocol 2 writes Python 2's name for the builtins module
+        path = f"{'builtins' if module == '__builtin__' else module}.{name}"
+        if path in self._classes:
+            return self._classes[path]
+        if path in _LEGACY_CALLABLES:
+            return super().find_class(*path.rsplit(".", 1))
+        raise _Refused(f"GLOBAL {path}")
+
+
+class _RestrictedPickle:
+    """What ``torch.load(pickle_module=...)`` uses: this module's unpickler for the legacy format's records."""
+
+    __name__ = "pneumotriage.imports.restricted"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _pickle_problem(exc: Exception) -> str:
+    """The line of torch's weights-only error that says what was wrong (it wraps it in paragraphs of advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    found = next((ln for ln in lines if "error:" in ln.lower() or "load key" in ln), lines[0] if lines else "")
+    return found.split("error:", 1)[-1].strip() or type(exc).__name__
+
+
+def _refused(path: Path, message: str) -> UnsafeWeightsError:
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    what = f"names {found.group(1)}" if found else "holds objects"
+    return UnsafeWeightsError(
+        f"refused: its pickle {what}, which no checkpoint of the known formats contains; nothing from it ran",
+        path=path,
+        hint="convert only files from their publishers; --format lists the known ones",
+    )
+
+
+def load_restricted(path: Path) -> Any:
+    """A checkpoint file read without running code from it: torch's weights-only unpickler, with the known
+    formats' module classes as :class:`StandIn` objects; a whole model pickled in torch's legacy format (its
+    classes recorded as sources, which the weights-only reader does not take) by :class:`_RestrictedUnpickler`.
+    A file naming any other global is refused with :class:`~pneumotriage.weights.UnsafeWeightsError`."""
+    try:
+        try:
+            with torch.serialization.safe_globals(_stand_ins()):  # type: ignore[arg-type]
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "GLOBAL" in str(exc):
+                raise _refused(path, str(exc)) from None
+            if "persistent_load" not in str(exc):
+                raise WeightError(f"not a readable PyTorch checkpoint ({_pickle_problem(exc)})", path=path) from None
+        with warnings.catch_warnings():
+            # torch warns when a pickled class's recorded source differs from the class it loads (a stand-in)
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    except _Refused as exc:
+        raise _refused(path, str(exc)) from None
+    except FileNotFoundError:
+        raise WeightError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise WeightError("is a folder, not a checkpoint file", path=path) from None
+    except (pickle.UnpicklingError, *READ_ERRORS) as exc:
+        raise WeightError(f"not a readable PyTorch checkpoint ({error_line(exc)})", path=path) from None
+
+
+def _tensors(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    return None
+
+
+def detect(obj: Any) -> str | None:
+    """The format of a loaded file (:data:`FORMATS`), or None where it cannot be told."""
+    if isinstance(obj, StandIn) and obj.pickled_as == "torchxrayvision.models.DenseNet":
+        return "xrv-densenet121"
+    if isinstance(obj, Mapping):
+        model = obj.get("model")
+        if isinstance(model, StandIn) and model.pickled_as == "torchvision.models.densenet.DenseNet":
+            return "chexnet-jrzech"
+        state = _tensors(obj.get("state_dict"))
+        if state is not None and any(".densenet121.features." in k or k.startswith("densenet121.") for k in state):
+            return "chexnet"
+        state = _tensors(obj)
+        if state is not None:
+            conv, fc = state.get("conv1.weight"), state.get("fc.weight")
+            if conv is not None and fc is not None and conv.shape[1] == 1 and tuple(fc.shape) == (18, 2048):
+                return "xrv-resnet50"
+    return None
+
+
+_OLD_DENSE = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def _densenet_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision DenseNet names from any of the layouts: ``module.`` and ``densenet121.`` prefixes gone,
+    old ``norm.1`` layer names joined (the rule torchvision's own loader uses), ``classifier.0`` (a
+    ``Sequential(Linear, Sigmoid)``) as ``classifier``; missing ``num_batches_tracked`` counters added."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("densenet121.")
+        match = _OLD_DENSE.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        key = re.sub(r"^classifier\.0\.", "classifier.", key)
+        out[key] = value
+    for key in [k for k in out if k.endswith(".running_var")]:
+        out.setdefault(key.removesuffix("running_var") + "num_batches_tracked", torch.tensor(0))
+    return out
+
+
+def source_state(obj: Any, fmt: SourceFormat) -> dict[str, torch.Tensor]:
+    """The weights of a loaded file of format ``fmt``, named as the project's network for it names them."""
+    if fmt.name == "xrv-densenet121":
+        if not isinstance(obj, StandIn):
+            raise UsageError("an xrv-densenet121 file is a pickled whole model; this one is not")
+        return _densenet_keys(obj.state_dict())
+    if fmt.name == "chexnet-jrzech":
+        model = obj.get("model") if isinstance(obj, Mapping) else None
+        if not isinstance(model, StandIn):
+            raise UsageError("a chexnet-jrzech file is a dict holding a pickled model under 'model'; this one is not")
+        return _densenet_keys(model.state_dict())
+    if fmt.name == "chexnet":
+        state = _tensors(obj.get("state_dict")) if isinstance(obj, Mapping) else None
+        if state is None:
+            raise UsageError("a chexnet file is a dict with a 'state_dict' of tensors; this one is not")
+        return _densenet_keys(state)
+    state = _tensors(obj)
+    if state is None:
+        raise UsageError(f"a {fmt.name} file is a state dict of tensors; this one is not")
+    return state
+
+
+def fit_problem(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps ``given`` from loading into a network whose state is ``expected``, in one line (counts and the
+    first name of each kind), or None where it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shaped = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not of this network (first {unexpected[0]})")
+    if shaped:
+        k = shaped[0]
+        parts.append(
+            f"{len(shaped)} of another shape (first {k}: {tuple(given[k].shape)}, not {tuple(expected[k].shape)})"
+        )
+    return "; ".join(parts) or None
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What ``convert`` wrote: the checkpoint, its spec, and what it records of its source."""
+
+    path: Path
+    spec: ModelSpec
+    imported: dict[str, Any]
+    gate: float
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    format: str | None = None,
+    crops: str | None = None,
+    gate: float | None = None,
+) -> Converted:
+    """Turn a public checkpoint into a pneumotriage checkpoint at ``out`` (atomically).
+
+    ``crops``: a classifier's test-time crops other than the publisher's evaluation (``"centre"`` for CheXNet's
+    single-crop option); ``gate``: the probability gate, else the publisher's operating point where one is
+    published, else 0.5."""
+    path = Path(source)
+    if format is not None and format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    obj = load_restricted(path)
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        raise UsageError("already a pneumotriage checkpoint: scan takes it as it is", path=path)
+    seen = detect(obj)
+    name = format or seen
+    if name is None:
+        raise UsageError(
+            "cannot tell this file's format from its contents",
+            path=path,
+            hint=f"pass --format, one of {', '.join(FORMATS)}",
+        )
+    fmt = FORMATS[name]
+    state = source_state(obj, fmt)
+    outputs = len(fmt.labels)
+    spec = ModelSpec(
+        kind="classifier",
+        arch=fmt.arch,
+        input_size=fmt.input_size,
+        normalisation=fmt.normalisation,
+        outputs=outputs,
+        output_index=fmt.output_index,
+        pipeline=fmt.pipeline,
+        crops=crops or fmt.crops,
+        crop_size=fmt.crop_size or (224 if crops and crops != "none" else 0),
+    )
+    model = build_model(spec)
+    backbone = model.get_submodule("backbone")
+    problem = fit_problem(backbone.state_dict(), state)
+    if problem:
+        raise WeightError(
+            f"its weights do not fit {fmt.title}: {problem}",
+            path=path,
+            hint=f"check --format (read as {name}; known: {', '.join(FORMATS)})",
+        )
+    backbone.load_state_dict(state)
+    chosen = float(gate) if gate is not None else fmt.operating_point if fmt.operating_point is not None else 0.5
+    evaluation = fmt.evaluation
+    if spec.crops != fmt.crops:
+        evaluation += f"; here: {'one centre crop' if spec.crops == 'centre' else spec.crops} instead"
+    imported = {
+        "format": fmt.name,
+        "title": fmt.title,
+        "publisher": fmt.publisher,
+        "licence": fmt.licence,
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "output_index": fmt.output_index,
+        "output_label": fmt.labels[fmt.output_index],
+        "outputs": list(fmt.labels),
+        "pipeline": fmt.pipeline,
+        "pipeline_steps": PIPELINES[fmt.pipeline],
+        "evaluation": evaluation,
+        "gate_from": "given" if gate is not None else "publisher" if fmt.operating_point is not None else "default",
+        "trained_by": "a third party, on real chest radiographs",
+        "validated_here": False,
+    }
+    note = (
+        f"imported from {fmt.title}; trained by a third party, not validated by pneumotriage: "
+        "clinical use is your decision"
+    )
+    data = checkpoint_dict(
+        model,
+        thresholds={"gate": chosen},
+        extra={"imported": imported, "note": note, "licence": fmt.licence},
+    )
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    target = Path(out)
+    atomic_write_bytes(target, buffer.getvalue())
+    return Converted(target, spec, imported, chosen)
+
+
+__all__ = [
+    "CHESTXRAY14_LABELS",
+    "FORMATS",
+    "XRV_LABELS",
+    "Converted",
+    "StandIn",
+    "convert",
+    "detect",
+    "load_restricted",
+]

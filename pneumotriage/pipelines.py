@@ -1,0 +1,140 @@
+"""Input pipelines: how the pixels a model sees are made from a DICOM, by name.
+
+A model trained here sees the tool's own pipeline (``pneumotriage``: LUTs, robust percentiles, a square resize;
+:func:`pneumotriage.dicom.read_dicom` and :func:`pneumotriage.datasets.prepare_image`). A model brought from
+elsewhere was trained on other pixels, and its published figures hold only for those: its checkpoint names the
+pipeline its publisher's code uses, and the scan, tune and evaluate make exactly that input for it.
+
+- ``xrv``: TorchXRayVision's ``read_xray_dcm`` → ``XRayCenterCrop`` → ``XRayResizer``. The stored values (no
+  modality or VOI LUT) over ``2**BitsStored - 1`` mapped to [-1024, 1024], MONOCHROME1 inverted about that
+  maximum first; the centred square of the short side; ``skimage.transform.resize`` to the model's size
+  (``mode="constant"``, ``preserve_range=True``, skimage's default anti-aliasing). The values are the network's
+  input as they are.
+- ``png8``: an 8-bit grey image as a model trained on PNGs (CheXNet, Kaggle notebooks) saw it, then
+  torchvision's ``Resize(size)`` on it (the short side to ``size``, Pillow's bilinear filter) and ``ToTensor``
+  (/255). An 8-bit MONOCHROME2 file without a LUT (SIIM, NIH ChestX-ray14) gives its stored bytes, exactly the
+  PNG the publisher's dataset holds; any other file is made 8-bit here (modality and VOI LUTs, MONOCHROME1
+  inverted, min-max to 0-255), the publisher's code having no DICOM reader. A non-square image keeps the centred
+  square of the resized image, where torchvision would crop from the whole rectangle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pneumotriage.dicom import DicomHeader, grey_values, stored_pixels
+from pneumotriage.errors import DicomError
+
+NATIVE = "pneumotriage"
+
+#: name -> what the pipeline does, in one line (shown by `pneumotriage convert` and kept in checkpoints).
+PIPELINES: dict[str, str] = {
+    NATIVE: "pneumotriage's own: modality and VOI LUTs, MONOCHROME1 inverted, robust percentiles to [0, 1], "
+    "resized to a square",
+    "xrv": "TorchXRayVision's read_xray_dcm, XRayCenterCrop, XRayResizer: stored values over 2**BitsStored-1 "
+    "mapped to [-1024, 1024] (no LUT; MONOCHROME1 inverted), the centred square, skimage resize",
+    "png8": "an 8-bit grey image (the stored bytes of an 8-bit MONOCHROME2 file; else LUTs, inversion and min-max "
+    "to 0-255), torchvision Resize(short side) with Pillow's bilinear filter, centred square, /255",
+}
+
+
+@dataclass(frozen=True, order=True)
+class InputKey:
+    """One model input a decoded image is made into: a square of ``size`` pixels by ``pipeline``."""
+
+    size: int
+    pipeline: str = NATIVE
+
+    def __str__(self) -> str:
+        return f"{self.size}" if self.pipeline == NATIVE else f"{self.pipeline}@{self.size}"
+
+
+def make_input(ds: Dataset, header: DicomHeader, key: InputKey) -> np.ndarray:
+    """The (size, size) float32 input of a foreign pipeline (not :data:`NATIVE`, which the scan's decoder makes
+    with the display copy) for one image. Raises :class:`~pneumotriage.errors.DicomError` naming the file."""
+    if key.pipeline == "xrv":
+        return xrv_input(ds, header, key.size)
+    if key.pipeline == "png8":
+        return png8_input(ds, header, key.size)
+    raise KeyError(f"unknown pipeline {key.pipeline!r}; valid: {', '.join(PIPELINES)}")
+
+
+def _grey_photometric(header: DicomHeader, name: str) -> str:
+    photometric = (header.photometric or "").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(
+            f"{name}'s pipeline reads grey images only, and this one is {photometric or 'of no stated kind'}",
+            path=header.path,
+            hint="triage it with a model of this tool's own pipeline",
+        )
+    return photometric
+
+
+def xrv_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+    """TorchXRayVision's input for one image (see the module docstring), in [-1024, 1024]."""
+    from skimage.transform import resize
+
+    photometric = _grey_photometric(header, "TorchXRayVision")
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    maxval = 2**bits - 1
+    data = stored_pixels(ds, header)
+    if data.ndim != 2:
+        raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
+    if photometric == "MONOCHROME1":
+        data = maxval - data.astype(np.int64)
+    if data.size and data.max() > maxval:
+        raise DicomError(
+            f"stored values up to {int(data.max())} exceed {maxval}, the most {bits} bits stored can hold "
+            "(TorchXRayVision refuses such a file too)",
+            path=header.path,
+            hint="the header's BitsStored is wrong; re-export the image",
+        )
+    img = (2 * (data.astype(np.float32) / maxval) - 1.0) * 1024
+    rows, cols = img.shape
+    side = min(rows, cols)
+    top, left = rows // 2 - side // 2, cols // 2 - side // 2
+    img = img[top : top + side, left : left + side]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resized = resize(img[None], (1, size, size), mode="constant", preserve_range=True)  # type: ignore[no-untyped-call]
+        out = np.asarray(resized, dtype=np.float32)
+    return np.ascontiguousarray(out[0])
+
+
+def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+    """The ``png8`` input for one image (see the module docstring), in [0, 1]."""
+    from PIL import Image
+
+    photometric = _grey_photometric(header, "An 8-bit PNG model")
+    data = stored_pixels(ds, header)
+    if data.ndim != 2:
+        raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
+    plain = (
+        data.dtype == np.uint8
+        and photometric == "MONOCHROME2"
+        and not any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))
+        and not any(k in ds for k in ("WindowCenter", "VOILUTSequence"))
+    )
+    if plain:
+        grey8 = data
+    else:
+        grey = grey_values(data, ds, photometric)
+        lo, hi = float(np.nanmin(grey)), float(np.nanmax(grey))
+        scaled = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(grey)
+        grey8 = np.clip(np.round(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+    rows, cols = grey8.shape
+    short, long = min(rows, cols), max(rows, cols)
+    # torchvision's Resize(int): the short side becomes `size`, the long one int(size * long / short)
+    new_long = int(size * long / short)
+    new_rows, new_cols = (size, new_long) if rows <= cols else (new_long, size)
+    image = Image.fromarray(np.ascontiguousarray(grey8), mode="L")
+    if (new_rows, new_cols) != (rows, cols):
+        image = image.resize((new_cols, new_rows), Image.Resampling.BILINEAR)
+    out = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    # torchvision's center_crop rounding: top = int(round((h - size) / 2))
+    top, left = int(round((new_rows - size) / 2.0)), int(round((new_cols - size) / 2.0))
+    return np.ascontiguousarray(out[top : top + size, left : left + size])
