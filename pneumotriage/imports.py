@@ -17,6 +17,10 @@ Formats (:data:`FORMATS`; told apart from the file itself, ``format=`` where it 
   ``num_batches_tracked``), classifier ``Sequential(Linear(1024, 14), Sigmoid())``; TenCrop 224 from 256.
 - ``chexnet-jrzech``: jrzech/reproduce-chexnet ``checkpoint``, a pickled dict holding a whole torchvision DenseNet
   under ``model``; centre crop 224.
+- ``smp-unet``, ``smp-unet-2019``, ``smp-pretrained``: a segmentation_models_pytorch ``Unet`` (ResNet34 encoder)
+  as a state dict (``encoder.*``, ``decoder.blocks.N.conv1.0.weight``, ``segmentation_head.0.*``; bare or under
+  ``state_dict``), in smp <= 0.0.3's layout (``decoder.layer1.block.0.block.0.weight``, ``decoder.final_conv``),
+  or as a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, read here as plain data).
 
 A whole-module pickle never runs code from the file: it is read by torch's weights-only unpickler with each class
 these formats contain mapped onto an inert stand-in that only keeps its attributes (:class:`StandIn`); any other
@@ -38,7 +42,7 @@ import torch
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, sha256_file
-from pneumotriage.models import CHECKPOINT_FORMAT, ModelSpec, build_model, checkpoint_dict
+from pneumotriage.models import CHECKPOINT_FORMAT, DEFAULT_THRESHOLDS, ModelSpec, build_model, checkpoint_dict
 from pneumotriage.pipelines import PIPELINES
 from pneumotriage.weights import READ_ERRORS, UnsafeWeightsError, WeightError, error_line
 
@@ -100,6 +104,7 @@ class SourceFormat:
     #: The publisher's operating point for the Pneumothorax output, where one is published.
     operating_point: float | None = None
     evaluation: str = ""
+    kind: str = "classifier"
 
     @property
     def output_index(self) -> int:
@@ -160,6 +165,26 @@ FORMATS: dict[str, SourceFormat] = {
             "png8",
             "imagenet-rgb",
             evaluation="Resize(224), CenterCrop(224)",
+        ),
+        *(
+            SourceFormat(
+                name,
+                title,
+                "https://github.com/qubvel-org/segmentation_models_pytorch (the network trained by whoever saved it)",
+                "that of whoever trained it (segmentation_models_pytorch itself is MIT): ask them",
+                "smp_unet",
+                ("Pneumothorax",),
+                512,
+                "png8-square",
+                "imagenet-rgb",
+                evaluation="one view, the whole image resized to the model's square",
+                kind="segmenter",
+            )
+            for name, title in (
+                ("smp-unet", "segmentation_models_pytorch Unet (a state dict)"),
+                ("smp-unet-2019", "segmentation_models_pytorch <= 0.0.3 Unet (a state dict of the 2019 layout)"),
+                ("smp-pretrained", "segmentation_models_pytorch Unet (a save_pretrained folder)"),
+            )
         ),
     )
 }
@@ -328,12 +353,59 @@ def detect(obj: Any) -> str | None:
         state = _tensors(obj.get("state_dict"))
         if state is not None and any(".densenet121.features." in k or k.startswith("densenet121.") for k in state):
             return "chexnet"
+        if isinstance(obj.get(SMP_CONFIG), dict):
+            return "smp-pretrained"
         state = _tensors(obj)
         if state is not None:
             conv, fc = state.get("conv1.weight"), state.get("fc.weight")
             if conv is not None and fc is not None and conv.shape[1] == 1 and tuple(fc.shape) == (18, 2048):
                 return "xrv-resnet50"
+        state = _smp_tensors(obj)
+        if state is not None:
+            if "decoder.final_conv.weight" in state:
+                return "smp-unet-2019"
+            if "segmentation_head.0.weight" in state:
+                return "smp-unet"
     return None
+
+
+#: The key under which :func:`read_source` puts a save_pretrained folder's config.json.
+SMP_CONFIG = "__smp_config__"
+
+
+def _smp_tensors(obj: Any) -> dict[str, torch.Tensor] | None:
+    """An smp state dict, bare or as training scripts wrap it (``state_dict``/``model_state_dict``/``model``
+    holding tensors; ``module.`` from DataParallel), or None."""
+    for candidate in (
+        obj,
+        *(obj.get(k) for k in ("state_dict", "model_state_dict", "model") if isinstance(obj, Mapping)),
+    ):
+        state = _tensors(candidate)
+        if state is not None and any(k.removeprefix("module.").startswith("encoder.") for k in state):
+            return {k.removeprefix("module."): v for k, v in state.items()}
+    return None
+
+
+_OLD_SMP = re.compile(r"^decoder\.layer(\d)\.block\.(\d)\.block\.(\d)\.(.+)$")
+
+
+def _smp_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """smp's 2019 layout under today's names: ``decoder.layerN.block.J.block.K`` is ``decoder.blocks.N-1.convJ+1.K``,
+    and the 1x1 ``decoder.final_conv`` becomes the 3x3 head it equals (its kernel at the centre, zeros around)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _OLD_SMP.match(key)
+        if match:
+            block, conv, part, rest = match.groups()
+            key = f"decoder.blocks.{int(block) - 1}.conv{int(conv) + 1}.{part}.{rest}"
+        elif key == "decoder.final_conv.weight":
+            kernel = torch.zeros(*value.shape[:2], 3, 3, dtype=value.dtype)
+            kernel[:, :, 1, 1] = value[:, :, 0, 0]
+            key, value = "segmentation_head.0.weight", kernel
+        elif key == "decoder.final_conv.bias":
+            key = "segmentation_head.0.bias"
+        out[key] = value
+    return out
 
 
 _OLD_DENSE = re.compile(
@@ -374,10 +446,89 @@ def source_state(obj: Any, fmt: SourceFormat) -> dict[str, torch.Tensor]:
         if state is None:
             raise UsageError("a chexnet file is a dict with a 'state_dict' of tensors; this one is not")
         return _densenet_keys(state)
+    if fmt.kind == "segmenter":
+        state = _tensors(obj.get("state")) if isinstance(obj, Mapping) and SMP_CONFIG in obj else _smp_tensors(obj)
+        if state is None:
+            raise UsageError(f"a {fmt.name} file is a state dict of an smp model (encoder.* keys); this one is not")
+        return _smp_keys(state)
     state = _tensors(obj)
     if state is None:
         raise UsageError(f"a {fmt.name} file is a state dict of tensors; this one is not")
     return state
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors, read as the format defines it (an 8-byte header length, a JSON header
+    of names, dtypes, shapes and byte ranges, then the bytes): plain data, nothing to unpickle."""
+    import json
+    import struct
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    dtypes |= {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+    dtypes |= {"BOOL": torch.bool}
+    raw = path.read_bytes()
+    try:
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        base = 8 + length
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            data = bytearray(raw[base + begin : base + end])
+            tensor = torch.frombuffer(data, dtype=dtypes[info["dtype"]]) if data else torch.empty(0)
+            out[name] = tensor.reshape(info["shape"]).clone()
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise WeightError(f"not a readable safetensors file ({error_line(exc)})", path=path) from None
+    return out
+
+
+def read_source(path: Path) -> Any:
+    """What a source path holds: a checkpoint file read by :func:`load_restricted`, or an smp ``save_pretrained``
+    folder as ``{SMP_CONFIG: its config.json, "state": its tensors}``."""
+    import json
+
+    if not path.is_dir():
+        return load_restricted(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise WeightError("a folder without config.json: not an smp save_pretrained folder", path=path)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightError(f"config.json is not readable JSON ({error_line(exc)})", path=config_file) from None
+    if (path / "model.safetensors").is_file():
+        state: Any = read_safetensors(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        state = load_restricted(path / "pytorch_model.bin")
+    else:
+        raise WeightError("holds neither model.safetensors nor pytorch_model.bin", path=path)
+    return {SMP_CONFIG: config, "state": state}
+
+
+def _check_smp_config(config: Mapping[str, Any], path: Path) -> str:
+    """The encoder of a save_pretrained config this project's smp Unet reproduces, or a one-line refusal."""
+    from pneumotriage.models.smp_unet import DECODER_CHANNELS, SMP_ENCODERS
+
+    wanted = {
+        "_model_class": "Unet",
+        "classes": 1,
+        "in_channels": 3,
+        "encoder_depth": 5,
+        "decoder_channels": list(DECODER_CHANNELS),
+        "decoder_attention_type": None,
+    }
+    for key, value in wanted.items():
+        got = config.get(key, value if key not in ("_model_class", "encoder_name") else None)
+        if (list(got) if isinstance(got, list | tuple) else got) != value:
+            raise UsageError(f"config.json has {key} = {got!r}; only {value!r} is read here", path=path)
+    if config.get("decoder_use_norm", config.get("decoder_use_batchnorm", True)) not in (True, "batchnorm"):
+        raise UsageError("config.json: only a decoder with batch norm is read here", path=path)
+    encoder = str(config.get("encoder_name"))
+    if encoder not in SMP_ENCODERS:
+        raise UsageError(f"config.json: encoder {encoder!r}; encoders read here: {', '.join(SMP_ENCODERS)}", path=path)
+    return encoder
 
 
 def fit_problem(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
@@ -406,7 +557,8 @@ class Converted:
     path: Path
     spec: ModelSpec
     imported: dict[str, Any]
-    gate: float
+    #: A classifier's probability gate; None for a segmenter.
+    gate: float | None
 
 
 def convert(
@@ -416,20 +568,25 @@ def convert(
     format: str | None = None,
     crops: str | None = None,
     gate: float | None = None,
+    input_size: int | None = None,
+    normalisation: str | None = None,
+    pipeline: str | None = None,
 ) -> Converted:
-    """Turn a public checkpoint into a pneumotriage checkpoint at ``out`` (atomically).
+    """Turn a public checkpoint (a file, or an smp ``save_pretrained`` folder) into a pneumotriage checkpoint at
+    ``out`` (atomically).
 
-    ``crops``: a classifier's test-time crops other than the publisher's evaluation (``"centre"`` for CheXNet's
-    single-crop option); ``gate``: the probability gate, else the publisher's operating point where one is
-    published, else 0.5."""
+    A classifier's pipeline is its publisher's; ``crops`` chooses other test-time crops (``"centre"``, CheXNet's
+    single-crop option) and ``gate`` the probability gate (default the publisher's operating point where one is
+    published, else 0.5). A segmenter was trained by whoever saved it: ``input_size`` (default 512),
+    ``normalisation`` (default ImageNet's, as smp's encoders are trained) and ``pipeline`` (default ``png8-square``)
+    say how; its thresholds are the tool's defaults until ``pneumotriage tune`` chooses them on validation data."""
     path = Path(source)
     if format is not None and format not in FORMATS:
         raise UsageError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
-    obj = load_restricted(path)
+    obj = read_source(path)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         raise UsageError("already a pneumotriage checkpoint: scan takes it as it is", path=path)
-    seen = detect(obj)
-    name = format or seen
+    name = format or detect(obj)
     if name is None:
         raise UsageError(
             "cannot tell this file's format from its contents",
@@ -438,29 +595,51 @@ def convert(
         )
     fmt = FORMATS[name]
     state = source_state(obj, fmt)
-    outputs = len(fmt.labels)
-    spec = ModelSpec(
-        kind="classifier",
-        arch=fmt.arch,
-        input_size=fmt.input_size,
-        normalisation=fmt.normalisation,
-        outputs=outputs,
-        output_index=fmt.output_index,
-        pipeline=fmt.pipeline,
-        crops=crops or fmt.crops,
-        crop_size=fmt.crop_size or (224 if crops and crops != "none" else 0),
-    )
-    model = build_model(spec)
-    backbone = model.get_submodule("backbone")
-    problem = fit_problem(backbone.state_dict(), state)
+    if fmt.kind == "classifier":
+        if input_size is not None or normalisation is not None or pipeline is not None:
+            raise UsageError(
+                f"{fmt.title}: its input is its publisher's pipeline ({fmt.pipeline} at {fmt.input_size} px); "
+                "--input-size, --normalisation and --pipeline are for segmenters trained by others"
+            )
+        spec = ModelSpec(
+            kind="classifier",
+            arch=fmt.arch,
+            input_size=fmt.input_size,
+            normalisation=fmt.normalisation,
+            outputs=len(fmt.labels),
+            output_index=fmt.output_index,
+            pipeline=fmt.pipeline,
+            crops=crops or fmt.crops,
+            crop_size=fmt.crop_size or (224 if crops and crops != "none" else 0),
+        )
+        target = build_model(spec)
+        loads_into = target.get_submodule("backbone")
+    else:
+        if crops is not None or gate is not None:
+            raise UsageError("--crops and --gate are for classifiers; tune a segmenter's thresholds with `tune`")
+        encoder = _check_smp_config(obj[SMP_CONFIG], path) if SMP_CONFIG in obj else _smp_encoder(state, path)
+        spec = ModelSpec(
+            kind="segmenter",
+            arch=fmt.arch,
+            encoder=encoder,
+            input_size=input_size or fmt.input_size,
+            normalisation=normalisation or fmt.normalisation,
+            pipeline=pipeline or fmt.pipeline,
+        )
+        target = build_model(spec)
+        loads_into = target
+    problem = fit_problem(loads_into.state_dict(), state)
     if problem:
         raise WeightError(
             f"its weights do not fit {fmt.title}: {problem}",
             path=path,
             hint=f"check --format (read as {name}; known: {', '.join(FORMATS)})",
         )
-    backbone.load_state_dict(state)
+    loads_into.load_state_dict(state)
+    thresholds = dict(DEFAULT_THRESHOLDS[fmt.kind])
     chosen = float(gate) if gate is not None else fmt.operating_point if fmt.operating_point is not None else 0.5
+    if fmt.kind == "classifier":
+        thresholds = {"gate": chosen}
     evaluation = fmt.evaluation
     if spec.crops != fmt.crops:
         evaluation += f"; here: {'one centre crop' if spec.crops == 'centre' else spec.crops} instead"
@@ -470,15 +649,17 @@ def convert(
         "publisher": fmt.publisher,
         "licence": fmt.licence,
         "file": path.name,
-        "sha256": sha256_file(path),
+        "sha256": _source_sha256(path),
         "output_index": fmt.output_index,
         "output_label": fmt.labels[fmt.output_index],
         "outputs": list(fmt.labels),
-        "pipeline": fmt.pipeline,
-        "pipeline_steps": PIPELINES[fmt.pipeline],
+        "pipeline": spec.pipeline,
+        "pipeline_steps": PIPELINES[spec.pipeline],
+        "input_size": spec.input_size,
+        "normalisation": spec.normalisation,
         "evaluation": evaluation,
         "gate_from": "given" if gate is not None else "publisher" if fmt.operating_point is not None else "default",
-        "trained_by": "a third party, on real chest radiographs",
+        "trained_by": "a third party, on real chest radiographs" if fmt.kind == "classifier" else "a third party",
         "validated_here": False,
     }
     note = (
@@ -486,15 +667,28 @@ def convert(
         "clinical use is your decision"
     )
     data = checkpoint_dict(
-        model,
-        thresholds={"gate": chosen},
-        extra={"imported": imported, "note": note, "licence": fmt.licence},
+        target, thresholds=thresholds, extra={"imported": imported, "note": note, "licence": fmt.licence}
     )
     buffer = io.BytesIO()
     torch.save(data, buffer)
-    target = Path(out)
-    atomic_write_bytes(target, buffer.getvalue())
-    return Converted(target, spec, imported, chosen)
+    written = Path(out)
+    atomic_write_bytes(written, buffer.getvalue())
+    return Converted(written, spec, imported, chosen if fmt.kind == "classifier" else None)
+
+
+def _smp_encoder(state: Mapping[str, torch.Tensor], path: Path) -> str:
+    """The encoder of an smp state dict, told from its tensors: ResNet34's BasicBlocks have no ``conv3``."""
+    if "encoder.layer1.0.conv3.weight" in state or "encoder.conv1.weight" not in state:
+        raise UsageError("an smp Unet over an encoder other than resnet34; encoders read here: resnet34", path=path)
+    return "resnet34"
+
+
+def _source_sha256(path: Path) -> str:
+    """The file's sha256; a save_pretrained folder's is that of its weights file."""
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        return sha256_file(weights if weights.is_file() else path / "pytorch_model.bin")
+    return sha256_file(path)
 
 
 __all__ = [

@@ -18,6 +18,8 @@ NORMALISATIONS: dict[str, tuple[float, float]] = {
 RGB_NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     # torchvision's transforms.Normalize with ImageNet's statistics (CheXNet, Keras DenseNet on /255 input).
     "imagenet-rgb": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # three channels in [0, 1] as they are (the SIIM-ACR winners' AlbuNet and SE-ResNeXt50 UNets)
+    "unit-rgb": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
 

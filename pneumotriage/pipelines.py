@@ -16,6 +16,8 @@ pipeline its publisher's code uses, and the scan, tune and evaluate make exactly
   PNG the publisher's dataset holds; any other file is made 8-bit here (modality and VOI LUTs, MONOCHROME1
   inverted, min-max to 0-255), the publisher's code having no DICOM reader. A non-square image keeps the centred
   square of the resized image, where torchvision would crop from the whole rectangle.
+- ``png8-square``: the same 8-bit image resized whole to the model's square (no crop, so that a segmenter's map
+  covers the image): what SIIM-ACR notebooks training segmentation_models_pytorch networks on 8-bit images did.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ PIPELINES: dict[str, str] = {
     "mapped to [-1024, 1024] (no LUT; MONOCHROME1 inverted), the centred square, skimage resize",
     "png8": "an 8-bit grey image (the stored bytes of an 8-bit MONOCHROME2 file; else LUTs, inversion and min-max "
     "to 0-255), torchvision Resize(short side) with Pillow's bilinear filter, centred square, /255",
+    "png8-square": "the same 8-bit grey image resized whole to the model's square with Pillow's bilinear filter, /255 "
+    "(a segmenter's map then covers the whole image)",
 }
 
 
@@ -60,6 +64,8 @@ def make_input(ds: Dataset, header: DicomHeader, key: InputKey) -> np.ndarray:
         return xrv_input(ds, header, key.size)
     if key.pipeline == "png8":
         return png8_input(ds, header, key.size)
+    if key.pipeline == "png8-square":
+        return png8_square_input(ds, header, key.size)
     raise KeyError(f"unknown pipeline {key.pipeline!r}; valid: {', '.join(PIPELINES)}")
 
 
@@ -105,11 +111,9 @@ def xrv_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
     return np.ascontiguousarray(out[0])
 
 
-def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
-    """The ``png8`` input for one image (see the module docstring), in [0, 1]."""
-    from PIL import Image
-
-    photometric = _grey_photometric(header, "An 8-bit PNG model")
+def _grey8(ds: Dataset, header: DicomHeader, name: str) -> np.ndarray:
+    """The 8-bit grey image of the ``png8`` pipelines (see the module docstring)."""
+    photometric = _grey_photometric(header, name)
     data = stored_pixels(ds, header)
     if data.ndim != 2:
         raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
@@ -120,12 +124,18 @@ def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
         and not any(k in ds for k in ("WindowCenter", "VOILUTSequence"))
     )
     if plain:
-        grey8 = data
-    else:
-        grey = grey_values(data, ds, photometric)
-        lo, hi = float(np.nanmin(grey)), float(np.nanmax(grey))
-        scaled = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(grey)
-        grey8 = np.clip(np.round(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+        return data
+    grey = grey_values(data, ds, photometric)
+    lo, hi = float(np.nanmin(grey)), float(np.nanmax(grey))
+    scaled = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(grey)
+    return np.clip(np.round(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+
+
+def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+    """The ``png8`` input for one image (see the module docstring), in [0, 1]."""
+    from PIL import Image
+
+    grey8 = _grey8(ds, header, "An 8-bit PNG model")
     rows, cols = grey8.shape
     short, long = min(rows, cols), max(rows, cols)
     # torchvision's Resize(int): the short side becomes `size`, the long one int(size * long / short)
@@ -138,3 +148,15 @@ def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
     # torchvision's center_crop rounding: top = int(round((h - size) / 2))
     top, left = int(round((new_rows - size) / 2.0)), int(round((new_cols - size) / 2.0))
     return np.ascontiguousarray(out[top : top + size, left : left + size])
+
+
+def png8_square_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+    """The ``png8-square`` input for one image: the whole 8-bit image resized to ``size`` x ``size`` (Pillow's
+    bilinear filter), /255, in [0, 1]."""
+    from PIL import Image
+
+    grey8 = _grey8(ds, header, "An 8-bit PNG model")
+    image = Image.fromarray(np.ascontiguousarray(grey8), mode="L")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32) / np.float32(255.0)

@@ -26,13 +26,13 @@ def _densenet121(outputs: int, channels: int, *, sigmoid_head: bool, seed: int) 
     net = tvm.densenet121(weights=None, num_classes=outputs)
     if channels == 1:
         net.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    _spread_batch_norm(net)
+    spread_batch_norm(net)
     if sigmoid_head:
         net.classifier = nn.Sequential(net.classifier, nn.Sigmoid())
     return net.eval()
 
 
-def _spread_batch_norm(net: nn.Module) -> None:
+def spread_batch_norm(net: nn.Module) -> None:
     """Batch-norm statistics that are not the identity, so that a wrong epsilon or a swapped tensor shows."""
     g = torch.Generator().manual_seed(1)
     for m in net.modules():
@@ -92,7 +92,7 @@ def xrv_resnet50_file(path: Path, seed: int = 0, logit_spread: Any = None) -> nn
     torch.manual_seed(seed)
     net = tvm.resnet50(weights=None, num_classes=18)
     net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    _spread_batch_norm(net)
+    spread_batch_norm(net)
     net.eval()
     if logit_spread is not None:
         logit_spread(net)
@@ -177,3 +177,21 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def smp_unet_2019_state(modern: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A modern smp Unet state dict in smp <= 0.0.3's layout: ``decoder.blocks.N.convJ.K`` as
+    ``decoder.layerN+1.block.J-1.block.K``, the 3x3 head as the 1x1 ``decoder.final_conv`` (its kernel's centre:
+    the caller zeroes the rest, so that both describe the same network)."""
+    out = {}
+    for key, value in modern.items():
+        m = re.match(r"^decoder\.blocks\.(\d)\.conv(\d)\.(\d)\.(.+)$", key)
+        if m:
+            block, conv, part, rest = m.groups()
+            key = f"decoder.layer{int(block) + 1}.block.{int(conv) - 1}.block.{part}.{rest}"
+        elif key == "segmentation_head.0.weight":
+            key, value = "decoder.final_conv.weight", value[:, :, 1:2, 1:2].clone()
+        elif key == "segmentation_head.0.bias":
+            key = "decoder.final_conv.bias"
+        out[key] = value
+    return out

@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as tvf
-from lookalikes import chexnet_file, jrzech_file, payload_files, xrv_densenet121_file, xrv_resnet50_file
+from lookalikes import (
+    chexnet_file,
+    jrzech_file,
+    payload_files,
+    smp_unet_2019_state,
+    spread_batch_norm,
+    xrv_densenet121_file,
+    xrv_resnet50_file,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -276,3 +284,107 @@ def test_a_scan_with_torchxrayvisions_resnet50_gives_its_own_probabilities(real_
         "imported from TorchXRayVision resnet50-res512-all"
         in (tmp_path / "scan-xrv-resnet50" / "report.html").read_text()
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# segmentation_models_pytorch
+
+
+def _smp() -> Any:
+    """segmentation_models_pytorch from the reference folder, or a skip saying how to get it."""
+    site = Path(os.environ.get("PNEUMOTRIAGE_REFERENCE_SITE", REPO / ".venv" / "reference"))
+    if not (site / "segmentation_models_pytorch").is_dir():
+        pytest.skip(f"segmentation_models_pytorch (the reference) is not installed at {site}: `make test` does it")
+    if str(site) not in sys.path:
+        sys.path.append(str(site))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import segmentation_models_pytorch
+
+    return segmentation_models_pytorch
+
+
+def _smp_unet(seed: int) -> torch.nn.Module:
+    smp = _smp()
+    torch.manual_seed(seed)
+    net = smp.Unet("resnet34", encoder_weights=None, classes=1)
+    spread_batch_norm(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("layout", ["state-dict", "wrapped", "save-pretrained", "2019"])
+def test_an_smp_unet_converts_and_gives_smps_own_masks(tmp_path: Path, layout: str) -> None:
+    """segmentation_models_pytorch's own Unet/ResNet34, saved the ways users save it (a state dict, one wrapped
+    in a training checkpoint through DataParallel, `save_pretrained`, and the 2019 layout of smp <= 0.0.3): the
+    converted segmenter's mask logits equal smp's forward on the same ImageNet-normalised input within 1e-4."""
+    net = _smp_unet(seed=5)
+    source: Path = tmp_path / "unet.pth"
+    if layout == "state-dict":
+        torch.save(net.state_dict(), source)
+    elif layout == "wrapped":
+        torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, source)
+    elif layout == "save-pretrained":
+        source = tmp_path / "unet-pretrained"
+        net.save_pretrained(str(source))
+    else:
+        with torch.no_grad():  # a 1x1 head, as smp <= 0.0.3 had: the 3x3 kernel's centre alone
+            centre = net.segmentation_head[0].weight[:, :, 1, 1].clone()
+            net.segmentation_head[0].weight.zero_()
+            net.segmentation_head[0].weight[:, :, 1, 1] = centre
+        torch.save(smp_unet_2019_state(net.state_dict()), source)
+    converted = convert(source, tmp_path / "seg.pt", input_size=256)
+    expected = {"state-dict": "smp-unet", "wrapped": "smp-unet", "save-pretrained": "smp-pretrained"}
+    assert converted.imported["format"] == expected.get(layout, "smp-unet-2019")
+    assert (converted.spec.kind, converted.spec.pipeline, converted.spec.input_size) == (
+        "segmenter",
+        "png8-square",
+        256,
+    )
+    x = torch.rand(2, 1, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = load_model(converted.path).model(x)["mask"]
+        theirs = net((x.expand(-1, 3, -1, -1) - IMAGENET_MEAN) / IMAGENET_STD)
+    assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) <= 1e-4
+
+
+def test_smp_files_this_project_cannot_reproduce_are_refused_in_one_line(tmp_path: Path) -> None:
+    smp = _smp()
+    folder = tmp_path / "fpn"
+    torch.manual_seed(0)
+    smp.Unet("resnet34", encoder_weights=None, classes=2).save_pretrained(str(folder))
+    result = CliRunner().invoke(app, ["convert", str(folder), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "classes = 2; only 1 is read here" in result.output, result.output
+    bigger = tmp_path / "r50.pth"
+    torch.save(smp.Unet("resnet50", encoder_weights=None, classes=1).state_dict(), bigger)
+    result = CliRunner().invoke(app, ["convert", str(bigger), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "encoders read here: resnet34" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.realdata
+def test_the_png8_square_pipeline_gives_pillows_pixels(real_data: Path) -> None:
+    """An 8-bit file's stored bytes resized whole with Pillow's bilinear filter, /255."""
+    for path in sorted((real_data / "siim-sample").glob("*.dcm"))[:4]:
+        ds, header, _ = open_image(path)
+        theirs = np.asarray(Image.fromarray(ds.pixel_array.astype(np.uint8)).resize((512, 512), Image.BILINEAR))
+        ours = make_input(ds, header, InputKey(512, "png8-square"))
+        assert float(np.abs(ours - theirs / 255.0).max()) <= 1e-6, path.name
+
+
+@pytest.mark.realdata
+def test_a_scan_segments_real_images_with_an_smp_unet(real_data: Path, tmp_path: Path) -> None:
+    """A converted smp Unet segments every real SIIM image in a scan (its input made by its own pipeline): a row
+    each, status ok, and the scan says where the model came from."""
+    net = _smp_unet(seed=9)
+    source = tmp_path / "unet.pth"
+    torch.save(net.state_dict(), source)
+    converted = convert(source, tmp_path / "seg.pt", input_size=256)
+    out = tmp_path / "scan"
+    result = CliRunner().invoke(
+        app, ["scan", str(real_data / "siim-sample"), "--out", str(out), "--segmenter", str(converted.path)]
+    )
+    assert result.exit_code in (0, 4), result.output
+    assert "imported from segmentation_models_pytorch Unet (a state dict)" in result.output
+    with open(out / "worklist.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)

@@ -243,7 +243,15 @@ def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) ->
 
 
 #: The formats `convert` knows (pneumotriage.imports.FORMATS; named here so that --help imports no torch).
-CONVERT_FORMATS = ("xrv-densenet121", "xrv-resnet50", "chexnet", "chexnet-jrzech")
+CONVERT_FORMATS = (
+    "xrv-densenet121",
+    "xrv-resnet50",
+    "chexnet",
+    "chexnet-jrzech",
+    "smp-unet",
+    "smp-unet-2019",
+    "smp-pretrained",
+)
 
 
 @reports_errors
@@ -262,7 +270,18 @@ def convert(
     ] = None,
     gate: Annotated[
         float | None,
-        typer.Option(help="The probability gate; default the publisher's operating point, else 0.5."),
+        typer.Option(help="A classifier's probability gate; default the publisher's operating point, else 0.5."),
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="A segmenter's input side, as it was trained (default 512).")
+    ] = None,
+    normalisation: Annotated[
+        str | None,
+        typer.Option(help="A segmenter's input scaling: imagenet-rgb (default, smp's encoders), unit-rgb ([0, 1])."),
+    ] = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(help="How a segmenter's input is made: png8-square (default) or pneumotriage (the tool's own)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was recorded as JSON on stdout.")] = False,
 ) -> None:
@@ -273,7 +292,16 @@ def convert(
 
     if crops is not None and crops not in ("none", "centre", "ten"):
         raise UsageError(f"--crops {crops!r}: choose none, centre or ten")
-    done = convert_file(file, out_path, format=source_format, crops=crops, gate=gate)
+    done = convert_file(
+        file,
+        out_path,
+        format=source_format,
+        crops=crops,
+        gate=gate,
+        input_size=input_size,
+        normalisation=normalisation,
+        pipeline=pipeline,
+    )
     if as_json:
         print(json.dumps({"checkpoint": str(done.path), "gate": done.gate, **done.imported}, indent=2))
         return
@@ -283,10 +311,13 @@ def convert(
         f"  source:   {escape(info['file'])} (sha256 {info['sha256']}); {escape(info['publisher'])}",
         f"  licence:  {escape(info['licence'])}",
         f"  output:   {escape(info['output_label'])} (output {info['output_index']} of {len(info['outputs'])})",
+        f"  input:    {info['input_size']} px, {info['normalisation']}",
         f"  pipeline: {info['pipeline']}: {escape(info['pipeline_steps'])}",
         f"  views:    {escape(info['evaluation'])}",
-        f"  gate:     {done.gate:g} ({info['gate_from']})",
-        "  [yellow]trained by a third party on real images; not validated by pneumotriage: clinical use is your "
+        f"  gate:     {done.gate:g} ({info['gate_from']})"
+        if done.gate is not None
+        else "  thresholds: the tool's defaults; choose them on your validation data with `pneumotriage tune`",
+        f"  [yellow]trained by {escape(info['trained_by'])}; not validated by pneumotriage: clinical use is your "
         "decision[/]",
     ]
     for line in lines:

@@ -17,6 +17,7 @@ from pneumotriage.errors import UsageError
 from pneumotriage.models.classifiers import CLASSIFIERS
 from pneumotriage.models.encoders import ENCODERS
 from pneumotriage.models.segmenters import SEGMENTERS
+from pneumotriage.models.smp_unet import SMP_ENCODERS
 from pneumotriage.normalisations import known, names
 from pneumotriage.pipelines import NATIVE, PIPELINES, InputKey
 from pneumotriage.postprocess import Thresholds
@@ -30,6 +31,8 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
 
 
 CROPS = ("none", "centre", "ten")
+#: Segmenters only ever converted from other projects' files (:mod:`pneumotriage.imports`), never trained here.
+IMPORTED_SEGMENTERS = {"smp_unet": "segmentation_models_pytorch's Unet"}
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class ModelSpec:
         if self.kind == "classifier":
             _check(self.arch, CLASSIFIERS, "classifier")
         elif self.kind == "segmenter":
-            _check(self.arch, SEGMENTERS, "segmenter")
-            _check(self.encoder or "", ENCODERS, "encoder")
+            _check(self.arch, {**SEGMENTERS, **IMPORTED_SEGMENTERS}, "segmenter")
+            _check(self.encoder or "", SMP_ENCODERS if self.arch == "smp_unet" else ENCODERS, "encoder")
         else:
             raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
         if not known(self.normalisation):
