@@ -100,7 +100,7 @@ def test_segmenter_learns(learn_studies: tuple[StudySummary, StudySummary], tmp_
     before = _held_out(test_study, untrained, "segmenter")
     result = train(
         _config(
-            "segmenter", train_study, tmp_path / "run", encoder="densenet_mini", epochs=15, positive_share=(0.8, 0.4)
+            "segmenter", train_study, tmp_path / "run", encoder="densenet_mini", epochs=11, positive_share=(0.8, 0.4)
         ),
     )
     after = _held_out(test_study, load_model(result.run_dir / "best.pt").model, "segmenter")
@@ -111,7 +111,14 @@ def test_segmenter_learns(learn_studies: tuple[StudySummary, StudySummary], tmp_
 
 def test_resume_config_and_refusals(study: StudySummary, tmp_path: Path) -> None:
     cfg = _config(
-        "classifier", study, tmp_path / "run", arch="resnet34", epochs=2, image_size=64, val_fraction=0.34, curves=False
+        "classifier",
+        study,
+        tmp_path / "run",
+        arch="densenet_mini",
+        epochs=2,
+        image_size=64,
+        val_fraction=0.34,
+        curves=False,
     )
     first = train(cfg)
     assert first.epochs_run == 2 and (tmp_path / "run" / "best.pt").is_file()
@@ -144,7 +151,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
-def _train_args(study: StudySummary, out: Path, epochs: int) -> list[str]:
+def _train_args(study: StudySummary, out: Path, epochs: int, arch: str = "densenet_mini") -> list[str]:
     return [
         "train",
         "classifier",
@@ -154,7 +161,7 @@ def _train_args(study: StudySummary, out: Path, epochs: int) -> list[str]:
         "--out",
         str(out),
         "--arch",
-        "resnet34",
+        arch,
         "--epochs",
         str(epochs),
         "--image-size",
@@ -207,7 +214,7 @@ def test_resume_after_kill_9(study: StudySummary, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(epochs))  # every epoch once, none lost, none twice
     loaded = load_model(out / "best.pt")
-    assert loaded.spec.arch == "resnet34" and loaded.meta["epoch"] in {r["epoch"] for r in rows if r["best"]}
+    assert loaded.spec.arch == "densenet_mini" and loaded.meta["epoch"] in {r["epoch"] for r in rows if r["best"]}
     assert not list(out.glob(".*.tmp"))
 
 
@@ -292,7 +299,7 @@ def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySumma
 
     first = sorted(study.out.rglob("*.dcm"))[0]
     assert read_header(first).synthetic and pydicom.dcmread(first).ImageComments == SYNTHETIC_MARK
-    run = train(_config("classifier", study, tmp_path / "run", arch="resnet34", epochs=1, image_size=64))
+    run = train(_config("classifier", study, tmp_path / "run", arch="densenet_mini", epochs=1, image_size=64))
     best = load_model(run.run_dir / "best.pt")
     assert best.meta["synthetic_share"] == 1.0 and best.meta["clinical"] is False
     assert best.meta["note"] == "trained on synthetic images"
@@ -327,7 +334,7 @@ def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySumma
         target = real / path.relative_to(study.out)
         target.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(target)
-    cfg = _config("classifier", study, tmp_path / "run2", arch="resnet34", epochs=1, image_size=64, data=str(real))
+    cfg = _config("classifier", study, tmp_path / "run2", arch="densenet_mini", epochs=1, image_size=64, data=str(real))
     unmarked = load_model(train(cfg).run_dir / "best.pt")
     assert unmarked.meta["synthetic_share"] == 0.0 and unmarked.meta.get("clinical", True) is True
 
@@ -378,7 +385,7 @@ def test_training_starts_from_imagenet_weights_or_says_why_not(
 
     import torchvision.models as tvm
 
-    args = [a for a in _train_args(study, tmp_path / "offline", 1) if a != "--no-pretrained"]
+    args = [a for a in _train_args(study, tmp_path / "offline", 1, "resnet34") if a != "--no-pretrained"]
     monkeypatch.setenv("PNEUMOTRIAGE_OFFLINE", "1")
     offline = CliRunner().invoke(app, args)
     lines = [line for line in offline.output.splitlines() if line.startswith("error:")]
@@ -415,7 +422,9 @@ def test_training_starts_from_imagenet_weights_or_says_why_not(
 def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(study: StudySummary, tmp_path: Path) -> None:
     """--swa-epochs K writes swa.pt: the weights of the last K epochs averaged (one epoch: exactly the last
     weights), batch-norm statistics recomputed over the training images, with its own validation figures."""
-    one = train(_config("classifier", study, tmp_path / "one", arch="resnet34", epochs=2, image_size=64, swa_epochs=1))
+    one = train(
+        _config("classifier", study, tmp_path / "one", arch="densenet_mini", epochs=2, image_size=64, swa_epochs=1)
+    )
     swa, last = load_model(one.run_dir / "swa.pt"), load_model(one.run_dir / "last.pt")
     assert swa.meta["swa"] == {"epochs": 1, "averaged": 1} and one.swa_metrics["averaged"] == 1
     assert 0 <= one.swa_metrics["auc"] <= 1 and "gate" in swa.thresholds
@@ -425,7 +434,9 @@ def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(study: StudySumm
     stats = [k for k in ours if k.endswith("running_mean")]
     assert stats and not all(torch.equal(ours[k], theirs[k]) for k in stats)  # recomputed, not copied
 
-    two = train(_config("classifier", study, tmp_path / "two", arch="resnet34", epochs=3, image_size=64, swa_epochs=2))
+    two = train(
+        _config("classifier", study, tmp_path / "two", arch="densenet_mini", epochs=3, image_size=64, swa_epochs=2)
+    )
     averaged = load_model(two.run_dir / "swa.pt")
     assert averaged.meta["swa"]["averaged"] == 2
     final = load_model(two.run_dir / "last.pt").model.state_dict()
