@@ -520,7 +520,7 @@ def _check_smp_config(config: Mapping[str, Any], path: Path) -> str:
         "decoder_attention_type": None,
     }
     for key, value in wanted.items():
-        got = config.get(key, value if key not in ("_model_class", "encoder_name") else None)
+        got = config.get(key, None if key == "_model_class" else value)  # absent: smp's default
         if (list(got) if isinstance(got, list | tuple) else got) != value:
             raise UsageError(f"config.json has {key} = {got!r}; only {value!r} is read here", path=path)
     if config.get("decoder_use_norm", config.get("decoder_use_batchnorm", True)) not in (True, "batchnorm"):

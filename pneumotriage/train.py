@@ -124,8 +124,10 @@ class TrainConfig:
     #: (``torch.optim.swa_utils.AveragedModel``), batch-norm statistics recomputed over the training images, and
     #: written as ``swa.pt`` beside ``best.pt`` with its own validation figures. 0: none.
     swa_epochs: int = 0
-    #: Redraw ``curves.png`` beside ``metrics.jsonl`` after each epoch (~0.2 s each; the demo build, whose run
-    #: folders are thrown away, turns it off).
+    #: Draw ``curves.png`` beside ``metrics.jsonl``: after the first epoch, then again once :data:`CURVES_EVERY_S`
+    #: have passed since the last drawing, and after the last epoch (a drawing takes ~0.2-0.75 s: after every
+    #: epoch of a short run it took a fifth of the time). The demo build, whose run folders are thrown away,
+    #: turns it off.
     curves: bool = True
 
     def __post_init__(self) -> None:
@@ -537,8 +539,12 @@ def recompute_batch_norm(
     model.train(was_training)
 
 
+#: Seconds between two drawings of ``curves.png`` during a run (the last epoch is always drawn).
+CURVES_EVERY_S = 30.0
+
+
 def _write_curves(path: Path, history: list[dict[str, Any]], selection: str) -> None:
-    """curves.png beside metrics.jsonl, redrawn after each epoch."""
+    """curves.png beside metrics.jsonl, redrawn as :class:`TrainConfig` ``curves`` says."""
     import pneumotriage.plots as plots
 
     atomic_write_bytes(path, plots.curves_png(history, selection), durable=False)
@@ -656,6 +662,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
         thresholds = dict(DEFAULT_THRESHOLDS[cfg.kind])
         stopped_early = False
         epoch = start_epoch - 1
+        curves_drawn, curves_rows = -float("inf"), 0
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience is not None and stale >= cfg.patience:
                 stopped_early = True
@@ -692,8 +699,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 }
                 history.append(row)
                 _write_metrics(metrics_path, history)
-                if cfg.curves:
+                if cfg.curves and (epoch == cfg.epochs - 1 or time.monotonic() - curves_drawn >= CURVES_EVERY_S):
                     _write_curves(run_dir / "curves.png", history, selection)
+                    curves_drawn, curves_rows = time.monotonic(), len(history)
                 if improved:
                     _write_oof(run_dir / "oof.csv", val_records, pred)
                     best_value, best_epoch, stale = value, epoch, 0
@@ -739,6 +747,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             stale = _broadcast_int(stale, dist, device)
             emit({"event": "epoch_end", "epoch": epoch, "metrics": row, "selection": selection})
 
+        if cfg.curves and dist.main and len(history) > curves_rows:  # stopped early: the last epochs drawn too
+            _write_curves(run_dir / "curves.png", history, selection)
         _record_rank_checksums(model, dist, best_path, device)
         swa_metrics: dict[str, Any] = {}
         if swa is not None and int(swa.n_averaged) > 0:

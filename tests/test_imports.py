@@ -9,6 +9,7 @@ environment, never imported by pneumotriage); those tests skip, saying so, where
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import sys
@@ -44,18 +45,20 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def _xrv() -> Any:
-    """TorchXRayVision's own package from the reference folder, or a skip saying how to get it."""
+def _reference(package: str, what: str) -> Any:
+    """A reference package from the reference folder, or a skip saying how to get it."""
     site = Path(os.environ.get("PNEUMOTRIAGE_REFERENCE_SITE", REPO / ".venv" / "reference"))
-    if not (site / "torchxrayvision").is_dir():
-        pytest.skip(f"TorchXRayVision (the reference) is not installed at {site}: `make test` installs it there")
+    if not (site / package).is_dir():
+        pytest.skip(f"{what} (the reference) is not installed at {site}: `make test` installs it there")
     if str(site) not in sys.path:
         sys.path.append(str(site))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import torchxrayvision
+        return importlib.import_module(package)
 
-    return torchxrayvision
+
+def _xrv() -> Any:
+    return _reference("torchxrayvision", "TorchXRayVision")
 
 
 def _real_files(real_data: Path) -> list[Path]:
@@ -291,17 +294,7 @@ def test_a_scan_with_torchxrayvisions_resnet50_gives_its_own_probabilities(real_
 
 
 def _smp() -> Any:
-    """segmentation_models_pytorch from the reference folder, or a skip saying how to get it."""
-    site = Path(os.environ.get("PNEUMOTRIAGE_REFERENCE_SITE", REPO / ".venv" / "reference"))
-    if not (site / "segmentation_models_pytorch").is_dir():
-        pytest.skip(f"segmentation_models_pytorch (the reference) is not installed at {site}: `make test` does it")
-    if str(site) not in sys.path:
-        sys.path.append(str(site))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import segmentation_models_pytorch
-
-    return segmentation_models_pytorch
+    return _reference("segmentation_models_pytorch", "segmentation_models_pytorch")
 
 
 def _smp_unet(seed: int) -> torch.nn.Module:

@@ -443,3 +443,24 @@ def test_swa_averages_the_last_epochs_and_recomputes_batch_norm(study: StudySumm
     assert not all(torch.equal(averaged.model.state_dict()[k], final[k]) for k in weights)
     with pytest.raises(Exception, match="--swa-epochs 4"):
         _config("classifier", study, tmp_path / "bad", epochs=3, swa_epochs=4)
+
+
+def test_curves_are_drawn_after_the_first_and_last_epoch_and_every_half_minute(
+    study: StudySummary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drawing costs up to 0.75 s, so a run of short epochs draws curves.png after its first epoch, then only
+    once CURVES_EVERY_S have passed, and always after its last: here epochs 0 and 3 of four."""
+    import pneumotriage.train as training
+
+    drawn: list[int] = []
+    real = training._write_curves
+
+    def record(path: Path, history: list[dict], selection: str) -> None:
+        drawn.append(len(history))
+        real(path, history, selection)
+
+    monkeypatch.setattr(training, "_write_curves", record)
+    monkeypatch.setattr(training, "CURVES_EVERY_S", 3600.0)
+    cfg = _config("classifier", study, tmp_path / "run", arch="densenet_mini", epochs=4, image_size=64)
+    train(cfg)
+    assert drawn == [1, 4] and (tmp_path / "run" / "curves.png").is_file()
