@@ -381,3 +381,19 @@ def test_a_scan_segments_real_images_with_an_smp_unet(real_data: Path, tmp_path:
     with open(out / "worklist.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
+
+
+def test_an_ensemble_never_feeds_an_imported_model_another_pipelines_pixels(tmp_path: Path) -> None:
+    from pneumotriage.errors import UsageError
+    from pneumotriage.models import ModelSpec, build_model, save_checkpoint
+    from pneumotriage.models.ensemble import ensemble_of
+
+    source = tmp_path / "xrv.pt"
+    xrv_densenet121_file(source)
+    imported = load_model(convert(source, tmp_path / "xrv-d121.pt").path)
+    own_path = save_checkpoint(
+        tmp_path / "own.pt", build_model(ModelSpec("classifier", "densenet_mini", input_size=224))
+    )
+    with pytest.raises(UsageError, match=r"members see different inputs \(pneumotriage at 224 px, xrv at 224 px\)"):
+        ensemble_of([imported, load_model(own_path)])
+    assert ensemble_of([imported, load_model(tmp_path / "xrv-d121.pt")]).spec.pipeline == "xrv"

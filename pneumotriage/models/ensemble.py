@@ -35,6 +35,7 @@ from torch import nn
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
+from pneumotriage.pipelines import NATIVE
 from pneumotriage.weights import WeightError
 
 ENSEMBLE_FORMAT = "pneumotriage-ensemble"
@@ -112,6 +113,14 @@ def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None =
     kinds = {m.spec.kind for m in members}
     if len(kinds) > 1:
         raise UsageError(f"an ensemble mixes {' and '.join(sorted(kinds))}s: give models of one kind")
+    inputs = {(m.spec.pipeline, m.spec.input_size) for m in members}
+    if len({p for p, _ in inputs}) > 1 or (len(inputs) > 1 and any(p != NATIVE for p, _ in inputs)):
+        seen = ", ".join(f"{p} at {s} px" for p, s in sorted(inputs))
+        raise UsageError(
+            f"an ensemble's members see different inputs ({seen}): an imported model's input is its publisher's "
+            "pipeline at its own size, which a resize of another member's would not be; ensemble it only with "
+            "models of the same pipeline and size"
+        )
     first = members[0]
     size = max(m.spec.input_size for m in members)
     net = EnsembleNet([m.model for m in members], [m.spec.input_size for m in members], first.spec.kind)
