@@ -57,39 +57,46 @@ class InputKey:
         return f"{self.size}" if self.pipeline == NATIVE else f"{self.pipeline}@{self.size}"
 
 
-def make_input(ds: Dataset, header: DicomHeader, key: InputKey) -> np.ndarray:
+def make_input(ds: Dataset, header: DicomHeader, key: InputKey, stored: np.ndarray | None = None) -> np.ndarray:
     """The (size, size) float32 input of a foreign pipeline (not :data:`NATIVE`, which the scan's decoder makes
-    with the display copy) for one image. Raises :class:`~pneumotriage.errors.DicomError` naming the file."""
+    with the display copy) for one image; ``stored``: its :func:`~pneumotriage.dicom.stored_pixels` where the
+    caller has them already (one decode for every imported model's input). Raises
+    :class:`~pneumotriage.errors.DicomError` naming the file."""
     if key.pipeline == "xrv":
-        return xrv_input(ds, header, key.size)
+        return xrv_input(ds, header, key.size, stored)
     if key.pipeline == "png8":
-        return png8_input(ds, header, key.size)
+        return png8_input(ds, header, key.size, stored)
     if key.pipeline == "png8-square":
-        return png8_square_input(ds, header, key.size)
+        return png8_square_input(ds, header, key.size, stored)
     raise KeyError(f"unknown pipeline {key.pipeline!r}; valid: {', '.join(PIPELINES)}")
 
 
-def _grey_photometric(header: DicomHeader, name: str) -> str:
+GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _grey_stored(ds: Dataset, header: DicomHeader, name: str, stored: np.ndarray | None) -> tuple[str, np.ndarray]:
+    """The photometric interpretation and stored values of a grey image (decoded here unless given); a colour
+    image is refused before anything is decoded."""
     photometric = (header.photometric or "").strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric not in GREY:
         raise DicomError(
             f"{name}'s pipeline reads grey images only, and this one is {photometric or 'of no stated kind'}",
             path=header.path,
             hint="triage it with a model of this tool's own pipeline",
         )
-    return photometric
+    data = stored if stored is not None else stored_pixels(ds, header)
+    if data.ndim != 2:
+        raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
+    return photometric, data
 
 
-def xrv_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+def xrv_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | None = None) -> np.ndarray:
     """TorchXRayVision's input for one image (see the module docstring), in [-1024, 1024]."""
     from skimage.transform import resize
 
-    photometric = _grey_photometric(header, "TorchXRayVision")
+    photometric, data = _grey_stored(ds, header, "TorchXRayVision", stored)
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
     maxval = 2**bits - 1
-    data = stored_pixels(ds, header)
-    if data.ndim != 2:
-        raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
     if photometric == "MONOCHROME1":
         data = maxval - data.astype(np.int64)
     if data.size and data.max() > maxval:
@@ -111,12 +118,9 @@ def xrv_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
     return np.ascontiguousarray(out[0])
 
 
-def _grey8(ds: Dataset, header: DicomHeader, name: str) -> np.ndarray:
+def _grey8(ds: Dataset, header: DicomHeader, stored: np.ndarray | None) -> np.ndarray:
     """The 8-bit grey image of the ``png8`` pipelines (see the module docstring)."""
-    photometric = _grey_photometric(header, name)
-    data = stored_pixels(ds, header)
-    if data.ndim != 2:
-        raise DicomError(f"pixel array of shape {data.shape} is not one grey image", path=header.path)
+    photometric, data = _grey_stored(ds, header, "An 8-bit PNG model", stored)
     plain = (
         data.dtype == np.uint8
         and photometric == "MONOCHROME2"
@@ -131,11 +135,11 @@ def _grey8(ds: Dataset, header: DicomHeader, name: str) -> np.ndarray:
     return np.clip(np.round(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
 
 
-def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+def png8_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | None = None) -> np.ndarray:
     """The ``png8`` input for one image (see the module docstring), in [0, 1]."""
     from PIL import Image
 
-    grey8 = _grey8(ds, header, "An 8-bit PNG model")
+    grey8 = _grey8(ds, header, stored)
     rows, cols = grey8.shape
     short, long = min(rows, cols), max(rows, cols)
     # torchvision's Resize(int): the short side becomes `size`, the long one int(size * long / short)
@@ -150,12 +154,12 @@ def png8_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
     return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
-def png8_square_input(ds: Dataset, header: DicomHeader, size: int) -> np.ndarray:
+def png8_square_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | None = None) -> np.ndarray:
     """The ``png8-square`` input for one image: the whole 8-bit image resized to ``size`` x ``size`` (Pillow's
     bilinear filter), /255, in [0, 1]."""
     from PIL import Image
 
-    grey8 = _grey8(ds, header, "An 8-bit PNG model")
+    grey8 = _grey8(ds, header, stored)
     image = Image.fromarray(np.ascontiguousarray(grey8), mode="L")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)

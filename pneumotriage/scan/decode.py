@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 
 from pneumotriage.datasets import prepare_image
-from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels
-from pneumotriage.pipelines import NATIVE, InputKey, make_input
+from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels, stored_pixels
+from pneumotriage.pipelines import GREY, NATIVE, InputKey, make_input
 from pneumotriage.scan.read import Source
 
 #: Longest side of the display copy each slot keeps for overlays and thumbnails.
@@ -130,9 +130,14 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
     from the stored pixels (:func:`pneumotriage.pipelines.make_input`)."""
     top = max((*arena.native_sizes, DISPLAY))
     image = decode_pixels(source.ds, source.header, source.notes, reduce_to=top)
+    # One full decode of the stored values serves every imported model's input (a colour image is left to
+    # make_input, which refuses it before decoding anything).
+    foreign = any(k.pipeline != NATIVE for k in arena.keys)
+    grey = (source.header.photometric or "").strip().upper() in GREY
+    stored = stored_pixels(source.ds, source.header) if foreign and grey else None
     for key in arena.keys:
         if key.pipeline != NATIVE:
-            arena.image(slot, key)[...] = make_input(source.ds, source.header, key)
+            arena.image(slot, key)[...] = make_input(source.ds, source.header, key, stored)
             continue
         size = key.size
         pixels = image.pixels
