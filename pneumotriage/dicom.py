@@ -18,11 +18,12 @@ dataset, the header record and the list of transfer syntaxes; everything that op
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -116,6 +117,13 @@ MIN_SIDE = 64
 #: What marks a folder as a scan's output (its journal's signature, or a sharded scan's layout): walks pass such
 #: folders over.
 SCAN_MARKS = (os.path.join(".scan", "signature.json"), os.path.join(".scan", "shards.json"))
+#: The entries a scan writes into its ``--out``: in a scan's output folder only these (and hidden names, such as
+#: atomic writes in flight) are passed over by a walk; anything else there (the DICOMs of a folder used as its
+#: own ``--out``) is an input like any other.
+SCAN_OUTPUTS = frozenset(
+    {".scan", "masks", "overlays", "dicom", "worklist.csv", "worklist.json", "submission.csv", "skipped.csv",
+     "report.html"}
+)  # fmt: skip
 #: What :mod:`pneumotriage.synth` writes in ImageComments: the mark of a synthetic phantom, never a patient.
 SYNTHETIC_MARK = "SYNTHETIC PHANTOM - not a patient image"
 #: Media Storage Directory Storage: a DICOMDIR's SOP class.
@@ -213,7 +221,12 @@ def _sniff(path: Path) -> str:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError as exc:
-        raise NotDicomError(f"cannot be read: {exc.strerror or exc}", path=path, hint="check the path") from None
+        # Not "not DICOM": a file that vanished or became unreadable since it was found may well be one.
+        raise DicomError(
+            f"cannot be read: {exc.strerror or exc}",
+            path=path,
+            hint="it was removed, moved or made unreadable since it was found; check it and scan again",
+        ) from None
     if len(head) == 132 and head[128:132] == b"DICM":
         return "part10"
     # A data set written without preamble starts with its lowest tag: group 0x0002 (meta) or 0x0008
@@ -449,13 +462,21 @@ def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader |
             yield SkippedFile(path=path, reason=err.message)
 
 
-def walk_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[tuple[Path, os.stat_result | None]]:
+def walk_files(
+    roots: Iterable[Path],
+    *,
+    exclude: Iterable[Path] = (),
+    passed: Callable[[Path, str], None] | None = None,
+) -> Iterator[tuple[Path, os.stat_result | None]]:
     """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
     order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
     and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks), folders reached through a
-    symbolic link (as ``os.walk`` does: no loops), scans' output folders (marked by :data:`SCAN_MARKS`: a scan
-    whose ``--out`` lies inside its input never reads its own or an earlier scan's outputs) and the folders in
-    ``exclude``. A path that cannot be ``stat``-ed comes with None: reading it then says why."""
+    symbolic link (as ``os.walk`` does: no loops), and in scans' output folders (marked by :data:`SCAN_MARKS`, or
+    named in ``exclude``) the scan's own outputs (:data:`SCAN_OUTPUTS`): a scan whose ``--out`` lies inside its
+    input, or is one of its folders, never reads its own or an earlier scan's outputs, and still reads every other
+    file there. Each file or folder passed over for any other reason is handed to ``passed`` with why (a scan lists
+    them in skipped.csv: nothing found goes unaccounted for). A path that cannot be ``stat``-ed comes with None:
+    reading it then says why."""
     skip = set()
     for folder in exclude:
         try:
@@ -463,17 +484,27 @@ def walk_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterat
             skip.add((info.st_dev, info.st_ino))
         except OSError:
             pass  # not made yet: nothing of it to find
+    tell = passed or (lambda path, why: None)
     for root in roots:
-        for path in _paths(root, skip):
+        for path in _paths(root, skip, tell):
             try:
                 st: os.stat_result | None = path.stat()
             except OSError:
                 st = None
             if st is None or stat.S_ISREG(st.st_mode):
                 yield path, st
+            else:
+                tell(path, f"not a regular file ({_kind(st.st_mode)}): never opened")
 
 
-def _paths(root: Path, skip: set[tuple[int, int]]) -> Iterator[Path]:
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISBLK(mode) else "a special file"
+
+
+def _paths(root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], None]) -> Iterator[Path]:
     """Depth first with a stack, not recursion: a folder nested thousands deep is walked like any other. Folders
     are told apart by (device, inode), never by resolving long paths."""
     if not root.is_dir():
@@ -482,34 +513,48 @@ def _paths(root: Path, skip: set[tuple[int, int]]) -> Iterator[Path]:
     stack = [str(root)]
     while stack:
         folder = stack.pop()
+        excluded = False
         if skip:
             try:
                 st = os.stat(folder)
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) in skip:
-                continue
+            excluded = (st.st_dev, st.st_ino) in skip
         try:
             with os.scandir(folder) as it:
                 everything = list(it)
-        except OSError:
-            continue  # unreadable or vanished while walking, as os.walk passes it over
-        if any(e.name == ".scan" for e in everything) and any(
-            os.path.isfile(os.path.join(folder, mark)) for mark in SCAN_MARKS
-        ):
-            continue  # a scan's output folder (masks, overlays, CSVs): never an input
-        entries = sorted((e for e in everything if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as exc:
+            tell(Path(folder), f"folder cannot be read ({exc.strerror or exc}): not walked")
+            continue
+        output = excluded or (
+            any(e.name == ".scan" for e in everything)
+            and any(os.path.isfile(os.path.join(folder, mark)) for mark in SCAN_MARKS)
+        )
+        entries = []
+        for e in sorted(everything, key=lambda e: e.name):
+            if output and (e.name in SCAN_OUTPUTS or e.name.startswith(".")):
+                continue  # a scan's own outputs (masks, overlays, CSVs, its journal): never an input
+            if e.name.startswith("."):
+                what = "folder" if _is_dir(e) else "file"
+                tell(Path(e.path), f"hidden {what} (its name starts with '.'): not scanned; rename it to include it")
+                continue
+            entries.append(e)
         folders = []
         for entry in entries:
-            try:
-                is_folder = entry.is_dir()
-            except OSError:
-                is_folder = False
-            if not is_folder:
+            if not _is_dir(entry):
                 yield Path(entry.path)
-            elif not entry.is_symlink():
+            elif entry.is_symlink():
+                tell(Path(entry.path), "a link to a folder: not followed (name the folder itself to scan it)")
+            else:
                 folders.append(entry.path)
         stack.extend(reversed(folders))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -572,6 +617,11 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
     path = header.path
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     source_shape = check_jpeg_size(ds, header)
+    check_pixel_data(ds, header)
+    try:
+        _check_rescale(ds)
+    except ValueError as exc:
+        raise CorruptPixelDataError(str(exc), path=path, hint="re-export the image from the PACS") from None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -579,6 +629,7 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
             if arr is None:
                 arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
                 source_shape = (int(arr.shape[0]), int(arr.shape[1]))
+            padding = _padding(arr, ds)
             grey = _to_grey(arr, ds, photometric, notes)
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
@@ -589,7 +640,7 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
     notes.extend(_first_line(w.message) for w in caught)
     if header.frames > 1:
         notes.append(f"{header.frames} frames; using the first")
-    pixels = _normalise(grey, notes)
+    pixels = _normalise(grey, notes, padding)
     return DicomImage(
         **header.identity(),
         pixels=pixels,
@@ -679,6 +730,65 @@ def check_jpeg_size(ds: Dataset, header: DicomHeader) -> tuple[int, int] | None:
     return size
 
 
+#: The end-of-image marker that ends a JPEG, JPEG-LS or JPEG 2000 codestream (EOI / EOC).
+_END_MARKER = b"\xff\xd9"
+#: A run of zero bytes at least this long, and at least 1/64 of the codestream, is damage, not an image: entropy-
+#: coded data of a real image has no long zero runs (the SIIM sample's longest is 10 bytes), and even a flat band
+#: of the image, which can code as zero bits, costs a tiny share of the stream's bytes.
+_ZERO_RUN = 1024
+
+
+def check_pixel_data(ds: Dataset, header: DicomHeader) -> None:
+    """Refuse pixel data that would decode to a wrong image with no error: native pixel data holding more than one
+    frame's bytes while the header declares one frame (it would decode as a strip of one frame), and a compressed
+    first frame whose codestream does not end with its end marker (cut short: the decoder fills the rest) or holds
+    a long run of zero bytes (a damaged or zeroed stretch: it decodes to plausible noise). Raises
+    :class:`CorruptPixelDataError` naming the file."""
+    syntax = _syntax(ds)
+    if syntax is None or "PixelData" not in ds:
+        return
+    path = header.path
+    if not syntax.is_compressed:
+        bits = _int(ds, "BitsAllocated") or 0
+        if bits < 8 or header.shape is None:
+            return
+        frame = header.shape[0] * header.shape[1] * header.samples_per_pixel * (bits // 8)
+        held = len(ds.PixelData)
+        if frame and header.frames == 1 and held >= 2 * frame:
+            raise CorruptPixelDataError(
+                f"pixel data holds {held} bytes, {held // frame} frames of {header.rows} x {header.columns} px, but "
+                "the header declares one frame (no NumberOfFrames)",
+                path=path,
+                hint="the header is inconsistent with its pixel data; re-export the image",
+            )
+        return
+    if str(syntax) in _UNMARKED:  # RLE Lossless and deflate have no end marker
+        return
+    try:
+        stream = next(generate_frames(ds.PixelData, number_of_frames=max(header.frames, 1)))
+    except _PARSE_ERRORS + (StopIteration,):
+        return  # the decoder says what is wrong
+    end = stream.rstrip(b"\x00")
+    if not end.endswith(_END_MARKER):
+        raise CorruptPixelDataError(
+            f"the compressed pixel data ({len(stream)} bytes) does not end with its end marker: cut short",
+            path=path,
+            hint="the copy is incomplete or damaged; copy or export it again",
+        )
+    run = max(_ZERO_RUN, len(stream) // 64)
+    at = end.find(b"\x00" * run)
+    if at >= 0:
+        raise CorruptPixelDataError(
+            f"the compressed pixel data holds a run of over {run} zero bytes from byte {at}: a damaged stretch",
+            path=path,
+            hint="the file is damaged; copy or export it again",
+        )
+
+
+#: Compressed transfer syntaxes whose frames carry no end-of-image marker.
+_UNMARKED = frozenset({"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"})
+
+
 def codec_reduces(ds: Dataset, header: DicomHeader, reduce_to: int) -> bool:
     """Whether ``decode_pixels(..., reduce_to=reduce_to)`` decodes this image smaller than stored, in the JPEG
     codec (a single-frame, 8-bit, grey JPEG Baseline image at least twice ``reduce_to`` a side)."""
@@ -726,16 +836,56 @@ def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -
     if arr.ndim != 2:
         raise ValueError(f"unexpected pixel array shape {arr.shape}")
     out = apply_modality_lut(arr, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    if "WindowCenter" in ds and "VOILUTSequence" not in ds and not _window_usable(ds):
+        notes.append(f"window {ds.get('WindowCenter')}/{ds.get('WindowWidth')} is not usable; not applied")
+    elif "VOILUTSequence" in ds or "WindowCenter" in ds:
         try:
             out = apply_voi_lut(out, ds, index=0, prefer_lut=True)
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             notes.append(f"VOI LUT/window not applied ({_first_line(exc)})")
     out = np.asarray(out, dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        # MONOCHROME1: the minimum value is displayed white. Invert after the LUTs (PS3.3 C.7.6.3.1.2).
+    if photometric == "MONOCHROME1" or inverse_presentation(ds):
+        # MONOCHROME1: the minimum value is displayed white. Invert after the LUTs (PS3.3 C.7.6.3.1.2). A
+        # Presentation LUT Shape of INVERSE asks the same of any grey image (PS3.3 C.11.6.1.2; a DX MONOCHROME1
+        # image declares INVERSE for the one inversion it needs, so the two never make a second).
         out = -out
     return out
+
+
+def inverse_presentation(ds: Dataset) -> bool:
+    """Whether the header's Presentation LUT Shape is INVERSE."""
+    return _text(ds, "PresentationLUTShape") == "INVERSE"
+
+
+#: The largest rescale slope and intercept believed: radiographs carry 1 and 0 (CT ~1 and -1024); a slope of 1e300
+#: turns every pixel infinite, one of 0 makes the image constant.
+MAX_RESCALE = 1e6
+
+
+def _check_rescale(ds: Dataset) -> None:
+    """Refuse a Modality LUT rescale that cannot be meant (0, not finite, absurdly large): it would make the image
+    constant or infinite, and a constant image has no answer."""
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        if keyword not in ds:
+            continue
+        raw = ds.get(keyword)
+        try:
+            value = float(raw) if raw not in (None, "") else default
+        except (TypeError, ValueError):
+            raise ValueError(f"{keyword} {raw!r} is not a number") from None
+        if not math.isfinite(value) or abs(value) > MAX_RESCALE or (keyword == "RescaleSlope" and value == 0):
+            raise ValueError(f"{keyword} {raw} cannot be applied (the header is damaged)")
+
+
+def _window_usable(ds: Dataset) -> bool:
+    """Whether the first window (centre and width) is finite with a positive width (PS3.3 C.11.2.1.2 needs >= 1)."""
+    try:
+        centre, width = ds.WindowCenter, ds.WindowWidth
+        centre = float(centre[0] if isinstance(centre, MultiValue | list) else centre)
+        width = float(width[0] if isinstance(width, MultiValue | list) else width)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+    return math.isfinite(centre) and math.isfinite(width) and width >= 1 and abs(centre) <= 1e9
 
 
 def grey_values(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
@@ -743,10 +893,14 @@ def grey_values(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     return _to_grey(arr, ds, photometric, [])
 
 
-def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:
-    """Clip at robust percentiles (estimated on a sub-grid, which is exact enough and fast) and scale to [0, 1]."""
+def _normalise(grey: np.ndarray, notes: list[str], padding: np.ndarray | None = None) -> np.ndarray:
+    """Clip at robust percentiles (estimated on a sub-grid, which is exact enough and fast) and scale to [0, 1].
+    ``padding`` marks pixels outside the image proper (PixelPaddingValue): they take no part in the percentiles
+    and come out 0, as a viewer shows them (background)."""
     step = max(1, min(grey.shape) // 256)
     sample = grey[::step, ::step]
+    if padding is not None:
+        sample = sample[~padding[::step, ::step]]
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         notes.append("no finite pixel values")
@@ -761,7 +915,24 @@ def _normalise(grey: np.ndarray, notes: list[str]) -> np.ndarray:
     np.clip(out, 0.0, 1.0, out=out)
     if not np.isfinite(out).all():  # only float pixel data can carry NaN; nan_to_num alone costs ~5 ms/MPixel
         np.nan_to_num(out, copy=False, nan=0.0)
+    if padding is not None:
+        out[padding] = 0.0
     return out
+
+
+def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Which stored values are padding (PixelPaddingValue, up to PixelPaddingRangeLimit: PS3.3 C.7.5.1.1.2),
+    as a mask of the grey image; None where the header declares none or the array is not one grey frame."""
+    if arr.ndim != 2 or "PixelPaddingValue" not in ds:
+        return None
+    try:
+        value = int(ds.PixelPaddingValue)
+        limit = int(ds.get("PixelPaddingRangeLimit", value))
+    except (TypeError, ValueError):
+        return None
+    lo, hi = min(value, limit), max(value, limit)
+    mask: np.ndarray = (arr >= lo) & (arr <= hi) if lo != hi else arr == lo
+    return mask if mask.any() else None
 
 
 def describe(found: DicomHeader | SkippedFile, *, decode: bool = False) -> dict[str, Any]:

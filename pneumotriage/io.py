@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +30,13 @@ def sha256_file(path: Path) -> str:
 
 
 def file_key(path: Path, st: os.stat_result | None = None, real: str | None = None) -> str:
-    """A file's identity for resuming and caching: its real path (``real`` where the caller has it), size and
-    modification time, so that a changed file is redone."""
+    """A file's identity for resuming and caching: its real path (``real`` where the caller has it), size,
+    modification time, inode and status-change time, so that a changed file is redone. Size and mtime alone miss
+    a file replaced by another of the same size whose mtime was set back (``cp --preserve``, ``touch -r``, an
+    archive's extraction); the inode changes when it is replaced by a rename, and the ctime, which no user can
+    set, whenever its content or name is written."""
     st = st or path.stat()
-    return f"{real or os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{real or os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
 
 def finite(value: Any) -> Any:
@@ -61,6 +65,25 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return text
+
+
+#: What makes a spreadsheet read a cell as a formula (OWASP "CSV injection"): its first character.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(text: str) -> str:
+    """``text`` as a CSV cell no spreadsheet runs: one that starts like a formula (``=HYPERLINK(...)``,
+    ``+cmd|...``, ``@SUM``, ``-2+3``) gets a leading apostrophe, as OWASP recommends; anything else is unchanged."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` without the control characters that a terminal acts on (escape sequences, carriage returns,
+    bells): each is shown as ``\\xNN``. A file name can hold any of them."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @contextlib.contextmanager

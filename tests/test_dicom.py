@@ -244,8 +244,11 @@ def test_not_dicom_and_truncated(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(NotDicomError):
         read_header(empty)
-    with pytest.raises(NotDicomError, match="cannot be read"):
+    # A file that cannot be opened may well be a DICOM (removed or made unreadable since it was found): an error,
+    # never "not DICOM", which a scan would pass over into skipped.csv.
+    with pytest.raises(DicomError, match="cannot be read") as raised:
         read_dicom(tmp_path / "missing.dcm")
+    assert not isinstance(raised.value, NotDicomError)
     good = _save(_synthetic_dataset(), tmp_path / "good.dcm")
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(good.read_bytes()[:-500])

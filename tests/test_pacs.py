@@ -130,6 +130,9 @@ def test_no_phi_objects_carry_no_patient_identifiers(scanned: dict[str, Path], s
         ds = pydicom.dcmread(path)
         assert ds.PatientID == "" and str(ds.PatientName) == "" and ds.get("AccessionNumber", "") == ""
         assert not any(p in str(ds) for p in patients)
+        # PS3.15's basic profile: the study's dates and people go too (the object's own creation time stays).
+        for keyword in ("StudyDate", "StudyTime", "OtherPatientNames", "ReferringPhysicianName", "StudyID"):
+            assert str(ds.get(keyword, "")) == "", (path.name, keyword, ds.get(keyword))
 
 
 def test_dciodvfy_finds_no_error(scanned: dict[str, Path]) -> None:

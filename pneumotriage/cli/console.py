@@ -4,7 +4,6 @@ worklist and figures as tables."""
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pneumotriage.errors import PneumotriageError
-from pneumotriage.io import printable
+from pneumotriage.io import printable, strict_json, terminal_safe
 
 EXIT_INPUTS_FAILED = 4
 
@@ -25,6 +24,13 @@ out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def shown(text: object) -> str:
+    """Text from a file (a tag value, a file name, a message naming one) as rich markup that prints it as it is:
+    its bytes made valid UTF-8, terminal control characters escaped, rich markup (``[/]``, ``[link=...]``)
+    escaped."""
+    return escape(terminal_safe(printable(str(text))))
+
+
 def reports_errors(func: F) -> F:
     """Turn a library error into one red line on stderr and its exit code, never a traceback."""
 
@@ -33,9 +39,7 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PneumotriageError as exc:
-            err.print(
-                f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False, soft_wrap=True
-            )
+            err.print(f"[bold red]error:[/] {shown(exc)}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -55,7 +59,7 @@ def short(text: str, keep: int = SHORT_ID) -> str:
 
 def print_worklist(summary: Any, limit: int = 20) -> None:
     table = Table(
-        title=f"worklist: {summary.out / 'worklist.csv'}", title_justify="left", box=None, padding=(0, 1, 0, 0)
+        title=f"worklist: {shown(summary.out / 'worklist.csv')}", title_justify="left", box=None, padding=(0, 1, 0, 0)
     )
     for col in ("rank", "tier", "probability", "area cm²", "side", "image", "status"):
         table.add_column(col, overflow="fold")
@@ -67,8 +71,8 @@ def print_worklist(summary: Any, limit: int = 20) -> None:
             "" if r.probability is None else f"{r.probability:.3f}",
             "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
             r.side or "",
-            short(printable(r.image_id)),
-            r.status if r.status == "ok" else f"[red]{r.status}[/]",
+            shown(short(printable(r.image_id))),
+            r.status if r.status == "ok" else f"[red]{shown(r.status)}[/]",
         )
     out.print(table)
     if len(summary.results) > limit:
@@ -89,11 +93,11 @@ def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> 
     from pneumotriage.scan.outputs import worklist_document, worklist_rows
 
     if as_json:
-        print(json.dumps(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
+        print(strict_json(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))
     else:
         print_worklist(summary)
     for note in summary.notes:
-        err.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+        err.print(f"[bold yellow]note:[/] {shown(note)}", highlight=False)
     if verbose:
         print_plan(summary)
     c = summary.counts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ from pneumotriage.cli.console import (
     print_worklist,
     reports_errors,
     short,
+    shown,
 )
 from pneumotriage.cli.options import (
     PrecisionOpt,
@@ -24,7 +24,7 @@ from pneumotriage.cli.options import (
 )
 from pneumotriage.dicom import describe, discover
 from pneumotriage.errors import UsageError
-from pneumotriage.io import printable
+from pneumotriage.io import printable, strict_json
 
 
 @reports_errors
@@ -41,26 +41,26 @@ def inspect(
         raise UsageError("no such file or folder", path=missing[0], hint="check the path")
     rows = [describe(found, decode=decode) for found in discover(paths)]
     if as_json:
-        typer.echo(json.dumps(rows, indent=1))
+        typer.echo(strict_json(rows, indent=1))
     else:
         table = Table(title=f"{len(rows)} files", box=None, padding=(0, 1, 0, 0))
         for col in ("image id", "mod.", "size", "photometric", "bits", "syntax", "spacing", "status"):
             table.add_column(col, no_wrap=col not in ("syntax", "status"), overflow="fold")
         for row in rows:
             if "image_id" not in row:
-                name = short(printable(Path(row["path"]).name))
-                table.add_row(name, "", "", "", "", "", "", f"[red]skip:[/] {row['reason']}")
+                name = shown(short(printable(Path(row["path"]).name)))
+                table.add_row(name, "", "", "", "", "", "", f"[red]skip:[/] {shown(row['reason'])}")
                 continue
             size = f"{row['rows']}x{row['columns']}" if row["rows"] else "?"
             spacing = "x".join(f"{v:.3g}" for v in row["pixel_spacing_mm"]) if row["pixel_spacing_mm"] else "-"
-            status = "[green]ok[/]" if row["status"] == "ok" else f"[red]skip:[/] {row['reason']}"
+            status = "[green]ok[/]" if row["status"] == "ok" else f"[red]skip:[/] {shown(row['reason'])}"
             if row["status"] == "ok" and row["warnings"]:
-                status += f" [yellow]({'; '.join(row['warnings'])})[/]"
+                status += f" [yellow]({shown('; '.join(row['warnings']))})[/]"
             table.add_row(
-                short(printable(row["image_id"])),
-                row["modality"] or "?",
+                shown(short(printable(row["image_id"]))),
+                shown(row["modality"] or "?"),
                 size,
-                (row["photometric"] or "?").replace("MONOCHROME", "MONO"),
+                shown((row["photometric"] or "?").replace("MONOCHROME", "MONO")),
                 str(row["bits_stored"] or "?"),
                 (row["transfer_syntax_name"] or "?").split(" (")[0],  # "JPEG Baseline (Process 1)": its name
                 spacing,

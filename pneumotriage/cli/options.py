@@ -108,6 +108,16 @@ PrecisionOpt = Annotated[
     ),
 ]
 
+AcceptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--accept",
+        metavar="RULE",
+        help="Triage images the input check refuses by this rule (repeat; or all): modality, body-part, view, "
+        "shape, colour, orientation, histogram. See README 'What the scan refuses, and why'.",
+    ),
+]
+
 CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, so later epochs skip decoding.")]
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]

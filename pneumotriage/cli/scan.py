@@ -15,6 +15,7 @@ from pneumotriage.cli.console import (
     reports_errors,
 )
 from pneumotriage.cli.options import (
+    AcceptOpt,
     ClassifierOpt,
     Device,
     PrecisionOpt,
@@ -92,6 +93,7 @@ def scan(
     ] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
+    accept: AcceptOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what auto chose, and the timings.")] = False,
@@ -142,6 +144,7 @@ def scan(
         no_phi=no_phi,
         resume=resume,
         overlays=overlays,
+        accept=tuple(accept or ()),
     )
     one_shard = Shard.parse(shard) if shard is not None else None
     if one_shard is not None and scan_ranks.launched():
@@ -222,6 +225,7 @@ def submit(
     workers: ScanWorkers = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
+    accept: AcceptOpt = None,
 ) -> None:
     """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
     mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
@@ -236,7 +240,15 @@ def submit(
         out_file,
         classifier=load_models(classifier, "classifier"),
         segmenter=load_models(segmenter, "segmenter"),
-        options=scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume),
+        options=scan_options(
+            batch_size,
+            workers,
+            segment_all=segment_all,
+            tta=tta,
+            device=device,
+            resume=resume,
+            accept=tuple(accept or ()),
+        ),
         work=work,
         relative=relative,
     )

@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 
 from pneumotriage.datasets import prepare_image
 from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels, stored_pixels
+from pneumotriage.inputcheck import check_pixels
 from pneumotriage.pipelines import GREY, NATIVE, InputKey, make_input
 from pneumotriage.scan.read import Source
 
@@ -130,6 +131,7 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
     from the stored pixels (:func:`pneumotriage.pipelines.make_input`)."""
     top = max((*arena.native_sizes, DISPLAY))
     image = decode_pixels(source.ds, source.header, source.notes, reduce_to=top)
+    check_pixels(image.pixels, image.warnings, source.accept)
     # One full decode of the stored values serves every imported model's input (a colour image is left to
     # make_input, which refuses it before decoding anything).
     foreign = any(k.pipeline != NATIVE for k in arena.keys)
@@ -147,6 +149,12 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
             pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
         arena.image(slot, key)[...] = prepare_image(pixels, size)[0].numpy()
+    flip_lr, flip_ud = source.flip
+    if flip_lr or flip_ud:
+        # Upright for the models (the engine turns their maps back: masks and overlays keep the stored grid).
+        for key in arena.keys:
+            x = arena.image(slot, key)
+            x[...] = x[:: -1 if flip_ud else 1, :: -1 if flip_lr else 1].copy()
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
     return image.original_shape

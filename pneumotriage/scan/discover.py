@@ -39,6 +39,8 @@ class Found:
     real: str = ""
     seq: int = -1
     name: str = ""
+    #: Why the walk passed it over without opening it (hidden, a FIFO, a link to a folder): a skipped.csv row.
+    passed: str | None = None
 
 
 def safe_name(image_id: str, taken: set[str]) -> str:
@@ -60,13 +62,21 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
     once: a file reached twice (named twice, or through a symbolic link to a sibling) is scanned under the first
     path it was found by."""
     seen: set[str] = set()
-    for path, st in walk_files(roots, exclude=exclude):
+    passed: list[Found] = []
+
+    def tell(path: Path, why: str) -> None:
+        passed.append(Found(path, image_id_for(path), f"{path}|passed", str(path), passed=why))
+
+    for path, st in walk_files(roots, exclude=exclude, passed=tell):
+        yield from passed
+        passed.clear()
         real = os.path.realpath(path)
         if real in seen:
             continue
         seen.add(real)
         key = file_key(path, st, real) if st is not None else f"{path}|missing"
         yield Found(path, image_id_for(path), key, real)
+    yield from passed
 
 
 _END = object()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import time
 from collections import deque
@@ -93,6 +94,7 @@ class Stream:
         jpeg_on_device: bool,
         skip: Callable[[Found], bool] = lambda found: False,
         on_wait: Callable[[bool], bool] = lambda block: False,
+        accept: tuple[str, ...] = (),
     ) -> None:
         self.files = files
         self.workers = workers
@@ -104,6 +106,7 @@ class Stream:
         self.jpeg_on_device = jpeg_on_device
         self.skip = skip
         self.on_wait = on_wait
+        self.accept = accept
         self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
         self.skipped = 0
         # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
@@ -124,11 +127,16 @@ class Stream:
             if not got:
                 return
             found = got[0]
+            if found.passed is not None:  # passed over by the walk, never opened: its skipped.csv row
+                error = f"{printable(str(found.path))}: {found.passed}"
+                self.decoding.append((found, -1, done_future(Decoded("skipped", error=error))))
+                continue
             if self.skip(found):
                 self.skipped += 1
                 continue
             slot = self.free.popleft()
-            self.decoding.append((found, slot, self.workers.submit(decode_task, found, slot, self.jpeg_on_device)))
+            future = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
+            self.decoding.append((found, slot, future))
 
     def __iter__(self) -> Iterator[Batch]:
         items: list[Item] = []
@@ -144,7 +152,8 @@ class Stream:
                     items.append(Item(found, slot, decoded))
                 else:
                     failed.append((found, decoded))
-                    self.release(slot)
+                    if slot >= 0:
+                        self.release(slot)
                 self._feed()
             idle = not self.decoding
             if items and (len(items) >= self.batch_size or idle):
@@ -267,12 +276,21 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
     }
 
 
-def _error_row(found: Found, decoded: Decoded) -> ImageResult:
+def _error_row(found: Found, decoded: Decoded, error: str | None = None) -> ImageResult:
+    """The row of a file that was not triaged: not readable ("error"), refused by the input check ("not
+    triaged"), or (``error``) given an answer the scan cannot trust."""
     return ImageResult(
         **{"image_id": found.image_id, "path": str(found.path), "key": found.key, **decoded.identity},
         seq=found.seq,
-        status="error",
-        error=decoded.error,
+        status="error" if error is not None or decoded.status == "ok" else decoded.status,
+        error=error or decoded.error,
+    )
+
+
+def _untrusted(found: Found, role: str, value: float) -> str:
+    return (
+        f"{found.path}: the {role} gave {value} for it, not a probability: the model's weights or its input are "
+        "damaged (a NaN weight gives this; check or re-make the checkpoint); not triaged"
     )
 
 
@@ -456,6 +474,7 @@ def _run(
                 jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
                 skip=seen_or_done,
                 on_wait=drain,
+                accept=options.accept,
             )
             emit({"event": "start", "resumed": resumed, "plan": plan.as_dict()})
             for batch in stream:
@@ -474,8 +493,18 @@ def _run(
                     if classifier is not None:
                         probs = classify(classifier, batch.inputs[classifier.spec.input_key], device, bf16=bf16)
                         counts["classified"] += n
+                    # A model's answer that is not a number (NaN weights, an overflow) is never a tier: such an
+                    # image is an error row naming the model, and the scan exits non-zero.
+                    untrusted: dict[int, str] = {}
+                    if probs is not None:
+                        for i in np.flatnonzero(~np.isfinite(probs)).tolist():
+                            untrusted[i] = _untrusted(batch.items[i].found, "classifier", float(probs[i]))
                     chosen = (
-                        to_segment(probs, n, thresholds.gate, segment_all=options.segment_all)
+                        [
+                            i
+                            for i in to_segment(probs, n, thresholds.gate, segment_all=options.segment_all)
+                            if i not in untrusted
+                        ]
                         if segmenter is not None
                         else []
                     )
@@ -487,13 +516,26 @@ def _run(
                         )
                         maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
                         for j, i in enumerate(chosen):
-                            workers.arena.map(batch.items[i].slot)[...] = maps_np[j]
+                            item = batch.items[i]
+                            if not (math.isfinite(float(present_np[j])) and np.isfinite(maps_np[j]).all()):
+                                untrusted[i] = _untrusted(item.found, "segmenter", float(np.max(maps_np[j])))
+                                continue
+                            flip_lr, flip_ud = item.decoded.flip
+                            # The map of an image turned upright for the models, turned back to the stored grid.
+                            shown = maps_np[j][:: -1 if flip_ud else 1, :: -1 if flip_lr else 1]
+                            workers.arena.map(item.slot)[...] = shown
                             scores[i] = float(present_np[j])
                         counts["segmented"] += len(chosen)
                     model_s += time.perf_counter() - t0
                     counts["decoded"] += n
                     for i, item in enumerate(batch.items):
                         d = item.decoded
+                        if i in untrusted:
+                            row = _error_row(item.found, d, untrusted[i])
+                            finishing.append((-1, done_future((row, None)), None))
+                            counts["errors"] += 1
+                            stream.release(item.slot)
+                            continue
                         job = FinishJob(
                             name=item.found.name,
                             identity={"image_id": item.found.image_id, **d.identity, "seq": item.found.seq},
@@ -505,6 +547,7 @@ def _run(
                             thresholds=thresholds,
                             overlays=options.overlays,
                             out=out,
+                            mirrored=d.flip[0],
                         )
                         thumb = d.thumb
                         if job.segmented and workers.count and (not finish_here or not stream.starved()):

@@ -39,6 +39,8 @@ class FinishJob:
     thresholds: Thresholds
     overlays: bool
     out: Path
+    #: Whether the image is stored mirrored (PatientOrientation R\\F): the patient's side is the other one.
+    mirrored: bool = False
 
 
 def patient_side(mask: np.ndarray, left: int = 0, width: int | None = None) -> str | None:
@@ -145,6 +147,13 @@ def implausible(found: Outline) -> str | None:
     return None
 
 
+def _side(found: Outline | None, cols: int, mirrored: bool) -> str | None:
+    side = patient_side(found.mask, found.left, cols) if found is not None else None
+    if mirrored and side in ("left", "right"):
+        return "right" if side == "left" else "left"
+    return side
+
+
 def _area_cm2(area: int, spacing: tuple[float, float] | None) -> float | None:
     """The area in cm² where the pixel spacing gives a finite one (a header's spacing of 1e200 mm does not)."""
     if not spacing:
@@ -179,7 +188,7 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         segmented=job.segmented,
         area_px=area if job.segmented else None,
         area_cm2=_area_cm2(area, spacing) if job.segmented else None,
-        side=(patient_side(found.mask, found.left, cols) if found is not None else None) if job.segmented else None,
+        side=_side(found, cols, job.mirrored) if job.segmented else None,
         rle=rle_encode(found.mask, origin=(found.top, found.left), shape=found.shape) if found is not None else EMPTY,
         rows=rows,
         columns=cols,

@@ -15,7 +15,7 @@ from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult
 
-JOURNAL_VERSION = 3  # 3: rows carry the plausibility flag
+JOURNAL_VERSION = 4  # 3: rows carry the plausibility flag; 4: file keys carry inode and ctime
 
 
 class Journal:

@@ -53,6 +53,8 @@ class ScanOptions:
     compile: bool = False
     #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
     report_thumbnails: int = 100
+    #: Input-check rules widened (:data:`pneumotriage.inputcheck.RULES`): images they would refuse are triaged.
+    accept: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
@@ -66,6 +68,9 @@ class ScanOptions:
             raise UsageError(f"--workers {self.workers}: give 0 or more, or auto")
         if self.report_thumbnails < 0:
             raise UsageError(f"report_thumbnails {self.report_thumbnails}: give 0 or more")
+        from pneumotriage.inputcheck import check_accept
+
+        self.accept = check_accept(self.accept)
         if self.jpeg_decode not in ("auto", "workers", "device"):
             raise UsageError(f"jpeg_decode {self.jpeg_decode!r}: choose auto, workers or device")
 
@@ -77,7 +82,7 @@ class ScanOptions:
         # Neither how the models run (compiled outputs move in the last float digits only) nor whether
         # submission.csv is written at the end changes a journaled row.
         skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
 
 
 def _check_probability(name: str, value: float | None) -> None:

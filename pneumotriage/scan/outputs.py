@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pneumotriage.io import atomic_write_text, printable, strict_json
+from pneumotriage.io import atomic_write_text, cell, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.postprocess import Thresholds
@@ -83,9 +83,9 @@ def summarise(
                 f"{source['output_label']!r} through its publisher's pipeline {source['pipeline']!r}; trained by "
                 "a third party, not validated by pneumotriage: clinical use is your decision"
             )
-    shared = collision_note(ranked)
-    if shared:
-        shown.append(shared)
+    for note in (collision_note(ranked), shared_sop_note(ranked)):
+        if note:
+            shown.append(note)
     return ScanSummary(
         out=out,
         results=ranked,
@@ -145,16 +145,14 @@ def write_outputs(
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(
-            {k: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v for k, v in row.items()}
-        )
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
     atomic_write_text(out / "worklist.csv", buffer.getvalue())
     atomic_write_text(out / "worklist.json", strict_json(worklist_document(summary, rows), indent=1) + "\n")
     if submission:
         write_rle_csv(
             out / "submission.csv",
             [
-                (printable(r.image_id), r.rle if rle_relative else absolute_rle(r.rle))
+                (cell(printable(r.image_id)), r.rle if rle_relative else absolute_rle(r.rle))
                 for r in by_image_id(summary.results).values()
             ],
             relative=rle_relative,
@@ -165,9 +163,17 @@ def write_outputs(
     lines = csv.writer(skipped, lineterminator="\n")
     lines.writerow(["path", "reason"])
     for r in summary.skipped:
-        lines.writerow([printable(r.path), printable(r.error or "not DICOM")])
+        lines.writerow([cell(printable(r.path)), cell(printable(r.error or "not DICOM"))])
     atomic_write_text(out / "skipped.csv", skipped.getvalue())
     write_report(summary, rows, no_phi=no_phi)
+
+
+def _csv_value(value: Any) -> Any:
+    """A worklist value as its CSV cell: empty for None and numbers that are not finite; text that a spreadsheet
+    would run as a formula (a tag value, a file name) neutralised (:func:`pneumotriage.io.cell`)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return cell(value) if isinstance(value, str) else value
 
 
 def worklist_document(summary: ScanSummary, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,6 +216,24 @@ def collision_note(results: list[ImageResult]) -> str | None:
     return printable(
         f"{len(shared)} image ids are shared by more than one file (first: {image_id} in {', '.join(paths)}); "
         "submission.csv takes the readable one ranked first for each"
+    )
+
+
+def shared_sop_note(results: list[ImageResult]) -> str | None:
+    """The warning a scan gives when images of different patients or studies share a SOP Instance UID (a broken
+    export or a forged file): a PACS keeps one object per UID, so at most one of them is the one it shows."""
+    owners: dict[str, dict[tuple[str | None, str | None], str]] = {}
+    for r in results:
+        if r.sop_instance_uid:
+            owners.setdefault(r.sop_instance_uid, {}).setdefault((r.patient_id, r.study_instance_uid), r.path)
+    shared = {uid: paths for uid, paths in owners.items() if len(paths) > 1}
+    if not shared:
+        return None
+    uid, paths = next(iter(shared.items()))
+    return printable(
+        f"{len(shared)} SOP Instance UIDs are shared by images of different patients or studies (first: {uid} in "
+        f"{', '.join(paths.values())}): a PACS keeps one image per UID, so check which one it holds before acting "
+        "on its row; their DICOM SEG/SR objects have UIDs of their own"
     )
 
 

@@ -11,8 +11,11 @@ with the study. They are made with highdicom, the optional extra ``pneumotriage[
   probability, the area in cm² where the spacing is known, the side, the plausibility flag, the models and, for a
   model that is not clinical, the statement "not for clinical use".
 
-Their UIDs are derived from the source image's SOP Instance UID and the models' sha256, so scanning again gives
-the same object identities (a PACS replaces rather than duplicates them). With ``--no-phi`` the objects carry no
+Their UIDs are derived from the source image's patient ID and Study, Series and SOP Instance UIDs and the models'
+sha256, so scanning again gives the same object identities (a PACS replaces rather than duplicates them), and two
+different patients' images that share a SOP Instance UID (a broken export) get objects of their own. The source
+file is read again only if it is still the file that was scanned (the row's identity key and UIDs); a file
+replaced meanwhile gets no object, never one with another patient's identity. With ``--no-phi`` the objects carry no
 patient name, ID, birth date or accession number: a PACS files objects under the patient and study they name, so
 such objects reach it only as unmatched orphans; use it for research exports, not for sending back to the PACS.
 """
@@ -47,7 +50,20 @@ _TYPE2 = (
     "AccessionNumber",
     "StudyID",
 )
-_PHI = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs", "PatientAge")
+#: What ``--no-phi`` empties in the source header before an object copies from it: the attributes of the DICOM
+#: PS3.15 Annex E Basic Application Level Confidentiality Profile that a derived SEG or SR copies (patient, study
+#: and visit identity, dates and times, people and places); the UIDs stay, as the object must reference its image.
+_PHI = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge", "PatientSize",
+    "PatientWeight", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "PatientComments",
+    "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence", "IssuerOfPatientID", "EthnicGroup",
+    "MedicalRecordLocator", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
+    "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime",
+    "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName",
+    "RequestingPhysician", "PhysiciansOfRecord", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "StudyDescription", "AdmissionID",
+    "RequestAttributesSequence", "ImageComments",
+)  # fmt: skip
 
 
 def require() -> None:
@@ -66,32 +82,57 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["pneumotriage", *parts]))
 
 
-def _identity(ds: Any, kind: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+def _identity(ds: Any, kind: str, models: list[dict[str, Any]], source: str = "") -> dict[str, Any]:
     """Series and instance identity of the ``kind`` ("seg" or "sr") object made from ``ds`` by ``models``: the
-    same source and models give the same UIDs."""
+    same source and models give the same UIDs. ``source`` is who the source image is (:func:`_who`)."""
     key = "|".join(str(m["sha256"]) for m in models)
     return {
         "series_instance_uid": _uid(ds.StudyInstanceUID, f"{kind}-series", key),
         "series_number": SEG_SERIES_NUMBER if kind == "seg" else SR_SERIES_NUMBER,
-        "sop_instance_uid": _uid(ds.SOPInstanceUID, kind, key),
+        "sop_instance_uid": _uid(ds.SOPInstanceUID, kind, key, source),
         "instance_number": 1,
     }
 
 
-def _source(path: str, no_phi: bool) -> Any:
+def _who(ds: Any) -> str:
+    """The source image's patient, study and series: what tells apart two images that share a SOP Instance UID."""
+    return "|".join(str(ds.get(k, "")) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"))
+
+
+class SourceChanged(Exception):
+    """The source file is no longer the file that was scanned."""
+
+
+def _source(result: ImageResult, no_phi: bool) -> tuple[Any, str]:
     """The source image's header, with the Type 2 attributes a derived object copies present (empty when
-    missing), and without patient identifiers under ``no_phi``."""
+    missing), and without patient identifiers under ``no_phi``; and who it is (:func:`_who`, read before they
+    go). Raises :class:`SourceChanged` where the file is not the one scanned (its identity key, or its UIDs)."""
     import pydicom
 
+    from pneumotriage.io import file_key
+
+    path = Path(result.path)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
+    # The key after the read: a file replaced before or while it was read has another inode, ctime or size.
+    if file_key(path) != result.key:
+        raise SourceChanged("the file changed since it was scanned")
+    for keyword, value in (
+        ("SOPInstanceUID", result.sop_instance_uid),
+        ("StudyInstanceUID", result.study_instance_uid),
+    ):
+        if value is not None and str(ds.get(keyword, "")).strip() != value:
+            raise SourceChanged(f"its {keyword} is not the one scanned")
+    who = _who(ds)
     for keyword in _TYPE2:
         if keyword not in ds or ds.get(keyword) is None:
             setattr(ds, keyword, "")
     if no_phi:
         for keyword in _PHI:
-            if keyword in ds:
-                setattr(ds, keyword, "")
-    return ds
+            if keyword in _TYPE2:
+                setattr(ds, keyword, "")  # present and empty, as the derived object needs it
+            elif keyword in ds:
+                delattr(ds, keyword)
+    return ds, who
 
 
 def _algorithm(models: list[dict[str, Any]]) -> Any:
@@ -108,7 +149,7 @@ def _algorithm(models: list[dict[str, Any]]) -> Any:
     )
 
 
-def write_seg(ds: Any, mask: np.ndarray, out: Path, models: list[dict[str, Any]]) -> None:
+def write_seg(ds: Any, mask: np.ndarray, out: Path, models: list[dict[str, Any]], who: str = "") -> None:
     """A binary Segmentation of ``mask`` (the source image's size) over the image whose header (:func:`_source`)
     is ``ds``."""
     import highdicom as hd
@@ -131,7 +172,7 @@ def write_seg(ds: Any, mask: np.ndarray, out: Path, models: list[dict[str, Any]]
             pixel_array=mask[None].astype(bool),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            **_identity(ds, "seg", models),
+            **_identity(ds, "seg", models, who),
             series_description="pneumotriage pneumothorax outline",
             manufacturer="pneumotriage",
             manufacturer_model_name="pneumotriage",
@@ -143,7 +184,7 @@ def write_seg(ds: Any, mask: np.ndarray, out: Path, models: list[dict[str, Any]]
     _save(seg, out)
 
 
-def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any]]) -> None:
+def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any]], who: str = "") -> None:
     """A Comprehensive SR (TID 1500 Measurement Report) of one image's triage: tier, probability, area, side,
     flag, models, and "not for clinical use" where a model is not clinical."""
     import highdicom as hd
@@ -186,7 +227,7 @@ def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any
             )
         )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(ds.SOPInstanceUID, "track"), identifier="triage"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(ds.SOPInstanceUID, "track", who), identifier="triage"),
         finding_type=hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
         algorithm_id=hd.sr.AlgorithmIdentification(
             name="pneumotriage",
@@ -213,7 +254,7 @@ def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any
         sr = hd.sr.ComprehensiveSR(
             evidence=[ds],
             content=report,
-            **_identity(ds, "sr", models),
+            **_identity(ds, "sr", models, who),
             manufacturer="pneumotriage",
             series_description="pneumotriage triage report",
             is_complete=True,
@@ -239,13 +280,17 @@ def dicom_task(
 
     name = result.file_stem or result.image_id
     try:
-        ds = _source(result.path, no_phi)  # its header, read once for both objects
+        ds, who = _source(result, no_phi)  # its header, read once for both objects
         if seg and result.mask_file:
             with Image.open(out / result.mask_file) as picture:
                 mask = np.asarray(picture.convert("L")) >= 128
-            write_seg(ds, mask, out / "dicom" / f"{name}-seg.dcm", models)
+            write_seg(ds, mask, out / "dicom" / f"{name}-seg.dcm", models, who)
         if sr:
-            write_sr(ds, result, out / "dicom" / f"{name}-sr.dcm", models)
-    except Exception as exc:  # a source that changed or vanished since: the rest go on
+            write_sr(ds, result, out / "dicom" / f"{name}-sr.dcm", models, who)
+    except SourceChanged as exc:
+        for kind in ("seg", "sr"):  # an object of an earlier scan of this file is not this row's either
+            (out / "dicom" / f"{name}-{kind}.dcm").unlink(missing_ok=True)
+        return f"{result.path}: no DICOM output: {exc} (scan it again)"
+    except Exception as exc:  # a source that vanished or does not parse since: the rest go on
         return f"{result.path}: no DICOM output ({type(exc).__name__}: {exc})"
     return None

@@ -14,8 +14,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit
 
-from pneumotriage.dicom import MIN_SIDE, DicomHeader, check_jpeg_size, jpeg_frame, open_image
+from pneumotriage.dicom import MIN_SIDE, DicomHeader, check_jpeg_size, inverse_presentation, jpeg_frame, open_image
 from pneumotriage.errors import DicomError
+from pneumotriage.inputcheck import NotTriaged, check_header, orientation
 
 
 @dataclass
@@ -28,6 +29,10 @@ class Source:
     notes: list[str]
     jpeg: bytes | None = None
     invert: bool = False
+    #: How to turn the image upright for the models (flip left-right, flip up-down): its PatientOrientation.
+    flip: tuple[bool, bool] = (False, False)
+    #: The input-check rules widened (``--accept``): the pixel rules are checked once the image is decoded.
+    accept: tuple[str, ...] = ()
 
 
 def _device_decodable(ds: Dataset, header: DicomHeader) -> bool:
@@ -44,13 +49,15 @@ def _device_decodable(ds: Dataset, header: DicomHeader) -> bool:
         and header.samples_per_pixel == 1
         and header.photometric in ("MONOCHROME1", "MONOCHROME2")
         and int(ds.get("BitsAllocated", 0) or 0) == 8
-        and not any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter"))
+        and not any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "PixelPaddingValue"))
+        and not inverse_presentation(ds)
     )
 
 
-def read(path: Path, *, want_jpeg: bool) -> Source:
-    """Parse ``path`` (raises a :class:`~pneumotriage.errors.DicomError` naming the file and the remedy). With
-    ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked."""
+def read(path: Path, *, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Source:
+    """Parse ``path`` (raises a :class:`~pneumotriage.errors.DicomError` naming the file and the remedy, or
+    :class:`~pneumotriage.inputcheck.NotTriaged` where its header says it is not a frontal chest radiograph).
+    With ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked."""
     ds, header, notes = open_image(path)
     if header.shape is not None and min(header.shape) < MIN_SIDE:
         rows, cols = header.shape
@@ -59,8 +66,14 @@ def read(path: Path, *, want_jpeg: bool) -> Source:
             path=path,
             hint="not a radiograph; leave it out of the input",
         )
-    source = Source(ds, header, notes)
-    if want_jpeg and _device_decodable(ds, header):
+    try:
+        check_header(ds, header, accept)
+        flip = orientation(ds, accept)
+    except NotTriaged as exc:
+        exc.header = header
+        raise
+    source = Source(ds, header, notes, flip=flip, accept=accept)
+    if want_jpeg and flip == (False, False) and _device_decodable(ds, header):
         check_jpeg_size(ds, header)
         source.jpeg = jpeg_frame(ds)
         source.invert = header.photometric == "MONOCHROME1"

@@ -22,6 +22,7 @@ import torch
 
 from pneumotriage.dicom import DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
+from pneumotriage.inputcheck import NotTriaged
 from pneumotriage.pipelines import InputKey
 from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display
 from pneumotriage.scan.discover import Found
@@ -35,8 +36,9 @@ T = TypeVar("T")
 
 @dataclass
 class Decoded:
-    """A worker's answer for one file: ``status`` is "ok", "error" (a DICOM that cannot be used) or "skipped"
-    (not DICOM at all). An "ok" image is in its slot, or (``jpeg``) still compressed for the device."""
+    """A worker's answer for one file: ``status`` is "ok", "error" (a DICOM that cannot be used), "not triaged"
+    (an image the input check refused: not a frontal chest radiograph, or not one read truly) or "skipped" (not
+    DICOM at all). An "ok" image is in its slot, or (``jpeg``) still compressed for the device."""
 
     status: str
     error: str | None = None
@@ -45,6 +47,8 @@ class Decoded:
     spacing: tuple[float, float] | None = None
     jpeg: bytes | None = None
     invert: bool = False
+    #: How its inputs were turned upright (flip left-right, flip up-down): the models' maps are turned back.
+    flip: tuple[bool, bool] = (False, False)
     #: The report thumbnail in case nothing is outlined (JPEG; a few kB).
     thumb: bytes | None = None
 
@@ -69,14 +73,16 @@ def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
     }
 
 
-def decode_task(found: Found, slot: int, want_jpeg: bool) -> Decoded:
+def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Decoded:
     """Read one file and decode it into ``slot`` (or keep its JPEG frame for the device). Never raises for a bad
     file: the answer says what is wrong, naming the file."""
     assert _ARENA is not None
+    identity: dict[str, Any] = {}
     try:
-        source = read(found.path, want_jpeg=want_jpeg)
+        source = read(found.path, want_jpeg=want_jpeg, accept=accept)
         h = source.header
-        decoded = Decoded("ok", identity=identity_of(h, found.key), spacing=h.pixel_spacing_mm)
+        identity = identity_of(h, found.key)
+        decoded = Decoded("ok", identity=identity, spacing=h.pixel_spacing_mm, flip=source.flip)
         if source.jpeg is not None:
             decoded.jpeg, decoded.invert = source.jpeg, source.invert
             decoded.shape = h.shape or (0, 0)
@@ -84,6 +90,14 @@ def decode_task(found: Found, slot: int, want_jpeg: bool) -> Decoded:
             decoded.shape = decode_into(source, _ARENA, slot)
             decoded.thumb = grey_thumbnail(_ARENA.display(slot, decoded.display_shape))
         return decoded
+    except NotTriaged as exc:
+        if not identity and exc.header is not None:
+            identity = identity_of(exc.header, found.key)
+        return Decoded(
+            "not triaged",
+            error=f"{found.path}: not triaged: {exc.reason} (--accept {exc.rule} triages it anyway)",
+            identity=identity,
+        )
     except NotDicomError as exc:
         return Decoded("skipped", error=str(exc))
     except DicomError as exc:
