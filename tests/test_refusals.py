@@ -341,7 +341,8 @@ def _library_scan(inputs: list[Path], out: Path, models: dict[str, Path], **opti
 
     progress = options.pop("progress", None)
     files = options.pop("files", None)
-    opts = ScanOptions(workers=0, batch_size=1, segment_all=True, **options)
+    options = {"workers": 0, "batch_size": 1, **options}
+    opts = ScanOptions(segment_all=True, **options)
     return run(
         inputs,
         out,
@@ -521,3 +522,89 @@ def test_tag_values_and_names_do_not_run_in_a_spreadsheet_or_a_terminal(
     assert table.exit_code == 0 and "\x1b[31m" not in table.output, table.output
     shown = CliRunner().invoke(app, ["inspect", str(folder)])
     assert shown.exit_code == 0 and shown.exception is None and "\x1b[31m" not in shown.output, shown.output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workers: never outlive the scan; one that dies mid-image costs that image only
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc to find the workers")
+def test_workers_die_with_a_killed_scan(study: StudySummary, models: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    for i in range(6):
+        _good(study, folder / f"copy-{i}", 12)
+    cmd = [sys.executable, "-m", "pneumotriage", "scan", str(folder), "--out", str(tmp_path / "out")]
+    cmd += ["--classifier", str(models["classifier"]), "--segmenter", str(models["segmenter"]), "--workers", "1"]
+    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "the scan started no worker"
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)  # as the OOM killer does: no clean-up runs in the scan
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "a worker outlived its scan"
+    finally:
+        proc.kill()
+        for w in _children(proc.pid):
+            os.kill(w, signal.SIGKILL)
+
+
+def test_a_file_that_kills_its_worker_is_an_error_row_and_the_scan_goes_on(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from pneumotriage.scan import workers as scan_workers
+
+    if not sys_platform_forks():
+        pytest.skip("the workers are forked only on Linux: the stand-in for a bomb reaches them that way")
+    original = scan_workers.read
+
+    def read(path: Path, **kwargs: Any) -> Any:
+        if path.name == "killer.dcm":  # a stand-in for a decompression bomb: the OOM killer ends the worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(scan_workers, "read", read)
+    folder = tmp_path / "in"
+    good = _good(study, folder, 6)
+    shutil.copy(good[0], folder / "killer.dcm")
+    summary = _library_scan([folder], tmp_path / "out", models, workers=1, batch_size=2)
+    rows = {Path(r.path).name: r for r in summary.results}
+    assert len(rows) == 7
+    assert rows["killer.dcm"].status == "error" and "the worker reading it died" in (rows["killer.dcm"].error or "")
+    assert all(r.status == "ok" for n, r in rows.items() if n != "killer.dcm")
+
+
+def sys_platform_forks() -> bool:
+    import sys
+
+    return sys.platform.startswith("linux")

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,12 @@ class Stream:
             progressed = False
             while self.decoding and self.decoding[0][2].done() and len(items) < self.batch_size:
                 found, slot, future = self.decoding.popleft()
-                decoded = future.result()
+                try:
+                    decoded = future.result()
+                except BrokenProcessPool:
+                    self.decoding.appendleft((found, slot, future))
+                    self._recover()
+                    continue
                 progressed = True
                 if decoded.status == "ok":
                     items.append(Item(found, slot, decoded))
@@ -174,6 +180,29 @@ class Stream:
             self.on_wait(False)
             if self.decoding:
                 wait([self.decoding[0][2]], timeout=None if self.files.finished else 0.05)
+
+    def _recover(self) -> None:
+        """A worker died (killed by a signal or the OOM killer: a bomb of a file, an operator) and took every task
+        in flight with it. Start the pool again and redo those files one at a time: a file that kills its worker
+        again is an error row naming it, and the others are read as if nothing had happened."""
+        self.workers.revive()
+        redone: deque[tuple[Found, int, Future[Decoded]]] = deque()
+        for found, slot, future in self.decoding:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                redone.append((found, slot, future))
+                continue
+            again = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
+            try:
+                decoded = again.result()
+            except BrokenProcessPool:
+                self.workers.revive()
+                decoded = Decoded(
+                    "error",
+                    error=f"{printable(str(found.path))}: the worker reading it died (killed by a signal, or out of "
+                    "memory): not triaged; check the file with `pneumotriage inspect --decode`",
+                )
+            redone.append((found, slot, done_future(decoded)))
+        self.decoding = redone
 
     def _batch(self, items: list[Item], failed: list[tuple[Found, Decoded]]) -> Batch:
         on_device = [it for it in items if it.decoded.jpeg is not None]
@@ -417,7 +446,8 @@ def _run(
         seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
         skipped_rows: list[ImageResult] = []
         # Images on their way to the journal, in the order found: (slot held or -1, result, report thumbnail).
-        finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None]] = deque()
+        # A worker's finish keeps its job: should the worker die, the image is finished here from its slot.
+        finishing: deque[tuple[int, Future[tuple[ImageResult, bytes | None]], bytes | None, FinishJob | None]] = deque()
         thumbs = ReportThumbnails(options.report_thumbnails)
         synced = [time.perf_counter()]  # the journal's last fsync: one a second, not one a batch (~1 ms each)
         model_s = 0.0
@@ -431,8 +461,14 @@ def _run(
                 """Journal finished images from the head of the queue; True when one was."""
                 any_done = False
                 while finishing and (finishing[0][1].done() or (block and not any_done)):
-                    slot, future, grey = finishing.popleft()
-                    result, outlined = future.result()
+                    slot, future, grey, job = finishing.popleft()
+                    try:
+                        result, outlined = future.result()
+                    except BrokenProcessPool:
+                        if job is None:
+                            raise
+                        workers.revive()
+                        result, outlined = finish_task(job, slot)
                     journal.add(result)
                     if slot >= 0:
                         stream.release(slot)
@@ -484,7 +520,7 @@ def _run(
                         row.status = "skipped"
                         skipped_rows.append(row)  # not journaled: re-sniffed on a resume, in no time
                     else:
-                        finishing.append((-1, done_future((row, None)), None))
+                        finishing.append((-1, done_future((row, None)), None, None))
                         counts["errors"] += 1
                 n = len(batch.items)
                 if n:
@@ -532,7 +568,7 @@ def _run(
                         d = item.decoded
                         if i in untrusted:
                             row = _error_row(item.found, d, untrusted[i])
-                            finishing.append((-1, done_future((row, None)), None))
+                            finishing.append((-1, done_future((row, None)), None, None))
                             counts["errors"] += 1
                             stream.release(item.slot)
                             continue
@@ -552,14 +588,15 @@ def _run(
                         thumb = d.thumb
                         if job.segmented and workers.count and (not finish_here or not stream.starved()):
                             # Post-processing and encoding in a worker, from the slot, while the models go on.
-                            finishing.append((item.slot, workers.submit(finish_task, job, item.slot), thumb))
+                            future = workers.submit(finish_task, job, item.slot)
+                            finishing.append((item.slot, future, thumb, job))
                         elif job.segmented:
                             # The models would only wait for decoding: finish here meanwhile, and leave the
                             # workers to decode (what bounds a scan whose models are faster than its decoding).
-                            finishing.append((-1, done_future(finish_task(job, item.slot)), thumb))
+                            finishing.append((-1, done_future(finish_task(job, item.slot)), thumb, None))
                             stream.release(item.slot)
                         else:  # nothing to compute or write: finished here, the slot free at once
-                            finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb))
+                            finishing.append((-1, done_future(finish(job, None, _NO_DISPLAY)), thumb, None))
                             stream.release(item.slot)
                 drain(False)
                 emit(

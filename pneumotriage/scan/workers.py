@@ -11,8 +11,11 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -140,10 +143,42 @@ def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None, overl
     return True
 
 
-def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int) -> None:
-    """Each worker's start: one torch thread, no SIGINT (the main process handles Ctrl-C), a lower priority where
-    asked, and the arena (inherited through fork, else attached by name)."""
+#: How often a worker checks that the scan that started it is still there (where the OS cannot tell it).
+PARENT_WATCH_S = 0.5
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the scan's process ends, however it ends (SIGKILL and the OOM killer included): a
+    worker left behind would hold the scan's lock and journal open, and ``--resume`` would be refused until
+    someone found it. On Linux the kernel sends SIGKILL (``PR_SET_PDEATHSIG``); everywhere a daemon thread also
+    watches the parent's pid, for the platforms without it and for a parent that died before the call."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass  # the watch below still ends it
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_WATCH_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="pneumotriage-parent-watch", daemon=True).start()
+
+
+def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int, parent: int = 0) -> None:
+    """Each worker's start: ended with the scan (:func:`_die_with`), one torch thread, no SIGINT (the main process
+    handles Ctrl-C), a lower priority where asked, and the arena (inherited through fork, else attached by
+    name)."""
     global _ARENA
+    if parent:
+        _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     if nice and hasattr(os, "nice"):
@@ -177,28 +212,64 @@ class Workers:
         self.arena = SlotArena(slots, keys, map_size, inherited=inherited)
         _ARENA = self.arena
         self._pool: ProcessPoolExecutor | None = None
-        if count > 0:
-            layout = (slots, keys, map_size)
-            self._pool = ProcessPoolExecutor(
-                max_workers=count,
-                mp_context=multiprocessing.get_context(method),
-                initializer=_start,
-                initargs=(self.arena.name, layout, nice),
-            )
-            # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
-            # started is not safe.
-            for future in [self._pool.submit(os.getpid) for _ in range(count)]:
-                future.result()
+        self._method = method
+        self._layout = (slots, keys, map_size)
+        self._nice = nice
+        #: How many times the pool was started again after a worker died (:meth:`revive`).
+        self.restarts = 0
+        self._start_pool()
+
+    def _start_pool(self) -> None:
+        if self.count <= 0:
+            return
+        self._pool = ProcessPoolExecutor(
+            max_workers=self.count,
+            mp_context=multiprocessing.get_context(self._method),
+            initializer=_start,
+            initargs=(self.arena.name, self._layout, self._nice, os.getpid()),
+        )
+        # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
+        # started is not safe (a restart after a worker died is the exception: see revive).
+        for future in [self._pool.submit(os.getpid) for _ in range(self.count)]:
+            future.result()
+
+    def revive(self) -> bool:
+        """Start the pool again if a worker died (killed by a signal, the OOM killer): every task it held failed
+        with :class:`BrokenProcessPool`; the caller redoes them. True when the pool was broken. The new workers
+        are forked from a process whose OpenMP threads may be running; they only ever use one torch thread."""
+        if self._pool is None:
+            return False
+        try:
+            self._pool.submit(os.getpid).result()
+            return False
+        except BrokenProcessPool:
+            pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.restarts += 1
+        self._start_pool()
+        return True
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._pool is None:
             return done_future(fn(*args))
-        return self._pool.submit(fn, *args)
+        try:
+            return self._pool.submit(fn, *args)
+        except BrokenProcessPool as exc:  # a worker died since the last task: the caller's future says so
+            failed: Future[Any] = Future()
+            failed.set_exception(exc)
+            return failed
 
     def map(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
+        """``fn`` over the arguments in the workers; if a worker dies meanwhile, the pool is started again and
+        the whole map is done here instead (its tasks are written to be done again: each writes one file)."""
         if self._pool is None:
             return [fn(*a) for a in zip(*iterables, strict=True)]
-        return list(self._pool.map(fn, *iterables, chunksize=4))
+        try:
+            return list(self._pool.map(fn, *iterables, chunksize=4))
+        except BrokenProcessPool:
+            self.revive()
+            return [fn(*a) for a in zip(*iterables, strict=True)]
 
     def close(self) -> None:
         global _ARENA
