@@ -111,6 +111,15 @@ _NORM_PERCENTILES = (0.5, 99.5)
 #: The largest side decoded, in pixels: a header declaring more is refused before any pixel is allocated (the
 #: largest detector images are ~4,300 px a side; a 60,000 x 60,000 claim would ask for 7 GB).
 MAX_SIDE = 16384
+#: The most pixels one frame may hold (rows x columns x samples): checked on the header before any pixel is
+#: allocated. The largest detectors give ~4,300 x 4,300 (18.5 MP); a JPEG-LS file of 73 kB declaring 16,384 x
+#: 16,384 16-bit pixels took 6 GB to decode.
+MAX_PIXELS = 40_000_000
+#: The largest file read: a radiograph needs at most a few tens of MB (4,300 x 4,300 x 16 bits is 37 MB); a sparse
+#: file with a 1.5 GB private element took 1.9 GB to read even for its header alone.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+#: The most a deflated data set may inflate to: a 1.5 MB deflated file inflated to 5 GB.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
 #: The smallest side a scan accepts: a 1 x 1 or 3 x 500 "image" is not a radiograph, and ranking one urgent
 #: would be noise (the models see at least 64 px). Decoding itself takes any size.
 MIN_SIDE = 64
@@ -228,6 +237,7 @@ def _sniff(path: Path) -> str:
             hint="it was removed, moved or made unreadable since it was found; check it and scan again",
         ) from None
     if len(head) == 132 and head[128:132] == b"DICM":
+        _check_size(path)
         return "part10"
     # A data set written without preamble starts with its lowest tag: group 0x0002 (meta) or 0x0008
     # (identifying) in either byte order. Anything else is not worth handing to a forced parse.
@@ -235,8 +245,54 @@ def _sniff(path: Path) -> str:
         group_le = int.from_bytes(head[0:2], "little")
         group_be = int.from_bytes(head[0:2], "big")
         if group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008):
+            _check_size(path)
             return "raw"
     raise NotDicomError("not a DICOM file", path=path, hint="remove it from the input or point at DICOM files")
+
+
+def _check_size(path: Path) -> None:
+    """Refuse a DICOM file over :data:`MAX_FILE_BYTES` before parsing it."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CorruptPixelDataError(
+            f"the file is {size / 2**20:,.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB a radiograph needs here",
+            path=path,
+            hint="not a single radiograph (or padded with junk); export the image alone",
+        )
+
+
+def _check_inflated(path: Path) -> None:
+    """Refuse a deflated data set that inflates to over :data:`MAX_INFLATED_BYTES` (a decompression bomb), by
+    inflating it in pieces before pydicom inflates it whole."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = read_file_meta_info(path)
+    length = meta.get("FileMetaInformationGroupLength")
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian or length is None:
+        return
+    with open(path, "rb") as fh:
+        # The data set starts after the preamble (128), "DICM" (4) and the meta group: its length element (12
+        # bytes, explicit VR UL) and the length it gives (PS3.10 7.1).
+        fh.seek(132 + 12 + int(length))
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := fh.read(1 << 20):
+            data = inflate.decompress(chunk, MAX_INFLATED_BYTES + 1 - total)
+            total += len(data)
+            while inflate.unconsumed_tail and total <= MAX_INFLATED_BYTES:
+                data = inflate.decompress(inflate.unconsumed_tail, MAX_INFLATED_BYTES + 1 - total)
+                total += len(data)
+                if not data:
+                    break
+            if total > MAX_INFLATED_BYTES:
+                raise CorruptPixelDataError(
+                    f"its deflated data set inflates to over {MAX_INFLATED_BYTES // 2**20} MiB (a decompression bomb?)",
+                    path=path,
+                    hint="not a radiograph; leave it out of the input",
+                )
 
 
 def _ensure_transfer_syntax(ds: Dataset, notes: list[str]) -> None:
@@ -266,6 +322,11 @@ def _open(path: Path, *, header_only: bool) -> tuple[Dataset, list[str], bool]:
     """
     kind = _sniff(path)
     notes: list[str] = []
+    if kind == "part10":
+        try:
+            _check_inflated(path)
+        except _PARSE_ERRORS:
+            pass  # the full parse below says what is wrong
     try:
         with warnings.catch_warnings(record=True) as caught, open(path, "rb") as fh:
             warnings.simplefilter("always")
@@ -394,6 +455,12 @@ def _pixel_problem(ds: Dataset, has_pixels: bool) -> str | None:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if (rows or 0) > MAX_SIDE or (cols or 0) > MAX_SIDE:
         return f"declared size {rows} x {cols} exceeds the {MAX_SIDE} px a side this tool decodes"
+    pixels = (rows or 0) * (cols or 0) * max(_int(ds, "SamplesPerPixel") or 1, 1)
+    if pixels > MAX_PIXELS:
+        return (
+            f"declared size {rows} x {cols} ({pixels / 1e6:.0f} MP) exceeds the {MAX_PIXELS // 1_000_000} MP a frame "
+            "this tool decodes"
+        )
     syntax = _syntax(ds)
     if syntax is None:
         return "no transfer syntax"

@@ -608,3 +608,50 @@ def sys_platform_forks() -> bool:
     import sys
 
     return sys.platform.startswith("linux")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bombs: refused before they cost memory or time
+
+
+def test_bombs_are_error_rows_before_they_cost_memory_or_time(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pneumotriage import dicom
+    from pneumotriage.scan import workers as scan_workers
+
+    folder = tmp_path / "in"
+    good = _good(study, folder, 3)
+    src = good[0]
+    # Limits made small for the test (the real ones: 256 MiB inflated, 512 MiB a file, 60 s a file).
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 8 * 2**20)
+    monkeypatch.setattr(dicom, "MAX_FILE_BYTES", 64 * 2**20)
+    monkeypatch.setattr(scan_workers, "FILE_TIME_LIMIT_S", 1.0)
+    deflated = _native(src, folder / "deflate-bomb.dcm")
+    ds = pydicom.dcmread(deflated)
+    ds.add_new(0x00091010, "OB", bytes(32 * 2**20))  # 32 MiB of zeros: a few kB deflated
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    assert deflated.stat().st_size < 2**20
+    sparse = _native(src, folder / "sparse.dcm")
+    with open(sparse, "r+b") as fh:
+        fh.truncate(100 * 2**20)  # a hole: no disk used
+    _native(src, folder / "declares-huge.dcm", Rows=9000, Columns=9000)
+    header = _native(src, folder / "zeros-after-header.dcm", PixelData=None)
+    with open(header, "ab") as fh:
+        fh.write(bytes(20 * 2**20))  # pydicom parses zeros as empty elements: ~7 s here
+    out = tmp_path / "out"
+    summary = _library_scan([folder], out, models, workers=1, batch_size=2)
+    rows = {Path(r.path).name: r for r in summary.results}
+    why = {
+        "deflate-bomb.dcm": "inflates to over 8 MiB",
+        "sparse.dcm": "over the 64 MiB",
+        "declares-huge.dcm": "exceeds the 40 MP",
+        "zeros-after-header.dcm": "took over 1 s",
+    }
+    for name, text in why.items():
+        assert rows[name].status == "error" and text in (rows[name].error or ""), rows[name]
+        assert str(folder / name) in (rows[name].error or "")
+    assert all(rows[f.name].status == "ok" for f in good)

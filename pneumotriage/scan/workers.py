@@ -26,6 +26,7 @@ import torch
 from pneumotriage.dicom import DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
 from pneumotriage.inputcheck import NotTriaged
+from pneumotriage.io import printable
 from pneumotriage.pipelines import InputKey
 from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display
 from pneumotriage.scan.discover import Found
@@ -35,6 +36,18 @@ from pneumotriage.scan.records import ImageResult
 
 _ARENA: SlotArena | None = None
 T = TypeVar("T")
+#: The longest a worker spends reading and decoding one file: a header followed by 1 GB of zeros kept pydicom
+#: parsing for over 5 minutes. SIIM's files take ~10 ms, a 4,300 px JPEG 2000 a few seconds.
+FILE_TIME_LIMIT_S = 60.0
+_IN_WORKER = False
+
+
+class _TimeUp(BaseException):
+    """Raised in a worker when a file's time is up (a BaseException: no ``except Exception`` on the way takes it)."""
+
+
+def _time_up(signum: int, frame: object) -> None:
+    raise _TimeUp
 
 
 @dataclass
@@ -79,6 +92,24 @@ def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
 def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Decoded:
     """Read one file and decode it into ``slot`` (or keep its JPEG frame for the device). Never raises for a bad
     file: the answer says what is wrong, naming the file."""
+    assert _ARENA is not None
+    timed = _IN_WORKER and hasattr(signal, "setitimer")
+    if timed:
+        signal.setitimer(signal.ITIMER_REAL, FILE_TIME_LIMIT_S)
+    try:
+        return _decode(found, slot, want_jpeg, accept)
+    except _TimeUp:
+        return Decoded(
+            "error",
+            error=f"{printable(str(found.path))}: took over {FILE_TIME_LIMIT_S:g} s to read and decode: damaged, or "
+            "not an image; not triaged",
+        )
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -> Decoded:
     assert _ARENA is not None
     identity: dict[str, Any] = {}
     try:
@@ -176,10 +207,13 @@ def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int, parent: i
     """Each worker's start: ended with the scan (:func:`_die_with`), one torch thread, no SIGINT (the main process
     handles Ctrl-C), a lower priority where asked, and the arena (inherited through fork, else attached by
     name)."""
-    global _ARENA
+    global _ARENA, _IN_WORKER
     if parent:
         _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _time_up)
+        _IN_WORKER = True
     torch.set_num_threads(1)
     if nice and hasattr(os, "nice"):
         try:
