@@ -655,3 +655,71 @@ def test_bombs_are_error_rows_before_they_cost_memory_or_time(
         assert rows[name].status == "error" and text in (rows[name].error or ""), rows[name]
         assert str(folder / name) in (rows[name].error or "")
     assert all(rows[f.name].status == "ok" for f in good)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scan's own state is checked, not trusted
+
+
+def _journal_lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / ".scan" / "journal.jsonl").read_text().splitlines()]
+
+
+def _write_journal(out: Path, rows: list[Any]) -> None:
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+    (out / ".scan" / "journal.jsonl").write_text(text)
+
+
+@pytest.mark.parametrize("forgery", ["mask_file", "overlay_file", "file_stem", "not-json", "unknown-field", "type"])
+def test_a_forged_journal_is_one_line_and_touches_nothing(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, forgery: str
+) -> None:
+    folder = tmp_path / "in"
+    _good(study, folder, 2)
+    out = tmp_path / "out"
+    assert _scan([folder], out, models).exit_code == 0
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    rows = _journal_lines(out)
+    first = rows[0]
+    if forgery == "mask_file":
+        first["mask_file"] = "../precious.txt"
+    elif forgery == "overlay_file":
+        first["overlay_file"] = "/etc/passwd"
+    elif forgery == "file_stem":
+        first["file_stem"] = "../../precious"
+    elif forgery == "unknown-field":
+        first["evil"] = 1
+    elif forgery == "type":
+        first["probability"] = "high"
+    lines: list[Any] = rows
+    if forgery == "not-json":
+        lines = ["{not json", *rows]
+    _write_journal(out, lines)
+    # The input changed since, so a resume would clean up the forged row's files: it must not get that far.
+    (folder / next(iter(sorted(p.name for p in folder.iterdir())))).touch()
+    result = _scan([folder], out, models, "--resume")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "journal.jsonl" in errors[0] and "damaged" in errors[0], result.output
+    assert "Traceback" not in result.output and victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("link", ["masks", ".scan", ".scan/journal.jsonl"])
+def test_nothing_is_written_through_a_link_planted_in_out(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, link: str
+) -> None:
+    folder = tmp_path / "in"
+    _good(study, folder, 2)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / ".scan").mkdir(parents=True)
+    target = elsewhere / "journal.jsonl" if link.endswith(".jsonl") else elsewhere
+    if link == ".scan":
+        (out / ".scan").rmdir()
+    (out / link).symlink_to(target, target_is_directory=not link.endswith(".jsonl"))
+    result = _scan([folder], out, models)
+    assert result.exit_code == 2, result.output
+    assert "symbolic link" in result.output and "Traceback" not in result.output
+    assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())

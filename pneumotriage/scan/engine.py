@@ -416,7 +416,9 @@ def _run(
     t_start = time.perf_counter()
 
     # The lock is taken before the journal is read: no second scan into this --out (or this shard of it).
+    _refuse_links(out, [".scan", ".scan/shards", ".scan/thumbs", "masks", "overlays", "dicom"])
     folder = claim_layout(out, shard)
+    _refuse_links(folder, ["", "journal.jsonl", "signature.json", "lock", "results.jsonl", "done.json"])
     held_by = "another scan is writing to this output folder"
     if shard is not None:
         held_by = f"another process is scanning shard {shard.label} of this output folder"
@@ -654,6 +656,20 @@ def _run(
         )
     emit({"event": "done", **summary.counts})
     return summary
+
+
+def _refuse_links(base: Path, names: Sequence[str]) -> None:
+    """Refuse to scan into an ``--out`` where a folder or a file the scan writes in place is a symbolic link
+    (planted, or left by a copy): a write through it would land outside ``--out``. Files written atomically are
+    safe by themselves (the rename replaces a link, never follows it)."""
+    for name in names:
+        path = base / name if name else base
+        if path.is_symlink():
+            raise UsageError(
+                "is a symbolic link: a scan writes nothing through one",
+                path=printable(str(path)),
+                hint="remove the link, or choose another --out",
+            )
 
 
 def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text
-from pneumotriage.scan.records import PHI_FIELDS, ImageResult
+from pneumotriage.scan.records import PHI_FIELDS, ImageResult, row_from
 
 JOURNAL_VERSION = 4  # 3: rows carry the plausibility flag; 4: file keys carry inode and ctime
 
@@ -33,7 +33,10 @@ class Journal:
         self.done: dict[str, ImageResult] = {}
         self._by_path: dict[str, ImageResult] = {}  # the latest finished image at each path
         if resume and self.path.exists():
-            old = json.loads(self.signature_path.read_text()) if self.signature_path.exists() else None
+            try:
+                old = json.loads(self.signature_path.read_text()) if self.signature_path.exists() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = "damaged"  # compared below: never equal to a signature
             if old != signature:
                 what = "inputs" if old and old.get("inputs") != signature.get("inputs") else "models or settings"
                 raise UsageError(
@@ -41,12 +44,19 @@ class Journal:
                     path=out,
                     hint="resume with the same inputs and options, or scan into a new --out",
                 )
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            for number, line in enumerate(lines, 1):
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                result = ImageResult(**data)
+                    if number == len(lines):
+                        continue  # the last line cut short by a kill
+                    raise UsageError(
+                        f"{self.path} is damaged: line {number} is not JSON",
+                        path=out,
+                        hint="scan into a new --out (or remove the damaged line to resume)",
+                    ) from None
+                result = row_from(data, f"{self.path} line {number}")
                 # Per-image files are not fsynced (one fsync each cost more than the models on a GPU): after a
                 # power cut a journaled image whose files did not reach the disk is done again.
                 files = [out / f for f in (result.mask_file, result.overlay_file) if f]

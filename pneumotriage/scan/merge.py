@@ -16,7 +16,7 @@ from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.rank import rank, tier_of
-from pneumotriage.scan.records import ImageResult
+from pneumotriage.scan.records import ImageResult, row_from
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import layout_of, shard_folder
 from pneumotriage.scan.workers import thumbnail_task
@@ -91,8 +91,13 @@ def _merge(out: Path, count: int) -> Merged:
     stems: dict[str, str] = {}
     for k in sorted(done):
         folder = shard_folder(out, k, count)
-        for line in (folder / "results.jsonl").read_text(encoding="utf-8").splitlines():
-            r = ImageResult(**json.loads(line))
+        results = folder / "results.jsonl"
+        for number, line in enumerate(results.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                data = None
+            r = row_from(data, f"{results} line {number}")
             if r.file_stem is not None and stems.setdefault(r.file_stem, r.key) != r.key:
                 raise UsageError(
                     f"two shards named their outputs {r.file_stem!r}: the inputs changed while the shards walked them",
@@ -100,7 +105,7 @@ def _merge(out: Path, count: int) -> Merged:
                     hint="rerun every shard with --resume now that the inputs are still, then merge",
                 )
             rows.append(r)
-        skipped += [ImageResult(**r) for r in done[k]["skipped"]]
+        skipped += [row_from(r, f"{folder / 'done.json'}") for r in done[k]["skipped"]]
     rows.sort(key=lambda r: r.seq)  # walk order, as one process finds them
     skipped.sort(key=lambda r: r.seq)
 

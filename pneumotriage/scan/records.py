@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,56 @@ class ScanSummary:
     @property
     def failed(self) -> int:
         return sum(r.status != "ok" for r in self.results)
+
+
+#: What a file stem (:func:`pneumotriage.scan.discover.safe_name`) can be: the only part of an output path a row
+#: holds. The paths themselves are derived from it, never read.
+_STEM = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,140}")
+_SIMPLE = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    allowed: list[type] = []
+    for part in typing.get_args(hint) or (hint,):
+        allowed += [type(None)] if part is type(None) else list(_SIMPLE.get(part, (object,)))
+    return tuple(allowed)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+
+
+def row_from(data: object, where: str) -> ImageResult:
+    """An :class:`ImageResult` from a line the scan wrote (its journal, a shard's results), checked as data from a
+    file anyone could have edited: a dict of the row's own fields with values of their types, a file stem that is
+    a plain name, and output paths that are those the stem gives (a forged ``mask_file`` would point a resume's
+    clean-up, or the report, at any file). Raises :class:`~pneumotriage.errors.UsageError` naming ``where``."""
+    from pneumotriage.errors import UsageError
+
+    if not _FIELD_TYPES:
+        hints = typing.get_type_hints(ImageResult)
+        _FIELD_TYPES.update({f.name: _allowed(hints[f.name]) for f in fields(ImageResult)})
+
+    def damaged(why: str) -> UsageError:
+        return UsageError(
+            f"{where} is damaged: {why}", hint="scan into a new --out (or remove the damaged line to resume)"
+        )
+
+    if not isinstance(data, dict):
+        raise damaged("not a row")
+    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    if unknown:
+        raise damaged(f"unknown field {unknown[0]!r}")
+    for name, value in data.items():
+        if not isinstance(value, _FIELD_TYPES[name]) or (isinstance(value, bool) and bool not in _FIELD_TYPES[name]):
+            raise damaged(f"{name} is {type(value).__name__}")
+    if "image_id" not in data or "path" not in data or "status" not in data:
+        raise damaged("image_id, path or status missing")
+    row = ImageResult(**data)
+    stem = row.file_stem
+    if stem is not None and not _STEM.fullmatch(stem):
+        raise damaged(f"file_stem {stem!r} is not a plain file name")
+    for name, derived in (("mask_file", f"masks/{stem}.png"), ("overlay_file", f"overlays/{stem}.jpg")):
+        value = getattr(row, name)
+        if value is not None and (stem is None or value != derived):
+            raise damaged(f"{name} {value!r} is not the file its row's name gives ({derived!r})")
+    return row
