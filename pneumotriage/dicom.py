@@ -386,6 +386,15 @@ def _next_tag_is_pixels(raw: bytes, *, little: bool) -> bool:
     return group == 0x7FE0 and element in (0x0008, 0x0009, 0x0010)
 
 
+def _reason(exc: BaseException) -> str:
+    """Why pixel data did not decode, in one line: pydicom's "exceptions were raised by all available plugins:"
+    is followed by each plugin's own reason on the next lines, which are what the user needs."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
+        return f"{lines[0].rstrip(':')}: {'; '.join(lines[1:4])}"
+    return _first_line(exc)
+
+
 def _first_line(obj: object) -> str:
     text = str(obj).strip()
     return text.splitlines()[0] if text else type(obj).__name__
@@ -700,7 +709,7 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
             grey = _to_grey(arr, ds, photometric, notes)
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
-            f"pixel data does not decode ({_first_line(exc)})",
+            f"pixel data does not decode ({_reason(exc)})",
             path=path,
             hint="the file is truncated or damaged; re-export it",
         ) from None
@@ -728,7 +737,7 @@ def stored_pixels(ds: Dataset, header: DicomHeader) -> np.ndarray:
             arr = pixel_array(ds, index=0) if header.frames > 1 else ds.pixel_array
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
-            f"pixel data does not decode ({_first_line(exc)})",
+            f"pixel data does not decode ({_reason(exc)})",
             path=header.path,
             hint="the file is truncated or damaged; re-export it",
         ) from None

@@ -35,8 +35,14 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             device = torch.device(name)
         except RuntimeError:
             raise UsageError(f"unknown device {name!r}; try auto, cpu, cuda, cuda:1 or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: no triage runs there
+            raise UsageError(f"--device {name!r}: choose auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda asked for, but no CUDA GPU is available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError("--device mps asked for, but this machine has no MPS device")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())

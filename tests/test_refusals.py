@@ -723,3 +723,56 @@ def test_nothing_is_written_through_a_link_planted_in_out(
     assert result.exit_code == 2, result.output
     assert "symbolic link" in result.output and "Traceback" not in result.output
     assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors say what is wrong, in one line
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--batch-size", "100000000000000000000"], "--batch-size"),
+        (["--workers", "100000"], "--workers 100000: give 0 to"),
+        (["--device", "meta"], "--device 'meta'"),
+        (["--accept", "nothing"], "not a rule"),
+    ],
+)
+def test_absurd_options_are_one_line(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, extra: list[str], says: str
+) -> None:
+    result = _scan([_good(study, tmp_path / "in", 1)[0]], tmp_path / "out", models, *extra)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] and says in result.output
+    assert not (tmp_path / "out" / "worklist.csv").exists()
+
+
+def test_absurd_checkpoints_and_ensembles_are_one_line(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path
+) -> None:
+    data = torch.load(models["classifier"], weights_only=True)
+    torch.save({**data, "input_size": 10**9}, tmp_path / "huge.pt")
+    loop = tmp_path / "loop.json"
+    loop.write_text(
+        json.dumps({"format": "pneumotriage-ensemble", "format_version": 1, "members": [{"path": "loop.json"}]})
+    )
+    for name, says in (("huge.pt", "over the 2048 pixels"), ("loop.json", "includes itself")):
+        models = {**models, "bad": tmp_path / name}
+        result = _scan([_good(study, tmp_path / "in", 1)[0]], tmp_path / f"out-{name}", models, clf="bad")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0] and name in lines[0], result.output
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_it_escaped(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pneumotriage", "scan", str(_good(study, tmp_path / "in", 2)[0].parent)]
+    cmd += ["--out", str(tmp_path / "out"), "--classifier", str(models["classifier"]), "--no-segment"]
+    cmd += ["--workers", "0", "--no-progress"]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONIOENCODING": "ascii"}, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"Traceback" not in done.stderr and b"UnicodeEncodeError" not in done.stderr

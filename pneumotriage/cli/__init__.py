@@ -9,6 +9,7 @@ Exit codes: 0 all went well; 1 an error stopped the command; 2 usage error; 3 we
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -65,6 +66,12 @@ _ParserError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == 
 
 def main() -> None:
     """The console script: every error, the parser's included, is one line starting "error:"."""
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe that cannot show a character (PYTHONIOENCODING=ascii, a C locale) gets it escaped,
+        # never a UnicodeEncodeError in the middle of a worklist.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         code = app(standalone_mode=False)
     except _ParserError as exc:

@@ -155,9 +155,29 @@ def is_ensemble_file(path: Path) -> bool:
     return head.lstrip()[:1] == b"{" and ENSEMBLE_FORMAT.encode() in head
 
 
+#: The ensemble files being loaded, outermost first: an ensemble that includes itself, or nests deeper than
+#: :data:`MAX_NESTING`, is refused in one line (one nesting 100,000 deep ended in a RecursionError).
+_LOADING: list[str] = []
+MAX_NESTING = 8
+
+
 def load_ensemble(path: Path, load_member: Any) -> Any:
     """The ensemble an ensemble file describes; each member is loaded with ``load_member(name_or_path)`` and its
     sha256 checked against the file's."""
+    real = os.path.realpath(path)
+    if real in _LOADING:
+        chain = " -> ".join(Path(p).name for p in [*_LOADING[_LOADING.index(real) :], real])
+        raise WeightError(f"an ensemble that includes itself ({chain})", path=path, hint="fix its members")
+    if len(_LOADING) >= MAX_NESTING:
+        raise WeightError(f"ensembles nested over {MAX_NESTING} deep", path=path, hint="list the models themselves")
+    _LOADING.append(real)
+    try:
+        return _load_ensemble(path, load_member)
+    finally:
+        _LOADING.pop()
+
+
+def _load_ensemble(path: Path, load_member: Any) -> Any:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

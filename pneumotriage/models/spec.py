@@ -69,6 +69,8 @@ class ModelSpec:
         _check(self.pipeline, PIPELINES, "input pipeline")
         if not isinstance(self.input_size, int) or self.input_size < 32:
             raise UsageError(f"input size {self.input_size} is below 32 pixels")
+        if self.input_size > MAX_INPUT_SIZE:
+            raise UsageError(f"input size {self.input_size} is over the {MAX_INPUT_SIZE} pixels a model may take")
         if self.crops not in CROPS:
             raise UsageError(f"unknown crops {self.crops!r}; valid: {', '.join(CROPS)}")
         if self.crops != "none" and not 32 <= self.crop_size <= self.input_size:
@@ -84,6 +86,10 @@ class ModelSpec:
     @property
     def title(self) -> str:
         return f"{self.arch}/{self.encoder}" if self.encoder else self.arch
+
+
+#: The largest input a model may declare: the SIIM images are 1,024 px; 2,048 covers any chest model published.
+MAX_INPUT_SIZE = 2048
 
 
 def _check(name: str, registry: dict[str, Any], what: str) -> None:

@@ -62,10 +62,11 @@ class ScanOptions:
         for name in Thresholds.NAMES:
             _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
         _check_probability("--urgent-probability", self.urgent_probability)
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size}: give 1 or more, or auto")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers {self.workers}: give 0 or more, or auto")
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH:
+            raise UsageError(f"--batch-size {self.batch_size}: give 1 to {MAX_BATCH}, or auto")
+        most = max_workers()
+        if self.workers is not None and not 0 <= self.workers <= most:
+            raise UsageError(f"--workers {self.workers}: give 0 to {most} (4 per core here), or auto")
         if self.report_thumbnails < 0:
             raise UsageError(f"report_thumbnails {self.report_thumbnails}: give 0 or more")
         from pneumotriage.inputcheck import check_accept
@@ -83,6 +84,18 @@ class ScanOptions:
         # submission.csv is written at the end changes a journaled row.
         skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
+
+
+#: The largest batch a scan takes: 64 fills an H100; 4,096 images of 512 px are 4 GB of input alone.
+MAX_BATCH = 4096
+
+
+def max_workers() -> int:
+    """The most worker processes a scan starts: 4 per usable core (at least 8), enough to hide slow storage; more
+    only cost memory (each holds a copy of the decoders)."""
+    from pneumotriage.runtime import usable_cores
+
+    return max(8, 4 * usable_cores())
 
 
 def _check_probability(name: str, value: float | None) -> None:
