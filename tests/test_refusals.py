@@ -776,3 +776,46 @@ def test_a_terminal_that_cannot_show_a_character_gets_it_escaped(
     done = subprocess.run(cmd, env={**os.environ, "PYTHONIOENCODING": "ascii"}, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"Traceback" not in done.stderr and b"UnicodeEncodeError" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad files mixed among real SIIM images change nothing for the good ones
+
+
+def test_bad_files_among_real_siim_images_leave_their_rows_as_they_are(
+    real_data: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    siim = sorted((real_data / "siim-sample").glob("*.dcm"))[:4]
+    alone, mixed = tmp_path / "alone", tmp_path / "mixed"
+    for folder in (alone, mixed):
+        folder.mkdir()
+        for f in siim:
+            shutil.copy(f, folder / f.name)
+    src = siim[0]
+    _native(src, mixed / "ct.dcm", Modality="CT", BodyPartExamined="HEAD")
+    _native(src, mixed / "lateral.dcm", ViewPosition="LL")
+    _native(src, mixed / "knee.dcm", BodyPartExamined="KNEE")
+    _native(src, mixed / "constant.dcm", pixels=np.zeros((512, 512), dtype=np.uint8))
+    _native(src, mixed / "slope-0.dcm", RescaleSlope="0")
+    _jpeg_copy(src, mixed / "cut.dcm", lambda f: f[: len(f) // 2])
+    _jpeg_copy(src, mixed / "zeroed.dcm", lambda f: f[:1000] + bytes(len(f) // 4) + f[1000 + len(f) // 4 :])
+    shutil.copy(src, mixed / ".hidden.dcm")
+    (mixed / "notes.txt").write_text("x")
+    results = {}
+    for name, folder in (("alone", alone), ("mixed", mixed)):
+        out = tmp_path / f"out-{name}"
+        results[name] = (_scan([folder], out, models).exit_code, _rows(out), _skipped(out))
+    assert results["alone"][0] == 0 and results["mixed"][0] == 4
+    keep = ("tier", "probability", "area_px", "side", "status", "mask_file", "sop_instance_uid", "patient_id")
+    good = {n: {k: r[k] for k in keep} for n, r in results["alone"][1].items()}
+    assert {n: {k: r[k] for k in keep} for n, r in results["mixed"][1].items() if n in good} == good
+    rows = results["mixed"][1]
+    assert {n for n, r in rows.items() if r["status"] == "not triaged"} == {
+        "ct.dcm",
+        "lateral.dcm",
+        "knee.dcm",
+        "constant.dcm",
+    }
+    assert {n for n, r in rows.items() if r["status"] == "error"} == {"slope-0.dcm", "cut.dcm", "zeroed.dcm"}
+    assert set(results["mixed"][2]) == {".hidden.dcm", "notes.txt"}
+    assert len(rows) + len(results["mixed"][2]) == len(list(mixed.iterdir()))
