@@ -819,3 +819,14 @@ def test_bad_files_among_real_siim_images_leave_their_rows_as_they_are(
     assert {n for n, r in rows.items() if r["status"] == "error"} == {"slope-0.dcm", "cut.dcm", "zeroed.dcm"}
     assert set(results["mixed"][2]) == {".hidden.dcm", "notes.txt"}
     assert len(rows) + len(results["mixed"][2]) == len(list(mixed.iterdir()))
+
+
+def test_the_readers_notes_reach_the_worklist(study: StudySummary, models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    src = _good(study, folder, 1)[0]
+    _native(src, folder / "bad-window.dcm", WindowCenter="100", WindowWidth="0")
+    out = tmp_path / "out"
+    assert _scan([folder], out, models).exit_code == 0
+    rows = _rows(out)
+    assert "window 100/0 is not usable; not applied" in rows["bad-window.dcm"]["notes"]
+    assert rows[src.name]["notes"] == ""

@@ -168,12 +168,15 @@ def test_a_fifo_is_passed_over_without_being_opened(study: StudySummary, tmp_pat
     os.mkfifo(folder / "p.dcm")  # opening it would block for ever
     code = (
         "import sys, pathlib; from pneumotriage.scan.discover import found_files; "
-        "print(len(list(found_files([pathlib.Path(sys.argv[1])]))))"
+        "found = list(found_files([pathlib.Path(sys.argv[1])])); "
+        "print(sum(f.passed is None for f in found)); print([f.passed for f in found if f.passed])"
     )
     # In a child process under a timeout: a discovery that opened the FIFO would block, and fail here, not hang.
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout) == sum(1 for p in study.out.rglob("*") if p.is_file())
+    count, passed = done.stdout.splitlines()
+    assert int(count) == sum(1 for p in study.out.rglob("*") if p.is_file())
+    assert passed == "['not a regular file (a FIFO): never opened']"  # accounted for: a skipped.csv line
 
 
 # --------------------------------------------------------------------------------------------------------------

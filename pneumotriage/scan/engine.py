@@ -576,7 +576,12 @@ def _run(
                             continue
                         job = FinishJob(
                             name=item.found.name,
-                            identity={"image_id": item.found.image_id, **d.identity, "seq": item.found.seq},
+                            identity={
+                                "image_id": item.found.image_id,
+                                **d.identity,
+                                "seq": item.found.seq,
+                                "notes": d.notes,
+                            },
                             shape=d.shape,
                             display_shape=d.display_shape,
                             spacing=d.spacing,

@@ -41,6 +41,7 @@ WORKLIST_FIELDS = (
     "path",
     "status",
     "error",
+    "notes",
     "mask_file",
     "overlay_file",
     "classifier",

@@ -50,6 +50,9 @@ class ImageResult:
     file_stem: str | None = None
     #: Its place in the walk of the inputs: the order of a merged sharded scan's rows before ranking.
     seq: int = -1
+    #: What the reader noted while reading the image truly ("window ... not applied", "3 frames; using the
+    #: first", "no transfer syntax in the file meta; assumed ..."), joined with "; ". None when there was nothing.
+    notes: str | None = None
     #: Why an outline is implausible ("implausible outline — check: ..."): such an image is tiered review, never
     #: urgent on its outline alone. None for a plausible outline or none.
     flag: str | None = None

@@ -65,6 +65,8 @@ class Decoded:
     invert: bool = False
     #: How its inputs were turned upright (flip left-right, flip up-down): the models' maps are turned back.
     flip: tuple[bool, bool] = (False, False)
+    #: What the reader noted (:attr:`~pneumotriage.scan.records.ImageResult.notes`).
+    notes: str | None = None
     #: The report thumbnail in case nothing is outlined (JPEG; a few kB).
     thumb: bytes | None = None
 
@@ -123,6 +125,7 @@ def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -
         else:
             decoded.shape = decode_into(source, _ARENA, slot)
             decoded.thumb = grey_thumbnail(_ARENA.display(slot, decoded.display_shape))
+        decoded.notes = "; ".join(dict.fromkeys(source.notes)) or None
         return decoded
     except NotTriaged as exc:
         if not identity and exc.header is not None:
