@@ -91,6 +91,8 @@ def read_rle_csv(path: str | Path, *, relative: bool = True, strict: bool = True
     """
     path = Path(path)
     labels = RleLabels(path, relative=relative)
+    # One RLE of a large pneumothorax runs to 614,404 characters, past csv's default field limit of 131,072.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     id_col, rle_col, n_cols = 0, 1, 2
     first = True

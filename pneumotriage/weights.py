@@ -232,7 +232,16 @@ def default_home() -> Path:
     """``$PNEUMOTRIAGE_HOME``, else the platform's user cache folder for pneumotriage."""
     env = os.environ.get("PNEUMOTRIAGE_HOME")
     if env:
-        return Path(env).expanduser()
+        home = Path(env).expanduser()
+        for folder in (home, *home.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise UsageError(
+                        f"PNEUMOTRIAGE_HOME is {home}, but {folder} is a file",
+                        hint="point PNEUMOTRIAGE_HOME at a folder (or unset it)",
+                    )
+                break
+        return home
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("pneumotriage", appauthor=False))

@@ -830,3 +830,29 @@ def test_the_readers_notes_reach_the_worklist(study: StudySummary, models: dict[
     rows = _rows(out)
     assert "window 100/0 is not usable; not applied" in rows["bad-window.dcm"]["notes"]
     assert rows[src.name]["notes"] == ""
+
+
+def test_a_long_rle_field_reads(tmp_path: Path) -> None:
+    """A large pneumothorax with a ragged edge: one RLE of over 600,000 characters (csv's default limit is
+    131,072)."""
+    from pneumotriage.labels import read_rle_csv
+    from pneumotriage.rle import rle_encode
+
+    mask = np.zeros((1024, 1024), dtype=bool)
+    mask[:, :700] = np.random.default_rng(0).random((1024, 700)) < 0.5
+    rle = rle_encode(mask)
+    assert len(rle) > 600_000
+    path = tmp_path / "labels.csv"
+    path.write_text(f"ImageId,EncodedPixels\nbig,{rle}\n")
+    labels = read_rle_csv(path)
+    assert labels["big"] == [rle]
+
+
+def test_a_home_that_is_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
+    for args in (["weights", "list"], ["weights", "fetch", "demo-classifier"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "is a file" in result.output, result.output
+        assert "Traceback" not in result.output
