@@ -856,3 +856,20 @@ def test_a_home_that_is_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.M
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and "is a file" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_running_out_of_memory_is_not_blamed_on_out(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pneumotriage.scan import engine
+
+    def no_memory(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(engine, "Workers", no_memory)
+    result = _scan([_good(study, tmp_path / "in", 1)[0]], tmp_path / "out", models)
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(lines) == 1 and "out of memory" in lines[0], result.output
+    assert "--out" not in lines[0].split("(")[0] and "cannot write" not in lines[0]

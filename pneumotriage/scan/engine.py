@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumotriage.errors import OutputError, UsageError
+from pneumotriage.errors import OutputError, PneumotriageError, UsageError
 from pneumotriage.io import printable
 from pneumotriage.models import LoadedModel
 from pneumotriage.pipelines import NATIVE, InputKey
@@ -350,6 +350,11 @@ def run(
             return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held, shard)
     except OSError as exc:
         raise _output_error(exc, out) from None
+    except MemoryError:
+        raise PneumotriageError(
+            "out of memory while scanning",
+            hint="give fewer --workers or a smaller --batch-size; the images finished so far are kept for --resume",
+        ) from None
 
 
 def _check_out(out: Path) -> None:
@@ -363,7 +368,12 @@ def _check_out(out: Path) -> None:
             break
 
 
-def _output_error(exc: OSError, out: Path) -> OutputError:
+def _output_error(exc: OSError, out: Path) -> PneumotriageError:
+    if exc.errno == errno.ENOMEM:  # an mmap or a fork that found no memory: not --out's fault
+        return PneumotriageError(
+            "out of memory while scanning",
+            hint="give fewer --workers or a smaller --batch-size; the images finished so far are kept for --resume",
+        )
     where = exc.filename or out
     reason = exc.strerror or type(exc).__name__
     hint = "choose an --out you can write to"
