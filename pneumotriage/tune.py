@@ -218,11 +218,25 @@ def predict(
             done += len(index) + len(batch.failed)
             if index:
                 probs, _ = segment(segmenter, batch.inputs[segmenter.spec.input_key], torch_device, tta)
-                maps[index] = probs.cpu().numpy()
+                found_maps = probs.cpu().numpy()
+                for j, item in enumerate(batch.items):
+                    flip_lr, flip_ud = item.decoded.flip  # an image turned upright: its map back on the stored grid
+                    if flip_lr or flip_ud:
+                        found_maps[j] = found_maps[j][:: -1 if flip_ud else 1, :: -1 if flip_lr else 1].copy()
+                maps[index] = found_maps
                 if classifier is not None and cls is not None:
                     cls[index] = classify(classifier, batch.inputs[classifier.spec.input_key], torch_device)
                 shapes[index] = np.asarray([item.decoded.shape for item in batch.items])
-                ok[index] = True
+                # A model's answer that is not a number never enters a metric or a threshold: as unreadable.
+                finite = np.isfinite(found_maps.reshape(len(index), -1)).all(axis=1)
+                if cls is not None:
+                    finite &= np.isfinite(cls[index])
+                ok[index] = finite
+                unreadable += [
+                    f"{item.found.path}: the model's output for it is not a number (damaged weights?)"
+                    for item, good in zip(batch.items, finite.tolist(), strict=True)
+                    if not good
+                ]
             for item in batch.items:
                 stream.release(item.slot)
             emit({"event": "predicted", "done": done, "total": n})

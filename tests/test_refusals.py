@@ -614,8 +614,9 @@ def sys_platform_forks() -> bool:
 # Bombs: refused before they cost memory or time
 
 
+@pytest.mark.parametrize("workers", [1, 0])
 def test_bombs_are_error_rows_before_they_cost_memory_or_time(
-    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -643,7 +644,7 @@ def test_bombs_are_error_rows_before_they_cost_memory_or_time(
     with open(header, "ab") as fh:
         fh.write(bytes(20 * 2**20))  # pydicom parses zeros as empty elements: ~7 s here
     out = tmp_path / "out"
-    summary = _library_scan([folder], out, models, workers=1, batch_size=2)
+    summary = _library_scan([folder], out, models, workers=workers, batch_size=2)
     rows = {Path(r.path).name: r for r in summary.results}
     why = {
         "deflate-bomb.dcm": "inflates to over 8 MiB",
@@ -873,3 +874,40 @@ def test_running_out_of_memory_is_not_blamed_on_out(
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "out of memory" in lines[0], result.output
     assert "--out" not in lines[0].split("(")[0] and "cannot write" not in lines[0]
+
+
+def test_tune_reads_mirrored_images_upright_and_leaves_out_nan_answers(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Tuning sees what the scan sees: a mirrored image's map comes back on the stored grid (its labels' grid),
+    and a model's NaN never reaches a metric (the image is listed unreadable)."""
+    from pneumotriage.folds import ImageRecord
+    from pneumotriage.models import load_model
+    from pneumotriage.tune import predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    src = sorted(study.out.rglob("*.dcm"))[0]
+    upright = np.asarray(pydicom.dcmread(src).pixel_array, dtype=np.uint8).copy()
+    upright[:, : upright.shape[1] // 3] //= 3
+    paths = [
+        _native(src, folder / "upright.dcm", pixels=upright),
+        _native(src, folder / "mirrored.dcm", pixels=upright[:, ::-1].copy(), PatientOrientation=["R", "F"]),
+    ]
+    records = [ImageRecord(p.stem, p, False, 0, None, 0, *upright.shape) for p in paths]
+    seg = load_model(models["segmenter"])
+    got, _ = predict(
+        records, segmenter=seg, classifier=None, cache_root=None, scratch=tmp_path / "s", device="cpu", workers=0
+    )
+    assert got.image_ids == ["upright", "mirrored"]
+    np.testing.assert_allclose(got.maps[1], got.maps[0][:, ::-1], atol=1e-6)
+    broken, _ = predict(
+        records,
+        segmenter=load_model(models["nan-segmenter"]),
+        classifier=None,
+        cache_root=None,
+        scratch=tmp_path / "s2",
+        device="cpu",
+        workers=0,
+    )
+    assert broken.image_ids == [] and len(broken.unreadable) == 2 and "not a number" in broken.unreadable[0]

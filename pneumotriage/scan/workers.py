@@ -95,7 +95,10 @@ def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...
     """Read one file and decode it into ``slot`` (or keep its JPEG frame for the device). Never raises for a bad
     file: the answer says what is wrong, naming the file."""
     assert _ARENA is not None
-    timed = _IN_WORKER and hasattr(signal, "setitimer")
+    # In a worker its handler is installed once; inline (``--workers 0``) only on the main thread, for this file.
+    inline = not _IN_WORKER and threading.current_thread() is threading.main_thread()
+    timed = (_IN_WORKER or inline) and hasattr(signal, "setitimer")
+    before = signal.signal(signal.SIGALRM, _time_up) if timed and inline else None
     if timed:
         signal.setitimer(signal.ITIMER_REAL, FILE_TIME_LIMIT_S)
     try:
@@ -109,6 +112,8 @@ def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...
     finally:
         if timed:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        if before is not None:
+            signal.signal(signal.SIGALRM, before)
 
 
 def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -> Decoded:
