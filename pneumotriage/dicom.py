@@ -707,6 +707,8 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
                 source_shape = (int(arr.shape[0]), int(arr.shape[1]))
             padding = _padding(arr, ds)
             grey = _to_grey(arr, ds, photometric, notes)
+    except LutError as exc:
+        raise CorruptPixelDataError(str(exc), path=path, hint="the header is damaged; re-export the image") from None
     except _PARSE_ERRORS as exc:
         raise CorruptPixelDataError(
             f"pixel data does not decode ({_reason(exc)})",
@@ -901,7 +903,10 @@ def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarra
 def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -> np.ndarray:
     """Stored values -> display values (denser = larger) as float32, following the grayscale pipeline."""
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except _PARSE_ERRORS as exc:
+            raise LutError(f"its palette colour lookup table is damaged ({_first_line(exc)})") from None
         notes.append("palette colour image converted to grey")
         photometric = "RGB"
     if arr.ndim == 3:
@@ -911,13 +916,17 @@ def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -
         return np.asarray(arr[..., :3], dtype=np.float32) @ weights
     if arr.ndim != 2:
         raise ValueError(f"unexpected pixel array shape {arr.shape}")
-    out = apply_modality_lut(arr, ds)
+    try:
+        out = apply_modality_lut(arr, ds)
+    except _PARSE_ERRORS as exc:
+        # Not optional: the Modality LUT says what the stored values stand for; without it they would be misread.
+        raise LutError(f"its Modality LUT is damaged ({_first_line(exc)}): the stored values cannot be read") from None
     if "WindowCenter" in ds and "VOILUTSequence" not in ds and not _window_usable(ds):
         notes.append(f"window {ds.get('WindowCenter')}/{ds.get('WindowWidth')} is not usable; not applied")
     elif "VOILUTSequence" in ds or "WindowCenter" in ds:
         try:
             out = apply_voi_lut(out, ds, index=0, prefer_lut=True)
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
+        except _PARSE_ERRORS as exc:  # optional (how to display, not what the values are): a note, not a refusal
             notes.append(f"VOI LUT/window not applied ({_first_line(exc)})")
     out = np.asarray(out, dtype=np.float32)
     if photometric == "MONOCHROME1" or inverse_presentation(ds):
@@ -926,6 +935,10 @@ def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, notes: list[str]) -
         # image declares INVERSE for the one inversion it needs, so the two never make a second).
         out = -out
     return out
+
+
+class LutError(ValueError):
+    """A lookup table the image cannot be read without (palette, Modality LUT) is damaged."""
 
 
 def inverse_presentation(ds: Dataset) -> bool:

@@ -45,6 +45,12 @@ MAX_ASPECT = 1.6
 MAX_TWO_BIN_SHARE = 0.9
 
 
+#: A JPEG decoder that runs out of data before the last block (a stream cut short and closed with an end marker:
+#: libjpeg only warns) fills the rest of the image with the last block's value. When the bottom 1/FILLED_BAND of
+#: the rows is one value that is neither black nor white (a border or a label band), the stream was cut short.
+FILLED_BAND = 8
+
+
 class NotTriaged(Exception):
     """Raised with the reason an image is not triaged (the caller names the file)."""
 
@@ -111,12 +117,20 @@ def check_header(ds: Dataset, header: DicomHeader, accept: Collection[str] = ())
 def check_pixels(pixels: np.ndarray, notes: Collection[str], accept: Collection[str] = ()) -> None:
     """Raise :class:`NotTriaged` where the decoded image (float in [0, 1], as :func:`~pneumotriage.dicom.read_dicom`
     makes it) cannot be a radiograph read truly: constant (the reader's own "constant image" or "no finite pixel
-    values"), or its grey levels crowded into two (:data:`MAX_TWO_BIN_SHARE`)."""
+    values"), its bottom rows filled with one grey value (:data:`FILLED_BAND`), or its grey levels crowded into two
+    (:data:`MAX_TWO_BIN_SHARE`)."""
     if "histogram" in accept:
         return
     for note in ("no finite pixel values", "constant image"):
         if note in notes:
             raise NotTriaged("histogram", f"{note}: nothing to triage")
+    band = pixels[-max(1, pixels.shape[0] // FILLED_BAND) :]
+    lo, hi = float(band.min()), float(band.max())
+    if lo == hi and 0.02 < lo < 0.98:
+        raise NotTriaged(
+            "histogram",
+            f"its bottom {band.shape[0]} rows are all one grey value: pixel data cut short and filled by the decoder",
+        )
     step = max(1, min(pixels.shape) // 256)
     sample = pixels[::step, ::step]
     counts = np.bincount(np.minimum((sample * 64).astype(np.int64).ravel(), 63), minlength=64)

@@ -911,3 +911,52 @@ def test_tune_reads_mirrored_images_upright_and_leaves_out_nan_answers(
         workers=0,
     )
     assert broken.image_ids == [] and len(broken.unreadable) == 2 and "not a number" in broken.unreadable[0]
+
+
+def test_a_jpeg_cut_short_and_closed_again_is_not_triaged(
+    study: StudySummary, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """libjpeg only warns when a stream ends early and fills the rest of the image with one value: closed with an
+    end marker, such a stream passes the marker check, and the filled band gives it away."""
+    folder = tmp_path / "in"
+    good = _good(study, folder, 2)
+    _jpeg_copy(good[0], folder / "closed-again.dcm", lambda f: f[: len(f) * 7 // 10] + b"\xff\xd9")
+    out = tmp_path / "out"
+    assert _scan([folder], out, models).exit_code == 4
+    row = _rows(out)["closed-again.dcm"]
+    assert row["status"] == "not triaged" and "cut short and filled by the decoder" in row["error"], row
+
+
+def _with_lut(source: Path, path: Path, keyword: str) -> Path:
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    _native(source, path)
+    ds = pydicom.dcmread(path)
+    if keyword == "palette":
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        for colour in ("Red", "Green", "Blue"):
+            ds.add_new(Tag(f"{colour}PaletteColorLookupTableDescriptor"), "US", [4, 0, 8])
+            ds.add_new(Tag(f"{colour}PaletteColorLookupTableData"), "OW", bytes([0, 1]))
+    else:
+        item = Dataset()
+        item.add_new(Tag("LUTDescriptor"), "US", [256, 0, 16])
+        item.add_new(Tag("LUTData"), "OW", bytes(6))  # 3 entries where 256 are declared
+        if keyword == "ModalityLUTSequence":
+            item.ModalityLUTType = "US"
+        setattr(ds, keyword, [item])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_damaged_lut_says_which_and_an_optional_one_is_only_a_note(study: StudySummary, tmp_path: Path) -> None:
+    from pneumotriage.errors import CorruptPixelDataError
+
+    src = sorted(study.out.rglob("*.dcm"))[0]
+    plain = read_dicom(_native(src, tmp_path / "plain.dcm")).pixels
+    image = read_dicom(_with_lut(src, tmp_path / "voi.dcm", "VOILUTSequence"))  # how to show it: optional
+    np.testing.assert_array_equal(image.pixels, plain)
+    assert any("VOI LUT/window not applied" in w for w in image.warnings)
+    for keyword, says in (("ModalityLUTSequence", "its Modality LUT is damaged"), ("palette", "palette colour")):
+        with pytest.raises(CorruptPixelDataError, match=says):
+            read_dicom(_with_lut(src, tmp_path / f"{keyword}.dcm", keyword))
