@@ -167,6 +167,9 @@ def test_what_is_not_a_frontal_chest_radiograph_is_not_triaged(
         assert row["status"] == "not triaged", (name, row)
         assert why in row["error"] and str(folder / name) in row["error"] and "--accept" in row["error"], row
         assert row["tier"] == "review" and row["probability"] == "" and row["area_px"] == ""
+    counts = json.loads((out / "worklist.json").read_text())["counts"]
+    assert counts["not_triaged"] == len(reasons) and counts["errors"] == 0
+    assert "not triaged" in result.output and "not triaged" in (out / "report.html").read_text()
     # The refused row still says who it is.
     assert rows["ct-head.dcm"]["modality"] == "CT" and rows["ct-head.dcm"]["sop_instance_uid"]
     # The good files' rows are those of a scan of the good files alone.

@@ -103,9 +103,16 @@ def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> 
     c = summary.counts
     err.print(
         f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
-        f"{c['errors']} unreadable; {summary.timings['total_s']:.1f} s"
+        f"{c['errors']} unreadable"
+        + (f", {c['not_triaged']} not triaged" if c.get("not_triaged") else "")
+        + f"; {summary.timings['total_s']:.1f} s"
         + (f" ({c['resumed']} done before the resume)" if c.get("resumed") else "")
-        + (f"\n{c['skipped']} files passed over, not DICOM: {summary.out / 'skipped.csv'}" if c.get("skipped") else "")
+        + (
+            f"\n{c['skipped']} files passed over (not DICOM, hidden, not a regular file): why in "
+            f"{summary.out / 'skipped.csv'}"
+            if c.get("skipped")
+            else ""
+        )
         + f"\nreport: {summary.out / 'report.html'}",
         highlight=False,
     )

@@ -92,7 +92,8 @@ def summarise(
         results=ranked,
         counts={
             **counts,
-            "errors": sum(r.status != "ok" for r in ranked),  # those found before a resume too
+            "errors": sum(r.status == "error" for r in ranked),  # those found before a resume too
+            "not_triaged": sum(r.status == "not triaged" for r in ranked),
             "images": len(ranked),
             "urgent": sum(r.tier == "urgent" for r in ranked),
             "review": sum(r.tier == "review" for r in ranked),

@@ -106,6 +106,12 @@ def _overlay_data(out: Path, result: ImageResult) -> str | None:
         return None
 
 
+_NOT_TRIAGED = (
+    "an image <i>not triaged</i>: not a frontal chest radiograph, or not one read truly (its row says why; "
+    "<code>--accept</code> widens the check)"
+)
+
+
 def _legend(summary: ScanSummary) -> str:
     """What the tiers mean, with the thresholds this scan ran at, and what the outline colour means."""
     from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
@@ -115,7 +121,7 @@ def _legend(summary: ScanSummary) -> str:
     if summary.urgent_probability is not None:  # --no-segment: the classifier alone
         items = [
             ("urgent", f"classifier probability ≥ {summary.urgent_probability:.3g} (no outlines: --no-segment)"),
-            ("review", f"probability ≥ the gate {gate}, or a file that could not be read"),
+            ("review", f"probability ≥ the gate {gate}; or a file that could not be read, or {_NOT_TRIAGED}"),
             ("routine", f"probability below the gate {gate}"),
         ]
         colour = ""
@@ -131,7 +137,7 @@ def _legend(summary: ScanSummary) -> str:
                 "review",
                 f"the classifier passed the gate {gate} but no outline survived; an implausible outline (over "
                 f"{MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} of an image border: "
-                "marked <i>implausible outline — check</i>); or a file that could not be read",
+                f"marked <i>implausible outline — check</i>); or a file that could not be read, or {_NOT_TRIAGED}",
             ),
             ("routine", f"classifier probability below the gate {gate}"),
         ]
@@ -218,6 +224,7 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             ("review", "review"),
             ("routine", "routine"),
             ("unreadable", "errors"),
+            ("not triaged", "not_triaged"),
         ):
             fh.write(f"<div><b>{_e(c.get(key, 0))}</b> {label}</div>")
         total = summary.timings.get("total_s", 0.0)
