@@ -164,6 +164,7 @@ def predict(
     the returned predictions."""
     from pneumotriage.runtime import pick_device
     from pneumotriage.scan.classify import classify, prepare_models
+    from pneumotriage.scan.decode import turned
     from pneumotriage.scan.discover import Discovery, Found
     from pneumotriage.scan.engine import Stream
     from pneumotriage.scan.options import plan_for
@@ -220,9 +221,8 @@ def predict(
                 probs, _ = segment(segmenter, batch.inputs[segmenter.spec.input_key], torch_device, tta)
                 found_maps = probs.cpu().numpy()
                 for j, item in enumerate(batch.items):
-                    flip_lr, flip_ud = item.decoded.flip  # an image turned upright: its map back on the stored grid
-                    if flip_lr or flip_ud:
-                        found_maps[j] = found_maps[j][:: -1 if flip_ud else 1, :: -1 if flip_lr else 1].copy()
+                    if any(item.decoded.flip):  # an image turned upright: its map back on the stored grid
+                        found_maps[j] = turned(found_maps[j], item.decoded.flip).copy()
                 maps[index] = found_maps
                 if classifier is not None and cls is not None:
                     cls[index] = classify(classifier, batch.inputs[classifier.spec.input_key], torch_device)

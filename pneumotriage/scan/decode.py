@@ -109,6 +109,13 @@ class SlotArena:
                 pass  # a view still held (by an exception's traceback): the map goes when the last view does
 
 
+def turned(array: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
+    """``array`` (..., H, W) flipped left-right and/or up-down as ``flip`` says (its PatientOrientation, from
+    :func:`pneumotriage.inputcheck.orientation`): a view, the same call turning an image upright and its map back."""
+    flip_lr, flip_ud = flip
+    return array[..., :: -1 if flip_ud else 1, :: -1 if flip_lr else 1]
+
+
 def display_shape(shape: tuple[int, int], side: int = DISPLAY) -> tuple[int, int]:
     """The size of a copy of an image of ``shape`` whose longest side is ``side``, never enlarged."""
     h, w = shape
@@ -149,12 +156,11 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
             pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
         arena.image(slot, key)[...] = prepare_image(pixels, size)[0].numpy()
-    flip_lr, flip_ud = source.flip
-    if flip_lr or flip_ud:
+    if any(source.flip):
         # Upright for the models (the engine turns their maps back: masks and overlays keep the stored grid).
         for key in arena.keys:
             x = arena.image(slot, key)
-            x[...] = x[:: -1 if flip_ud else 1, :: -1 if flip_lr else 1].copy()
+            x[...] = turned(x, source.flip).copy()
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
     return image.original_shape

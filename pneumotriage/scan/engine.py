@@ -36,7 +36,7 @@ from pneumotriage.models import LoadedModel
 from pneumotriage.pipelines import NATIVE, InputKey
 from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
-from pneumotriage.scan.decode import decode_jpegs_on_device
+from pneumotriage.scan.decode import decode_jpegs_on_device, turned
 from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, thumbnail_path
 from pneumotriage.scan.gate import to_segment
@@ -351,10 +351,14 @@ def run(
     except OSError as exc:
         raise _output_error(exc, out) from None
     except MemoryError:
-        raise PneumotriageError(
-            "out of memory while scanning",
-            hint="give fewer --workers or a smaller --batch-size; the images finished so far are kept for --resume",
-        ) from None
+        raise _out_of_memory() from None
+
+
+def _out_of_memory() -> PneumotriageError:
+    return PneumotriageError(
+        "out of memory while scanning",
+        hint="give fewer --workers or a smaller --batch-size; the images finished so far are kept for --resume",
+    )
 
 
 def _check_out(out: Path) -> None:
@@ -370,10 +374,7 @@ def _check_out(out: Path) -> None:
 
 def _output_error(exc: OSError, out: Path) -> PneumotriageError:
     if exc.errno == errno.ENOMEM:  # an mmap or a fork that found no memory: not --out's fault
-        return PneumotriageError(
-            "out of memory while scanning",
-            hint="give fewer --workers or a smaller --batch-size; the images finished so far are kept for --resume",
-        )
+        return _out_of_memory()
     where = exc.filename or out
     reason = exc.strerror or type(exc).__name__
     hint = "choose an --out you can write to"
@@ -568,10 +569,8 @@ def _run(
                             if not (math.isfinite(float(present_np[j])) and np.isfinite(maps_np[j]).all()):
                                 untrusted[i] = _untrusted(item.found, "segmenter", float(np.max(maps_np[j])))
                                 continue
-                            flip_lr, flip_ud = item.decoded.flip
                             # The map of an image turned upright for the models, turned back to the stored grid.
-                            shown = maps_np[j][:: -1 if flip_ud else 1, :: -1 if flip_lr else 1]
-                            workers.arena.map(item.slot)[...] = shown
+                            workers.arena.map(item.slot)[...] = turned(maps_np[j], item.decoded.flip)
                             scores[i] = float(present_np[j])
                         counts["segmented"] += len(chosen)
                     model_s += time.perf_counter() - t0
