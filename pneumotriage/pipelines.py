@@ -18,6 +18,9 @@ pipeline its publisher's code uses, and the scan, tune and evaluate make exactly
   square of the resized image, where torchvision would crop from the whole rectangle.
 - ``png8-square``: the same 8-bit image resized whole to the model's square (no crop, so that a segmenter's map
   covers the image): what SIIM-ACR notebooks training segmentation_models_pytorch networks on 8-bit images did.
+- ``png8-skimage``: the same 8-bit image as CheXNet-Keras read its PNGs (``convert("RGB")``, /255) and resized
+  whole to the model's square with ``skimage.transform.resize`` as the scikit-image of its time (0.13, 2018) did:
+  bilinear, ``mode="constant"``, no anti-aliasing (later releases smooth before downsampling by default).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ PIPELINES: dict[str, str] = {
     "to 0-255), torchvision Resize(short side) with Pillow's bilinear filter, centred square, /255",
     "png8-square": "the same 8-bit grey image resized whole to the model's square with Pillow's bilinear filter, /255 "
     "(a segmenter's map then covers the whole image)",
+    "png8-skimage": "the same 8-bit grey image /255, resized whole to the model's square by skimage.transform.resize "
+    "as scikit-image 0.13 did (bilinear, mode constant, no anti-aliasing): CheXNet-Keras's generator",
 }
 
 
@@ -68,6 +73,8 @@ def make_input(ds: Dataset, header: DicomHeader, key: InputKey, stored: np.ndarr
         return png8_input(ds, header, key.size, stored)
     if key.pipeline == "png8-square":
         return png8_square_input(ds, header, key.size, stored)
+    if key.pipeline == "png8-skimage":
+        return png8_skimage_input(ds, header, key.size, stored)
     raise KeyError(f"unknown pipeline {key.pipeline!r}; valid: {', '.join(PIPELINES)}")
 
 
@@ -164,3 +171,15 @@ def png8_square_input(ds: Dataset, header: DicomHeader, size: int, stored: np.nd
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+
+
+def png8_skimage_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | None = None) -> np.ndarray:
+    """The ``png8-skimage`` input for one image: the whole 8-bit image /255 (in float64, as numpy divides), resized
+    to ``size`` x ``size`` by scikit-image with its 2018 defaults (order 1, ``mode="constant"``, no anti-aliasing),
+    in [0, 1]."""
+    from skimage.transform import resize
+
+    grey = _grey8(ds, header, stored) / 255.0
+    if grey.shape != (size, size):
+        grey = resize(grey, (size, size), order=1, mode="constant", anti_aliasing=False)  # type: ignore[no-untyped-call]
+    return np.ascontiguousarray(grey, dtype=np.float32)

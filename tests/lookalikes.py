@@ -195,3 +195,128 @@ def smp_unet_2019_state(modern: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             key = "decoder.final_conv.bias"
         out[key] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CheXNet-Keras: Keras 2.1.4 HDF5 weights of DenseNet121(include_top=False, pooling="avg") + Dense(14, sigmoid)
+
+KERAS_BLOCKS = (6, 12, 24, 16)
+
+
+def keras_densenet121_layers() -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    """Every layer of CheXNet-Keras's model in Keras's order, with its weights' names and shapes (Keras 2.1.4,
+    TensorFlow backend: ``<layer>/kernel:0``, batch norm's gamma, beta, moving_mean, moving_variance; layers
+    without weights listed as Keras lists them)."""
+
+    def conv(name: str, k: int, cin: int, cout: int) -> tuple[str, list[tuple[str, tuple[int, ...]]]]:
+        return name, [(f"{name}/kernel:0", (k, k, cin, cout))]
+
+    def bn(name: str, c: int) -> tuple[str, list[tuple[str, tuple[int, ...]]]]:
+        return name, [(f"{name}/{w}:0", (c,)) for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+
+    layers = [("input_1", []), ("zero_padding2d_1", []), conv("conv1/conv", 7, 3, 64), bn("conv1/bn", 64)]
+    layers += [("conv1/relu", []), ("zero_padding2d_2", []), ("pool1", [])]
+    c = 64
+    for b, n in enumerate(KERAS_BLOCKS, start=2):
+        for i in range(1, n + 1):
+            p = f"conv{b}_block{i}"
+            layers += [bn(f"{p}_0_bn", c), (f"{p}_0_relu", []), conv(f"{p}_1_conv", 1, c, 128)]
+            layers += [bn(f"{p}_1_bn", 128), (f"{p}_1_relu", []), conv(f"{p}_2_conv", 3, 128, 32), (f"{p}_concat", [])]
+            c += 32
+        if b < 5:
+            layers += [bn(f"pool{b}_bn", c), (f"pool{b}_relu", []), conv(f"pool{b}_conv", 1, c, c // 2)]
+            layers += [(f"pool{b}_pool", [])]
+            c //= 2
+    layers += [
+        bn("bn", c),
+        ("avg_pool", []),
+        ("predictions", [("predictions/kernel:0", (c, 14)), ("predictions/bias:0", (14,))]),
+    ]
+    return layers
+
+
+def keras_chexnet_file(path: Path, seed: int = 0, *, whole_model: bool = False, head: Any = None) -> None:
+    """A CheXNet-Keras weights file (``model.save_weights``; ``whole_model``: ``model.save``, the same under a
+    ``model_weights`` group): random He-scaled kernels, batch-norm statistics that are not the identity, and
+    ``head`` = (kernel (1024, 14), bias (14,)) where given."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        if whole_model:
+            f.attrs["model_config"] = b'{"class_name": "Model", "config": {"name": "model_1"}}'
+            f.attrs["keras_version"], f.attrs["backend"] = b"2.1.4", b"tensorflow"
+            root = f.create_group("model_weights")
+        else:
+            root = f
+        layers = keras_densenet121_layers()
+        root.attrs["layer_names"] = np.array([name.encode() for name, _ in layers])
+        root.attrs["backend"], root.attrs["keras_version"] = b"tensorflow", b"2.1.4"
+        for name, weights in layers:
+            group = root.require_group(name)
+            group.attrs["weight_names"] = np.array([w.encode() for w, _ in weights], dtype="S")
+            for wname, shape in weights:
+                kind = wname.rsplit("/", 1)[1]
+                if kind == "kernel:0" and len(shape) == 4:
+                    value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:3])), shape)
+                elif kind == "kernel:0":
+                    value = head[0] if head is not None else rng.normal(0, 0.05, shape)
+                elif kind == "bias:0":
+                    value = head[1] if head is not None else rng.normal(0, 0.1, shape)
+                elif kind in ("gamma:0", "moving_variance:0"):
+                    value = rng.uniform(0.5, 1.5, shape)
+                else:
+                    value = rng.normal(0, 0.1, shape)
+                group.create_dataset(wname, data=np.asarray(value, dtype=np.float32))
+
+
+def keras_reference_features(path: Path, x: Any) -> Any:
+    """CheXNet-Keras's forward pass written in numpy from Keras's layer semantics (channels last, HWIO kernels read
+    from the HDF5 file as Keras stores them), up to the 1024 pooled features: ZeroPadding2D(3), Conv 7x7/2,
+    BN(eps 1.001e-5), ReLU, ZeroPadding2D(1), MaxPool 3/2; dense blocks of BN-ReLU-Conv1x1(128)-BN-ReLU-
+    Conv3x3(32, same)-concat; transitions BN-ReLU-Conv1x1(half)-AvgPool 2/2; the last BN with no ReLU (Keras
+    2.1.4); global average pool. ``x``: (N, 224, 224, 3) already normalised; float64 throughout."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        w = {
+            name.decode(): [
+                np.asarray(root[name.decode()][wn], dtype=np.float64)
+                for wn in root[name.decode()].attrs["weight_names"]
+            ]
+            for name in root.attrs["layer_names"]
+        }
+
+    def conv(x: Any, k: Any, stride: int = 1, pad: int = 0) -> Any:
+        if pad:
+            x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        kh, kw = k.shape[:2]
+        if kh == kw == 1 and stride == 1:
+            return x @ k[0, 0]
+        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+        return np.tensordot(windows, k, axes=([3, 4, 5], [2, 0, 1]))  # windows: (N, H, W, C, kh, kw)
+
+    def bn(x: Any, name: str) -> Any:
+        gamma, beta, mean, var = w[name]
+        return (x - mean) / np.sqrt(var + 1.001e-5) * gamma + beta
+
+    def relu(x: Any) -> Any:
+        return np.maximum(x, 0.0)
+
+    x = relu(bn(conv(np.asarray(x, dtype=np.float64), w["conv1/conv"][0], 2, 3), "conv1/bn"))
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(4, 5))
+    for b, n in enumerate(KERAS_BLOCKS, start=2):
+        for i in range(1, n + 1):
+            p = f"conv{b}_block{i}"
+            y = conv(relu(bn(x, f"{p}_0_bn")), w[f"{p}_1_conv"][0])
+            y = conv(relu(bn(y, f"{p}_1_bn")), w[f"{p}_2_conv"][0], 1, 1)
+            x = np.concatenate([x, y], axis=3)
+        if b < 5:
+            x = conv(relu(bn(x, f"pool{b}_bn")), w[f"pool{b}_conv"][0])
+            n_, h, w_, c = x.shape
+            x = x.reshape(n_, h // 2, 2, w_ // 2, 2, c).mean(axis=(2, 4))
+    return bn(x, "bn").mean(axis=(1, 2))

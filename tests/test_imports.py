@@ -24,6 +24,8 @@ import torchvision.transforms.functional as tvf
 from lookalikes import (
     chexnet_file,
     jrzech_file,
+    keras_chexnet_file,
+    keras_reference_features,
     payload_files,
     smp_unet_2019_state,
     spread_batch_norm,
@@ -287,6 +289,121 @@ def test_a_scan_with_torchxrayvisions_resnet50_gives_its_own_probabilities(real_
         "imported from TorchXRayVision resnet50-res512-all"
         in (tmp_path / "scan-xrv-resnet50" / "report.html").read_text()
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CheXNet-Keras (HDF5)
+
+IMAGENET_MEAN_NP = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD_NP = np.array([0.229, 0.224, 0.225])
+
+
+def _keras_features(source: Path, grey: np.ndarray) -> Any:
+    """CheXNet-Keras's pooled features of (N, 224, 224) grey images in [0, 1], by the numpy forward pass: the grey
+    image on R, G and B, ImageNet's mean/std, as its generator feeds the network."""
+    rgb = (np.repeat(grey[..., None].astype(np.float64), 3, axis=3) - IMAGENET_MEAN_NP) / IMAGENET_STD_NP
+    return keras_reference_features(source, rgb)
+
+
+def _pneumothorax(features: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> Any:
+    """The Dense(14, sigmoid) head's output 7 (Pneumothorax)."""
+    return 1.0 / (1.0 + np.exp(-(features @ head[0][:, 7].astype(np.float64) + float(head[1][7]))))
+
+
+def _keras_head(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Dense(14) head whose Pneumothorax logit spreads around 0 (mean 0, spread 2) over the given features."""
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.normal(0, 0.05, (1024, 14)), rng.normal(0, 0.1, 14)
+    logits = features @ kernel[:, 7]
+    kernel[:, 7] *= 2.0 / max(float(logits.std()), 1e-6)
+    bias[7] = -float((features @ kernel[:, 7]).mean())
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["save-weights", "whole-model"])
+def test_a_chexnet_keras_file_converts_and_equals_a_numpy_forward_pass(tmp_path: Path, whole_model: bool) -> None:
+    """Keras 2 HDF5 weights (`save_weights`, and a whole-model file's `model_weights`) are told from the file and
+    converted (kernels HWIO to OIHW, the dense kernel transposed, Keras's epsilon, no ReLU after the last batch
+    norm): the Pneumothorax probability equals a forward pass written in numpy from Keras's layer semantics on
+    the file's own arrays within 1e-4."""
+    pytest.importorskip("h5py", reason="h5py (the keras extra) is not installed")
+    source = tmp_path / "best_weights.h5"
+    keras_chexnet_file(source, whole_model=whole_model)
+    x = np.random.default_rng(0).random((2, 224, 224))
+    features = _keras_features(source, x)
+    head = _keras_head(features)
+    keras_chexnet_file(source, whole_model=whole_model, head=head)  # the same trunk, this head
+    result = CliRunner().invoke(app, ["convert", str(source), "--out", str(tmp_path / "keras.pt")])
+    assert result.exit_code == 0, result.output
+    for text in ("CheXNet-Keras", "MIT", "Pneumothorax (output 7 of 14)", "pipeline: png8-skimage", "not validated"):
+        assert text in result.output, result.output
+    ours = _predict(tmp_path / "keras.pt", torch.from_numpy(x).float()[:, None]).numpy()
+    theirs = _pneumothorax(features, head)
+    assert np.abs(ours - theirs).max() <= 1e-4, (ours, theirs)
+    assert theirs.max() - theirs.min() > 0.1  # a spread, so that a wrong network would show
+
+
+def test_keras_files_that_are_not_chexnet_keras_are_refused_in_one_line(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py", reason="h5py (the keras extra) is not installed")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["layer_names"] = np.array([b"dense_1"])
+        f.create_group("dense_1").attrs["weight_names"] = np.array([b"dense_1/kernel:0"])
+        f["dense_1"].create_dataset("dense_1/kernel:0", data=np.zeros((3, 2), np.float32))
+    not_keras = tmp_path / "plain.h5"
+    with h5py.File(not_keras, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    for path, expected in (
+        (other, "cannot tell this file's format"),
+        (not_keras, "without Keras's layer_names"),
+    ):
+        result = CliRunner().invoke(app, ["convert", str(path), "--out", str(tmp_path / "x.pt")])
+        assert result.exit_code in (1, 2) and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and path.name in result.output
+    result = CliRunner().invoke(app, ["convert", str(other), "--format", "chexnet-keras", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no 'predictions' layer" in result.output, result.output
+
+
+def _keras_input_reference(path: Path) -> np.ndarray:
+    """CheXNet-Keras's generator on the image saved as an 8-bit PNG: PIL, convert("RGB"), /255, scikit-image's
+    resize with the defaults of its time (0.13: bilinear, constant mode, no anti-aliasing); one channel of three."""
+    from skimage.transform import resize
+
+    ds, _, _ = open_image(path)
+    rgb = np.asarray(Image.fromarray(ds.pixel_array.astype(np.uint8), mode="L").convert("RGB")) / 255.0
+    return np.asarray(resize(rgb, (224, 224), order=1, mode="constant", anti_aliasing=False))[..., 0]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_a_scan_with_chexnet_keras_gives_its_own_probabilities_on_real_images(real_data: Path, tmp_path: Path) -> None:
+    """On the real SIIM DICOMs: the png8-skimage input equals CheXNet-Keras's generator's within 1e-3, and a
+    scan's probability for converted CheXNet-Keras weights equals the numpy forward pass on the generator's input
+    within 1e-4 on every image."""
+    pytest.importorskip("h5py", reason="h5py (the keras extra) is not installed")
+    files = sorted((real_data / "siim-sample").glob("*.dcm"))
+    reference = np.stack([_keras_input_reference(f) for f in files])
+    for f, theirs in zip(files, reference, strict=True):
+        ours = make_input(*open_image(f)[:2], InputKey(224, "png8-skimage"))
+        assert float(np.abs(ours - theirs).max()) <= 1e-3, f.name
+    source = tmp_path / "best_weights.h5"
+    keras_chexnet_file(source, seed=4)
+    features = _keras_features(source, reference)
+    head = _keras_head(features)
+    keras_chexnet_file(source, seed=4, head=head)  # the same trunk, this head
+    theirs = dict(zip((f.stem for f in files), _pneumothorax(features, head), strict=True))
+    assert max(theirs.values()) - min(theirs.values()) > 0.3
+    assert CliRunner().invoke(app, ["convert", str(source), "--out", str(tmp_path / "keras.pt")]).exit_code == 0
+    out = tmp_path / "scan"
+    args = ["scan", str(real_data / "siim-sample"), "--out", str(out), "--classifier", str(tmp_path / "keras.pt")]
+    result = CliRunner().invoke(app, [*args, "--no-segment"])
+    assert result.exit_code in (0, 4), result.output
+    assert "imported from CheXNet-Keras" in result.output
+    with open(out / "worklist.csv", newline="") as fh:
+        rows = {r["image_id"]: float(r["probability"]) for r in csv.DictReader(fh)}
+    worst = max(abs(rows[k] - v) for k, v in theirs.items())
+    assert set(rows) == set(theirs) and worst <= 1e-4, worst
+    print(f"CheXNet-Keras: largest difference from the numpy forward pass {worst:.2e} over {len(rows)} images")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -248,6 +248,7 @@ CONVERT_FORMATS = (
     "xrv-resnet50",
     "chexnet",
     "chexnet-jrzech",
+    "chexnet-keras",
     "smp-unet",
     "smp-unet-2019",
     "smp-pretrained",
@@ -256,7 +257,9 @@ CONVERT_FORMATS = (
 
 @reports_errors
 def convert(
-    file: Annotated[Path, typer.Argument(help="A public checkpoint (TorchXRayVision, CheXNet, ...).")],
+    file: Annotated[
+        Path, typer.Argument(help="A public checkpoint (TorchXRayVision, CheXNet, CheXNet-Keras, smp...).")
+    ],
     out_path: Annotated[Path, typer.Option("--out", help="The pneumotriage checkpoint to write.")],
     source_format: Annotated[
         str | None,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
 import torchvision.models as tvm
 from torch import nn
 
@@ -29,6 +30,24 @@ def _densenet(name: str) -> Builder:
         return cast(nn.Module, densenet(name, state, outputs, grey=grey))
 
     return build
+
+
+class KerasDenseNet(tvm.DenseNet):  # type: ignore[misc]
+    """DenseNet121 as Keras 2.1.4 built it (``keras.applications.DenseNet121``, CheXNet-Keras's base): torchvision's
+    network with no ReLU between the last batch norm and the global average pool (keras-applications added one in
+    1.0.6, August 2018). Its weights are named as torchvision's; Keras's batch-norm epsilon (1.001e-5) is folded
+    into the running variances when a file is converted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        out: torch.Tensor = self.classifier(torch.flatten(pooled, 1))
+        return out
+
+
+def _keras_densenet121(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
+    if state is not None or grey:
+        raise ValueError("Keras's DenseNet121 is only ever imported, three-channel (pneumotriage convert)")
+    return KerasDenseNet(32, (6, 12, 24, 16), 64, num_classes=outputs)
 
 
 def _resnet(depth: int) -> Builder:
@@ -64,6 +83,7 @@ CLASSIFIERS: dict[str, Builder] = {
     "resnet34": _resnet(34),
     "efficientnet_b0": _efficientnet_b0,
     "densenet_mini": _densenet("densenet_mini"),
+    "densenet121_keras": _keras_densenet121,
 }
 
 

@@ -33,6 +33,8 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
 CROPS = ("none", "centre", "ten")
 #: Segmenters only ever converted from other projects' files (:mod:`pneumotriage.imports`), never trained here.
 IMPORTED_SEGMENTERS = {"smp_unet": "segmentation_models_pytorch's Unet"}
+#: Classifiers likewise only ever converted (their networks differ from the trainable ones of the same name).
+IMPORTED_CLASSIFIERS = {"densenet121_keras": "Keras 2.1.4's DenseNet121 (CheXNet-Keras)"}
 
 
 @dataclass(frozen=True)
