@@ -21,10 +21,12 @@ Formats (:data:`FORMATS`; told apart from the file itself, ``format=`` where it 
   weights (``layer_names`` on the root, or under ``model_weights`` in a whole-model file): Keras 2.1.4's
   DenseNet121 (no ReLU after its last batch norm) and a ``Dense(14, sigmoid)`` named ``predictions``; read with
   h5py (the ``keras`` extra), kernels HWIO to OIHW, Keras's batch-norm epsilon folded into the variances.
-- ``smp-unet``, ``smp-unet-2019``, ``smp-pretrained``: a segmentation_models_pytorch ``Unet`` (ResNet34 encoder)
-  as a state dict (``encoder.*``, ``decoder.blocks.N.conv1.0.weight``, ``segmentation_head.0.*``; bare or under
-  ``state_dict``), in smp <= 0.0.3's layout (``decoder.layer1.block.0.block.0.weight``, ``decoder.final_conv``),
-  or as a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, read here as plain data).
+- ``smp-unet``, ``smp-unet-2019``, ``smp-unetplusplus``, ``smp-pretrained``: a segmentation_models_pytorch
+  ``Unet`` or ``UnetPlusPlus`` (encoders resnet34, resnet50, vgg19, vgg19_bn, densenet121, told from the tensors)
+  as a state dict (``encoder.*``, ``decoder.blocks.N.conv1.0.weight`` or ``decoder.blocks.x_D_L...``,
+  ``segmentation_head.0.*``; bare or under ``state_dict``), a Unet in smp <= 0.0.3's layout
+  (``decoder.layer1.block.0.block.0.weight``, ``decoder.final_conv``), or a ``save_pretrained`` folder
+  (``config.json`` + ``model.safetensors``, read here as plain data).
 
 A whole-module pickle never runs code from the file: it is read by torch's weights-only unpickler with each class
 these formats contain mapped onto an inert stand-in that only keeps its attributes (:class:`StandIn`); any other
@@ -190,7 +192,7 @@ FORMATS: dict[str, SourceFormat] = {
                 title,
                 "https://github.com/qubvel-org/segmentation_models_pytorch (the network trained by whoever saved it)",
                 "that of whoever trained it (segmentation_models_pytorch itself is MIT): ask them",
-                "smp_unet",
+                arch,
                 ("Pneumothorax",),
                 512,
                 "png8-square",
@@ -198,10 +200,19 @@ FORMATS: dict[str, SourceFormat] = {
                 evaluation="one view, the whole image resized to the model's square",
                 kind="segmenter",
             )
-            for name, title in (
-                ("smp-unet", "segmentation_models_pytorch Unet (a state dict)"),
-                ("smp-unet-2019", "segmentation_models_pytorch <= 0.0.3 Unet (a state dict of the 2019 layout)"),
-                ("smp-pretrained", "segmentation_models_pytorch Unet (a save_pretrained folder)"),
+            for name, arch, title in (
+                ("smp-unet", "smp_unet", "segmentation_models_pytorch Unet (a state dict)"),
+                (
+                    "smp-unet-2019",
+                    "smp_unet",
+                    "segmentation_models_pytorch <= 0.0.3 Unet (a state dict of the 2019 layout)",
+                ),
+                ("smp-unetplusplus", "smp_unetplusplus", "segmentation_models_pytorch UnetPlusPlus (a state dict)"),
+                (
+                    "smp-pretrained",
+                    "smp_unet",
+                    "segmentation_models_pytorch Unet or UnetPlusPlus (a save_pretrained folder)",
+                ),
             )
         ),
     )
@@ -506,6 +517,8 @@ def detect(obj: Any) -> str | None:
         if state is not None:
             if "decoder.final_conv.weight" in state:
                 return "smp-unet-2019"
+            if "decoder.blocks.x_0_0.conv1.0.weight" in state:
+                return "smp-unetplusplus"
             if "segmentation_head.0.weight" in state:
                 return "smp-unet"
     return None
@@ -656,20 +669,30 @@ def read_source(path: Path) -> Any:
     return {SMP_CONFIG: config, "state": state}
 
 
-def _check_smp_config(config: Mapping[str, Any], path: Path) -> str:
-    """The encoder of a save_pretrained config this project's smp Unet reproduces, or a one-line refusal."""
+#: smp's class names in a save_pretrained config -> the network rebuilt here.
+SMP_CLASSES = {"Unet": "smp_unet", "UnetPlusPlus": "smp_unetplusplus"}
+
+
+def _check_smp_config(config: Mapping[str, Any], path: Path) -> tuple[str, str]:
+    """The network and encoder of a save_pretrained config this project reproduces, or a one-line refusal."""
     from pneumotriage.models.smp_unet import DECODER_CHANNELS, SMP_ENCODERS
 
+    model_class = config.get("_model_class")
+    if model_class not in SMP_CLASSES:
+        raise UsageError(
+            f"config.json has _model_class = {model_class!r}; only {' or '.join(SMP_CLASSES)} is read here", path=path
+        )
     wanted = {
-        "_model_class": "Unet",
         "classes": 1,
         "in_channels": 3,
         "encoder_depth": 5,
         "decoder_channels": list(DECODER_CHANNELS),
         "decoder_attention_type": None,
+        "decoder_interpolation": "nearest",
+        "aux_params": None,
     }
     for key, value in wanted.items():
-        got = config.get(key, None if key == "_model_class" else value)  # absent: smp's default
+        got = config.get(key, value)  # absent: smp's default
         if (list(got) if isinstance(got, list | tuple) else got) != value:
             raise UsageError(f"config.json has {key} = {got!r}; only {value!r} is read here", path=path)
     if config.get("decoder_use_norm", config.get("decoder_use_batchnorm", True)) not in (True, "batchnorm"):
@@ -677,7 +700,7 @@ def _check_smp_config(config: Mapping[str, Any], path: Path) -> str:
     encoder = str(config.get("encoder_name"))
     if encoder not in SMP_ENCODERS:
         raise UsageError(f"config.json: encoder {encoder!r}; encoders read here: {', '.join(SMP_ENCODERS)}", path=path)
-    return encoder
+    return SMP_CLASSES[model_class], encoder
 
 
 def fit_problem(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
@@ -766,10 +789,13 @@ def convert(
     else:
         if crops is not None or gate is not None:
             raise UsageError("--crops and --gate are for classifiers; tune a segmenter's thresholds with `tune`")
-        encoder = _check_smp_config(obj[SMP_CONFIG], path) if SMP_CONFIG in obj else _smp_encoder(state, path)
+        if SMP_CONFIG in obj:
+            arch, encoder = _check_smp_config(obj[SMP_CONFIG], path)
+        else:
+            arch, encoder = fmt.arch, _smp_encoder(state, fmt.arch, path)
         spec = ModelSpec(
             kind="segmenter",
-            arch=fmt.arch,
+            arch=arch,
             encoder=encoder,
             input_size=input_size or fmt.input_size,
             normalisation=normalisation or fmt.normalisation,
@@ -825,11 +851,20 @@ def convert(
     return Converted(written, spec, imported, chosen if fmt.kind == "classifier" else None)
 
 
-def _smp_encoder(state: Mapping[str, torch.Tensor], path: Path) -> str:
-    """The encoder of an smp state dict, told from its tensors: ResNet34's BasicBlocks have no ``conv3``."""
-    if "encoder.layer1.0.conv3.weight" in state or "encoder.conv1.weight" not in state:
-        raise UsageError("an smp Unet over an encoder other than resnet34; encoders read here: resnet34", path=path)
-    return "resnet34"
+def _smp_encoder(state: Mapping[str, torch.Tensor], arch: str, path: Path) -> str:
+    """The encoder of an smp state dict, told from its tensors: the one whose network (built without memory, on
+    the meta device) has exactly these names and shapes under ``encoder.``."""
+    from pneumotriage.models.smp_unet import SMP_ARCHS, SMP_ENCODERS
+
+    given = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    for name in SMP_ENCODERS:
+        with torch.device("meta"):
+            expected = SMP_ARCHS[arch](name).state_dict()
+        if fit_problem({k: v for k, v in expected.items() if k.startswith("encoder.")}, given) is None:
+            return name
+    raise UsageError(
+        f"an smp network over an encoder not read here; encoders read here: {', '.join(SMP_ENCODERS)}", path=path
+    )
 
 
 def _source_sha256(path: Path) -> str:

@@ -464,11 +464,55 @@ def test_smp_files_this_project_cannot_reproduce_are_refused_in_one_line(tmp_pat
     smp.Unet("resnet34", encoder_weights=None, classes=2).save_pretrained(str(folder))
     result = CliRunner().invoke(app, ["convert", str(folder), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 2 and "classes = 2; only 1 is read here" in result.output, result.output
-    bigger = tmp_path / "r50.pth"
-    torch.save(smp.Unet("resnet50", encoder_weights=None, classes=1).state_dict(), bigger)
+    bigger = tmp_path / "r101.pth"
+    torch.save(smp.Unet("resnet101", encoder_weights=None, classes=1).state_dict(), bigger)
     result = CliRunner().invoke(app, ["convert", str(bigger), "--out", str(tmp_path / "x.pt")])
-    assert result.exit_code == 2 and "encoders read here: resnet34" in result.output, result.output
+    assert result.exit_code == 2 and "encoders read here: resnet34, resnet50, vgg19" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+    fpn = tmp_path / "fpn-folder"
+    smp.FPN("resnet34", encoder_weights=None, classes=1).save_pretrained(str(fpn))
+    result = CliRunner().invoke(app, ["convert", str(fpn), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "_model_class = 'FPN'; only Unet or UnetPlusPlus" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("model_class", "encoder", "layout"),
+    [
+        ("Unet", "resnet50", "state-dict"),
+        ("Unet", "vgg19_bn", "save-pretrained"),
+        ("Unet", "densenet121", "state-dict"),
+        ("UnetPlusPlus", "resnet34", "state-dict"),
+        ("UnetPlusPlus", "vgg19", "state-dict"),
+        ("UnetPlusPlus", "densenet121", "save-pretrained"),
+        ("Unet", "efficientnet-b0", "state-dict"),
+    ],
+)
+def test_smp_encoders_and_unetplusplus_convert_and_give_smps_own_masks(
+    tmp_path: Path, model_class: str, encoder: str, layout: str
+) -> None:
+    """smp's own Unet and UnetPlusPlus over each encoder the project has (ResNet50, VGG19 with and without batch
+    norm, DenseNet121, EfficientNet-B0; UNet++ also over ResNet34), the encoder told from the tensors (or the
+    config): mask logits equal smp's forward within 1e-4."""
+    smp = _smp()
+    torch.manual_seed(11)
+    net = getattr(smp, model_class)(encoder, encoder_weights=None, classes=1)
+    spread_batch_norm(net)
+    net.eval()
+    source: Path = tmp_path / "net.pth"
+    if layout == "state-dict":
+        torch.save(net.state_dict(), source)
+    else:
+        source = tmp_path / "folder"
+        net.save_pretrained(str(source))
+    converted = convert(source, tmp_path / "seg.pt", input_size=64)
+    arch = {"Unet": "smp_unet", "UnetPlusPlus": "smp_unetplusplus"}[model_class]
+    assert (converted.spec.arch, converted.spec.encoder) == (arch, encoder)
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = load_model(converted.path).model(x)["mask"]
+        theirs = net((x.expand(-1, 3, -1, -1) - IMAGENET_MEAN) / IMAGENET_STD)
+    assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) <= 1e-4
+    assert float(theirs.std()) > 1e-3  # not a constant map, so that a wrong wiring would show
 
 
 @pytest.mark.realdata

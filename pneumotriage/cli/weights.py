@@ -251,6 +251,7 @@ CONVERT_FORMATS = (
     "chexnet-keras",
     "smp-unet",
     "smp-unet-2019",
+    "smp-unetplusplus",
     "smp-pretrained",
 )
 

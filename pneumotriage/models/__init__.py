@@ -25,7 +25,7 @@ from pneumotriage.io import atomic_write_bytes, sha256_file
 from pneumotriage.models.classifiers import CLASSIFIERS, Classifier
 from pneumotriage.models.encoders import ENCODERS
 from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
-from pneumotriage.models.smp_unet import SmpUNet
+from pneumotriage.models.smp_unet import SMP_ARCHS
 from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
 from pneumotriage.version import __version__
 from pneumotriage.weights import WeightError, load_state_dict
@@ -89,9 +89,14 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
         )
     else:
         assert spec.encoder is not None
-        state = imagenet_state(ENCODERS[spec.encoder].backbone) if pretrained else None
-        make = SmpUNet if spec.arch == "smp_unet" else SEGMENTERS[spec.arch]
-        model = make(spec.encoder, state, empty_head=spec.empty_head, normalisation=spec.normalisation)
+        if spec.arch in SMP_ARCHS:  # only ever imported: no ImageNet start
+            model = SMP_ARCHS[spec.arch](spec.encoder, None, normalisation=spec.normalisation)
+            state = None
+        else:
+            state = imagenet_state(ENCODERS[spec.encoder].backbone) if pretrained else None
+            model = SEGMENTERS[spec.arch](
+                spec.encoder, state, empty_head=spec.empty_head, normalisation=spec.normalisation
+            )
     model.spec = spec  # type: ignore[assignment]
     model.thresholds = dict(DEFAULT_THRESHOLDS[spec.kind])  # type: ignore[assignment]
     model.meta = {"pretrained": state is not None}  # type: ignore[assignment]

@@ -32,7 +32,10 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
 
 CROPS = ("none", "centre", "ten")
 #: Segmenters only ever converted from other projects' files (:mod:`pneumotriage.imports`), never trained here.
-IMPORTED_SEGMENTERS = {"smp_unet": "segmentation_models_pytorch's Unet"}
+IMPORTED_SEGMENTERS = {
+    "smp_unet": "segmentation_models_pytorch's Unet",
+    "smp_unetplusplus": "segmentation_models_pytorch's UnetPlusPlus",
+}
 #: Classifiers likewise only ever converted (their networks differ from the trainable ones of the same name).
 IMPORTED_CLASSIFIERS = {"densenet121_keras": "Keras 2.1.4's DenseNet121 (CheXNet-Keras)"}
 
@@ -63,7 +66,7 @@ class ModelSpec:
             _check(self.arch, CLASSIFIERS, "classifier")
         elif self.kind == "segmenter":
             _check(self.arch, {**SEGMENTERS, **IMPORTED_SEGMENTERS}, "segmenter")
-            _check(self.encoder or "", SMP_ENCODERS if self.arch == "smp_unet" else ENCODERS, "encoder")
+            _check(self.encoder or "", SMP_ENCODERS if self.arch in IMPORTED_SEGMENTERS else ENCODERS, "encoder")
         else:
             raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
         if not known(self.normalisation):
