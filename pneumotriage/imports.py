@@ -400,7 +400,7 @@ def _text(value: Any) -> str:
 def read_keras(path: Path) -> KerasWeights:
     """A Keras 2 HDF5 weights or whole-model file, read as the plain arrays it holds (nothing in it runs)."""
     try:
-        import h5py  # type: ignore[import-untyped]
+        import h5py
     except ImportError:
         raise UsageError(
             "a Keras HDF5 file: reading it needs h5py, which is not installed",
@@ -743,6 +743,10 @@ def convert(
     input_size: int | None = None,
     normalisation: str | None = None,
     pipeline: str | None = None,
+    kind: str | None = None,
+    output_index: int | None = None,
+    activation: str | None = None,
+    label: str | None = None,
 ) -> Converted:
     """Turn a public checkpoint (a file, or an smp ``save_pretrained`` folder) into a pneumotriage checkpoint at
     ``out`` (atomically).
@@ -751,10 +755,29 @@ def convert(
     single-crop option) and ``gate`` the probability gate (default the publisher's operating point where one is
     published, else 0.5). A segmenter was trained by whoever saved it: ``input_size`` (default 512),
     ``normalisation`` (default ImageNet's, as smp's encoders are trained) and ``pipeline`` (default ``png8-square``)
-    say how; its thresholds are the tool's defaults until ``pneumotriage tune`` chooses them on validation data."""
+    say how; its thresholds are the tool's defaults until ``pneumotriage tune`` chooses them on validation data.
+    A TorchScript program or an ONNX graph goes through the generic door (:func:`convert_program`), where ``kind``,
+    ``output_index``, ``activation`` and ``label`` complete the contract."""
     path = Path(source)
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    if format is not None and format not in FORMATS and format not in GENERIC_FORMATS:
+        raise UsageError(f"unknown format {format!r}; valid: {', '.join([*FORMATS, *GENERIC_FORMATS])}")
+    runtime = format if format in GENERIC_FORMATS else program_format(path) if format is None else None
+    if runtime is not None:
+        return convert_program(
+            path,
+            out,
+            runtime=runtime,
+            kind=kind,
+            input_size=input_size,
+            pipeline=pipeline,
+            normalisation=normalisation,
+            output_index=output_index if output_index is not None else 0,
+            activation=activation or "logit",
+            label=label or "Pneumothorax",
+            gate=gate,
+        )
+    if any(v is not None for v in (kind, output_index, activation, label)):
+        raise UsageError("--kind, --output-index, --outputs and --label are for the generic door (torchscript, onnx)")
     obj = read_source(path)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         raise UsageError("already a pneumotriage checkpoint: scan takes it as it is", path=path)
@@ -851,6 +874,159 @@ def convert(
     return Converted(written, spec, imported, chosen if fmt.kind == "classifier" else None)
 
 
+#: The generic door's formats: a program whose input contract the user gives (:mod:`pneumotriage.models.foreign`).
+GENERIC_FORMATS = {
+    "torchscript": "a TorchScript program (torch.jit.save)",
+    "onnx": "an ONNX graph",
+}
+
+
+def program_format(path: Path) -> str | None:
+    """``torchscript`` for a TorchScript archive (a zip holding ``code/``), ``onnx`` for a ``.onnx`` file, else
+    None (an ONNX file of another name cannot be told from a protobuf of anything else: ``--format onnx``)."""
+    import zipfile
+
+    if path.is_dir():
+        return None
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return "torchscript" if any("/code/" in n or n.startswith("code/") for n in names) else None
+
+
+def convert_program(
+    source: str | Path,
+    out: str | Path,
+    *,
+    runtime: str,
+    kind: str | None,
+    input_size: int | None,
+    pipeline: str | None,
+    normalisation: str | None,
+    output_index: int = 0,
+    activation: str = "logit",
+    label: str = "Pneumothorax",
+    gate: float | None = None,
+) -> Converted:
+    """The generic door: a TorchScript program or an ONNX graph, with its input contract given (``kind``,
+    ``input_size``, ``pipeline``, ``normalisation``: none can be told from the file), run once on the declared
+    input to check its output fits, and kept with its bytes in a pneumotriage checkpoint at ``out``."""
+    from pneumotriage.models.foreign import ACTIVATIONS, ForeignProgram, check_contract, runtime_version
+
+    path = Path(source)
+    title = GENERIC_FORMATS[runtime]
+    missing = [
+        flag
+        for flag, value in (
+            ("--kind", kind),
+            ("--input-size", input_size),
+            ("--pipeline", pipeline),
+            ("--normalisation", normalisation),
+        )
+        if value is None
+    ]
+    if missing:
+        raise UsageError(
+            f"{title} does not say how its input is made: give {', '.join(missing)}",
+            path=path,
+            hint="e.g. --kind classifier --input-size 224 --pipeline png8 --normalisation imagenet-rgb",
+        )
+    assert kind is not None and input_size is not None and pipeline is not None and normalisation is not None
+    if kind not in ("classifier", "segmenter"):
+        raise UsageError(f"--kind {kind!r}: choose classifier or segmenter")
+    if activation not in ACTIVATIONS:
+        raise UsageError(f"--outputs {activation!r}: choose {' or '.join(ACTIVATIONS)}")
+    if gate is not None and kind != "classifier":
+        raise UsageError("--gate is for classifiers; tune a segmenter's thresholds with `tune`")
+    try:
+        program = path.read_bytes()
+    except FileNotFoundError:
+        raise WeightError("no such file", path=path) from None
+    except OSError as exc:
+        raise WeightError(f"cannot be read ({error_line(exc)})", path=path) from None
+    spec_fields = {"kind": kind, "arch": runtime, "input_size": input_size, "normalisation": normalisation}
+    spec_fields |= {"pipeline": pipeline, "output_index": output_index, "activation": activation}
+    try:
+        model = ForeignProgram(
+            runtime,
+            kind,
+            normalisation=normalisation,
+            output_index=output_index,
+            activation=activation,
+            program=program,
+        )
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    outputs = _program_outputs(model, input_size, path, title)
+    spec = ModelSpec(outputs=outputs, **spec_fields)  # type: ignore[arg-type]
+    try:
+        checked = check_contract(model, input_size, outputs)
+    except ValueError as exc:
+        raise UsageError(f"{title} does not keep the contract given: {exc}", path=path) from None
+    model.spec = spec  # type: ignore[assignment]
+    labels = [label if i == output_index else f"output {i}" for i in range(outputs)]
+    chosen = float(gate) if gate is not None else 0.5
+    thresholds = {"gate": chosen} if kind == "classifier" else dict(DEFAULT_THRESHOLDS["segmenter"])
+    imported = {
+        "format": runtime,
+        "title": f"{title}, its input contract given at convert",
+        "publisher": "unknown to pneumotriage (given by whoever brought the file)",
+        "licence": "unknown: that of whoever made the file; ask them",
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "output_index": output_index,
+        "output_label": label,
+        "outputs": labels,
+        "output_activation": activation,
+        "pipeline": pipeline,
+        "pipeline_steps": PIPELINES[pipeline],
+        "input_size": input_size,
+        "normalisation": normalisation,
+        "evaluation": f"one {input_size} px view, as given; checked at convert: {checked}",
+        "runtime": runtime_version(runtime),
+        "gate_from": "given" if gate is not None else "default",
+        "trained_by": "a third party (unknown to pneumotriage)",
+        "validated_here": False,
+    }
+    note = (
+        f"imported as {title} with a contract given at convert; trained by a third party, not validated by "
+        "pneumotriage: clinical use is your decision"
+    )
+    data = checkpoint_dict(model, thresholds=thresholds, extra={"imported": imported, "note": note})
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    written = Path(out)
+    atomic_write_bytes(written, buffer.getvalue())
+    return Converted(written, spec, imported, chosen if kind == "classifier" else None)
+
+
+def _program_outputs(model: Any, size: int, path: Path, title: str) -> int:
+    """How many outputs (a classifier's findings, a segmenter's channels) the program gives on the declared
+    input, or a one-line refusal where it does not run on it."""
+    from pneumotriage.models.foreign import RUNTIMES
+
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = model.raw(model.normalise(x))
+    except ImportError:
+        raise
+    except Exception as exc:  # whatever the runtime raises: the program does not take this input
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(
+            f"{title} does not run on input {tuple(model.normalise(x).shape)} in {RUNTIMES[model.runtime]}: {first}",
+            path=path,
+            hint="check --input-size and --normalisation (one channel or three)",
+        ) from None
+    if model.kind == "classifier":
+        return int(out.reshape(out.shape[0], -1).shape[1]) if out.ndim >= 1 and out.shape[0] == 2 else 0
+    return int(out.shape[1]) if out.ndim == 4 else 1
+
+
 def _smp_encoder(state: Mapping[str, torch.Tensor], arch: str, path: Path) -> str:
     """The encoder of an smp state dict, told from its tensors: the one whose network (built without memory, on
     the meta device) has exactly these names and shapes under ``encoder.``."""
@@ -878,11 +1054,13 @@ def _source_sha256(path: Path) -> str:
 __all__ = [
     "CHESTXRAY14_LABELS",
     "FORMATS",
+    "GENERIC_FORMATS",
     "KerasWeights",
     "XRV_LABELS",
     "Converted",
     "StandIn",
     "convert",
+    "convert_program",
     "detect",
     "load_restricted",
 ]

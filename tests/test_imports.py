@@ -175,9 +175,10 @@ def test_convert_says_where_the_model_came_from_and_that_it_is_not_validated(tmp
 
 
 def test_the_help_names_every_format() -> None:
-    from pneumotriage.cli.weights import CONVERT_FORMATS
+    from pneumotriage.cli.weights import CONVERT_FORMATS, GENERIC_FORMATS
+    from pneumotriage.imports import GENERIC_FORMATS as GENERIC
 
-    assert tuple(FORMATS) == CONVERT_FORMATS
+    assert tuple(FORMATS) == CONVERT_FORMATS and tuple(GENERIC) == GENERIC_FORMATS
 
 
 # --------------------------------------------------------------------------------------------------------------

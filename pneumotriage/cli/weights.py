@@ -254,6 +254,8 @@ CONVERT_FORMATS = (
     "smp-unetplusplus",
     "smp-pretrained",
 )
+#: The generic door's formats (pneumotriage.imports.GENERIC_FORMATS): their input contract comes from the options.
+GENERIC_FORMATS = ("torchscript", "onnx")
 
 
 @reports_errors
@@ -265,7 +267,9 @@ def convert(
     source_format: Annotated[
         str | None,
         typer.Option(
-            "--format", help="The file's format where it cannot be told from the file: " + ", ".join(CONVERT_FORMATS)
+            "--format",
+            help="The file's format where it cannot be told from the file: "
+            + ", ".join(CONVERT_FORMATS + GENERIC_FORMATS),
         ),
     ] = None,
     crops: Annotated[
@@ -277,21 +281,43 @@ def convert(
         typer.Option(help="A classifier's probability gate; default the publisher's operating point, else 0.5."),
     ] = None,
     input_size: Annotated[
-        int | None, typer.Option(help="A segmenter's input side, as it was trained (default 512).")
+        int | None,
+        typer.Option(help="The input side it was trained at: a segmenter's (default 512), or a program's (needed)."),
     ] = None,
     normalisation: Annotated[
         str | None,
-        typer.Option(help="A segmenter's input scaling: imagenet-rgb (default, smp's encoders), unit-rgb ([0, 1])."),
+        typer.Option(
+            help="Its input scaling: imagenet-rgb (smp's default), unit-rgb (three channels in [0, 1]); for a program "
+            "also unit, imagenet, xrv (one channel)."
+        ),
     ] = None,
     pipeline: Annotated[
         str | None,
-        typer.Option(help="How a segmenter's input is made: png8-square (default) or pneumotriage (the tool's own)."),
+        typer.Option(
+            help="How its input is made: png8-square (a segmenter's default), png8, png8-skimage, xrv or pneumotriage."
+        ),
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="A program's kind: classifier (a logit per image) or segmenter (a map).")
+    ] = None,
+    output_index: Annotated[
+        int | None, typer.Option(help="A program's output (or map channel) that is the finding (default 0).")
+    ] = None,
+    activation: Annotated[
+        str | None,
+        typer.Option(
+            "--outputs", help="What a program's outputs are: logit (default) or probability (sigmoid inside)."
+        ),
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="The finding a program's chosen output is (default Pneumothorax).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was recorded as JSON on stdout.")] = False,
 ) -> None:
     """Turn a model brought from elsewhere into a pneumotriage checkpoint that scan, submit, evaluate and tune
-    take: its weights, the output used, its publisher's input pipeline and where it came from. Nothing in the
-    file runs; the model is not validated by pneumotriage."""
+    take: its weights, the output used, its publisher's input pipeline and where it came from. Nothing in a
+    checkpoint file runs; a TorchScript program or ONNX graph (the generic door) is a program: its input contract
+    comes from --kind, --input-size, --pipeline and --normalisation. The model is not validated by pneumotriage."""
     from pneumotriage.imports import convert as convert_file
 
     if crops is not None and crops not in ("none", "centre", "ten"):
@@ -305,6 +331,10 @@ def convert(
         input_size=input_size,
         normalisation=normalisation,
         pipeline=pipeline,
+        kind=kind,
+        output_index=output_index,
+        activation=activation,
+        label=label,
     )
     if as_json:
         print(json.dumps({"checkpoint": str(done.path), "gate": done.gate, **done.imported}, indent=2))
@@ -314,7 +344,8 @@ def convert(
         f"[green]converted[/] {escape(info['title'])}",
         f"  source:   {escape(info['file'])} (sha256 {info['sha256']}); {escape(info['publisher'])}",
         f"  licence:  {escape(info['licence'])}",
-        f"  output:   {escape(info['output_label'])} (output {info['output_index']} of {len(info['outputs'])})",
+        f"  output:   {escape(info['output_label'])} (output {info['output_index']} of {len(info['outputs'])}"
+        + (", a probability: its sigmoid is inside)" if info.get("output_activation") == "probability" else ")"),
         f"  input:    {info['input_size']} px, {info['normalisation']}",
         f"  pipeline: {info['pipeline']}: {escape(info['pipeline_steps'])}",
         f"  views:    {escape(info['evaluation'])}",

@@ -24,6 +24,7 @@ from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, sha256_file
 from pneumotriage.models.classifiers import CLASSIFIERS, Classifier
 from pneumotriage.models.encoders import ENCODERS
+from pneumotriage.models.foreign import RUNTIMES, ForeignProgram
 from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
 from pneumotriage.models.smp_unet import SMP_ARCHS
 from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
@@ -76,7 +77,16 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     The model carries ``spec`` (and, once loaded from a checkpoint, ``thresholds`` and ``meta``).
     """
     model: nn.Module
-    if spec.kind == "classifier":
+    if spec.arch in RUNTIMES:  # a program brought through the generic door: its bytes come with the checkpoint
+        model = ForeignProgram(
+            spec.arch,
+            spec.kind,
+            normalisation=spec.normalisation,
+            output_index=spec.output_index,
+            activation=spec.activation,
+        )
+        state = None
+    elif spec.kind == "classifier":
         state = imagenet_state(spec.arch) if pretrained else None
         model = Classifier(
             spec.arch,

@@ -83,8 +83,9 @@ CLASSIFIERS: dict[str, Builder] = {
     "resnet34": _resnet(34),
     "efficientnet_b0": _efficientnet_b0,
     "densenet_mini": _densenet("densenet_mini"),
-    "densenet121_keras": _keras_densenet121,
 }
+#: arch -> builder, for the classifiers only ever converted from other projects' files (never trained here).
+IMPORTED_CLASSIFIER_BUILDERS: dict[str, Builder] = {"densenet121_keras": _keras_densenet121}
 
 
 def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -113,12 +114,13 @@ class Classifier(nn.Module):
         crop_size: int = 0,
     ) -> None:
         super().__init__()
-        if arch not in CLASSIFIERS:
-            raise KeyError(f"unknown classifier {arch!r}; valid: {', '.join(CLASSIFIERS)}")
+        builders = {**CLASSIFIERS, **IMPORTED_CLASSIFIER_BUILDERS}
+        if arch not in builders:
+            raise KeyError(f"unknown classifier {arch!r}; valid: {', '.join(builders)}")
         if not 0 <= output_index < outputs:
             raise ValueError(f"output_index {output_index} is not among {outputs} outputs")
         self.normalise = Normalise(normalisation)
-        self.backbone = CLASSIFIERS[arch](state, outputs, channels_of(normalisation) == 1)
+        self.backbone = builders[arch](state, outputs, channels_of(normalisation) == 1)
         self.output_index = output_index
         self.crops = crops
         self.crop_size = crop_size

@@ -178,6 +178,15 @@ def _efficientnet_features(e: Any, x: torch.Tensor) -> list[torch.Tensor]:
     return features
 
 
+class _VGG(nn.Module):
+    """torchvision's VGG19 convolutions alone (``features.N``): its 100-million-weight classifier, which smp
+    deletes, is never built."""
+
+    def __init__(self, batch_norm: bool) -> None:
+        super().__init__()
+        self.features = tvm.vgg.make_layers(tvm.vgg.cfgs["E"], batch_norm=batch_norm)
+
+
 def _torchvision(builder: Callable[..., nn.Module], *drop: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         net = builder(weights=None)
@@ -206,10 +215,8 @@ SMP_ENCODERS: dict[str, SmpEncoder] = {
     "resnet50": SmpEncoder(
         _torchvision(tvm.resnet50, "fc", "avgpool"), (3, 64, 256, 512, 1024, 2048), _resnet_features
     ),
-    "vgg19": SmpEncoder(_torchvision(tvm.vgg19, "classifier"), (64, 128, 256, 512, 512, 512), _vgg_features, True),
-    "vgg19_bn": SmpEncoder(
-        _torchvision(tvm.vgg19_bn, "classifier"), (64, 128, 256, 512, 512, 512), _vgg_features, True
-    ),
+    "vgg19": SmpEncoder(lambda: _VGG(batch_norm=False), (64, 128, 256, 512, 512, 512), _vgg_features, True),
+    "vgg19_bn": SmpEncoder(lambda: _VGG(batch_norm=True), (64, 128, 256, 512, 512, 512), _vgg_features, True),
     "densenet121": SmpEncoder(
         _torchvision(tvm.densenet121, "classifier"), (3, 64, 256, 512, 1024, 1024), _densenet_features
     ),

@@ -16,6 +16,7 @@ from torch import nn
 from pneumotriage.errors import UsageError
 from pneumotriage.models.classifiers import CLASSIFIERS
 from pneumotriage.models.encoders import ENCODERS
+from pneumotriage.models.foreign import ACTIVATIONS, RUNTIMES
 from pneumotriage.models.segmenters import SEGMENTERS
 from pneumotriage.models.smp_unet import SMP_ENCODERS
 from pneumotriage.normalisations import known, names
@@ -60,13 +61,17 @@ class ModelSpec:
     #: of the mirrored image).
     crops: str = "none"
     crop_size: int = 0
+    #: What the chosen output is: a logit, or (a program brought through the generic door with its sigmoid
+    #: inside) a probability already.
+    activation: str = "logit"
 
     def __post_init__(self) -> None:
         if self.kind == "classifier":
-            _check(self.arch, CLASSIFIERS, "classifier")
+            _check(self.arch, {**CLASSIFIERS, **IMPORTED_CLASSIFIERS, **RUNTIMES}, "classifier")
         elif self.kind == "segmenter":
-            _check(self.arch, {**SEGMENTERS, **IMPORTED_SEGMENTERS}, "segmenter")
-            _check(self.encoder or "", SMP_ENCODERS if self.arch in IMPORTED_SEGMENTERS else ENCODERS, "encoder")
+            _check(self.arch, {**SEGMENTERS, **IMPORTED_SEGMENTERS, **RUNTIMES}, "segmenter")
+            if self.arch not in RUNTIMES:
+                _check(self.encoder or "", SMP_ENCODERS if self.arch in IMPORTED_SEGMENTERS else ENCODERS, "encoder")
         else:
             raise UsageError(f"unknown model kind {self.kind!r}; valid: classifier, segmenter")
         if not known(self.normalisation):
@@ -76,6 +81,12 @@ class ModelSpec:
             raise UsageError(f"input size {self.input_size} is below 32 pixels")
         if self.input_size > MAX_INPUT_SIZE:
             raise UsageError(f"input size {self.input_size} is over the {MAX_INPUT_SIZE} pixels a model may take")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"unknown output activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if self.activation != "logit" and self.arch not in RUNTIMES:
+            raise UsageError("only a program brought through the generic door gives probabilities")
+        if not 0 <= self.output_index < max(self.outputs, 1):
+            raise UsageError(f"output index {self.output_index} is not among the model's {self.outputs} outputs")
         if self.crops not in CROPS:
             raise UsageError(f"unknown crops {self.crops!r}; valid: {', '.join(CROPS)}")
         if self.crops != "none" and not 32 <= self.crop_size <= self.input_size:

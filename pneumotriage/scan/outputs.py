@@ -17,6 +17,7 @@ from typing import Any
 from pneumotriage.io import atomic_write_text, cell, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.models import SYNTHETIC_NOTE
+from pneumotriage.models.foreign import RUNTIMES as GENERIC
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY, rle_runs
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
@@ -79,9 +80,10 @@ def summarise(
     for m in models:
         source = m.get("imported")
         if source:
+            whose = "the pipeline given at convert" if source.get("format") in GENERIC else "its publisher's pipeline"
             shown.append(
                 f"{m['name']}: imported from {source['title']} ({source['licence']}); its output "
-                f"{source['output_label']!r} through its publisher's pipeline {source['pipeline']!r}; trained by "
+                f"{source['output_label']!r} through {whose} {source['pipeline']!r}; trained by "
                 "a third party, not validated by pneumotriage: clinical use is your decision"
             )
     for note in (collision_note(ranked), shared_sop_note(ranked)):
