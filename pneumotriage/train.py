@@ -45,6 +45,7 @@ from pneumotriage.labels import read_rle_csv
 from pneumotriage.losses import ComboLoss, parse_loss
 from pneumotriage.metrics import binary_metrics, roc_auc, threshold_for_sensitivity, youden_threshold
 from pneumotriage.models import DEFAULT_THRESHOLDS, ModelSpec, build_model, provenance, save_checkpoint, unwrap
+from pneumotriage.models.foreign import RUNTIMES
 from pneumotriage.models.spec import IMPORTED_CLASSIFIERS, IMPORTED_SEGMENTERS
 from pneumotriage.postprocess import Thresholds, triplet_keep
 from pneumotriage.runtime import PRECISIONS, Progress, autocast_for, pick_device, use_bf16
@@ -140,7 +141,7 @@ class TrainConfig:
             self.encoder = "resnet34"
         if self.kind == "classifier":
             self.encoder = None
-        imported = {**IMPORTED_CLASSIFIERS, **IMPORTED_SEGMENTERS}
+        imported = {**IMPORTED_CLASSIFIERS, **IMPORTED_SEGMENTERS, **RUNTIMES}
         if self.arch in imported:
             raise UsageError(
                 f"{self.arch} ({imported[self.arch]}) is only ever imported with `pneumotriage convert`, "

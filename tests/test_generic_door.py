@@ -168,3 +168,9 @@ def test_a_scan_runs_a_program_brought_through_the_door_and_says_so(scan_input: 
         rows = [r for r in csv.DictReader(fh) if r["status"] == "ok"]
     assert len(rows) == 12 and len({r["probability"] for r in rows}) > 1
     assert "imported from a TorchScript program" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("arch", ["densenet121_keras", "torchscript"])
+def test_an_imported_only_network_is_not_trained(tmp_path: Path, arch: str) -> None:
+    result = CliRunner().invoke(app, ["train", "classifier", str(tmp_path), "--labels", "x.csv", "--arch", arch])
+    assert result.exit_code == 2 and "is only ever imported with `pneumotriage convert`" in result.output
