@@ -35,8 +35,9 @@ demo: $(STAMP)
 	@echo "make: scanning the built-in synthetic study with the shipped demo models (about 10 s)"
 	$(VENV)/bin/pneumotriage demo
 
+# One test process per core (pytest-xdist; PYTEST_ARGS="-n 0" runs them in this one).
 test: $(DEV_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check pneumotriage tests benchmarks

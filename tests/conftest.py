@@ -111,3 +111,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySummary, Path, 
     )
     # the last epoch: at 64 px the segmenter's best validation epoch can be one that outlines nothing yet
     return study, cls.run_dir / "best.pt", seg.run_dir / "last.pt"
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per test process when pytest-xdist runs two of them on the two cores: more would
+    # oversubscribe the cores (the tests' subprocesses choose their own).
+    torch.set_num_threads(1)
