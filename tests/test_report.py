@@ -82,7 +82,8 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     write_outputs(summary)
     html = (tmp_path / "report.html").read_text()
     assert ">2019-03-04 10:22<" in html and ">PA<" in html and ">CR<" in html
-    assert "at least 2000 pixels (at 1024²) above 0.75, the outline then drawn at 0.30" in html
+    assert "at least 2000 pixels of a 1024 x 1024 image (scaled to each image's size" in html
+    assert "above 0.75, the outline then drawn at 0.30" in html
     assert "gate 0.5 but no outline survived" in html and "outline is drawn in red" in html
     worklist = list(csv.DictReader(open(tmp_path / "worklist.csv", newline="")))
     assert worklist[1]["image_id"] == "flagged" and worklist[1]["flag"].startswith("implausible outline — check")
@@ -98,7 +99,7 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     assert 'id="lightbox" title="click to close" style="display: flex;"' in opened
     assert '<img id="big" alt="overlay of flagged" src="data:image/jpeg;base64,' in opened
     # Without a segmenter the legend gives the urgent probability in force instead of the unused triplet.
-    summary.urgent_probability = 0.85
+    summary.urgent_probability, summary.decisions = 0.85, "classifier"
     write_outputs(summary)
     html = (tmp_path / "report.html").read_text()
-    assert "classifier probability ≥ 0.85" in html and "pixels (at 1024²)" not in html
+    assert "classifier probability ≥ 0.85" in html and "pixels of a 1024 x 1024 image" not in html

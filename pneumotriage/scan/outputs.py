@@ -68,9 +68,16 @@ def summarise(
 ) -> ScanSummary:
     """A scan's summary from its ranked rows: the counts by tier, and the notes every output carries (what the
     run could not do, models not for clinical use, image ids shared by several files), then ``notes``."""
+    roles = {m.get("role") for m in models}
+    segmented = "segmenter" in roles and not no_segment
+    decisions = "cascade" if segmented and "classifier" in roles else "segmenter" if segmented else "classifier"
+    if not roles:  # models not named (a caller's own summary): as the options say
+        decisions = "classifier" if no_segment else "cascade"
     shown = []
     if no_segment:
         shown.append("classifier only (--no-segment): no outlines, areas or sides")
+    elif decisions == "classifier":
+        shown.append("classifier only (no segmenter given): no outlines, areas or sides")
     synthetic = [m["name"] for m in models if not m["clinical"] and m.get("note") == SYNTHETIC_NOTE]
     other = [m["name"] for m in models if not m["clinical"] and m["name"] not in synthetic]
     if synthetic:
@@ -108,7 +115,8 @@ def summarise(
         notes=[*shown, *notes],
         plan=plan,
         skipped=skipped,
-        urgent_probability=urgent_probability if no_segment else None,
+        urgent_probability=urgent_probability if decisions == "classifier" else None,
+        decisions=decisions,
     )
 
 

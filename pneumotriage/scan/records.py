@@ -71,8 +71,11 @@ class ScanSummary:
     plan: dict[str, Any] = field(default_factory=dict)
     #: Files passed over as not DICOM (a text file, a label CSV, a DICOMDIR), each with why: skipped.csv.
     skipped: list[ImageResult] = field(default_factory=list)
-    #: With ``--no-segment``: the classifier probability that makes an image urgent (the report's legend).
+    #: The classifier alone (``--no-segment``, or no segmenter): the probability that makes an image urgent.
     urgent_probability: float | None = None
+    #: Which decisions ran, for the legend: "cascade" (the classifier's gate, then the segmenter's outline),
+    #: "classifier" (the classifier alone) or "segmenter" (every image segmented, no classifier).
+    decisions: str = "cascade"
 
     @property
     def failed(self) -> int:

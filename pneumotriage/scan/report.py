@@ -112,37 +112,64 @@ _NOT_TRIAGED = (
 )
 
 
-def _legend(summary: ScanSummary) -> str:
-    """What the tiers mean, with the thresholds this scan ran at, and what the outline colour means."""
+def legend_items(summary: ScanSummary) -> list[tuple[str, str]]:
+    """What each tier means in this scan, built from the decisions that ran (the classifier alone, the classifier
+    then the segmenter, or the segmenter alone) and the thresholds it ran at, so that it never contradicts a row."""
     from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
 
     t = summary.thresholds
     gate = f"{t.gate:.3g}"
-    if summary.urgent_probability is not None:  # --no-segment: the classifier alone
-        items = [
-            ("urgent", f"classifier probability ≥ {summary.urgent_probability:.3g} (no outlines: --no-segment)"),
-            ("review", f"probability ≥ the gate {gate}; or a file that could not be read, or {_NOT_TRIAGED}"),
-            ("routine", f"probability below the gate {gate}"),
-        ]
-        colour = ""
-    else:
-        triplet = (
-            f"at least {t.min_area:.0f} pixels (at 1024²) above {t.top_score:.2f}, the outline "
-            f"then drawn at {t.bottom_score:.2f}"
-            + (f", parts under {t.min_component:.0f} px dropped" if t.min_component else "")
-        )
-        items = [
-            ("urgent", f"the segmenter outlined a pneumothorax ({triplet})"),
+    unreadable = f"a file that could not be read, or {_NOT_TRIAGED}"
+    if summary.decisions == "classifier":
+        urgent = summary.urgent_probability if summary.urgent_probability is not None else 0.9
+        why = "--no-segment" if any("--no-segment" in n for n in summary.notes) else "no segmenter given"
+        items = [("urgent", f"classifier probability ≥ {urgent:.3g} (the classifier alone: {why}; no outlines)")]
+        if t.gate < urgent:
+            items.append(("review", f"probability ≥ the gate {gate} and below {urgent:.3g}; or {unreadable}"))
+            items.append(("routine", f"probability below the gate {gate}"))
+        else:  # a gate at or above the urgent probability leaves no probability for review
+            items.append(
+                (
+                    "review",
+                    f"{unreadable} (the gate {gate} is not below {urgent:.3g}: no image is review by its probability)",
+                )
+            )
+            items.append(("routine", f"probability below {urgent:.3g}"))
+        return items
+    scaled = (
+        f"at least {t.min_area:.0f} pixels of a 1024 x 1024 image (scaled to each image's size: the Area px column "
+        f"is at the image's own size) above {t.top_score:.2f}, the outline then drawn at {t.bottom_score:.2f}"
+        + (f", parts under {t.min_component:.0f} px (at 1024²) dropped" if t.min_component else "")
+    )
+    implausible = (
+        f"an implausible outline (over {MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} "
+        "of an image border: marked <i>implausible outline — check</i>)"
+    )
+    if summary.decisions == "segmenter":
+        return [
+            ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; every image segmented, no classifier)"),
             (
                 "review",
-                f"the classifier passed the gate {gate} but no outline survived; an implausible outline (over "
-                f"{MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} of an image border: "
-                f"marked <i>implausible outline — check</i>); or a file that could not be read, or {_NOT_TRIAGED}",
+                f"the segmenter's image score (its probability column) ≥ {gate} but no outline survived; "
+                f"{implausible}; or {unreadable}",
             ),
-            ("routine", f"classifier probability below the gate {gate}"),
+            ("routine", f"nothing outlined and the segmenter's image score below {gate}"),
         ]
-        colour = "<li>In the overlays, the outline is drawn in red and its inside tinted red.</li>"
-    rows = "".join(f"<li><span class='key {k}'>{k}</span> {text}</li>" for k, text in items)
+    return [
+        ("urgent", f"the segmenter outlined a pneumothorax ({scaled})"),
+        ("review", f"the classifier passed the gate {gate} but no outline survived; {implausible}; or {unreadable}"),
+        ("routine", f"classifier probability below the gate {gate}"),
+    ]
+
+
+def _legend(summary: ScanSummary) -> str:
+    """What the tiers mean (:func:`legend_items`), and what the outline colour means."""
+    colour = (
+        "<li>In the overlays, the outline is drawn in red and its inside tinted red.</li>"
+        if summary.decisions != "classifier"
+        else ""
+    )
+    rows = "".join(f"<li><span class='key {k}'>{k}</span> {text}</li>" for k, text in legend_items(summary))
     return f"<ul class='legend'>{rows}{colour}</ul>\n"
 
 
