@@ -172,6 +172,8 @@ def test_relay_sums_every_rank_counts() -> None:
         "classified": 7,
         "segmented": 3,
         "errors": 1,
+        "skipped": 0,
+        "resumed": 0,
     }
     relays[0].finished()
     assert not relays[0].all_finished()

@@ -106,6 +106,10 @@ class Discovery:
         self.finished = False
         self.count = 0
         self.walked = 0
+        #: Files of this shard the walk has found so far (handed on or still queued), and whether it is over:
+        #: the progress bar's total as soon as it is known, not only once the pipeline has taken every file.
+        self.found = 0
+        self.walk_over = False
         self._thread = threading.Thread(target=self._run, name="scan-discover", daemon=True)
         self._thread.start()
 
@@ -116,10 +120,12 @@ class Discovery:
                 found = replace(item, seq=seq, name=safe_name(item.image_id, taken), real=item.real or item.key)
                 self.walked = seq + 1
                 if self._shard is None or self._shard.owns(found.real):
+                    self.found += 1
                     self._queue.put(found)
         except BaseException as exc:  # handed to the scanning thread, which re-raises it
             self._error = exc
         finally:
+            self.walk_over = True
             self._queue.put(_END)
 
     def poll(self, limit: int, timeout: float | None = 0.0) -> list[Found]:

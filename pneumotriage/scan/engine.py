@@ -618,9 +618,11 @@ def _run(
                 emit(
                     {
                         "event": "batch",
-                        "discovered": discovery.count,
-                        "walked": discovery.finished,
+                        "discovered": discovery.found,
+                        "walked": discovery.walk_over,
                         "found_all": discovery.walked,
+                        "skipped": len(skipped_rows),
+                        "resumed": stream.skipped,
                         **counts,
                     }
                 )

@@ -28,7 +28,7 @@ from pneumotriage.scan.records import ScanSummary
 from pneumotriage.scan.shards import Shard
 
 #: The counters each rank adds to the store, as its scan's progress events name them.
-COUNTERS = ("decoded", "classified", "segmented", "errors")
+COUNTERS = ("decoded", "classified", "segmented", "errors", "skipped", "resumed")
 
 
 def launched() -> bool:
