@@ -121,9 +121,33 @@ def test_scan_refuses_a_used_folder_and_missing_models(scan_input: Path, models:
     assert runner.invoke(app, scan_args(scan_input, out, models)).exit_code == 4
     again = runner.invoke(app, scan_args(scan_input, out, models))
     assert again.exit_code == 2 and "--resume" in again.output
+    # A resume with another option is refused naming it, as it was then and is now.
+    other = runner.invoke(app, [*scan_args(scan_input, out, models), "--resume", "--tta"])
+    assert other.exit_code == 2 and "scanned with other options: --tta (off then, on now)" in other.output, other.output
     result = runner.invoke(app, ["scan", str(scan_input), "--out", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "no models given" in result.output
     result = runner.invoke(
         app, ["scan", str(scan_input), "--out", str(tmp_path / "o3"), "--classifier", "demo-classifier"]
     )
     assert result.exit_code == 3 and "weights fetch demo-classifier" in result.output
+
+
+def test_ctrl_c_says_how_many_images_were_done_and_how_to_go_on(
+    scan_input: Path, models: dict[str, Path], tmp_path: Path
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pneumotriage", *scan_args(scan_input, out, models), "--batch-size", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    journal = out / ".scan" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, "the scan ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    done = len(journal.read_text().splitlines())
+    assert f"interrupted: {done} images done and kept in" in " ".join(stderr.split()), stderr
+    assert "with --resume to go on" in " ".join(stderr.split()) and "Traceback" not in stderr, stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,7 @@ from pneumotriage.cli.console import (
     err,
     report_scan,
     reports_errors,
+    shown,
 )
 from pneumotriage.cli.options import (
     AcceptOpt,
@@ -31,6 +32,9 @@ from pneumotriage.cli.options import (
 )
 from pneumotriage.cli.progress import with_progress
 from pneumotriage.errors import UsageError
+
+if TYPE_CHECKING:
+    from pneumotriage.scan.shards import Shard
 
 
 @reports_errors
@@ -168,10 +172,20 @@ def scan(
         if merged.failed:
             raise typer.Exit(EXIT_INPUTS_FAILED)
         return
-    summary = with_progress(
-        progress,
-        lambda on_event: run_scan(paths, out_dir, **models, options=options, progress=on_event, shard=one_shard),
-    )
+    try:
+        summary = with_progress(
+            progress,
+            lambda on_event: run_scan(paths, out_dir, **models, options=options, progress=on_event, shard=one_shard),
+        )
+    except KeyboardInterrupt:
+        done = journaled(out_dir, one_shard)
+        err.print(
+            f"[yellow]interrupted[/]: {done} image{'s' if done != 1 else ''} done and kept in {shown(out_dir)}; "
+            "run the same command with --resume to go on from there",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     if one_shard is not None:
         c = summary.counts
         err.print(
@@ -262,3 +276,15 @@ def submit(
     )
     if missing:
         raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+def journaled(out: Path, shard: Shard | None = None) -> int:
+    """How many images an interrupted scan into ``out`` (or its ``shard``) finished: the lines of its journal."""
+    from pneumotriage.scan.shards import shard_folder
+
+    folder = shard_folder(out, shard.index, shard.count) if shard is not None else out / ".scan"
+    try:
+        with open(folder / "journal.jsonl", "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0

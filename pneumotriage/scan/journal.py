@@ -18,6 +18,36 @@ from pneumotriage.scan.records import PHI_FIELDS, ImageResult, row_from
 JOURNAL_VERSION = 4  # 3: rows carry the plausibility flag; 4: file keys carry inode and ctime
 
 
+def signature_change(old: Any, new: dict[str, Any]) -> str:
+    """What differs between the signature a folder was scanned with and this scan's, in a user's words: the
+    inputs, the models, the thresholds, or the options by name (``--tta``: on then, off now)."""
+    if not isinstance(old, dict):
+        return "settings (its signature.json is damaged)"
+    if old.get("inputs") != new.get("inputs"):
+        return "inputs"
+    if old.get("models") != new.get("models"):
+        return "models"
+    then, now = old.get("options") or {}, new.get("options") or {}
+    changed = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+    if changed:
+        return "options: " + ", ".join(
+            f"--{k.replace('_', '-')} ({_shown(then.get(k))} then, {_shown(now.get(k))} now)" for k in changed
+        )
+    if old.get("thresholds") != new.get("thresholds"):
+        t0, t1 = old.get("thresholds") or {}, new.get("thresholds") or {}
+        names = sorted(k for k in {*t0, *t1} if t0.get(k) != t1.get(k))
+        return "thresholds: " + ", ".join(f"{k} ({t0.get(k)} then, {t1.get(k)} now)" for k in names)
+    return "settings (another version of pneumotriage)" if old.get("version") != new.get("version") else "settings"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 class Journal:
     """Finished images, appended and synced once per batch; read back on resume."""
 
@@ -38,9 +68,8 @@ class Journal:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 old = "damaged"  # compared below: never equal to a signature
             if old != signature:
-                what = "inputs" if old and old.get("inputs") != signature.get("inputs") else "models or settings"
                 raise UsageError(
-                    f"cannot resume: this output folder was scanned with other {what}",
+                    f"cannot resume: this output folder was scanned with other {signature_change(old, signature)}",
                     path=out,
                     hint="resume with the same inputs and options, or scan into a new --out",
                 )
