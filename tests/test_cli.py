@@ -108,3 +108,10 @@ def test_one_flag_per_no_option_required_options_and_one_error_prefix(tmp_path: 
         done = _console(*args)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(text), done.stderr
+
+
+def test_a_bare_command_group_shows_its_help_and_no_empty_error() -> None:
+    for args in ((), ("weights",), ("train",)):
+        done = _console(*args)
+        assert "Usage: " in done.stdout + done.stderr and "Commands" in done.stdout + done.stderr, args
+        assert "error:" not in done.stderr, (args, done.stderr)

@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -78,7 +78,8 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         message = escape(printable(exc.format_message().rstrip(".")))
-        err.print(f"[bold red]error:[/] {message}{see}", highlight=False, soft_wrap=True)
+        if message.strip():  # a command group called bare has shown its help already: nothing to add
+            err.print(f"[bold red]error:[/] {message}{see}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
         err.print("[yellow]interrupted[/]")

@@ -52,6 +52,11 @@ def reports_errors(func: F) -> F:
 SHORT_ID = 12
 
 
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """``n`` and the word, in the plural unless ``n`` is 1: "1 worker", "3 workers", "1 image"."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
 def short(text: str, keep: int = SHORT_ID) -> str:
     """``text``, or "…" and its last ``keep`` characters, so that tables fit 80 columns."""
     return text if len(text) <= keep + 1 else "…" + text[-keep:]
@@ -82,7 +87,8 @@ def print_worklist(summary: Any, limit: int = 20) -> None:
 def print_plan(summary: Any) -> None:
     p, t = summary.plan, summary.timings
     err.print(
-        f"ran on {p['device']}: batch {p['batch_size']}, {p['workers']} workers, {p['torch_threads']} torch threads"
+        f"ran on {p['device']}: batch {p['batch_size']}, {counted(p['workers'], 'worker')}, "
+        f"{counted(p['torch_threads'], 'torch thread')}"
         f" ({p['why']}); {t['model_s']:.1f} s in the models of {t['total_s']:.1f} s",
         highlight=False,
     )
@@ -102,13 +108,13 @@ def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> 
         print_plan(summary)
     c = summary.counts
     err.print(
-        f"{c['images']} images: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
+        f"{counted(c['images'], 'image')}: {c['urgent']} urgent, {c['review']} review, {c['routine']} routine, "
         f"{c['errors']} unreadable"
         + (f", {c['not_triaged']} not triaged" if c.get("not_triaged") else "")
         + f"; {summary.timings['total_s']:.1f} s"
         + (f" ({c['resumed']} done before the resume)" if c.get("resumed") else "")
         + (
-            f"\n{c['skipped']} files passed over (not DICOM, hidden, not a regular file): why in "
+            f"\n{counted(c['skipped'], 'file')} passed over (not DICOM, hidden, not a regular file): why in "
             f"{summary.out / 'skipped.csv'}"
             if c.get("skipped")
             else ""

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pneumotriage.cli.console import (
     EXIT_INPUTS_FAILED,
+    counted,
     err,
     out,
     print_worklist,
@@ -43,7 +44,7 @@ def inspect(
     if as_json:
         typer.echo(strict_json(rows, indent=1))
     else:
-        table = Table(title=f"{len(rows)} files", box=None, padding=(0, 1, 0, 0))
+        table = Table(title=counted(len(rows), "file"), box=None, padding=(0, 1, 0, 0))
         for col in ("image id", "mod.", "size", "photometric", "bits", "syntax", "spacing", "status"):
             table.add_column(col, no_wrap=col not in ("syntax", "status"), overflow="fold")
         for row in rows:
