@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,8 +138,19 @@ def test_ctrl_c_says_how_many_images_were_done_and_how_to_go_on(
 ) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
+    for copy in range(1, 6):  # 72 images: a scan long enough to be interrupted half-way (12 took 0.7 s)
+        shutil.copytree(scan_input, scan_input / f"copy{copy}", ignore=shutil.ignore_patterns("copy*"))
     args = [sys.executable, "-m", "pneumotriage", *scan_args(scan_input, out, models), "--batch-size", "1"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's SIGINT as a terminal sends it: a test process may have inherited SIGINT ignored (pytest-xdist's
+    # workers do), and a Python started so never raises KeyboardInterrupt
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads started here)
+    )
     journal = out / ".scan" / "journal.jsonl"
     deadline = time.monotonic() + 120
     while not (journal.exists() and len(journal.read_text().splitlines()) >= 2):
