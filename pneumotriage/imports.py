@@ -915,7 +915,14 @@ def convert_program(
     """The generic door: a TorchScript program or an ONNX graph, with its input contract given (``kind``,
     ``input_size``, ``pipeline``, ``normalisation``: none can be told from the file), run once on the declared
     input to check its output fits, and kept with its bytes in a pneumotriage checkpoint at ``out``."""
-    from pneumotriage.models.foreign import ACTIVATIONS, ForeignProgram, check_contract, runtime_version
+    from pneumotriage.models.foreign import (
+        ACTIVATIONS,
+        ForeignProgram,
+        check_contract,
+        outputs_of,
+        run_once,
+        runtime_version,
+    )
 
     path = Path(source)
     title = GENERIC_FORMATS[runtime]
@@ -961,14 +968,21 @@ def convert_program(
         )
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
-    outputs = _program_outputs(model, input_size, path, title)
-    spec = ModelSpec(outputs=outputs, **spec_fields)  # type: ignore[arg-type]
     try:
-        checked = check_contract(model, input_size, outputs)
+        raw, given = run_once(model, input_size)
+    except ValueError as exc:
+        raise UsageError(
+            f"{title} {exc}".replace(" it does not run", " does not run", 1),
+            path=path,
+            hint="check --input-size and --normalisation (one channel or three)",
+        ) from None
+    spec = ModelSpec(outputs=outputs_of(model, raw), **spec_fields)  # type: ignore[arg-type]
+    try:
+        checked = check_contract(model, raw, input_size, given)
     except ValueError as exc:
         raise UsageError(f"{title} does not keep the contract given: {exc}", path=path) from None
     model.spec = spec  # type: ignore[assignment]
-    labels = [label if i == output_index else f"output {i}" for i in range(outputs)]
+    labels = [label if i == output_index else f"output {i}" for i in range(spec.outputs)]
     chosen = float(gate) if gate is not None else 0.5
     thresholds = {"gate": chosen} if kind == "classifier" else dict(DEFAULT_THRESHOLDS["segmenter"])
     imported = {
@@ -1002,29 +1016,6 @@ def convert_program(
     written = Path(out)
     atomic_write_bytes(written, buffer.getvalue())
     return Converted(written, spec, imported, chosen if kind == "classifier" else None)
-
-
-def _program_outputs(model: Any, size: int, path: Path, title: str) -> int:
-    """How many outputs (a classifier's findings, a segmenter's channels) the program gives on the declared
-    input, or a one-line refusal where it does not run on it."""
-    from pneumotriage.models.foreign import RUNTIMES
-
-    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            out = model.raw(model.normalise(x))
-    except ImportError:
-        raise
-    except Exception as exc:  # whatever the runtime raises: the program does not take this input
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UsageError(
-            f"{title} does not run on input {tuple(model.normalise(x).shape)} in {RUNTIMES[model.runtime]}: {first}",
-            path=path,
-            hint="check --input-size and --normalisation (one channel or three)",
-        ) from None
-    if model.kind == "classifier":
-        return int(out.reshape(out.shape[0], -1).shape[1]) if out.ndim >= 1 and out.shape[0] == 2 else 0
-    return int(out.shape[1]) if out.ndim == 4 else 1
 
 
 def _smp_encoder(state: Mapping[str, torch.Tensor], arch: str, path: Path) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,6 +80,18 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     assert html.count("<tr class='row") == 13
 
 
+def _journaled(proc: subprocess.Popen[Any], out: Path, rows: int) -> Path:
+    """The journal of the scan ``proc`` writes into ``out``, once it holds ``rows`` finished images (the scan
+    still running: it is stopped next)."""
+    journal = out / ".scan" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= rows):
+        assert proc.poll() is None, "the scan ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return journal
+
+
 def test_scan_resume_after_kill_equals_full_run(scan_input: Path, models: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
@@ -88,12 +101,7 @@ def test_scan_resume_after_kill_equals_full_run(scan_input: Path, models: dict[s
     part = tmp_path / "part"
     args = [sys.executable, "-m", "pneumotriage", *scan_args(scan_input, part, models), "--batch-size", "1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = part / ".scan" / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, "the scan ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    journal = _journaled(proc, part, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(journal.read_text().splitlines())
@@ -151,12 +159,7 @@ def test_ctrl_c_says_how_many_images_were_done_and_how_to_go_on(
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads started here)
     )
-    journal = out / ".scan" / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while not (journal.exists() and len(journal.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, "the scan ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    journal = _journaled(proc, out, 2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -128,8 +128,9 @@ class ForeignProgram(nn.Module):
             raise TypeError(f"the program returned {type(out).__name__}, not a tensor")
         return out
 
-    def forward(self, x: torch.Tensor) -> Any:
-        out = self.raw(self.normalise(x)).float()
+    def choose(self, out: torch.Tensor) -> Any:
+        """The project's output from the program's: the chosen output (or map channel) as a logit."""
+        out = out.float()
         if self.kind == "classifier":
             chosen = out.reshape(out.shape[0], -1)[:, self.output_index]
         else:
@@ -138,36 +139,47 @@ class ForeignProgram(nn.Module):
             chosen = torch.logit(chosen.clamp(1e-7, 1 - 1e-7))
         return chosen if self.kind == "classifier" else {"mask": chosen}
 
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.choose(self.raw(self.normalise(x)))
 
-def check_contract(model: ForeignProgram, size: int, outputs: int) -> str:
-    """Runs the program once on two grey images of the declared side and says what it returned, or raises
-    ValueError saying how its output breaks the contract (shape, index, values)."""
-    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        try:
-            out = model.raw(model.normalise(x))
-        except Exception as exc:  # whatever the runtime raises: the program does not take this input
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ValueError(f"it does not run on input {tuple(model.normalise(x).shape)}: {first}") from None
-        if model.kind == "classifier":
-            if out.shape[0] != 2 or out.reshape(2, -1).shape[1] != outputs:
-                raise ValueError(f"its output has shape {tuple(out.shape)}, not (batch, {outputs})")
-        else:
-            spatial = tuple(out.shape[-2:])
-            channels = out.shape[1] if out.ndim == 4 else 1
-            if out.shape[0] != 2 or spatial != (size, size) or out.ndim not in (3, 4) or channels != outputs:
-                raise ValueError(
-                    f"its output has shape {tuple(out.shape)}, not a map (batch, {outputs}, {size}, {size})"
-                )
-        if model.activation == "probability" and (float(out.min()) < 0.0 or float(out.max()) > 1.0):
-            raise ValueError(
-                f"its outputs reach {float(out.min()):.3g}..{float(out.max()):.3g}: not probabilities (say logits)"
-            )
-        final = model(x)
-        values = final if isinstance(final, torch.Tensor) else final["mask"]
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("it gives values that are not finite on a plain input")
-    return f"output {tuple(out.shape)} for input {tuple(model.normalise(x).shape)}"
+
+def run_once(model: ForeignProgram, size: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The program's raw output for two grey images of the declared side, and the shape of its input; raises
+    ValueError where the runtime refuses that input (whatever it raises, in one line)."""
+    x = model.normalise(torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)))
+    try:
+        with torch.no_grad():
+            return model.raw(x), tuple(x.shape)
+    except Exception as exc:  # whatever the runtime raises: the program does not take this input
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ValueError(f"it does not run on input {tuple(x.shape)}: {first}") from None
+
+
+def outputs_of(model: ForeignProgram, out: torch.Tensor) -> int:
+    """How many outputs a classifier's output holds per image, or a segmenter's map channels."""
+    if model.kind == "classifier":
+        return int(out.reshape(out.shape[0], -1).shape[1]) if out.ndim >= 1 and out.shape[0] else 0
+    return int(out.shape[1]) if out.ndim == 4 else 1
+
+
+def check_contract(model: ForeignProgram, out: torch.Tensor, size: int, given: tuple[int, ...]) -> str:
+    """Whether the program's output ``out`` (:func:`run_once`) keeps the contract: its shape, probabilities in
+    [0, 1] where it says so, finite values; says what it returned, or raises ValueError saying how it breaks it."""
+    outputs = outputs_of(model, out)
+    if model.kind == "classifier":
+        if out.shape[0] != 2 or outputs < 1:
+            raise ValueError(f"its output has shape {tuple(out.shape)}, not (batch, outputs)")
+    elif out.shape[0] != 2 or out.ndim not in (3, 4) or tuple(out.shape[-2:]) != (size, size):
+        raise ValueError(f"its output has shape {tuple(out.shape)}, not a map (batch, {outputs}, {size}, {size})")
+    if model.activation == "probability" and (float(out.min()) < 0.0 or float(out.max()) > 1.0):
+        raise ValueError(
+            f"its outputs reach {float(out.min()):.3g}..{float(out.max()):.3g}: not probabilities (say logits)"
+        )
+    chosen = model.choose(out)
+    values = chosen if isinstance(chosen, torch.Tensor) else chosen["mask"]
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("it gives values that are not finite on a plain input")
+    return f"output {tuple(out.shape)} for input {given}"
 
 
 def runtime_version(runtime: str) -> str:
