@@ -35,7 +35,7 @@ global (``os.system``, ``builtins.eval``, a class of another package) is refused
 
 from __future__ import annotations
 
-import io
+import math
 import pickle
 import re
 import warnings
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from pneumotriage.errors import UsageError
-from pneumotriage.io import atomic_write_bytes, sha256_file
-from pneumotriage.models import CHECKPOINT_FORMAT, DEFAULT_THRESHOLDS, ModelSpec, build_model, checkpoint_dict
+from pneumotriage.io import sha256_file
+from pneumotriage.models import CHECKPOINT_FORMAT, DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint
 from pneumotriage.pipelines import PIPELINES
 from pneumotriage.weights import READ_ERRORS, UnsafeWeightsError, WeightError, error_line
 
@@ -864,13 +864,9 @@ def convert(
         f"imported from {fmt.title}; trained by a third party, not validated by pneumotriage: "
         "clinical use is your decision"
     )
-    data = checkpoint_dict(
-        target, thresholds=thresholds, extra={"imported": imported, "note": note, "licence": fmt.licence}
+    written = save_checkpoint(
+        out, target, thresholds=thresholds, extra={"imported": imported, "note": note, "licence": fmt.licence}
     )
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    written = Path(out)
-    atomic_write_bytes(written, buffer.getvalue())
     return Converted(written, spec, imported, chosen if fmt.kind == "classifier" else None)
 
 
@@ -949,6 +945,8 @@ def convert_program(
         raise UsageError(f"--outputs {activation!r}: choose {' or '.join(ACTIVATIONS)}")
     if gate is not None and kind != "classifier":
         raise UsageError("--gate is for classifiers; tune a segmenter's thresholds with `tune`")
+    if gate is not None and not (math.isfinite(gate) and 0.0 <= gate <= 1.0):
+        raise UsageError(f"--gate {gate!r}: give a probability from 0 to 1")
     try:
         program = path.read_bytes()
     except FileNotFoundError:
@@ -1010,11 +1008,7 @@ def convert_program(
         f"imported as {title} with a contract given at convert; trained by a third party, not validated by "
         "pneumotriage: clinical use is your decision"
     )
-    data = checkpoint_dict(model, thresholds=thresholds, extra={"imported": imported, "note": note})
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    written = Path(out)
-    atomic_write_bytes(written, buffer.getvalue())
+    written = save_checkpoint(out, model, thresholds=thresholds, extra={"imported": imported, "note": note})
     return Converted(written, spec, imported, chosen if kind == "classifier" else None)
 
 

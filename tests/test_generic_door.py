@@ -123,6 +123,7 @@ def test_a_contract_the_program_does_not_keep_is_refused_in_one_line(tmp_path: P
         ((str(source), *out, *base, "--normalisation", "imagenet-rgb", "--pipeline", "jpeg"), "unknown input pipeline"),
         ((str(source), *out, "--kind", "segmenter", *base[2:], "--normalisation", "imagenet-rgb"), "not a map"),
         ((str(source), *out, "--output-index", "1"), "for the generic door"),
+        ((str(source), *out, *base, "--normalisation", "imagenet-rgb", "--gate", "1.5"), "give a probability"),
     ):
         if "--output-index" in args and "--kind" not in args:
             plain = tmp_path / "plain.pt"
