@@ -14,6 +14,7 @@ from pneumotriage.cli.console import (
     err,
     out,
     reports_errors,
+    shown,
 )
 from pneumotriage.cli.options import (
     PrecisionOpt,
@@ -213,7 +214,7 @@ def weights_verify(
         try:
             cache.verify(spec)
         except PneumotriageError as exc:
-            err.print(f"[bold red]{st.status}[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {st.status}: {shown(exc)}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
