@@ -206,7 +206,8 @@ def build_all(
 
     They are built together, on one shared synthetic study: the classifier and the segmenter train at once, then
     the segmenter's thresholds and the gate are tuned with the (packed) classifier on a separate tuning study
-    (:data:`TUNING_STUDY`; ``pneumotriage tune --sensitivity 1.0 --tta``), and each file is :func:`pack`-ed.
+    (:data:`TUNING_STUDY`; ``pneumotriage tune --sensitivity 1.0 --tta``, which also chooses the review threshold
+    for its default specificity, 0.9), and each file is :func:`pack`-ed.
 
     On a machine with two or more cores the classifier trains in a worker process on one thread and the
     segmenter here, on one thread until :data:`ALL_CORES_FROM_EPOCH` and on all of them after. ``progress`` follows the
@@ -327,7 +328,7 @@ def run_demo(
     cache = WeightCache(load_registry(), home)
     fetched = []
     for spec in (cache.registry.get_spec(name) for name in NAMES):
-        if cache.status(spec).status == "missing":
+        if cache.status(spec, rehash=True).status in ("missing", "corrupt"):  # corrupt: an earlier release's copy
             cache.fetch(spec)
             fetched.append(spec.name)
     scan = run_scan(

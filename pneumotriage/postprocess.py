@@ -17,27 +17,54 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The cascade's five operating numbers, as a scan applies them: the classifier ``gate`` (segment an image
-    whose probability reaches it); the triplet rule (an image is positive when at least ``min_area`` pixels,
-    stated at 1024 x 1024, exceed ``top_score``; its mask is then the pixels above ``bottom_score``); and the
-    smallest mask component kept (``min_component`` pixels at 1024 x 1024). The defaults are the SIIM-ACR winners'
-    triplet and a gate of 0.5; checkpoints store the ones chosen on validation data as a plain table of names."""
+    """The cascade's three decisions, as a scan applies them:
+
+    - the classifier ``gate``: segment an image whose probability reaches it (tuned for sensitivity, so low);
+    - the triplet rule, which outlines: an image is positive when at least ``min_area`` pixels, stated at
+      1024 x 1024, exceed ``top_score``; its mask is then the pixels above ``bottom_score``; mask components under
+      ``min_component`` pixels (at 1024 x 1024) are dropped;
+    - ``review``: an image with no outline goes to a person when its probability reaches it (tuned for a
+      specificity, so that most negatives stay routine). Left unset (a checkpoint from before it existed) it is
+      the gate, the one number both decisions were then.
+
+    The defaults are the SIIM-ACR winners' triplet and a gate of 0.5; checkpoints store the ones chosen on
+    validation data as a plain table of names."""
 
     gate: float = 0.5
     top_score: float = 0.75
     min_area: float = 2000.0
     bottom_score: float = 0.3
     min_component: float = 0.0
+    review: float | None = None
 
+    #: The numbers `tune` searches on a grid (``review`` is chosen after them, for a specificity).
     NAMES: ClassVar[tuple[str, ...]] = ("gate", "top_score", "min_area", "bottom_score", "min_component")
+    #: Every number a scan applies.
+    ALL: ClassVar[tuple[str, ...]] = (*NAMES, "review")
+
+    def __post_init__(self) -> None:
+        if self.review is None:
+            object.__setattr__(self, "review", self.gate)
+
+    @property
+    def review_at(self) -> float:
+        """``review`` as a float (never None once made)."""
+        return float(self.review if self.review is not None else self.gate)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Thresholds:
-        """From a table of names (a checkpoint's, a scan journal's); names it lacks keep their defaults."""
-        return cls(**{k: float(values[k]) for k in cls.NAMES if k in values})
+        """From a table of names (a checkpoint's, a scan journal's); names it lacks keep their defaults (a missing
+        ``review`` is the gate)."""
+        return cls(**{k: float(values[k]) for k in cls.ALL if values.get(k) is not None})
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def shown(value: float) -> str:
+    """A threshold as every output writes it (console, report, legend, tune): ``:g``, which shows the values
+    `tune` chooses (at most 6 decimals) exactly, so one number never reads as 0.020, 0.0196 and 0.01958."""
+    return f"{value:g}"
 
 
 #: The image area the triplet's ``min_area`` is stated for (SIIM-ACR images are 1024 x 1024).

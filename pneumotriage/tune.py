@@ -108,6 +108,9 @@ class TuneResult:
     out: Path
     cache: Path | None
     notes: list[str] = field(default_factory=list)
+    #: The review threshold chosen (None without a classifier): its target, its figures here
+    #: (:func:`review_figures`) and the same figures at the specificities of :data:`REVIEW_TABLE`.
+    review: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,18 +363,24 @@ def _index_of(grid: Grid, gates: Sequence[float], setting: dict[str, float]) -> 
     )
 
 
-def _figures(
+def _outlined(
     counts: Counts, grid: Grid, classifier: np.ndarray | None, gates: Sequence[float], index: tuple[int, ...]
-) -> dict[str, Any]:
-    """The scan's figures on the tuning images at one setting: competition score, Dice on positives, and the
-    image-level decision "a mask was drawn" against the labels."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each tuning image's mask area and overlap with its label at one setting (0 where nothing is outlined)."""
     t, a, g, b, m = index
     need = min_confident(grid.min_area[a], counts.model_size)
     kept = counts.confident[:, t] >= need
     if classifier is not None:
         kept &= classifier >= gates[g]
-    area = np.where(kept, counts.area[:, b, m], 0)
-    inter = np.where(kept, counts.inter[:, b, m], 0)
+    return np.where(kept, counts.area[:, b, m], 0), np.where(kept, counts.inter[:, b, m], 0)
+
+
+def _figures(
+    counts: Counts, grid: Grid, classifier: np.ndarray | None, gates: Sequence[float], index: tuple[int, ...]
+) -> dict[str, Any]:
+    """The scan's figures on the tuning images at one setting: competition score, Dice on positives, and the
+    image-level decision "a mask was drawn" against the labels."""
+    area, inter = _outlined(counts, grid, classifier, gates, index)
     dice = dice_from_counts(inter, area, counts.true_area)
     y = counts.true_area > 0
     decision = binary_metrics(y, (area > 0).astype(float), 0.5)
@@ -383,6 +392,82 @@ def _figures(
         "n_images": int(len(y)),
         "n_positive": int(y.sum()),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the review threshold
+
+#: The review specificity `tune` aims at unless told: nine in ten negatives with nothing outlined stay routine.
+#: (The demo study's negatives, 12, then have at most 2 in review: test_demo checks it.)
+DEFAULT_REVIEW_SPECIFICITY = 0.9
+#: The specificities `tune` reports the review threshold's figures at, beside the chosen one.
+REVIEW_TABLE = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def review_figures(y: np.ndarray, outlined: np.ndarray, p: np.ndarray, review: float) -> dict[str, Any]:
+    """The triage at a review threshold: an outlined image is urgent, one with nothing outlined is review when its
+    probability ``p`` reaches ``review``, else routine. Sensitivity: the positives urgent or review; specificity:
+    the negatives routine; review share: the images in review."""
+    y, outlined = np.asarray(y, dtype=bool), np.asarray(outlined, dtype=bool)
+    review_tier = ~outlined & (np.asarray(p) >= review)
+    flagged = outlined | review_tier
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return {
+        "review": float(review),
+        "sensitivity": float(flagged[y].mean()) if n_pos else None,
+        "specificity": float((~flagged[~y]).mean()) if n_neg else None,
+        "review_share": float(review_tier.mean()) if len(y) else 0.0,
+        "urgent": int(outlined.sum()),
+        "in_review": int(review_tier.sum()),
+        "negatives_in_review": int((review_tier & ~y).sum()),
+        "positives_routine": int((~flagged & y).sum()),
+        "n_images": int(len(y)),
+        "n_positive": n_pos,
+    }
+
+
+def _shortest_above(lo: float, hi: float) -> float:
+    """The number with the fewest decimals (up to 6) in (lo, hi]: a threshold that reads the same everywhere."""
+    for d in range(1, 7):
+        scale = 10.0**d
+        c = (math.floor(lo * scale) + 1) / scale
+        if lo < c <= hi:
+            return c
+    return hi
+
+
+def review_threshold(
+    y: np.ndarray, outlined: np.ndarray, p: np.ndarray, *, specificity: float | None = None, share: float | None = None
+) -> tuple[float, str | None]:
+    """The lowest review threshold (so the most positives the segmenter missed still reach a person) at which at
+    least ``specificity`` of the negatives stay routine, or at most ``share`` of the images go to review. Returns
+    it and a note where the target cannot be met (negatives the segmenter outlined are never routine)."""
+    y, outlined, p = np.asarray(y, dtype=bool), np.asarray(outlined, dtype=bool), np.asarray(p, dtype=np.float64)
+    free = np.sort(p[~outlined])  # the images the review threshold decides, ascending
+    if share is not None:
+        allowed = math.floor(share * len(y) + 1e-9)  # images that may go to review
+        if allowed >= len(free):
+            return 0.0, None
+        lo = float(free[len(free) - allowed - 1])  # the highest probability that must stay routine
+    else:
+        target = DEFAULT_REVIEW_SPECIFICITY if specificity is None else specificity
+        negatives = np.sort(p[~outlined & ~y])
+        need = math.ceil(target * int((~y).sum()) - 1e-9)  # negatives that must stay routine
+        if need <= 0:
+            return 0.0, None
+        if need > len(negatives):
+            note = (
+                f"review specificity {target:g} cannot be met: the segmenter outlines "
+                f"{int((outlined & ~y).sum())} of the {int((~y).sum())} negatives here; every negative it leaves "
+                "alone is routine"
+            )
+            lo = float(negatives[-1]) if len(negatives) else 0.0
+            above = free[free > lo]
+            return (_shortest_above(lo, float(above[0])) if len(above) else min(1.0, _shortest_above(lo, 1.0))), note
+        lo = float(negatives[need - 1])
+    above = free[free > lo]
+    hi = float(above[0]) if len(above) else 1.0
+    return _shortest_above(lo, hi), None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,6 +582,8 @@ def tune(
     progress: Progress | None = None,
     force: bool = False,
     oof: bool = False,
+    review_specificity: float | None = None,
+    review_share: float | None = None,
 ) -> TuneResult:
     """Tune the thresholds on the labelled DICOMs under ``data`` and write a copy of the segmenter's checkpoint
     with them (and the figures they reach here) to ``out``; the input checkpoint is never modified. For an
@@ -508,7 +595,12 @@ def tune(
 
     Where the best setting outlines none of the positive images here (sensitivity 0: a segmenter that has not
     learnt, or thresholds no outline passes), nothing is written unless ``force``: such a checkpoint would tier
-    every image routine or review."""
+    every image routine or review.
+
+    With a classifier, the review threshold (an image with nothing outlined goes to a person from this
+    probability up) is chosen last, at the chosen gate and triplet, as the lowest that keeps
+    ``review_specificity`` of the negatives routine (default :data:`DEFAULT_REVIEW_SPECIFICITY`), or that sends at
+    most ``review_share`` of the images to review (:func:`review_threshold`)."""
     out = Path(out)
     for m in (segmenter, classifier):
         if m is not None and m.path is not None and out.resolve() == m.path.resolve():
@@ -517,6 +609,13 @@ def tune(
         raise UsageError("--sensitivity sets the classifier's gate: give --classifier")
     if sensitivity is not None and not 0.0 < sensitivity <= 1.0:
         raise UsageError(f"--sensitivity {sensitivity}: give a share in (0, 1]")
+    for option, value in (("--review-specificity", review_specificity), ("--review-share", review_share)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UsageError(f"{option} {value}: give a share from 0 to 1")
+        if value is not None and classifier is None:
+            raise UsageError(f"{option} sets the review threshold on the classifier's probability: give --classifier")
+    if review_specificity is not None and review_share is not None:
+        raise UsageError("give --review-specificity or --review-share, not both")
     index = index_dataset(data, labels_csv)
     if not index.records:
         raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
@@ -575,7 +674,7 @@ def tune(
             raise UsageError("--sensitivity needs positive images among the labels")
         # Rounded down to 6 decimals (the worklist's precision), so no positive it lets through is lost to rounding.
         gates = [math.floor(threshold_for_sensitivity(y, cls, sensitivity) * 1e6) / 1e6]
-        notes.append(f"gate fixed at {gates[0]:.4g} for classifier sensitivity >= {sensitivity:g} on these images")
+        notes.append(f"gate fixed at {gates[0]:g} for classifier sensitivity >= {sensitivity:g} on these images")
     else:
         gates = list(grid.gate)
     table = scores(counts, grid, cls, gates)
@@ -596,8 +695,27 @@ def tune(
     chosen = _setting(grid, gates, best_index)
     figures = _figures(counts, grid, cls, gates, best_index)
     new_thresholds = {k: chosen[k] for k in ("top_score", "min_area", "bottom_score", "min_component")}
-    if classifier is not None:
+    review: dict[str, Any] | None = None
+    if classifier is not None and cls is not None:
         new_thresholds["gate"] = chosen["gate"]
+        outlined = _outlined(counts, grid, cls, gates, best_index)[0] > 0
+        r, unmet = review_threshold(y, outlined, cls, specificity=review_specificity, share=review_share)
+        new_thresholds["review"] = chosen["review"] = r
+        if unmet:
+            notes.append(unmet)
+        review = {
+            "target": {"share": review_share}
+            if review_share is not None
+            else {"specificity": DEFAULT_REVIEW_SPECIFICITY if review_specificity is None else review_specificity},
+            "figures": review_figures(y, outlined, cls, r),
+            "table": [
+                {"specificity_target": target, **review_figures(y, outlined, cls, at)}
+                for target in REVIEW_TABLE
+                for at in [review_threshold(y, outlined, cls, specificity=target)[0]]
+            ],
+        }
+    elif classifier is None:
+        notes.append("no classifier: the review threshold is not tuned (a scan reviews from the gate up)")
     if figures["n_positive"] and not figures["sensitivity"]:
         if not force:
             raise UsageError(
@@ -631,6 +749,7 @@ def tune(
         "segmenter_sha256": segmenter.sha256,
         "classifier_sha256": classifier.sha256 if classifier is not None else None,
         "out_of_fold": oof,
+        "review": review,
     }
     meta = segmenter.meta
     if ensemble:
@@ -656,6 +775,7 @@ def tune(
         out=out,
         cache=cache,
         notes=notes,
+        review=review,
     )
 
 

@@ -18,15 +18,17 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _demo_counts(out: Path) -> tuple[int, int, int]:
-    """(pneumothoraces in the demo study, how many of them are urgent, how many other images are urgent)."""
+def _demo_tiers(out: Path) -> tuple[int, int, int, int]:
+    """(pneumothoraces in the demo study, how many of them are urgent, how many other images are urgent, how many
+    other images are in review)."""
     rows = _rows(out / "scan" / "worklist.csv")
     manifest = json.loads((out / "study" / "manifest.json").read_text())
     truth = {im["image_id"]: im["positive"] for im in manifest["images"]}
     assert all(r["status"] == "ok" for r in rows) and len(rows) == len(truth)
     urgent = [r["image_id"] for r in rows if r["tier"] == "urgent"]
     found = sum(truth[i] for i in urgent)
-    return sum(truth.values()), found, len(urgent) - found
+    negatives_in_review = sum(not truth[r["image_id"]] for r in rows if r["tier"] == "review")
+    return sum(truth.values()), found, len(urgent) - found, negatives_in_review
 
 
 @pytest.mark.slow
@@ -34,8 +36,9 @@ def test_demo_with_the_shipped_weights_finds_its_pneumothoraces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`pneumotriage demo` on a fresh cache, in float32: copies both shipped demo weights into the cache, scans the
-    synthetic study, and ranks at least 7 of its 8 pneumothoraces urgent and no other image; a second run
-    reuses the cached weights."""
+    synthetic study, and ranks at least 7 of its 8 pneumothoraces urgent, no other image urgent and at most 2 of
+    its 12 negatives in review (the review threshold shipped with the demo segmenter, tuned for specificity 0.9);
+    a second run reuses the cached weights."""
     home = tmp_path / "home"
     monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
     out = tmp_path / "demo"
@@ -43,8 +46,9 @@ def test_demo_with_the_shipped_weights_finds_its_pneumothoraces(
     assert result.exit_code == 0, result.output
     assert "not for clinical use" in result.output and result.output.count("copied from the package") == 2
     assert {p.name for p in (home / "weights").glob("demo-*.pt")} == {"demo-classifier.pt", "demo-segmenter.pt"}
-    positives, found, false_urgent = _demo_counts(out)
+    positives, found, false_urgent, negatives_in_review = _demo_tiers(out)
     assert (positives, false_urgent) == (8, 0) and found >= 7, _rows(out / "scan" / "worklist.csv")
+    assert negatives_in_review <= 2, _rows(out / "scan" / "worklist.csv")
     assert f"({found} of the 8 true pneumothoraces)" in result.output
     assert (
         "demo-classifier and demo-segmenter: trained on synthetic images, not for clinical use"
@@ -53,6 +57,12 @@ def test_demo_with_the_shipped_weights_finds_its_pneumothoraces(
 
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0", "--seed", "8"])
     assert again.exit_code == 0 and "copied" not in again.output
+
+    # An earlier release's copy of a bundled weight in the cache is replaced by the package's, not refused.
+    stale = home / "weights" / "demo-segmenter.pt"
+    stale.write_bytes(stale.read_bytes() + b"an earlier release")
+    third = CliRunner().invoke(app, ["demo", "--out", str(out), "--workers", "0"])
+    assert third.exit_code == 0 and "demo-segmenter: copied from the package" in third.output, third.output
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan import ImageResult, ScanOptions
 from pneumotriage.scan.rank import rank, tier_of
 
@@ -9,14 +10,14 @@ from pneumotriage.scan.rank import rank, tier_of
 def test_tier_rules_and_ranking() -> None:
     o = ScanOptions(urgent_probability=0.9)
     r = ImageResult(image_id="a", path="a", status="ok", probability=0.7, area_px=10)
-    assert tier_of(r, 0.5, o, segmented_run=True) == "urgent"
+    assert tier_of(r, Thresholds(gate=0.5), o, segmented_run=True) == "urgent"
     r.area_px = 0
-    assert tier_of(r, 0.5, o, segmented_run=True) == "review"
-    assert tier_of(r, 0.8, o, segmented_run=True) == "routine"
+    assert tier_of(r, Thresholds(gate=0.5), o, segmented_run=True) == "review"
+    assert tier_of(r, Thresholds(gate=0.8), o, segmented_run=True) == "routine"
     r.probability = 0.95
-    assert tier_of(r, 0.5, o, segmented_run=False) == "urgent"
+    assert tier_of(r, Thresholds(gate=0.5), o, segmented_run=False) == "urgent"
     bad = ImageResult(image_id="b", path="b", status="error", error="x")
-    assert tier_of(bad, 0.5, o, segmented_run=True) == "review"
+    assert tier_of(bad, Thresholds(gate=0.5), o, segmented_run=True) == "review"
     results = [
         ImageResult(image_id="r1", path="", status="ok", probability=0.1, tier="routine"),
         ImageResult(image_id="e1", path="", status="error", tier="review"),
@@ -25,3 +26,24 @@ def test_tier_rules_and_ranking() -> None:
         ImageResult(image_id="u2", path="", status="ok", probability=0.8, tier="urgent", area_px=50),
     ]
     assert [x.image_id for x in rank(results)] == ["u2", "u1", "v1", "e1", "r1"]
+
+
+def test_the_gate_and_the_review_threshold_are_two_decisions() -> None:
+    """The gate only sends images to the segmenter; an image with nothing outlined is review from the review
+    threshold up, whatever the gate; an outline is urgent whatever the probability."""
+    o = ScanOptions(urgent_probability=0.9)
+    t = Thresholds(gate=0.02, review=0.3)
+    assert t.as_dict()["review"] == 0.3 and Thresholds(gate=0.02).review == 0.02  # unset: the gate, as before
+    tiers = {
+        p: tier_of(ImageResult(image_id="a", path="a", status="ok", probability=p, area_px=0), t, o, True)
+        for p in (0.01, 0.05, 0.29, 0.3, 0.95)
+    }
+    assert tiers == {0.01: "routine", 0.05: "routine", 0.29: "routine", 0.3: "review", 0.95: "review"}
+    outlined = ImageResult(image_id="b", path="b", status="ok", probability=0.05, area_px=40)
+    assert tier_of(outlined, t, o, True) == "urgent"
+    # the classifier alone: urgent from urgent_probability, review from the review threshold
+    alone = {
+        p: tier_of(ImageResult(image_id="c", path="c", status="ok", probability=p), t, o, False)
+        for p in (0.1, 0.5, 0.95)
+    }
+    assert alone == {0.1: "routine", 0.5: "review", 0.95: "urgent"}

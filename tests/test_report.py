@@ -66,7 +66,7 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     ]
     for i, r in enumerate(rows):
         r.file_stem, r.seq = r.image_id, i
-        r.tier = tier_of(r, 0.5, ScanOptions(), True)
+        r.tier = tier_of(r, Thresholds(), ScanOptions(), True)
     assert [r.tier for r in rows] == ["review", "urgent", "routine"]
     thresholds = Thresholds()  # the defaults: gate 0.5 and the winners' triplet
     summary = summarise(
@@ -83,8 +83,11 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     html = (tmp_path / "report.html").read_text()
     assert ">2019-03-04 10:22<" in html and ">PA<" in html and ">CR<" in html
     assert "at least 2000 pixels of a 1024 x 1024 image (scaled to each image's size" in html
-    assert "above 0.75, the outline then drawn at 0.30" in html
-    assert "gate 0.5 but no outline survived" in html and "outline is drawn in red" in html
+    assert "above 0.75, the outline then drawn at 0.3" in html
+    assert (
+        "nothing outlined but classifier probability ≥ the review threshold 0.5" in html
+        and "outline is drawn in red" in html
+    )
     worklist = list(csv.DictReader(open(tmp_path / "worklist.csv", newline="")))
     assert worklist[1]["image_id"] == "flagged" and worklist[1]["flag"].startswith("implausible outline — check")
     dom = rendered(tmp_path / "report.html", tmp_path / "profile")

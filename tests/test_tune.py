@@ -85,11 +85,16 @@ def test_tune_then_evaluate(tiny: tuple[StudySummary, Path, Path], tmp_path: Pat
     assert set(loaded.thresholds) >= {"gate", "top_score", "min_area", "bottom_score", "min_component"}
     assert tuning["figures"]["competition_dice"] >= tuning["default_competition_dice"]
     assert tuning["classifier_sha256"] == sha(cls)
+    # the review threshold: chosen last, for the default specificity, and shown with its figures
+    assert tuning["review"]["target"] == {"specificity": 0.9}
+    assert loaded.thresholds["review"] == tuning["review"]["figures"]["review"] == tuning["chosen"]["review"]
+    assert "review threshold (specificity target 0.9)" in result.output
 
     default = evaluate_cli(study, cls, seg, tmp_path / "ev-default")
     after = evaluate_cli(study, cls, tuned, tmp_path / "ev-tuned")
     # the scan with the tuned checkpoint uses its gate (tuned with this classifier) and its triplet
     assert after["source"]["thresholds"]["gate"] == pytest.approx(loaded.thresholds["gate"])
+    assert after["source"]["thresholds"]["review"] == loaded.thresholds["review"]
     # tune's figures are the scan's own on these images (same post-processing, CPU, model size = image size)
     assert after["competition_dice"] == pytest.approx(tuning["figures"]["competition_dice"], abs=1e-9)
     assert default["competition_dice"] == pytest.approx(tuning["default_competition_dice"], abs=1e-9)

@@ -160,6 +160,41 @@ def evaluate(
         raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
+def review_table(review: dict[str, Any]) -> Table:
+    """The review threshold at several target specificities and the chosen one: the triage each gives on the
+    tuning images (an outlined image urgent; nothing outlined: review from the threshold up, else routine)."""
+    from pneumotriage.postprocess import shown
+
+    target = review["target"]
+    title = (
+        f"review threshold (specificity target {target['specificity']:g})"
+        if "specificity" in target
+        else f"review threshold (review share at most {target['share']:g})"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("target spec.", "review", "sensitivity", "specificity", "review share", "chosen"):
+        table.add_column(col, justify="right")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    chosen = review["figures"]
+    rows = [(f"{r['specificity_target']:g}", r) for r in review["table"]]
+    if not any(r["review"] == chosen["review"] for _, r in rows):
+        rows.append(("", chosen))
+    rows.sort(key=lambda row: row[1]["review"])
+    for label, r in rows:
+        table.add_row(
+            label,
+            shown(r["review"]),
+            pct(r["sensitivity"]),
+            pct(r["specificity"]),
+            f"{r['review_share']:.3f}",
+            "yes" if r["review"] == chosen["review"] else "",
+        )
+    return table
+
+
 @reports_errors
 def tune(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Folder of labelled validation DICOMs.")],
@@ -189,6 +224,16 @@ def tune(
     ] = False,
     sensitivity: Annotated[
         float | None, typer.Option(help="Fix the gate for this classifier sensitivity (e.g. 0.95), tune the rest.")
+    ] = None,
+    review_specificity: Annotated[
+        float | None,
+        typer.Option(
+            help="Choose the review threshold so that this share of the negatives stays routine (default 0.9)."
+        ),
+    ] = None,
+    review_share: Annotated[
+        float | None,
+        typer.Option(help="Choose the review threshold so that at most this share of the images goes to review."),
     ] = None,
     top_scores: Annotated[str | None, typer.Option(help="Grid of top_score values, e.g. 0.6,0.75,0.9.")] = None,
     min_areas: Annotated[str | None, typer.Option(help="Grid of min_area values (px at 1024²).")] = None,
@@ -259,10 +304,12 @@ def tune(
             progress=on_event,
             force=force,
             oof=oof,
+            review_specificity=review_specificity,
+            review_share=review_share,
         )
     table = Table(title="best settings (competition Dice on these images)", title_justify="left")
     names = Thresholds.NAMES
-    for col in (*names, "competition Dice", ""):
+    for col in (*names, "competition Dice", "chosen"):
         table.add_column(col, justify="right")
     chosen_row = {k: result.thresholds[k] for k in names}
     rows = list(result.top)
@@ -272,9 +319,11 @@ def tune(
         table.add_row(
             *(f"{row[k]:g}" for k in names),
             f"{row['competition_dice']:.4f}",
-            "chosen" if all(row[k] == chosen_row[k] for k in names) else "",
+            "yes" if all(row[k] == chosen_row[k] for k in names) else "",
         )
     out.print(table)
+    if result.review is not None:
+        out.print(review_table(result.review))
     f = result.figures
     chosen = ", ".join(f"{k} {result.thresholds[k]:g}" for k in result.thresholds)
     err.print(

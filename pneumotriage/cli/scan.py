@@ -47,6 +47,13 @@ def scan(
         float | None,
         typer.Option(help="Classifier probability that sends an image to the segmenter (default: the checkpoint's)."),
     ] = None,
+    review: Annotated[
+        float | None,
+        typer.Option(
+            help="Probability from which an image with nothing outlined goes to review (default: the checkpoint's, "
+            "else the gate)."
+        ),
+    ] = None,
     top_score: Annotated[float | None, typer.Option(help="Triplet rule: pixel score that counts as confident.")] = None,
     min_area: Annotated[float | None, typer.Option(help="Triplet rule: confident pixels needed (at 1024²).")] = None,
     bottom_score: Annotated[float | None, typer.Option(help="Triplet rule: threshold of the final mask.")] = None,
@@ -130,6 +137,7 @@ def scan(
         batch_size,
         workers,
         gate=gate,
+        review=review,
         top_score=top_score,
         min_area=min_area,
         bottom_score=bottom_score,

@@ -27,7 +27,7 @@ from pneumotriage.postprocess import Thresholds
 #: until validation (or ``pneumotriage tune``) chooses others: a classifier holds the gate, a segmenter the rest.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "classifier": {"gate": Thresholds().gate},
-    "segmenter": {k: v for k, v in Thresholds().as_dict().items() if k != "gate"},
+    "segmenter": {k: v for k, v in Thresholds().as_dict().items() if k not in ("gate", "review")},
 }
 
 

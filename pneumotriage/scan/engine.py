@@ -489,7 +489,7 @@ def _run(
                     # never the grey one.
                     thumb = outlined if result.mask_file else grey
                     if thumb is not None:
-                        result.tier = tier_of(result, thresholds.gate, options, segmenter is not None)
+                        result.tier = tier_of(result, thresholds, options, segmenter is not None)
                         thumbs.offer(result, thumb)
                     any_done = True
                 if time.perf_counter() - synced[0] > 1.0:  # durable against a power cut at least every second
@@ -640,7 +640,7 @@ def _run(
                 raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
             segmented_run = segmenter is not None
             for r in results:
-                r.tier = tier_of(r, thresholds.gate, options, segmented_run)
+                r.tier = tier_of(r, thresholds, options, segmented_run)
             ranked = rank(results)
             # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
             thumbs.write(out, ranked, lambda rows: _decode_thumbnails(workers, out, rows))

@@ -113,7 +113,7 @@ def _merge(out: Path, count: int) -> Merged:
     t = Thresholds.from_mapping(signature["thresholds"])
     segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
     for r in rows:
-        r.tier = tier_of(r, t.gate, o, segmented_run)
+        r.tier = tier_of(r, t, o, segmented_run)
     ranked = rank(rows)
 
     def make_thumbnails(need: list[ImageResult]) -> None:

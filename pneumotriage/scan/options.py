@@ -26,6 +26,7 @@ class ScanOptions:
     min_area: float | None = None
     bottom_score: float | None = None
     min_component: float | None = None
+    review: float | None = None
     segment_all: bool = False
     no_segment: bool = False
     tta: bool = False
@@ -59,7 +60,7 @@ class ScanOptions:
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
         scan writes anything: a gate of 2 or NaN would silently make every image routine."""
-        for name in Thresholds.NAMES:
+        for name in Thresholds.ALL:
             _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
         _check_probability("--urgent-probability", self.urgent_probability)
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH:
@@ -115,6 +116,7 @@ _THRESHOLD_CHECKS = {
     "bottom_score": _check_probability,
     "min_area": _check_count,
     "min_component": _check_count,
+    "review": _check_probability,
 }
 
 
@@ -138,22 +140,32 @@ def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
 
 
 def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> Thresholds:
-    """The gate and post-processing thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s.
-    Every value is checked (:meth:`ScanOptions.check`; a checkpoint's by :func:`_from_checkpoint`)."""
+    """The thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s. Every value is checked
+    (:meth:`ScanOptions.check`; a checkpoint's by :func:`_from_checkpoint`).
+
+    The gate and the review threshold are decisions on the classifier's probability: each comes from the
+    classifier's checkpoint, or from the segmenter's where `pneumotriage tune` chose it with this classifier (same
+    sha256). A review threshold set nowhere is the gate in effect (checkpoints from before it existed)."""
     o.check()
-    t = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
-    if classifier is not None and o.gate is None:
-        t["gate"] = _from_checkpoint(classifier, "gate", t["gate"])
-        # `pneumotriage tune` stores the gate it chose in the segmenter's checkpoint, for the classifier it was
-        # tuned with: it holds for that classifier (same sha256) only.
-        tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
-        if segmenter is not None and "gate" in segmenter.thresholds and tuned_with == classifier.sha256:
-            t["gate"] = _from_checkpoint(segmenter, "gate", t["gate"])
+    t: dict[str, float] = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
+    tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
+    for k in ("gate", "review"):
+        if getattr(o, k) is not None:
+            continue
+        if classifier is not None and k in classifier.thresholds:
+            t[k] = _from_checkpoint(classifier, k, t.get(k, 0.5))
+        # `pneumotriage tune` stores the gate (and the review threshold) it chose in the segmenter's checkpoint,
+        # for the classifier it was tuned with: they hold for that classifier only; without a classifier the
+        # review threshold applies to the segmenter's own image score, as tuned without one.
+        if segmenter is not None and k in segmenter.thresholds:
+            same = classifier is not None and tuned_with == classifier.sha256
+            if same or (classifier is None and k == "review" and tuned_with is None):
+                t[k] = _from_checkpoint(segmenter, k, t.get(k, 0.5))
     if segmenter is not None:
         for k in ("top_score", "min_area", "bottom_score", "min_component"):
             if getattr(o, k) is None:
                 t[k] = _from_checkpoint(segmenter, k, t[k])
-    for k in t:
+    for k in Thresholds.ALL:
         value = getattr(o, k)
         if value is not None:
             t[k] = float(value)

@@ -117,6 +117,7 @@ def summarise(
         skipped=skipped,
         urgent_probability=urgent_probability if decisions == "classifier" else None,
         decisions=decisions,
+        no_segment=no_segment,
     )
 
 

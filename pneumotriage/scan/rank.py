@@ -4,29 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.records import TIERS, ImageResult
 
 
-def tier_of(result: ImageResult, gate: float, options: ScanOptions, segmented_run: bool) -> str:
+def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, segmented_run: bool) -> str:
     """Priority rules (documented in the README):
 
-    - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when the classifier
-      passed the gate but no outline survived the triplet rule, or when the outline is implausible (its
-      ``flag``: never urgent on such an outline alone); ``routine`` below the gate;
+    - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when nothing was
+      outlined but the probability reaches the review threshold, or when the outline is implausible (its
+      ``flag``: never urgent on such an outline alone); otherwise ``routine``. (The gate decides only which
+      images are segmented.)
     - classifier alone (``no_segment``): ``urgent`` at probability >= ``urgent_probability``, ``review`` at
-      >= the gate, else ``routine``;
+      >= the review threshold, else ``routine``;
     - an image that could not be read: ``review`` (a person must look at it).
     """
     if result.status != "ok" or result.probability is None:
         return "review"
-    if segmented_run:
-        if result.area_px:
-            return "review" if result.flag else "urgent"
-        return "review" if result.probability >= gate else "routine"
-    if result.probability >= options.urgent_probability:
+    if segmented_run and result.area_px:
+        return "review" if result.flag else "urgent"
+    if not segmented_run and result.probability >= options.urgent_probability:
         return "urgent"
-    return "review" if result.probability >= gate else "routine"
+    return "review" if result.probability >= thresholds.review_at else "routine"
 
 
 def order_key(r: ImageResult) -> tuple[Any, ...]:

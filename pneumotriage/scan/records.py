@@ -76,6 +76,8 @@ class ScanSummary:
     #: Which decisions ran, for the legend: "cascade" (the classifier's gate, then the segmenter's outline),
     #: "classifier" (the classifier alone) or "segmenter" (every image segmented, no classifier).
     decisions: str = "cascade"
+    #: The segmenter was turned off (``--no-segment``), as opposed to not given.
+    no_segment: bool = False
 
     @property
     def failed(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
+from pneumotriage.postprocess import shown
 from pneumotriage.scan.finish import thumbnail_path
 from pneumotriage.scan.rank import order_key
 from pneumotriage.scan.records import ImageResult, ScanSummary
@@ -118,28 +119,29 @@ def legend_items(summary: ScanSummary) -> list[tuple[str, str]]:
     from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
 
     t = summary.thresholds
-    gate = f"{t.gate:.3g}"
+    gate, review = shown(t.gate), shown(t.review_at)
     unreadable = f"a file that could not be read, or {_NOT_TRIAGED}"
     if summary.decisions == "classifier":
-        urgent = summary.urgent_probability if summary.urgent_probability is not None else 0.9
-        why = "--no-segment" if any("--no-segment" in n for n in summary.notes) else "no segmenter given"
-        items = [("urgent", f"classifier probability ≥ {urgent:.3g} (the classifier alone: {why}; no outlines)")]
-        if t.gate < urgent:
-            items.append(("review", f"probability ≥ the gate {gate} and below {urgent:.3g}; or {unreadable}"))
-            items.append(("routine", f"probability below the gate {gate}"))
-        else:  # a gate at or above the urgent probability leaves no probability for review
+        urgent = shown(summary.urgent_probability if summary.urgent_probability is not None else 0.9)
+        why = "--no-segment" if summary.no_segment else "no segmenter given"
+        items = [("urgent", f"classifier probability ≥ {urgent} (the classifier alone: {why}; no outlines)")]
+        if t.review_at < float(urgent):
+            items.append(("review", f"probability ≥ the review threshold {review} and below {urgent}; or {unreadable}"))
+            items.append(("routine", f"probability below the review threshold {review}"))
+        else:  # a review threshold at or above the urgent probability leaves no probability for review
             items.append(
                 (
                     "review",
-                    f"{unreadable} (the gate {gate} is not below {urgent:.3g}: no image is review by its probability)",
+                    f"{unreadable} (the review threshold {review} is not below {urgent}: no image is review by its "
+                    "probability)",
                 )
             )
-            items.append(("routine", f"probability below {urgent:.3g}"))
+            items.append(("routine", f"probability below {urgent}"))
         return items
     scaled = (
-        f"at least {t.min_area:.0f} pixels of a 1024 x 1024 image (scaled to each image's size: the Area px column "
-        f"is at the image's own size) above {t.top_score:.2f}, the outline then drawn at {t.bottom_score:.2f}"
-        + (f", parts under {t.min_component:.0f} px (at 1024²) dropped" if t.min_component else "")
+        f"at least {t.min_area:g} pixels of a 1024 x 1024 image (scaled to each image's size: the Area px column "
+        f"is at the image's own size) above {shown(t.top_score)}, the outline then drawn at {shown(t.bottom_score)}"
+        + (f", parts under {t.min_component:g} px (at 1024²) dropped" if t.min_component else "")
     )
     implausible = (
         f"an implausible outline (over {MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} "
@@ -150,15 +152,22 @@ def legend_items(summary: ScanSummary) -> list[tuple[str, str]]:
             ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; every image segmented, no classifier)"),
             (
                 "review",
-                f"the segmenter's image score (its probability column) ≥ {gate} but no outline survived; "
-                f"{implausible}; or {unreadable}",
+                f"nothing outlined but the segmenter's image score (its probability column) ≥ the review threshold "
+                f"{review}; {implausible}; or {unreadable}",
             ),
-            ("routine", f"nothing outlined and the segmenter's image score below {gate}"),
+            ("routine", f"nothing outlined and the segmenter's image score below {review}"),
         ]
+    routine = f"nothing outlined and classifier probability below the review threshold {review}"
+    if t.gate > t.review_at:
+        routine += f" (images below the gate {gate} are not segmented)"
     return [
-        ("urgent", f"the segmenter outlined a pneumothorax ({scaled})"),
-        ("review", f"the classifier passed the gate {gate} but no outline survived; {implausible}; or {unreadable}"),
-        ("routine", f"classifier probability below the gate {gate}"),
+        ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; images segmented from the gate {gate} up)"),
+        (
+            "review",
+            f"nothing outlined but classifier probability ≥ the review threshold {review}; {implausible}; "
+            f"or {unreadable}",
+        ),
+        ("routine", routine),
     ]
 
 
@@ -276,8 +285,8 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             )
         t = summary.thresholds
         fh.write(
-            f"<div>gate {t.gate:.3f}; triplet top {t.top_score:.2f}, "
-            f"min area {t.min_area:.0f} px at 1024², bottom {t.bottom_score:.2f}</div>"
+            f"<div>gate {shown(t.gate)}; review {shown(t.review_at)}; triplet top {shown(t.top_score)}, "
+            f"min area {t.min_area:g} px at 1024², bottom {shown(t.bottom_score)}</div>"
         )
         fh.write("</div>\n")
         fh.write(_legend(summary))
