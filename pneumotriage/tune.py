@@ -444,6 +444,7 @@ def review_threshold(
     it and a note where the target cannot be met (negatives the segmenter outlined are never routine)."""
     y, outlined, p = np.asarray(y, dtype=bool), np.asarray(outlined, dtype=bool), np.asarray(p, dtype=np.float64)
     free = np.sort(p[~outlined])  # the images the review threshold decides, ascending
+    note = None
     if share is not None:
         allowed = math.floor(share * len(y) + 1e-9)  # images that may go to review
         if allowed >= len(free):
@@ -455,19 +456,16 @@ def review_threshold(
         need = math.ceil(target * int((~y).sum()) - 1e-9)  # negatives that must stay routine
         if need <= 0:
             return 0.0, None
-        if need > len(negatives):
+        if need > len(negatives):  # out of reach: every negative left alone is made routine
             note = (
                 f"review specificity {target:g} cannot be met: the segmenter outlines "
                 f"{int((outlined & ~y).sum())} of the {int((~y).sum())} negatives here; every negative it leaves "
                 "alone is routine"
             )
-            lo = float(negatives[-1]) if len(negatives) else 0.0
-            above = free[free > lo]
-            return (_shortest_above(lo, float(above[0])) if len(above) else min(1.0, _shortest_above(lo, 1.0))), note
-        lo = float(negatives[need - 1])
+        lo = float(negatives[min(need, len(negatives)) - 1]) if len(negatives) else 0.0
     above = free[free > lo]
     hi = float(above[0]) if len(above) else 1.0
-    return _shortest_above(lo, hi), None
+    return _shortest_above(lo, hi), note
 
 
 # --------------------------------------------------------------------------------------------------------------
