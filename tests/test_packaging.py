@@ -49,6 +49,8 @@ def test_the_wheel_installed_elsewhere_has_its_registry_and_runs_the_demo(tmp_pa
             zf.namelist()
         )
         assert not any(n.startswith(("tests/", "benchmarks/")) for n in zf.namelist())
+        templates = {f"pneumotriage/scan/templates/report.{ext}" for ext in ("html.j2", "css", "js")}
+        assert templates <= set(zf.namelist()), "the report's templates are package data"
 
     # A fresh environment, the wheel installed into it by pip without its dependencies; those (torch and the rest)
     # are read from this environment's site-packages through a path file, so nothing downloads. A plain path line
@@ -87,4 +89,5 @@ def test_the_wheel_installed_elsewhere_has_its_registry_and_runs_the_demo(tmp_pa
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "copied from the package" in demo.stdout + demo.stderr
     assert (elsewhere / "demo" / "scan" / "worklist.csv").is_file()
+    assert "Pneumothorax triage worklist" in (elsewhere / "demo" / "scan" / "report.html").read_text()
     assert not (REPO / "demo").exists()

@@ -47,3 +47,33 @@ def test_the_gate_and_the_review_threshold_are_two_decisions() -> None:
         for p in (0.1, 0.5, 0.95)
     }
     assert alone == {0.1: "routine", 0.5: "review", 0.95: "urgent"}
+
+
+def test_each_row_says_why_in_plain_words_and_its_own_units() -> None:
+    from pneumotriage.scan.rank import reason_of
+
+    t = Thresholds(gate=0.2, review=0.5)
+
+    def row(**kw: object) -> ImageResult:
+        r = ImageResult(image_id="a", path="/in/a.dcm", status="ok", **kw)  # type: ignore[arg-type]
+        r.tier = tier_of(r, t, ScanOptions(urgent_probability=0.9), segmented_run=True)
+        return r
+
+    outlined = row(probability=0.97, segmented=True, area_px=900, area_cm2=8.25, side="left")
+    assert reason_of(outlined, t, "cascade") == "outlined 8.2 cm² on the left"
+    no_spacing = row(probability=0.97, segmented=True, area_px=745, side="both")
+    assert reason_of(no_spacing, t, "cascade") == "outlined 745 px on both sides"
+    assert reason_of(row(probability=0.94, segmented=True, area_px=0), t, "cascade") == (
+        "classifier 0.940, nothing outlined"
+    )
+    assert reason_of(row(probability=0.1), t, "cascade") == "classifier 0.100, not segmented (below the gate 0.2)"
+    flagged = row(probability=0.9, segmented=True, area_px=9000, flag="implausible outline — check: it covers 80%")
+    assert reason_of(flagged, t, "cascade").startswith("implausible outline — check: it covers 80%")
+    assert reason_of(row(probability=0.6, segmented=True), t, "segmenter").startswith("segmenter score 0.600")
+    alone = ImageResult(image_id="a", path="a", status="ok", probability=0.95, tier="urgent")
+    assert reason_of(alone, t, "classifier", 0.9) == "classifier 0.950 ≥ 0.9 (classifier alone, no outlines)"
+    # A row not triaged or unreadable gives the reason without the file's path (the row names the file).
+    ct = ImageResult("h", "/in/h.dcm", "not triaged", error="/in/h.dcm: not triaged: modality CT (--accept ...)")
+    assert reason_of(ct, t, "cascade") == "not triaged: modality CT (--accept ...)"
+    broken = ImageResult("b", "/in/b.dcm", "error", error="/in/b.dcm: the file ends early")
+    assert reason_of(broken, t, "cascade") == "unreadable: the file ends early"

@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from helpers import rendered, scan_args
+from browser import Page
+from helpers import read_rows, rendered, scan_args
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,6 +26,124 @@ def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], t
     assert dom.count('class="row ') == 13
     assert dom.count('class="row urgent') + dom.count("implausible outline — check") >= 1
     assert '<span id="shown">13</span>' in dom
+    # Every row says why it has its tier, in the worklist too; the unreadable file says what is wrong with it.
+    worklist = read_rows(out / "worklist.csv")
+    assert all(row["reason"] for row in worklist)
+    broken = next(row for row in worklist if row["image_id"] == "broken")
+    assert broken["reason"].startswith("unreadable: ") and str(scan_input) not in broken["reason"]
+
+
+def _reading_list(out: Path, n: int = 30) -> list[ImageResult]:
+    """A ranked scan of ``n`` images as a scan leaves it (pictures included): urgent, review and routine rows with
+    long UID-like ids and patient ids, an unreadable file and one not triaged."""
+    from pneumotriage.postprocess import Thresholds
+    from pneumotriage.scan.finish import plain_path, thumbnail_path
+    from pneumotriage.scan.outputs import summarise, write_outputs
+
+    rng = np.random.default_rng(3)
+    thresholds = Thresholds(gate=0.2, review=0.5)
+    rows = []
+    for i in range(n):
+        stem = f"1.2.826.0.1.3680043.8.498.{10**20 + i * 7919}"
+        p = float(rng.random())
+        r = ImageResult(stem, f"/data/{stem}.dcm", "ok", probability=p, segmented=p >= thresholds.gate)
+        r.patient_id, r.accession = f"{i:04d}a1b2-c3d4-e5f6-7788-99aabbccdd{i:02d}", f"ACC{i:06d}"
+        r.study_datetime, r.view_position, r.modality, r.file_stem, r.seq = "2019-03-04T10:22:05", "PA", "CR", stem, i
+        if p > 0.8:
+            r.area_px, r.area_cm2, r.side = 900 + i, 8.25, "left"
+            r.overlay_file = f"overlays/{stem}.jpg"
+        rows.append(r)
+    rows.append(ImageResult("broken", "/data/broken.dcm", "error", error="/data/broken.dcm: the file ends early"))
+    rows.append(ImageResult("head", "/data/head.dcm", "not triaged", error="/data/head.dcm: not triaged: modality CT"))
+    for i, r in enumerate(rows):
+        r.seq = i
+        r.tier = tier_of(r, thresholds, ScanOptions(), True)
+    ranked = rank(rows)
+    summary = summarise(
+        out, ranked, counts={}, models=[], thresholds=thresholds, no_segment=False, plan={}, skipped=[], timings={}
+    )
+    for folder in ("overlays", ".scan/thumbs"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    for r in ranked:
+        if r.file_stem is None:
+            continue
+        grey = int(40 + 200 * (r.probability or 0))
+        Image.new("RGB", (192, 192), (grey, grey, grey)).save(thumbnail_path(out, r.file_stem))
+        if r.overlay_file:
+            Image.new("RGB", (512, 512), (200, 30, 30)).save(out / r.overlay_file)
+            Image.new("RGB", (512, 512), (grey, grey, grey)).save(plain_path(out, r.file_stem))
+    write_outputs(summary)
+    return ranked
+
+
+def _lightbox(page: Page) -> tuple[str | None, str | None]:
+    """The lightbox's state: (the image id it shows or None when closed, its picture's alt text)."""
+    view = page.value(
+        "document.getElementById('lightbox').style.display==='flex'?"
+        "document.getElementById('lightbox').getAttribute('data-view'):null"
+    )
+    return view, page.value("document.getElementById('big').alt")
+
+
+def test_the_report_is_a_reading_list_at_desk_and_phone_widths(tmp_path: Path) -> None:
+    """At 1280 and 420 px the first rows' picture and tier are on screen; the lightbox opens for an urgent and a
+    routine row with a caption, the outline turns off and on, the arrow keys move through the worklist in its
+    order, Esc closes it, and #view= opens any row."""
+    out = tmp_path / "out"
+    ranked = _reading_list(out)
+    ids = [r.image_id for r in ranked]
+    report = (out / "report.html").as_uri()
+    with Page(tmp_path / "profile", 1280, 800) as page:
+        for width, height in ((1280, 800), (420, 860)):
+            page.resize(width, height)
+            page.open(report)
+            assert page.value("document.body.getAttribute('data-error')") is None
+            for row in (1, 2):
+                for cell in ("td.pic", "td.tier"):
+                    assert page.inside(f"#worklist tbody tr:nth-child({row}) {cell}"), (width, row, cell)
+            shot = page.screenshot(tmp_path / f"report-{width}.png")
+            with Image.open(shot) as picture:
+                assert picture.width == width
+        page.resize(1280, 800)
+        page.open(report)
+        # One line a row at desk width: a row is no taller than its picture, even with a long reason.
+        heights = page.value(
+            "Array.prototype.map.call(document.querySelectorAll('#worklist tbody tr'),"
+            "function(r){return r.getBoundingClientRect().height;})"
+        )
+        assert max(heights) < 90, heights
+        # An urgent row: its overlay, then the picture without the outline, and a caption that says what it is.
+        assert ranked[0].tier == "urgent"
+        page.click("#worklist tbody tr:nth-child(1) button.open")
+        assert _lightbox(page) == (ids[0], f"overlay of {ids[0]}")
+        caption = page.value("document.getElementById('caption').textContent")
+        assert ids[0] in caption and "#1 urgent" in caption and "8.2 cm²" in caption and "patient 0" in caption
+        page.click("#outline")
+        assert _lightbox(page) == (ids[0], ids[0])
+        page.click("#outline")
+        assert _lightbox(page)[1] == f"overlay of {ids[0]}"
+        # The arrow keys go through the worklist in its order; Esc closes.
+        page.key("ArrowRight")
+        page.key("ArrowRight")
+        assert _lightbox(page)[0] == ids[2]
+        page.key("ArrowLeft")
+        assert _lightbox(page)[0] == ids[1]
+        assert page.value("location.hash") == f"#view={ids[1]}"
+        page.key("Escape")
+        assert _lightbox(page)[0] is None
+        # A routine row opens too, and says so.
+        routine = next(i for i, r in enumerate(ranked) if r.tier == "routine")
+        page.click(f"#worklist tbody tr:nth-child({routine + 1}) button.open")
+        assert _lightbox(page) == (ids[routine], ids[routine])
+        assert "routine" in page.value("document.getElementById('caption').textContent")
+        page.key("Escape")
+        # #view= opens any row, the not-triaged one too (its reason in the caption); an unknown id says so.
+        page.open(report + "#view=head")
+        assert _lightbox(page)[0] == "head"
+        assert "not triaged: modality CT" in page.value("document.getElementById('caption').textContent")
+        page.open(report + "#view=nobody")
+        assert _lightbox(page)[0] is None
+        assert "No row has the image id nobody" in page.value("document.getElementById('missing').textContent")
 
 
 def test_escapes_dicom_text(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -42,7 +161,7 @@ def test_escapes_dicom_text(tmp_path: Path, models: dict[str, Path]) -> None:
     result = CliRunner().invoke(app, scan_args(study.out, out, models))
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text()
-    assert "<script>document" not in html and "&lt;script&gt;" in html and "A&amp;B&quot;&#x27;" in html
+    assert "<script>document" not in html and "&lt;script&gt;" in html and "A&amp;B&#34;&#39;" in html
 
 
 def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
@@ -95,11 +214,11 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     assert "implausible outline — check: it covers 80% of the image" in dom
     assert "the segmenter outlined a pneumothorax (at least 2000 pixels" in dom  # the legend, rendered
     assert dom.count('class="row urgent') == 1 and dom.count('class="row review') == 1
-    assert 'id="lightbox" title="click to close" style="display: flex;"' not in dom  # closed until asked
-    # A link's #view= clicks the image's thumbnail, as a reader does: the overlay at full size, from the file.
+    assert 'style="display: flex;"' not in dom  # the lightbox is closed until asked
+    # A link's #view= opens the image's picture: the overlay at full size, from the file.
     report = tmp_path / "report.html"
     opened = rendered(report.as_uri() + "#view=flagged", tmp_path / "profile2")
-    assert 'id="lightbox" title="click to close" style="display: flex;"' in opened
+    assert 'aria-label="picture" data-view="flagged" style="display: flex;"' in opened
     assert '<img id="big" alt="overlay of flagged" src="data:image/jpeg;base64,' in opened
     # Without a segmenter the legend gives the urgent probability in force instead of the unused triplet.
     summary.urgent_probability, summary.decisions = 0.85, "classifier"

@@ -38,7 +38,7 @@ from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan.classify import classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device, turned
 from pneumotriage.scan.discover import Discovery, Found
-from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, thumbnail_path
+from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, plain_path, thumbnail_path
 from pneumotriage.scan.gate import to_segment
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal, OutLock
 from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
@@ -689,14 +689,15 @@ def _refuse_links(base: Path, names: Sequence[str]) -> None:
 
 
 def _remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) -> None:
-    """Delete the mask, overlay and report thumbnail of an image that no longer belongs to this scan (those
+    """Delete the mask, overlay and report pictures of an image that no longer belongs to this scan (those
     named in ``keep`` belong to another image and stay)."""
-    thumb = thumbnail_path(out, result.file_stem) if result.file_stem and result.file_stem not in keep else None
+    stem = result.file_stem
     for path in (result.mask_file, result.overlay_file):
         if path and path not in keep:
             (out / path).unlink(missing_ok=True)
-    if thumb is not None:
-        thumb.unlink(missing_ok=True)
+    if stem and stem not in keep:
+        thumbnail_path(out, stem).unlink(missing_ok=True)
+        plain_path(out, stem).unlink(missing_ok=True)
 
 
 def _write_dicom(

@@ -203,6 +203,8 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
             shown = overlay(display, _shown_mask(found, job.display_shape))
             atomic_write_bytes(job.out / "overlays" / f"{job.name}.jpg", jpeg(shown, quality=90), durable=False)
             result.overlay_file = f"overlays/{job.name}.jpg"
+            # The same picture without the outline, for the report's "outline off" (outlined images only).
+            atomic_write_bytes(plain_path(job.out, job.name), jpeg(Image.fromarray(display), quality=85), durable=False)
             # Its report thumbnail is cut from the overlay at the end, only if the report shows it.
             return result, None
         # No overlay to cut it from: the thumbnail is drawn at its own size (the grey copy shrunk, the outline
@@ -219,6 +221,12 @@ def grey_thumbnail(display: np.ndarray) -> bytes:
 
 def thumbnail_path(out: Path, name: str) -> Path:
     return out / ".scan" / "thumbs" / f"{name}.jpg"
+
+
+def plain_path(out: Path, name: str) -> Path:
+    """The grey picture of an outlined image, at its overlay's size, without the outline (the report's lightbox
+    shows it when the reader turns the outline off)."""
+    return out / ".scan" / "thumbs" / f"{name}.plain.jpg"
 
 
 def write_thumbnail(out: Path, name: str, picture: Image.Image) -> None:

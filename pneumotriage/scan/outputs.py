@@ -20,6 +20,7 @@ from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.models.foreign import RUNTIMES as GENERIC
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY, rle_runs
+from pneumotriage.scan.rank import reason_of
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
 from pneumotriage.scan.report import write_report
 
@@ -30,6 +31,7 @@ WORKLIST_FIELDS = (
     "area_px",
     "area_cm2",
     "side",
+    "reason",
     "flag",
     "image_id",
     "sop_instance_uid",
@@ -127,6 +129,7 @@ def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[st
     for r in summary.results:
         data = asdict(r)
         row = {k: data.get(k) for k in WORKLIST_FIELDS}
+        row["reason"] = reason_of(r, summary.thresholds, summary.decisions, summary.urgent_probability)
         for role in ("classifier", "segmenter"):
             m = models.get(role)
             row[role] = m["name"] if m else None

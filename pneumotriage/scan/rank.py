@@ -47,3 +47,32 @@ def rank(results: list[ImageResult]) -> list[ImageResult]:
     for i, r in enumerate(ranked, 1):
         r.rank = i
     return ranked
+
+
+def reason_of(r: ImageResult, thresholds: Thresholds, decisions: str, urgent_probability: float | None = None) -> str:
+    """Why a ranked row has its tier, in plain words and the image's own units ("outlined 8.3 cm² on the left";
+    "classifier 0.94, nothing outlined"; "not triaged: ..."). ``decisions`` is the scan's: "cascade", "classifier"
+    or "segmenter" (:class:`~pneumotriage.scan.records.ScanSummary`)."""
+    from pneumotriage.postprocess import shown
+
+    if r.status != "ok":
+        text = r.error or r.status
+        if text.startswith(f"{r.path}: "):  # the file is the row's own: its reason alone
+            text = text[len(r.path) + 2 :]
+        if r.status == "not triaged" and not text.startswith("not triaged"):
+            return f"not triaged: {text}"
+        return text if r.status == "not triaged" else f"unreadable: {text}"
+    score = "segmenter score" if decisions == "segmenter" else "classifier"
+    p = f"{score} {r.probability:.3f}" if r.probability is not None else f"no {score} output"
+    if r.flag:
+        return f"{r.flag}; {p}"
+    if r.area_px:
+        area = f"{r.area_cm2:.1f} cm²" if r.area_cm2 is not None else f"{r.area_px} px"
+        where = " on both sides" if r.side == "both" else f" on the {r.side}" if r.side else ""
+        return f"outlined {area}{where}"
+    if decisions == "classifier":
+        urgent = shown(urgent_probability if urgent_probability is not None else 0.9)
+        return f"{p}" + (f" ≥ {urgent}" if r.tier == "urgent" else "") + " (classifier alone, no outlines)"
+    if r.segmented:
+        return f"{p}, nothing outlined"
+    return f"{p}, not segmented (below the gate {shown(thresholds.gate)})"
