@@ -61,5 +61,9 @@ class LabelError(PneumotriageError):
     """A label CSV or run-length string is malformed."""
 
 
+class MissingLabelsError(LabelError, UsageError):
+    """The label CSV given is not there or cannot be opened: a usage error (exit 2), as a missing input folder is."""
+
+
 class RleError(LabelError):
     """A run-length string is malformed: odd count, negative value, out of bounds or overlapping runs."""

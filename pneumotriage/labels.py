@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumotriage.errors import LabelError, RleError
+from pneumotriage.errors import LabelError, MissingLabelsError, RleError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.rle import EMPTY, rle_decode, rle_encode, rle_runs
 
@@ -66,7 +66,7 @@ def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise LabelError(f"cannot be read: {exc.strerror or exc}", path=path, hint="check the path") from None
+        raise MissingLabelsError(f"cannot be read: {exc.strerror or exc}", path=path, hint="check the path") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)

@@ -603,6 +603,20 @@ def _render(job: _Job) -> tuple[Path, bytes, list[str], StudyImage]:
     return rel, buf.getvalue(), lines, image
 
 
+def _refuse_a_study_in(out: Path) -> None:
+    """Refuse ``out`` when it holds a study already (labels, a manifest, or DICOM files)."""
+    if not out.is_dir():
+        return
+    held = [name for name in ("train-rle.csv", "manifest.json") if (out / name).exists()]
+    dicoms = next((p for p in out.rglob("*.dcm")), None)
+    if held or dicoms is not None:
+        what = ", ".join(held + (["DICOM files"] if dicoms is not None else []))
+        raise UsageError(
+            f"{out} already holds a study ({what}): a new one there would leave labels for some images only",
+            hint="write into a new or empty folder, or remove the old study first",
+        )
+
+
 def write_study(
     out: str | Path,
     n: int,
@@ -625,7 +639,11 @@ def write_study(
     ``workers`` must guard its entry point with ``if __name__ == "__main__":``; the CLI does.
 
     Exactly ``round(n * positive_rate)`` images are positive. A ``manifest.json`` records, per image, the
-    patient, side, site, area and confounders, for tests and curious users.
+    patient, side, site, area and confounders, for tests and curious users; ``sample_submission.csv`` lists every
+    ImageId with ``-1``, as the competition's sample submission does (the ``submit`` walk-through reads it).
+
+    A folder that already holds a study (its label CSV, manifest or any DICOM) is refused: writing another one
+    there would leave labels for some of its images only.
     """
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -639,6 +657,7 @@ def write_study(
     if not 0.25 <= ptx_scale <= 4.0:
         raise UsageError(f"--ptx-scale must be within 0.25..4, got {ptx_scale}")
     out = Path(out)
+    _refuse_a_study_in(out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = _sample_shapes(Path(mask_shapes)) if mask_shapes is not None else None
 
@@ -722,4 +741,6 @@ def write_study(
         "images": [asdict(im) for im in images],
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    ids = dict.fromkeys(im.image_id for im in images)  # an image's id once, in the order written
+    atomic_write_text(out / "sample_submission.csv", "ImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in ids))
     return StudySummary(out=out, labels_csv=labels_csv, images=images)

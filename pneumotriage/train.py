@@ -38,6 +38,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from pneumotriage.datasets import AUGMENT_LEVELS, EpochSampler, RadiographDataset, make_augment
+from pneumotriage.dicom import SkippedFile, discover
 from pneumotriage.errors import PneumotriageError, UsageError
 from pneumotriage.folds import ImageRecord, index_dataset, patient_folds, split_fold
 from pneumotriage.io import atomic_write_bytes, atomic_write_text, strict_json
@@ -575,6 +576,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             hint="pass --resume to continue it, or choose another --out",
         )
     emit = progress or (lambda event: None)
+    # A folder with no DICOM in it is said at once, before the network is asked for a backbone.
+    if state is None and not any(not isinstance(f, SkippedFile) for f in discover(cfg.data)):
+        raise UsageError("no DICOM files found", path=cfg.data, hint="give the folder of training DICOMs as DATA")
     # Before any process group or data: a backbone that cannot be had stops the run at once (exit 3).
     start = starting_weights(cfg) if state is None else None
 
@@ -588,7 +592,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
         index = index_dataset(cfg.data, cfg.labels, relative=cfg.relative_rle)
         records = index.records
         if len(records) < 4:
-            raise UsageError(f"only {len(records)} labelled images found", path=cfg.data, hint="check --labels")
+            unlabelled = len(index.images_without_labels)
+            raise UsageError(
+                f"only {len(records)} labelled images found ({unlabelled} DICOMs here have no row in --labels)",
+                path=cfg.data,
+                hint="give the label CSV of these images as --labels" if unlabelled else "train on at least 4 images",
+            )
         try:
             train_records, val_records = split_records(cfg, records)
         except ValueError as exc:

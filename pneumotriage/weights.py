@@ -486,7 +486,7 @@ class WeightCache:
             raise WeightFetchError(
                 f"offline mode: not downloading weight {spec.name!r} from {url}",
                 hint=f"copy the file here by hand and run `pneumotriage weights import {spec.name} FILE`, "
-                "or unset PNEUMOTRIAGE_OFFLINE",
+                + ("or unset PNEUMOTRIAGE_OFFLINE" if offline_from_env() else "or run it without --offline"),
             )
         if not spec.pinned and not allow_unpinned and spec.name not in self.observed():
             raise WeightHashError(

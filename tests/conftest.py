@@ -83,6 +83,7 @@ def scan_input(study: StudySummary, tmp_path: Path) -> Path:
     shutil.copytree(study.out, folder)
     (folder / "train-rle.csv").unlink()
     (folder / "manifest.json").unlink()
+    (folder / "sample_submission.csv").unlink()
     first = next(folder.rglob("*.dcm"))
     (folder / "broken.dcm").write_bytes(first.read_bytes()[:2000])
     (folder / "notes.txt").write_text("not an image\n")

@@ -30,13 +30,13 @@ def test_python_dash_m_entry_point() -> None:
 
 def test_inspect_json_and_exit_codes(study) -> None:  # type: ignore[no-untyped-def]
     result = runner.invoke(app, ["inspect", "--json", str(study.out)])
-    assert result.exit_code == 4  # manifest.json and train-rle.csv are not DICOM
+    assert result.exit_code == 4  # manifest.json and the two CSVs are not DICOM
     rows = json.loads(result.stdout)
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 12 and {r["image_id"] for r in ok} == {im.image_id for im in study.images}
     assert all(r["rows"] == 128 and r["transfer_syntax"] == "1.2.840.10008.1.2.4.50" for r in ok)
     skipped = {Path(r["path"]).name: r["reason"] for r in rows if r["status"] == "skip"}
-    assert skipped == {"manifest.json": "not a DICOM file", "train-rle.csv": "not a DICOM file"}
+    assert skipped == dict.fromkeys(("manifest.json", "sample_submission.csv", "train-rle.csv"), "not a DICOM file")
     one = study.out / study.images[0].path
     result = runner.invoke(app, ["inspect", "--decode", str(one)])
     assert result.exit_code == 0 and "ok" in result.stdout
@@ -57,6 +57,40 @@ def test_missing_path_is_one_line_usage_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert "nope: no such file or folder" in result.output
+
+
+def test_a_missing_label_file_is_a_usage_error_like_a_missing_folder(study, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for command in (["evaluate", str(study.out)], ["tune", str(study.out)]):
+        args = [*command, "--labels", str(tmp_path / "nope.csv"), "--classifier", str(models["classifier"])]
+        result = runner.invoke(app, [*args, "--segmenter", str(models["segmenter"]), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert "nope.csv: cannot be read" in result.output and "Traceback" not in result.output
+
+
+def test_an_empty_scan_leaves_no_folders_behind_and_keeps_what_was_there(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image\n")
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "old", True)):
+        if existed:
+            (out / "masks").mkdir(parents=True)
+        args = ["scan", str(tmp_path / "empty"), "--out", str(out), "--classifier", str(models["classifier"])]
+        result = runner.invoke(app, [*args, "--no-progress"])
+        assert result.exit_code == 2 and "no DICOM files found" in result.output, result.output
+        if existed:
+            assert sorted(p.name for p in out.iterdir()) == ["masks"]
+        else:
+            assert not out.exists()
+
+
+def test_train_on_a_folder_without_dicoms_says_so_before_any_download(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "labels.csv").write_text("ImageId,EncodedPixels\na,-1\n")
+    args = ["train", "classifier", str(tmp_path / "empty"), "--labels", str(tmp_path / "labels.csv")]
+    env = {"PNEUMOTRIAGE_HOME": str(tmp_path / "home"), "PNEUMOTRIAGE_OFFLINE": ""}
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")], env=env)
+    assert result.exit_code == 2, result.output
+    assert "empty: no DICOM files found" in result.output and "ImageNet" not in result.output
+    assert not (tmp_path / "home" / "weights").exists()  # nothing was fetched
 
 
 def test_synth_command_and_bad_option(tmp_path: Path) -> None:

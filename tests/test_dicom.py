@@ -292,7 +292,7 @@ def test_discovery_is_header_only_and_walks_any_layout(study, tmp_path: Path, mo
     headers = [f for f in found if not isinstance(f, SkippedFile)]
     skipped = sorted(f.path.name for f in found if isinstance(f, SkippedFile))
     assert len(headers) == 13 and all(h.usable for h in headers)
-    assert skipped == ["junk.bin", "manifest.json", "train-rle.csv"]
+    assert skipped == ["junk.bin", "manifest.json", "sample_submission.csv", "train-rle.csv"]
     assert any(h.image_id == "no_extension" for h in headers)
     assert [f.path for f in found] == [f.path for f in discover(root)]  # a stable order
 

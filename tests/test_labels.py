@@ -156,7 +156,7 @@ def test_index_dataset_on_synthetic_study(study, tmp_path: Path) -> None:  # typ
         assert record.mask_area == by_id[record.image_id].mask_area
         assert record.patient_id == by_id[record.image_id].patient_id
         assert (record.height, record.width) == (128, 128)
-    assert {p.name for p, _ in index.skipped} == {"train-rle.csv", "manifest.json"}
+    assert {p.name for p, _ in index.skipped} == {"train-rle.csv", "manifest.json", "sample_submission.csv"}
     assert index.images_without_labels == [] and index.labels_without_images == []
     # A label for an image that is absent, and an image without a label.
     text = study.labels_csv.read_text().splitlines()

@@ -155,7 +155,7 @@ def test_escapes_dicom_text(tmp_path: Path, models: dict[str, Path]) -> None:
     ds.PatientID = "<script>document.body.setAttribute('data-error','x')</script>"
     ds.AccessionNumber = "A&B\"'"
     ds.save_as(path)
-    for extra in ("manifest.json", "train-rle.csv"):
+    for extra in ("manifest.json", "train-rle.csv", "sample_submission.csv"):
         (study.out / extra).unlink()
     out = tmp_path / "out"
     result = CliRunner().invoke(app, scan_args(study.out, out, models))

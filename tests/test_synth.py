@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from typer.testing import CliRunner
 
 from pneumotriage import read_dicom, read_rle_csv
+from pneumotriage.cli import app
 from pneumotriage.errors import UsageError
 from pneumotriage.synth import Anatomy, make_phantom, parse_size, write_study
 
@@ -169,3 +171,19 @@ def test_phantom_pixels_are_stable() -> None:
     for (area, mean, std), (g_area, g_mean, g_std) in zip(seen, golden, strict=True):
         assert area == g_area
         assert mean == pytest.approx(g_mean, abs=1e-5) and std == pytest.approx(g_std, abs=1e-5)
+
+
+def test_synth_writes_a_sample_submission_and_refuses_a_folder_that_holds_a_study(tmp_path: Path) -> None:
+    study = write_study(tmp_path / "s", 6, positive_rate=0.5, size=(64, 64), seed=2)
+    sample = read_rle_csv(study.out / "sample_submission.csv")
+    assert list(sample) == list(dict.fromkeys(im.image_id for im in study.images))
+    lines = (study.out / "sample_submission.csv").read_text().splitlines()
+    assert lines[:2] == ["ImageId,EncodedPixels", f"{study.images[0].image_id},-1"]
+    assert all(rles == [] for rles in sample.values())  # -1: no pneumothorax
+    before = (study.out / "train-rle.csv").read_bytes()
+    result = CliRunner().invoke(app, ["synth", str(study.out), "--n", "2", "--size", "64"])
+    assert result.exit_code == 2
+    assert "already holds a study (train-rle.csv, manifest.json, DICOM files)" in result.output
+    assert (study.out / "train-rle.csv").read_bytes() == before  # nothing replaced
+    (tmp_path / "empty").mkdir()
+    assert CliRunner().invoke(app, ["synth", str(tmp_path / "empty"), "--n", "2", "--size", "64"]).exit_code == 0

@@ -243,9 +243,17 @@ def test_http_404(setup: dict) -> None:
         setup["cache"].fetch(setup["registry"]["full"], mirror=setup["base"] + "/nowhere")
 
 
-def test_offline_mode_refuses_network(setup: dict, server: http.server.ThreadingHTTPServer) -> None:
-    with pytest.raises(WeightFetchError, match="offline"):
+def test_offline_mode_refuses_network(
+    setup: dict, server: http.server.ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PNEUMOTRIAGE_OFFLINE", raising=False)
+    with pytest.raises(WeightFetchError, match="offline") as asked:  # --offline: the hint names the option
         setup["cache"].fetch(setup["registry"]["full"], offline=True)
+    assert "without --offline" in str(asked.value.hint) and "PNEUMOTRIAGE_OFFLINE" not in str(asked.value.hint)
+    monkeypatch.setenv("PNEUMOTRIAGE_OFFLINE", "1")
+    with pytest.raises(WeightFetchError, match="offline") as by_env:  # the variable: the hint names it
+        setup["cache"].fetch(setup["registry"]["full"], offline=True)
+    assert "unset PNEUMOTRIAGE_OFFLINE" in str(by_env.value.hint)
     assert server.hits == []  # type: ignore[attr-defined]
 
 

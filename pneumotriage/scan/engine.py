@@ -345,13 +345,35 @@ def run(
     :func:`pneumotriage.scan.shards.merge` once every shard is done."""
     out = Path(out)
     _check_out(out)
+    # What this scan would make and found not there: a scan that finds nothing to scan takes it away again.
+    made = [
+        d for d in (out, out / ".scan", out / ".scan" / "thumbs", out / "masks", out / "overlays") if not d.exists()
+    ]
     try:
         with contextlib.ExitStack() as held:  # what the scan holds (the lock on --out) until its outputs are written
             return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held, shard)
+    except NothingToScan:
+        _take_back(out, made)
+        raise
     except OSError as exc:
         raise _output_error(exc, out) from None
     except MemoryError:
         raise _out_of_memory() from None
+
+
+class NothingToScan(UsageError):
+    """The inputs hold no DICOM file."""
+
+
+def _take_back(out: Path, made: Sequence[Path]) -> None:
+    """Remove the folders an empty scan made (with its lock, journal and signature), leaving every folder that was
+    there before and anything another process put into them."""
+    if out / ".scan" in made:
+        for name in ("lock", "journal.jsonl", "signature.json"):
+            (out / ".scan" / name).unlink(missing_ok=True)
+    for folder in reversed(made):  # the deepest first
+        with contextlib.suppress(OSError):  # not empty: it is not ours alone
+            folder.rmdir()
 
 
 def _out_of_memory() -> PneumotriageError:
@@ -637,7 +659,7 @@ def _run(
                 _remove_files(out, journal.done[gone], keep=kept)
             if not results and shard is None:  # a shard of a small archive may hold none
                 hint = f"{len(skipped_rows)} files found, none of them DICOM" if skipped_rows else None
-                raise UsageError("no DICOM files found", path=roots[0] if roots else None, hint=hint)
+                raise NothingToScan("no DICOM files found", path=roots[0] if roots else None, hint=hint)
             segmented_run = segmenter is not None
             for r in results:
                 r.tier = tier_of(r, thresholds, options, segmented_run)
