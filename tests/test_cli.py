@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import typer.main as typer_main
 from typer.testing import CliRunner
 
 from pneumotriage import __version__
@@ -149,3 +150,43 @@ def test_a_bare_command_group_shows_its_help_and_no_empty_error() -> None:
         done = _console(*args)
         assert "Usage: " in done.stdout + done.stderr and "Commands" in done.stdout + done.stderr, args
         assert "error:" not in done.stderr, (args, done.stderr)
+
+
+_COMMANDS = (
+    "inspect", "synth", "scan", "merge", "submit", "convert", "evaluate", "tune", "demo", "weights list",
+    "weights fetch", "weights verify", "weights import", "weights path", "train classifier", "train segmenter",
+)  # fmt: skip
+
+
+def test_every_help_fits_80_columns_with_whole_option_names_and_plain_metavars() -> None:
+    """At 80 columns: no line is longer, every option's name is whole on its line (followed by a plain metavar
+    such as PATH or FLOAT, never a Python type like <list[Path]> or <bool>), and descriptions are wrapped by the
+    formatter, not cut into a narrow column."""
+    import re
+
+    from pneumotriage.cli.help import PlainCommand
+
+    command = typer_main.get_command(app)
+    for name in _COMMANDS:
+        words = name.split()
+        done = _console(*words, "--help")
+        assert done.returncode == 0, (name, done.stderr)
+        text = done.stdout
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80, name
+        assert not re.search(r"<(list|bool|str|int|float|path)", text, re.IGNORECASE), (name, text)
+        assert "{" not in lines[0] and "[[" not in lines[0], lines[0]  # the usage line: PATHS..., [DATA]
+        sub = command
+        for word in words:
+            sub = sub.commands[word]  # type: ignore[attr-defined]
+        assert isinstance(sub, PlainCommand), name
+        for param in sub.params:
+            for opt in getattr(param, "opts", []) if param.param_type_name == "option" else []:
+                shown = [line for line in lines if re.match(rf"\s+(\S+ / |\S+, )?{re.escape(opt)}(\s|,|$)", line)]
+                assert shown, (name, opt)  # whole, on a line of its own
+        # No description is squeezed into a narrow column: wrapped lines of text use most of the width.
+        described = [line for line in lines if line.startswith(" " * 34) and line.strip()]
+        assert not described or max(len(line) for line in described) >= 70, (name, described)
+    submit = _console("submit", "--help").stdout
+    assert "--sample-submission PATH" in submit and "[required]" in submit
+    assert _console("scan", "--help").stdout.count("\n") < 100

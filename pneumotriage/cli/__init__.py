@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from pneumotriage.cli import data, evaluate, scan, train, weights
 from pneumotriage.cli.console import err, out
+from pneumotriage.cli.help import PlainCommand
 from pneumotriage.io import printable
 from pneumotriage.version import __version__
 
@@ -28,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
 )
 
 
@@ -47,17 +48,17 @@ def _root(
     """Triage chest radiographs for pneumothorax from folders of DICOMs."""
 
 
-app.command()(data.inspect)
-app.command()(data.synth)
-app.command()(scan.scan)
-app.command()(scan.merge)
-app.command()(scan.submit)
+app.command(cls=PlainCommand)(data.inspect)
+app.command(cls=PlainCommand)(data.synth)
+app.command(cls=PlainCommand)(scan.scan)
+app.command(cls=PlainCommand)(scan.merge)
+app.command(cls=PlainCommand)(scan.submit)
 app.add_typer(weights.weights_app, name="weights")
-app.command()(weights.convert)
+app.command(cls=PlainCommand)(weights.convert)
 app.add_typer(train.train_app, name="train")
-app.command()(evaluate.evaluate)
-app.command()(evaluate.tune)
-app.command()(data.demo)
+app.command(cls=PlainCommand)(evaluate.evaluate)
+app.command(cls=PlainCommand)(evaluate.tune)
+app.command(cls=PlainCommand)(data.demo)
 
 
 #: The command-line parser's own error type (click's, which typer may vendor): a bad or missing option.
@@ -75,6 +76,9 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except _ParserError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a command group called bare: its help is the answer
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
         ctx = getattr(exc, "ctx", None)
         see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         message = escape(printable(exc.format_message().rstrip(".")))

@@ -14,6 +14,7 @@ from pneumotriage.cli.console import (
     err,
     reports_errors,
 )
+from pneumotriage.cli.help import PlainCommand
 from pneumotriage.cli.options import (
     Augmentation,
     CacheDir,
@@ -144,7 +145,7 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
             err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-@train_app.command("classifier")
+@train_app.command("classifier", cls=PlainCommand)
 @reports_errors
 def train_classifier(
     data: DataArg = Path("."),
@@ -180,7 +181,7 @@ def train_classifier(
     _run_training("classifier", options.pop("resume"), options.pop("progress"), **options)
 
 
-@train_app.command("segmenter")
+@train_app.command("segmenter", cls=PlainCommand)
 @reports_errors
 def train_segmenter(
     data: DataArg = Path("."),

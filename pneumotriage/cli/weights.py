@@ -16,6 +16,7 @@ from pneumotriage.cli.console import (
     reports_errors,
     shown,
 )
+from pneumotriage.cli.help import PlainCommand
 from pneumotriage.cli.options import (
     PrecisionOpt,
 )
@@ -39,7 +40,7 @@ def _specs(cache: Any, names: list[str] | None) -> list[Any]:
     return [cache.registry.get_spec(n) for n in names] if names else list(cache.registry.values())
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=PlainCommand)
 @reports_errors
 def weights_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout instead of a table.")] = False,
@@ -98,7 +99,7 @@ def weights_list(
     out.print(table)
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", cls=PlainCommand)
 @reports_errors
 def weights_fetch(
     names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Registry names (see `weights list`).")],
@@ -193,7 +194,7 @@ def _rebuild(cache: Any, specs: list[Any], precision: str) -> None:
         out.print(str(path), highlight=False, soft_wrap=True)
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", cls=PlainCommand)
 @reports_errors
 def weights_verify(
     names: Annotated[
@@ -219,7 +220,7 @@ def weights_verify(
         raise typer.Exit(1)
 
 
-@weights_app.command("import")
+@weights_app.command("import", cls=PlainCommand)
 @reports_errors
 def weights_import(
     name: Annotated[str, typer.Argument(help="Registry name.")],
@@ -235,7 +236,7 @@ def weights_import(
     out.print(str(path), highlight=False, soft_wrap=True)
 
 
-@weights_app.command("path")
+@weights_app.command("path", cls=PlainCommand)
 @reports_errors
 def weights_path(name: Annotated[str, typer.Argument(help="Registry name.")]) -> None:
     """Print the cached file of a weight (exit 3 with the commands that get it if it is missing)."""
