@@ -91,7 +91,7 @@ def curves_png(history: list[dict[str, Any]], selection: str) -> bytes:
     figures that choose the best epoch (AUC, or the competition Dice and Dice on positives), per epoch."""
     fig = _figure()
     loss, score = fig.subplots(1, 2)
-    epochs = [int(r["epoch"]) + 1 for r in history]
+    epochs = [int(r["epoch"]) for r in history]  # counted from 1
 
     def series(key: str) -> list[float]:
         return [float(r[key]) if r.get(key) is not None else np.nan for r in history]

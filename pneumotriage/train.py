@@ -470,7 +470,8 @@ def _param_checksum(model: nn.Module) -> float:
 
 
 def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    """The metrics lines of epochs <= ``upto_epoch`` (a killed run may have logged one epoch past its checkpoint)."""
+    """The metrics lines of epochs <= ``upto_epoch``, counted from 1 as metrics.jsonl and the console count them
+    (a killed run may have logged one epoch past its checkpoint)."""
     if not path.is_file():
         return []
     lines = []
@@ -670,7 +671,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
             start_epoch = int(state["epoch"]) + 1
             best_value, best_epoch = state.get("best_value"), state.get("best_epoch")
             stale = int(state.get("stale", 0))
-            history = _read_metrics(metrics_path, int(state["epoch"]))
+            history = _read_metrics(metrics_path, int(state["epoch"]) + 1)  # the checkpoint's epoch index is 0-based
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -707,7 +708,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 value = selection_key(cfg.kind, metrics)
                 improved = _better(value, best_value)
                 row = {
-                    "epoch": epoch,
+                    "epoch": epoch + 1,  # counted from 1, as the console and the curves count
                     "train_loss": loss_sum / max(seen, 1),
                     "train_images_per_s": seen * dist.world_size / train_time,
                     "lr": scheduler.get_last_lr()[0],
@@ -791,15 +792,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
                 },
             )
             emit({"event": "swa", "metrics": swa_metrics, "averaged": int(swa.n_averaged), "selection": selection})
-        best_metrics = next((r for r in history if r.get("epoch") == best_epoch), {})
-        warnings = []
-        if cfg.kind == "segmenter" and best_metrics.get("val_n_positive") and not best_metrics.get("val_recall"):
-            warnings.append(
-                f"best.pt (epoch {best_epoch + 1 if best_epoch is not None else '?'}) outlines none of the "
-                f"{best_metrics['val_n_positive']} validation positives with its thresholds: train longer, or "
-                "check the labels; `pneumotriage tune` will refuse it"
-            )
+        best_metrics = next((r for r in history if best_epoch is not None and r.get("epoch") == best_epoch + 1), {})
+        warnings = best_warnings(cfg.kind, best_epoch, best_metrics)
         return TrainResult(run_dir, epoch + 1, best_epoch, best_metrics, stopped_early, warnings, swa_metrics)
+
+
+def best_warnings(kind: str, best_epoch: int | None, best: dict[str, Any]) -> list[str]:
+    """What a finished run says of its best.pt when the best epoch is still no good: a segmenter that outlines no
+    validation positive, a classifier ranking worse than chance (the first epoch is always "best" of one)."""
+    epoch = best_epoch + 1 if best_epoch is not None else "?"
+    warnings = []
+    if kind == "segmenter" and best.get("val_n_positive") and not best.get("val_recall"):
+        warnings.append(
+            f"best.pt (epoch {epoch}) outlines none of the {best['val_n_positive']} validation positives with its "
+            "thresholds: train longer, or check the labels; `pneumotriage tune` will refuse it"
+        )
+    auc = best.get("val_auc")
+    if kind == "classifier" and isinstance(auc, float) and math.isfinite(auc) and auc < 0.5:
+        warnings.append(
+            f"best.pt (epoch {epoch}) has a validation ROC AUC of {auc:.2f}, worse than chance: it is only the best "
+            "of poor epochs; train longer or on more images, or check the labels, before using it"
+        )
+    return warnings
 
 
 def _broadcast_int(value: int, dist: Dist, device: torch.device) -> int:

@@ -86,7 +86,7 @@ def test_classifier_learns(learn_studies: tuple[StudySummary, StudySummary], tmp
     assert after["auc"] >= before + 0.25, (before, after)
     assert 0.0 < loaded.thresholds["gate"] < 1.0  # chosen on validation (Youden's J), not left at 0.5 by default
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(15))
+    assert [r["epoch"] for r in rows] == list(range(1, 16))  # counted from 1, as the console counts
     assert loaded.meta["metrics"]["auc"] == max(r["val_auc"] for r in rows)
 
 
@@ -212,9 +212,9 @@ def test_resume_after_kill_9(study: StudySummary, tmp_path: Path) -> None:
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == epochs - 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(epochs))  # every epoch once, none lost, none twice
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # every epoch once, none lost, none twice
     loaded = load_model(out / "best.pt")
-    assert loaded.spec.arch == "densenet_mini" and loaded.meta["epoch"] in {r["epoch"] for r in rows if r["best"]}
+    assert loaded.spec.arch == "densenet_mini" and loaded.meta["epoch"] + 1 in {r["epoch"] for r in rows if r["best"]}
     assert not list(out.glob(".*.tmp"))
 
 
@@ -464,3 +464,14 @@ def test_curves_are_drawn_after_the_first_and_last_epoch_and_every_half_minute(
     cfg = _config("classifier", study, tmp_path / "run", arch="densenet_mini", epochs=4, image_size=64)
     train(cfg)
     assert drawn == [1, 4] and (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_a_best_epoch_that_is_still_no_good_is_said_so() -> None:
+    from pneumotriage.train import best_warnings
+
+    worse = best_warnings("classifier", 2, {"epoch": 3, "val_auc": 0.37})
+    assert len(worse) == 1 and "epoch 3" in worse[0] and "ROC AUC of 0.37, worse than chance" in worse[0]
+    assert best_warnings("classifier", 2, {"val_auc": 0.81}) == []
+    assert best_warnings("classifier", 0, {"val_auc": float("nan")}) == []  # one class in validation: no AUC
+    blind = best_warnings("segmenter", 0, {"val_n_positive": 4, "val_recall": 0.0})
+    assert len(blind) == 1 and "outlines none of the 4 validation positives" in blind[0]
