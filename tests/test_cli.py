@@ -125,6 +125,22 @@ def test_tables_fit_80_columns_and_ids_are_never_cut_across_lines(study) -> None
     listed = _console("weights", "list")
     assert listed.returncode == 0 and max(len(line) for line in listed.stdout.splitlines()) <= 80
     assert any(" classifier " in line for line in listed.stdout.splitlines())
+    for done in (_console("inspect", str(study.out)), listed):  # and no line padded with spaces
+        assert all(line == line.rstrip() for line in done.stdout.splitlines())
+
+
+def test_the_console_worklist_says_why_in_80_columns(scan_input: Path, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The scan's table at 80 columns: each row's reason (an unreadable file's too, in words), no line longer, none
+    padded with spaces."""
+    args = ["scan", str(scan_input), "--out", str(tmp_path / "o"), "--classifier", str(models["classifier"])]
+    done = _console(*args, "--segmenter", str(models["segmenter"]), "--workers", "0", "--no-progress")
+    assert done.returncode == 4, done.stderr  # the broken file
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and all(line == line.rstrip() for line in lines)
+    assert ["rank", "tier", "probability", "image", "why"] in [line.split() for line in lines]
+    broken = [i for i, line in enumerate(lines) if " broken " in f"{line} "]
+    assert broken and "unreadable:" in lines[broken[0]], done.stdout
+    assert any("classifier 0." in line for line in lines), done.stdout
 
 
 def test_one_flag_per_no_option_required_options_and_one_error_prefix(tmp_path: Path) -> None:

@@ -62,24 +62,39 @@ def short(text: str, keep: int = SHORT_ID) -> str:
     return text if len(text) <= keep + 1 else "…" + text[-keep:]
 
 
+def plain_table(title: str | None = None) -> Table:
+    """A table as the console prints them: no box, one space between columns, the title on the left (so that it
+    fits 80 columns and copies as plain text)."""
+    return Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0))
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print ``table`` with no spaces at the ends of its lines (rich pads every cell to its column's width)."""
+    console = console or out
+    with console.capture() as captured:
+        console.print(table)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
 def print_worklist(summary: Any, limit: int = 20) -> None:
-    table = Table(
-        title=f"worklist: {shown(summary.out / 'worklist.csv')}", title_justify="left", box=None, padding=(0, 1, 0, 0)
-    )
-    for col in ("rank", "tier", "probability", "area cm²", "side", "image", "status"):
-        table.add_column(col, overflow="fold")
+    from pneumotriage.scan.rank import reason_of
+
+    table = plain_table(f"worklist: {shown(summary.out / 'worklist.csv')}")
+    for col in ("rank", "tier", "probability", "image"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("why", overflow="fold", ratio=1)
     style = {"urgent": "bold red", "review": "yellow", "routine": "green"}
     for r in summary.results[:limit]:
         table.add_row(
             str(r.rank),
             f"[{style[r.tier]}]{r.tier}[/]",
             "" if r.probability is None else f"{r.probability:.3f}",
-            "" if r.area_cm2 is None else f"{r.area_cm2:.1f}",
-            r.side or "",
             shown(short(printable(r.image_id))),
-            r.status if r.status == "ok" else f"[red]{shown(r.status)}[/]",
+            (lambda why: why if r.status == "ok" else f"[red]{why}[/]")(
+                shown(printable(reason_of(r, summary.thresholds, summary.decisions, summary.urgent_probability)))
+            ),
         )
-    out.print(table)
+    print_table(table)
     if len(summary.results) > limit:
         out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
 

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pneumotriage.cli.console import (
     EXIT_INPUTS_FAILED,
     counted,
     err,
-    out,
+    plain_table,
+    print_table,
     print_worklist,
     reports_errors,
     short,
@@ -44,7 +44,7 @@ def inspect(
     if as_json:
         typer.echo(strict_json(rows, indent=1))
     else:
-        table = Table(title=counted(len(rows), "file"), box=None, padding=(0, 1, 0, 0))
+        table = plain_table(counted(len(rows), "file"))
         for col in ("image id", "mod.", "size", "photometric", "bits", "syntax", "spacing", "status"):
             table.add_column(col, no_wrap=col not in ("syntax", "status"), overflow="fold")
         for row in rows:
@@ -67,7 +67,7 @@ def inspect(
                 spacing,
                 status,
             )
-        out.print(table)
+        print_table(table)
     skipped = sum(r["status"] != "ok" for r in rows)
     err.print(f"{len(rows) - skipped} usable, {skipped} skipped", highlight=False)
     if skipped:

@@ -13,8 +13,10 @@ from pneumotriage.cli.console import (
     EXIT_INPUTS_FAILED,
     ci_text,
     err,
-    out,
+    plain_table,
+    print_table,
     reports_errors,
+    shown,
 )
 from pneumotriage.cli.options import (
     ClassifierOpt,
@@ -36,9 +38,9 @@ from pneumotriage.errors import UsageError
 
 
 def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
-    table = Table(title=f"evaluation: {out_dir / 'metrics.json'}", title_justify="left")
-    table.add_column("figure")
-    table.add_column("value  [95% CI]", overflow="fold")
+    table = plain_table(f"evaluation: {shown(out_dir / 'metrics.json')}")
+    table.add_column("figure", overflow="fold")
+    table.add_column("value \\[95% CI]", overflow="fold")
     il, op, md = doc["image_level"], doc["image_level"]["operating_point"], doc["mask_decision"]
     # First what the scan decides (an outline drawn or not), as confusion.png shows it; then the image-level
     # score's own operating points, labelled as such.
@@ -64,7 +66,7 @@ def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
         rows.append((f"{il['score']}: specificity at sensitivity {target}", ci_text(point["value"], point["ci95"])))
     for name, value in rows:
         table.add_row(name, value)
-    out.print(table)
+    print_table(table)
 
 
 @reports_errors
@@ -171,9 +173,9 @@ def review_table(review: dict[str, Any]) -> Table:
         if "specificity" in target
         else f"review threshold (review share at most {target['share']:g})"
     )
-    table = Table(title=title, title_justify="left")
+    table = plain_table(title)
     for col in ("target spec.", "review", "sensitivity", "specificity", "review share", "chosen"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -307,10 +309,10 @@ def tune(
             review_specificity=review_specificity,
             review_share=review_share,
         )
-    table = Table(title="best settings (competition Dice on these images)", title_justify="left")
+    table = plain_table("best settings (competition Dice on these images)")
     names = Thresholds.NAMES
-    for col in (*names, "competition Dice", "chosen"):
-        table.add_column(col, justify="right")
+    for col in (*(n.replace("_", " ") for n in names), "Dice", "chosen"):
+        table.add_column(col, justify="right", no_wrap=True)
     chosen_row = {k: result.thresholds[k] for k in names}
     rows = list(result.top)
     if not any(all(row[k] == chosen_row[k] for k in names) for row in rows):
@@ -321,9 +323,9 @@ def tune(
             f"{row['competition_dice']:.4f}",
             "yes" if all(row[k] == chosen_row[k] for k in names) else "",
         )
-    out.print(table)
+    print_table(table)
     if result.review is not None:
-        out.print(review_table(result.review))
+        print_table(review_table(result.review))
     f = result.figures
     chosen = ", ".join(f"{k} {result.thresholds[k]:g}" for k in result.thresholds)
     err.print(

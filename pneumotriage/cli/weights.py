@@ -8,11 +8,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from pneumotriage.cli.console import (
     err,
     out,
+    plain_table,
+    print_table,
     reports_errors,
     shown,
 )
@@ -80,7 +81,7 @@ def weights_list(
     # whole paths, never folded at the table's width: a user copies them
     out.print(f"registry: {escape(str(cache.registry.path))}", highlight=False, soft_wrap=True)
     out.print(f"cache:    {escape(str(cache.dir))}", highlight=False, soft_wrap=True)
-    table = Table(box=None, padding=(0, 1, 0, 0))
+    table = plain_table()
     table.add_column("name", no_wrap=True)
     for col in ("kind", "model", "size", "sha256", "status"):
         # Whole words ("classifier", never "classifi" over "er"); the model folds at its spaces.
@@ -96,7 +97,7 @@ def weights_list(
         size = f"{row['size_mb']:.0f} MB" if row["size_mb"] else "?"
         style = _STATUS_STYLE[row["status"]]
         table.add_row(row["name"], row["kind"], model, size, sha, f"[{style}]{row['status']}[/]")
-    out.print(table)
+    print_table(table)
 
 
 @weights_app.command("fetch", cls=PlainCommand)
