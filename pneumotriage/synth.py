@@ -741,6 +741,6 @@ def write_study(
         "images": [asdict(im) for im in images],
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    ids = dict.fromkeys(im.image_id for im in images)  # an image's id once, in the order written
-    atomic_write_text(out / "sample_submission.csv", "ImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in ids))
+    once = dict.fromkeys(im.image_id for im in images)  # an image's id once, in the order written
+    atomic_write_text(out / "sample_submission.csv", "ImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in once))
     return StudySummary(out=out, labels_csv=labels_csv, images=images)

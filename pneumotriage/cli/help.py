@@ -50,7 +50,7 @@ def plain_metavar(param: Any) -> str:
         annotation = args[0]
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "PATH"
-    return {float: "FLOAT", int: "INT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+    return "FLOAT" if annotation is float else "INT" if annotation is int else "TEXT"
 
 
 def _is(param: Any, kind: str) -> bool:
@@ -61,7 +61,7 @@ def _argument_name(param: Any) -> str:
     """An argument as the usage line and the Arguments section show it: its metavar as given (``[DATA]``,
     ``NAME...``), else its name in capitals, in brackets when optional, with ``...`` when it repeats."""
     if param.metavar:
-        return param.metavar
+        return str(param.metavar)
     name = (param.name or "arg").upper()
     if not param.required:
         name = f"[{name}]"
@@ -74,8 +74,9 @@ class PlainCommand(typer.core.TyperCommand):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for param in self.params:
-            if _is(param, "option") and not param.is_flag and not param.count and param.metavar is None:
-                param.metavar = plain_metavar(param)
+            option: Any = param
+            if _is(option, "option") and not option.is_flag and not option.count and option.metavar is None:
+                option.metavar = plain_metavar(option)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
