@@ -29,7 +29,9 @@ from pneumotriage.labels import SIIM_SHAPE, RleLabels, read_rle_csv
 from pneumotriage.metrics import (
     binary_metrics,
     bootstrap_ci,
+    calibration_bins,
     dice_from_counts,
+    exact_ci,
     iou_from_counts,
     pr_auc,
     roc_auc,
@@ -40,6 +42,10 @@ from pneumotriage.metrics import (
 #: The fixed points reported with bootstrap intervals.
 FIXED_SPECIFICITIES = (0.90, 0.95)
 FIXED_SENSITIVITIES = (0.90, 0.95)
+#: The labelled area (cm²) from which a pneumothorax counts as large in the figures by size. The project's choice,
+#: not a clinical standard (guidelines size a pneumothorax by the rim's depth, which a mask does not give): about 5%
+#: of an adult PA film's 35 x 43 cm, a quarter of a lung field. ``evaluate --large-cm2`` changes it.
+LARGE_CM2 = 20.0
 PER_IMAGE_FIELDS = (
     "image_id",
     "label_positive",
@@ -61,6 +67,14 @@ class ImageScores:
     pred_area: np.ndarray
     intersection: np.ndarray
     scores: np.ndarray
+    #: The decision the scan made of each image, when known: flagged for a person (urgent or review) ...
+    flagged: np.ndarray | None = None
+    #: ... and urgent alone (None for a submission, which has no tiers).
+    urgent: np.ndarray | None = None
+    #: The header's view position of each image (AP, PA, ...), None where it gives none.
+    views: list[str | None] | None = None
+    #: The area of one pixel in cm², NaN where the pixel spacing is unknown.
+    cm2_per_px: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -117,6 +131,77 @@ def count_overlaps(
         if true is not None and pred is not None:
             inter[i] = np.count_nonzero(true & pred)
     return true_area, pred_area, inter
+
+
+def _proportion(hits: np.ndarray, of: np.ndarray) -> dict[str, Any]:
+    """A share with its exact 95% interval: ``hits`` among the images where ``of`` is true."""
+    k, n = int(np.count_nonzero(hits & of)), int(np.count_nonzero(of))
+    ci = exact_ci(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": list(ci) if ci else None}
+
+
+def _decision_figures(y: np.ndarray, decided: np.ndarray) -> dict[str, Any]:
+    """Sensitivity and specificity (exact 95% intervals), PPV, NPV and the counts of one yes/no decision."""
+    tp, fp = int(np.sum(decided & y)), int(np.sum(decided & ~y))
+    fn, tn = int(np.sum(~decided & y)), int(np.sum(~decided & ~y))
+    return {
+        "sensitivity": _proportion(decided, y),
+        "specificity": _proportion(~decided, ~y),
+        "ppv": tp / (tp + fp) if tp + fp else None,
+        "npv": tn / (tn + fn) if tn + fn else None,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+
+
+def clinical_metrics(images: ImageScores, *, large_cm2: float = LARGE_CM2) -> dict[str, Any]:
+    """The figures the clinical literature reports, at the decision the tool makes: sensitivity and specificity
+    with exact 95% intervals (flagged = urgent or review, as a reader of the worklist meets it, and urgent alone);
+    the same by pneumothorax size (large from ``large_cm2`` of labelled area, small below, unknown without a pixel
+    spacing) and by view position; and the calibration of the image-level score (reliability bins and ECE).
+
+    Without the scan's tiers (a submission) the decision is "an outline drawn"."""
+    y = images.labels
+    flagged = images.flagged if images.flagged is not None else images.predicted
+    doc: dict[str, Any] = {
+        "decision": "urgent or review" if images.flagged is not None else "outline drawn",
+        "flagged": _decision_figures(y, flagged),
+    }
+    if images.urgent is not None:
+        doc["urgent"] = _decision_figures(y, images.urgent)
+    cm2 = images.true_area * (images.cm2_per_px if images.cm2_per_px is not None else np.full(len(y), np.nan))
+    known = np.isfinite(cm2)
+    dice = images.dice
+    groups = {
+        f"large (>= {large_cm2:g} cm²)": y & known & (cm2 >= large_cm2),
+        f"small (< {large_cm2:g} cm²)": y & known & (cm2 < large_cm2),
+        "size unknown (no pixel spacing)": y & ~known,
+    }
+    doc["by_size"] = {
+        name: {
+            "n_positive": int(group.sum()),
+            "sensitivity": _proportion(flagged, group),
+            **({"sensitivity_urgent": _proportion(images.urgent, group)} if images.urgent is not None else {}),
+            "dice_mean": _finite(float(dice[group].mean())) if group.any() else None,
+        }
+        for name, group in groups.items()
+        if group.any()
+    }
+    doc["large_cm2"] = large_cm2
+    views = [v or "unknown" for v in images.views] if images.views is not None else ["unknown"] * len(y)
+    doc["by_view"] = {}
+    for view in sorted(set(views)):
+        group = np.array([v == view for v in views], dtype=bool)
+        doc["by_view"][view] = {
+            "n": int(group.sum()),
+            "n_positive": int((group & y).sum()),
+            "sensitivity": _proportion(flagged, group & y),
+            "specificity": _proportion(~flagged, group & ~y),
+        }
+    doc["calibration"] = calibration_bins(y, images.scores)
+    return doc
 
 
 def _finite(x: float | None) -> float | None:
@@ -190,6 +275,7 @@ def summarise(
     bootstrap: int = 1000,
     seed: int = 0,
     source: dict[str, Any] | None = None,
+    large_cm2: float = LARGE_CM2,
 ) -> dict[str, Any]:
     """The ``metrics.json`` document of per-image counts and scores."""
     dice, iou, y = images.dice, images.iou, images.labels
@@ -221,21 +307,26 @@ def summarise(
             "score": score_name,
             **image_level_metrics(y, images.scores, threshold, bootstrap=bootstrap, seed=seed),
         },
+        "clinical": clinical_metrics(images, large_cm2=large_cm2),
         "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": "percentile, 95%"},
     }
     return doc
 
 
-def _shapes_from(data: Path | None) -> dict[str, tuple[int, int]]:
+def headers_of(data: Path | None) -> dict[str, Any]:
+    """The DICOM headers under ``data`` (none without it) by image id: their sizes, spacings and views."""
     from pneumotriage.dicom import DicomHeader, discover
 
-    shapes: dict[str, tuple[int, int]] = {}
     if data is None:
-        return shapes
-    for found in discover(data):
-        if isinstance(found, DicomHeader) and found.shape is not None:
-            shapes[found.image_id] = found.shape
-    return shapes
+        return {}
+    return {found.image_id: found for found in discover(data) if isinstance(found, DicomHeader)}
+
+
+def _cm2_per_px(spacing: tuple[float, float] | None) -> float:
+    if not spacing:
+        return float("nan")
+    area = spacing[0] * spacing[1] / 100.0
+    return area if np.isfinite(area) and area > 0 else float("nan")
 
 
 def evaluate_submission(
@@ -246,6 +337,7 @@ def evaluate_submission(
     rle_relative: bool = True,
     bootstrap: int = 1000,
     seed: int = 0,
+    large_cm2: float = LARGE_CM2,
 ) -> Evaluation:
     """Score a Kaggle-format submission: every unique ImageId of the submission that the labels know, in the
     submission's order. ImageIds without a label are left out, counted in ``metrics.json`` and named in a note;
@@ -264,9 +356,18 @@ def evaluate_submission(
             path=submission,
             hint="score against the label file of these images; ImageIds are the DICOM file names",
         )
-    shapes = _shapes_from(Path(data) if data is not None else None)
+    headers = headers_of(Path(data) if data is not None else None)
+    shapes = {i: h.shape for i, h in headers.items() if h.shape is not None}
     true_area, pred_area, inter = count_overlaps(ids, predictions, labels, shapes)
-    images = ImageScores(ids, true_area, pred_area, inter, (pred_area > 0).astype(np.float64))
+    images = ImageScores(
+        ids,
+        true_area,
+        pred_area,
+        inter,
+        (pred_area > 0).astype(np.float64),
+        views=[headers[i].view_position if i in headers else None for i in ids],
+        cm2_per_px=np.array([_cm2_per_px(headers[i].pixel_spacing_mm) if i in headers else np.nan for i in ids]),
+    )
     sized = sum(i in shapes for i in ids)
     notes = []
     if unlabelled:
@@ -285,7 +386,13 @@ def evaluate_submission(
         "unlabelled_ids": len(unlabelled),
     }
     doc = summarise(
-        images, threshold=0.5, score_name="mask non-empty (0/1)", bootstrap=bootstrap, seed=seed, source=source
+        images,
+        threshold=0.5,
+        score_name="mask non-empty (0/1)",
+        bootstrap=bootstrap,
+        seed=seed,
+        source=source,
+        large_cm2=large_cm2,
     )
     return Evaluation(images, doc, score_kind="binary", threshold=0.5, notes=notes)
 
@@ -298,15 +405,20 @@ def evaluate_results(
     source: dict[str, Any],
     bootstrap: int = 1000,
     seed: int = 0,
+    spacings: Mapping[str, tuple[float, float] | None] | None = None,
+    large_cm2: float = LARGE_CM2,
 ) -> Evaluation:
     """Score a scan's results (:class:`pneumotriage.scan.ImageResult`) against the labels. Labelled images the
     scan could not read are left out, counted (``unreadable``) and named in the notes; so are files the labels do
-    not mention."""
+    not mention. ``spacings`` (pixel spacing in mm by image id, from the headers) gives the labelled areas in cm²
+    for the figures by size; the tiers and view positions come from the results."""
     labels = read_rle_csv(labels_csv)
     predictions = RleLabels(None, relative=True)
     ids: list[str] = []
     shapes: dict[str, tuple[int, int]] = {}
     scores: list[float] = []
+    tiers: list[str] = []
+    views: list[str | None] = []
     unlabelled = unreadable = 0
     seen: set[str] = set()
     for r in results:
@@ -323,10 +435,23 @@ def evaluate_results(
         predictions[r.image_id] = [r.rle] if r.rle.strip() != "-1" else []
         shapes[r.image_id] = (int(r.rows), int(r.columns))
         scores.append(float(r.probability) if r.probability is not None else 0.0)
+        tiers.append(r.tier)
+        views.append(r.view_position)
     if not ids:
         raise UsageError("no scanned image has a label: check that the label file's ImageIds are the file names")
     true_area, pred_area, inter = count_overlaps(ids, predictions, labels, shapes)
-    images = ImageScores(ids, true_area, pred_area, inter, np.asarray(scores, dtype=np.float64))
+    spacings = spacings or {}
+    images = ImageScores(
+        ids,
+        true_area,
+        pred_area,
+        inter,
+        np.asarray(scores, dtype=np.float64),
+        flagged=np.array([t != "routine" for t in tiers], dtype=bool),
+        urgent=np.array([t == "urgent" for t in tiers], dtype=bool),
+        views=views,
+        cm2_per_px=np.array([_cm2_per_px(spacings.get(i)) for i in ids], dtype=np.float64),
+    )
     notes = []
     if unreadable:
         notes.append(f"{unreadable} labelled images could not be read and were not scored (see the scan's worklist)")
@@ -339,6 +464,7 @@ def evaluate_results(
         bootstrap=bootstrap,
         seed=seed,
         source={**source, "labels": str(labels_csv)},
+        large_cm2=large_cm2,
     )
     doc["source"]["unreadable"] = unreadable
     return Evaluation(images, doc, score_kind="probability", threshold=threshold, notes=notes, unreadable=unreadable)

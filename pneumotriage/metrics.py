@@ -176,3 +176,38 @@ def bootstrap_ci(
     if np.ndim(lo) == 0:
         return float(lo), float(hi)
     return lo, hi
+
+
+def exact_ci(successes: int, trials: int, level: float = 0.95) -> tuple[float, float] | None:
+    """The Clopper-Pearson ("exact") interval of a proportion, as diagnostic-accuracy studies report
+    sensitivity and specificity; None for no trials."""
+    from scipy.stats import beta
+
+    if trials <= 0:
+        return None
+    tail = (1.0 - level) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    return low, high
+
+
+def calibration_bins(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """The reliability diagram's numbers over ``bins`` equal-width probability bins, and the expected calibration
+    error: the images' share in each bin times |share positive - mean probability|, summed (Guo et al. 2017)."""
+    y = np.asarray(y_true, dtype=bool)
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    which = np.minimum((s * bins).astype(np.int64), bins - 1)  # a probability of 1.0 falls in the last bin
+    count = np.bincount(which, minlength=bins)
+    mean = np.bincount(which, weights=s, minlength=bins)
+    positive = np.bincount(which, weights=y.astype(np.float64), minlength=bins)
+    filled = count > 0
+    mean[filled] /= count[filled]
+    positive[filled] /= count[filled]
+    ece = float(np.sum(count[filled] / max(len(s), 1) * np.abs(positive[filled] - mean[filled]))) if len(s) else None
+    return {
+        "bins": bins,
+        "ece": ece,
+        "count": count.tolist(),
+        "mean_probability": [float(m) if f else None for m, f in zip(mean, filled, strict=True)],
+        "share_positive": [float(p) if f else None for p, f in zip(positive, filled, strict=True)],
+    }

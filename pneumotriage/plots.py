@@ -123,15 +123,30 @@ def dice_histogram_png(dice: np.ndarray, y: np.ndarray) -> bytes:
 
 
 def calibration_png(y: np.ndarray, s: np.ndarray, bins: int = 10) -> bytes:
-    from sklearn.calibration import calibration_curve
+    """The reliability diagram: share positive against mean probability in equal-width bins (the numbers of
+    :func:`pneumotriage.metrics.calibration_bins`, with the expected calibration error in the title), and how
+    many images each bin holds."""
+    from pneumotriage.metrics import calibration_bins
 
     fig = _figure()
     ax = fig.add_subplot()
     if y.all() or not y.any():
         return _no_data(fig, ax, "calibration undefined: the labels hold one class only")
-    observed, predicted = calibration_curve(y, np.clip(s, 0, 1), n_bins=bins, strategy="uniform")
+    cal = calibration_bins(y, s, bins)
+    filled = [i for i, c in enumerate(cal["count"]) if c]
+    predicted = [cal["mean_probability"][i] for i in filled]
+    observed = [cal["share_positive"][i] for i in filled]
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
     ax.plot(predicted, observed, "o-", lw=2, label="model")
-    ax.set(xlabel="mean predicted probability", ylabel="share positive", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    counts = ax.twinx()
+    counts.bar([(i + 0.5) / bins for i in range(bins)], cal["count"], width=0.9 / bins, alpha=0.15, color="C0")
+    counts.set_ylabel("images in the bin")
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="share positive",
+        title=f"Reliability (ECE {cal['ece']:.3f}, {bins} bins)",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left")
     return _png(fig)

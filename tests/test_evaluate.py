@@ -247,7 +247,7 @@ def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Pat
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["n_images"] == len(study.images) - 1
     assert doc["source"]["unreadable"] == 1
-    assert "2 other files were not scored" in " ".join(doc["notes"])
+    assert "3 other files were not scored" in " ".join(doc["notes"])  # labels, manifest, sample submission
     # tune leaves the unreadable image out as well (its predictions are compacted away), cached or not
     from pneumotriage.models import load_model
 
@@ -264,6 +264,71 @@ def test_evaluate_names_unreadable_labelled_images(tiny: tuple[StudySummary, Pat
     assert "predictions read from the cache" in tuned.output
     first, cached = (load_model(tmp_path / f"{a}.pt").meta["tuning"] for a in ("first", "cached"))
     assert first["figures"] == cached["figures"] and first["chosen"] == cached["chosen"]
+    # evaluate with the tuned thresholds reports the triage tune chose them for: the same sensitivity and
+    # specificity at the scan's own decision (urgent or review), now with exact intervals.
+    again = runner.invoke(
+        app,
+        ["evaluate", str(copy), "--labels", str(copy / "train-rle.csv"), "--classifier", str(cls), "--segmenter",
+         str(tmp_path / "first.pt"), "--out", str(tmp_path / "ev2"), "--workers", "0", "--device", "cpu",
+         "--bootstrap", "0"],
+    )  # fmt: skip
+    assert again.exit_code == 4, again.output
+    clinical = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["clinical"]
+    review = first["review"]["figures"]
+    assert clinical["flagged"]["sensitivity"]["value"] == pytest.approx(review["sensitivity"])
+    assert clinical["flagged"]["specificity"]["value"] == pytest.approx(review["specificity"])
+    assert (
+        clinical["urgent"]["sensitivity"]["k"]
+        + clinical["urgent"]["specificity"]["n"]
+        - clinical["urgent"]["specificity"]["k"]
+        == review["urgent"]
+    )
+
+
+def test_exact_intervals_and_the_calibration_error_by_hand() -> None:
+    from pneumotriage.metrics import calibration_bins, exact_ci
+
+    low, high = exact_ci(8, 10)  # Clopper-Pearson, as tabulated: 0.444 to 0.975
+    assert (round(low, 3), round(high, 3)) == (0.444, 0.975)
+    assert exact_ci(0, 5)[0] == 0.0 and exact_ci(5, 5)[1] == 1.0 and exact_ci(0, 0) is None
+    y = np.array([0, 0, 1, 1, 1, 0], dtype=bool)
+    s = np.array([0.05, 0.15, 0.15, 0.95, 1.0, 0.92])
+    cal = calibration_bins(y, s, bins=10)
+    # bins: [0.05] share 0; [0.15, 0.15] share 0.5; [0.92, 0.95, 1.0] share 2/3 (1.0 falls in the last bin)
+    assert cal["count"][0] == 1 and cal["count"][1] == 2 and cal["count"][9] == 3
+    expected = (1 * 0.05 + 2 * abs(0.5 - 0.15) + 3 * abs(2 / 3 - (0.92 + 0.95 + 1.0) / 3)) / 6
+    assert cal["ece"] == pytest.approx(expected)
+
+
+def test_clinical_figures_by_decision_size_and_view() -> None:
+    """Sensitivity and specificity at the scan's decision (urgent or review; urgent alone), by labelled area in
+    cm² where the spacing is known, and by view position."""
+    from pneumotriage.evaluate import ImageScores, clinical_metrics
+
+    true_area = np.array([3000, 500, 800, 0, 0, 0, 2000])
+    tiers = ["urgent", "review", "routine", "routine", "review", "routine", "urgent"]
+    images = ImageScores(
+        [f"i{k}" for k in range(7)],
+        true_area,
+        true_area.copy(),
+        true_area.copy(),
+        np.linspace(0.9, 0.1, 7),
+        flagged=np.array([t != "routine" for t in tiers]),
+        urgent=np.array([t == "urgent" for t in tiers]),
+        views=["PA", "AP", "PA", "PA", None, "AP", "PA"],
+        cm2_per_px=np.array([0.01, 0.01, 0.01, 0.01, 0.01, 0.01, np.nan]),  # 30, 5 and 8 cm²; the last unknown
+    )
+    doc = clinical_metrics(images, large_cm2=20)
+    assert doc["flagged"]["sensitivity"]["k"] == 3 and doc["flagged"]["sensitivity"]["n"] == 4
+    assert doc["flagged"]["specificity"]["k"] == 2 and doc["flagged"]["specificity"]["n"] == 3
+    assert doc["urgent"]["sensitivity"]["k"] == 2
+    sizes = doc["by_size"]
+    assert sizes["large (>= 20 cm²)"]["n_positive"] == 1 and sizes["large (>= 20 cm²)"]["sensitivity"]["k"] == 1
+    assert sizes["small (< 20 cm²)"]["sensitivity"]["k"] == 1 and sizes["small (< 20 cm²)"]["sensitivity"]["n"] == 2
+    assert sizes["size unknown (no pixel spacing)"]["n_positive"] == 1
+    assert set(doc["by_view"]) == {"AP", "PA", "unknown"}
+    assert doc["by_view"]["PA"]["sensitivity"]["k"] == 2 and doc["by_view"]["PA"]["sensitivity"]["n"] == 3
+    assert doc["by_view"]["unknown"]["specificity"]["k"] == 0
 
 
 def test_confusion_plot_shows_the_scan_decision_and_every_label_fits() -> None:

@@ -37,15 +37,51 @@ from pneumotriage.cli.progress import bars, with_progress
 from pneumotriage.errors import UsageError
 
 
+def _share(figure: dict[str, Any]) -> str:
+    """A proportion as a diagnostic-accuracy study gives it: 0.912 [0.850, 0.950] 31/34."""
+    if figure["value"] is None:
+        return f"- 0/{figure['n']}"
+    low, high = figure["ci95"]
+    return f"{figure['value']:.3f} [{low:.3f}, {high:.3f}] {figure['k']}/{figure['n']}"
+
+
+def clinical_rows(clinical: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's rows of the figures at the scan's own decision (``metrics.json``'s ``clinical``)."""
+    decision = clinical["decision"]
+    rows = [
+        (f"sensitivity ({decision})", _share(clinical["flagged"]["sensitivity"])),
+        (f"specificity ({decision})", _share(clinical["flagged"]["specificity"])),
+    ]
+    if "urgent" in clinical:
+        rows += [
+            ("sensitivity (urgent)", _share(clinical["urgent"]["sensitivity"])),
+            ("specificity (urgent)", _share(clinical["urgent"]["specificity"])),
+        ]
+    for name, group in clinical["by_size"].items():
+        rows.append((f"sensitivity, {name.replace('(', '').replace(')', '')}", _share(group["sensitivity"])))
+    for view, group in clinical["by_view"].items():
+        rows.append((f"sensitivity, view {view}", _share(group["sensitivity"])))
+        rows.append((f"specificity, view {view}", _share(group["specificity"])))
+    ece = clinical["calibration"]["ece"]
+    rows.append(
+        (f"calibration error (ECE, {clinical['calibration']['bins']} bins)", "-" if ece is None else f"{ece:.3f}")
+    )
+    return rows
+
+
 def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
     table = plain_table(f"evaluation: {shown(out_dir / 'metrics.json')}")
     table.add_column("figure", overflow="fold")
     table.add_column("value \\[95% CI]", overflow="fold")
+    from pneumotriage.postprocess import shown as number
+
     il, op, md = doc["image_level"], doc["image_level"]["operating_point"], doc["mask_decision"]
+    at = number(op["threshold"])
     # First what the scan decides (an outline drawn or not), as confusion.png shows it; then the image-level
     # score's own operating points, labelled as such.
     rows: list[tuple[str, str]] = [
         ("images (label positive)", f"{doc['n_images']} ({doc['n_positive']})"),
+        *clinical_rows(doc["clinical"]),
         ("competition Dice", ci_text(doc["competition_dice"], doc["competition_dice_ci95"])),
         ("Dice on positives", ci_text(doc["dice_positive_mean"], doc["dice_positive_mean_ci95"])),
         ("IoU", ci_text(doc["iou_mean"], None)),
@@ -55,10 +91,10 @@ def _print_metrics(doc: dict[str, Any], out_dir: Path) -> None:
         ("scan decision: TP FP FN TN", f"{md['tp']} {md['fp']} {md['fn']} {md['tn']}"),
         (f"{il['score']}: ROC AUC", ci_text(il["roc_auc"], il["roc_auc_ci95"])),
         (f"{il['score']}: PR AUC", ci_text(il["pr_auc"], il["pr_auc_ci95"])),
-        (f"{il['score']} >= {op['threshold']:.4g}: sensitivity", ci_text(op["recall"], op["recall_ci95"])),
-        (f"{il['score']} >= {op['threshold']:.4g}: specificity", ci_text(op["specificity"], op["specificity_ci95"])),
-        (f"{il['score']} >= {op['threshold']:.4g}: precision", ci_text(op["precision"], op["precision_ci95"])),
-        (f"{il['score']} >= {op['threshold']:.4g}: TP FP FN TN", f"{op['tp']} {op['fp']} {op['fn']} {op['tn']}"),
+        (f"{il['score']} >= {at}: sensitivity", ci_text(op["recall"], op["recall_ci95"])),
+        (f"{il['score']} >= {at}: specificity", ci_text(op["specificity"], op["specificity_ci95"])),
+        (f"{il['score']} >= {at}: precision", ci_text(op["precision"], op["precision_ci95"])),
+        (f"{il['score']} >= {at}: TP FP FN TN", f"{op['tp']} {op['fp']} {op['fn']} {op['tn']}"),
     ]
     for target, point in il["sensitivity_at_specificity"].items():
         rows.append((f"{il['score']}: sensitivity at specificity {target}", ci_text(point["value"], point["ci95"])))
@@ -92,6 +128,10 @@ def evaluate(
     ),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    large_cm2: Annotated[
+        float,
+        typer.Option(help="Labelled area (cm²) from which a pneumothorax counts as large in the figures by size."),
+    ] = 20.0,
     segment_all: SegmentAll = False,
     tta: Tta = False,
     batch_size: ScanBatch = "auto",
@@ -101,13 +141,16 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of a table.")] = False,
     progress: ShowProgress = True,
 ) -> None:
-    """Score models (scanning DATA) or a submission CSV against labels: the competition Dice, image-level
-    ROC/PR, operating points with bootstrap intervals, plots, metrics.json and per_image.csv."""
-    from pneumotriage.evaluate import evaluate_results, evaluate_submission, write_evaluation
+    """Score models (scanning DATA) or a submission CSV against labels: sensitivity and specificity at the
+    scan's own decision (exact 95% intervals), by size and by view; the competition Dice; image-level ROC/PR and
+    operating points with bootstrap intervals; calibration (ECE); plots, metrics.json and per_image.csv."""
+    from pneumotriage.evaluate import evaluate_results, evaluate_submission, headers_of, write_evaluation
 
     relative = relative_rle(rle)
     if bootstrap < 0:
         raise UsageError("--bootstrap must be 0 or more")
+    if not large_cm2 > 0:
+        raise UsageError(f"--large-cm2 must be above 0, got {large_cm2:g}")
     failed = 0
     if predictions is not None:
         if classifier or segmenter:
@@ -115,7 +158,7 @@ def evaluate(
         if data is not None and not data.exists():
             raise UsageError("no such file or folder", path=data)
         evaluation = evaluate_submission(
-            predictions, labels, data=data, rle_relative=relative, bootstrap=bootstrap, seed=seed
+            predictions, labels, data=data, rle_relative=relative, bootstrap=bootstrap, seed=seed, large_cm2=large_cm2
         )
     else:
         if data is None:
@@ -145,6 +188,8 @@ def evaluate(
             source=source,
             bootstrap=bootstrap,
             seed=seed,
+            spacings={i: h.pixel_spacing_mm for i, h in headers_of(data).items()},
+            large_cm2=large_cm2,
         )
         failed = evaluation.unreadable
         evaluation.notes += [n for n in summary.notes if "not for clinical use" in n]  # in metrics.json too
