@@ -264,10 +264,7 @@ def tune(
     ] = None,
     oof: Annotated[
         bool,
-        typer.Option(
-            help="Out-of-fold: DATA is the fold runs' training data, and each image is predicted only by the run "
-            "that held it out (give every fold's best.pt)."
-        ),
+        typer.Option(help="Out-of-fold: each image of DATA predicted only by the fold run that held it out."),
     ] = False,
     sensitivity: Annotated[
         float | None, typer.Option(help="Fix the gate for this classifier sensitivity (e.g. 0.95), tune the rest.")

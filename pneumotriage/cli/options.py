@@ -95,8 +95,7 @@ ScanWorkers = Annotated[
     str,
     typer.Option(
         "--workers",
-        help="Worker processes reading, decoding and finishing images, or auto (1 on a 2-core CPU; one per spare "
-        "core with a GPU); 0 runs everything in this process.",
+        help="Processes decoding and finishing images: a number (0: none), or auto.",
     ),
 ]
 
@@ -104,7 +103,7 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         envvar="PNEUMOTRIAGE_PRECISION",
-        help="auto (bf16 + channels_last on CUDA), bf16 (also on a CPU with native bf16) or fp32.",
+        help="auto (bf16 on CUDA), bf16 or fp32.",
     ),
 ]
 
@@ -113,8 +112,7 @@ AcceptOpt = Annotated[
     typer.Option(
         "--accept",
         metavar="RULE",
-        help="Triage images the input check refuses by this rule (repeat; or all): modality, body-part, view, "
-        "shape, colour, orientation, histogram. See README 'What the scan refuses, and why'.",
+        help="Triage images the input check refuses by RULE (repeat, or all); README lists the rules.",
     ),
 ]
 

@@ -76,8 +76,7 @@ def scan(
         bool,
         typer.Option(
             "--compile",
-            help="Compile the models (torch.compile) first: on an H100 1.7-1.9x their speed, after up to a minute "
-            "of compiling at the first batch; for large folders (on a CPU the compiling outweighs most scans).",
+            help="Compile the models first (torch.compile): pays on a GPU for large folders.",
         ),
     ] = False,
     rle: Annotated[str, typer.Option(help="submission.csv run-length form: relative (SIIM) or absolute.")] = (
@@ -112,8 +111,7 @@ def scan(
         str | None,
         typer.Option(
             metavar="K/N",
-            help="Scan only shard K of N (K from 0) into --out, for a job array; `pneumotriage merge` then "
-            "writes the worklist. Under torchrun each rank takes its shard by itself.",
+            help="Scan only shard K of N (K from 0); `pneumotriage merge` then writes the worklist.",
         ),
     ] = None,
 ) -> None:

@@ -112,15 +112,12 @@ def weights_fetch(
         bool, typer.Option(envvar="PNEUMOTRIAGE_OFFLINE", help="Forbid the network (use `weights import`).")
     ] = False,
     allow_unpinned: Annotated[
-        bool, typer.Option(help="Accept a weight whose publisher gives no hash, and record the hash seen.")
+        bool, typer.Option(help="Accept a weight with no published hash; record the hash seen.")
     ] = False,
     force: Annotated[bool, typer.Option(help="Download again even if a verified copy is cached.")] = False,
     rebuild: Annotated[
         bool,
-        typer.Option(
-            help="Train weights that have a recipe (the demo's) on this machine instead of copying the shipped "
-            "files, and compare them with those (a few minutes on a 2-core CPU)."
-        ),
+        typer.Option(help="Train the demo weights here from their recipe, and compare them with the shipped files."),
     ] = False,
     precision: PrecisionOpt = "auto",
 ) -> None:
