@@ -198,8 +198,8 @@ def calibration_bins(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> 
     s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     which = np.minimum((s * bins).astype(np.int64), bins - 1)  # a probability of 1.0 falls in the last bin
     count = np.bincount(which, minlength=bins)
-    mean = np.bincount(which, weights=s, minlength=bins)
-    positive = np.bincount(which, weights=y.astype(np.float64), minlength=bins)
+    mean = np.bincount(which, weights=s, minlength=bins).astype(np.float64)
+    positive = np.bincount(which, weights=y.astype(np.float64), minlength=bins).astype(np.float64)
     filled = count > 0
     mean[filled] /= count[filled]
     positive[filled] /= count[filled]

@@ -26,7 +26,7 @@ LAYERS = [
     ["models."],
     ["scan."],
     ["train", "tune", "evaluate", "imports"],
-    ["submit", "demo"],
+    ["submit", "demo", "listen."],
     ["cli."],
     ["", "__main__"],
 ]

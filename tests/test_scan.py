@@ -77,7 +77,7 @@ def test_scan_end_to_end(scan_input: Path, models: dict[str, Path], tmp_path: Pa
     assert {m["role"] for m in document["models"]} == {"classifier", "segmenter"}
     assert all(len(m["sha256"]) == 64 for m in document["models"])
     html = (out / "report.html").read_text()
-    assert html.count("<tr class='row") == 13
+    assert html.count('<tr class="row ') == 13
 
 
 def _journaled(proc: subprocess.Popen[Any], out: Path, rows: int) -> Path:

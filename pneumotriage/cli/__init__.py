@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pneumotriage.cli import data, evaluate, scan, train, weights
+from pneumotriage.cli import data, evaluate, listen, scan, train, weights
 from pneumotriage.cli.console import err, out
 from pneumotriage.cli.help import PlainCommand
 from pneumotriage.io import printable
@@ -53,6 +53,7 @@ app.command(cls=PlainCommand)(data.synth)
 app.command(cls=PlainCommand)(scan.scan)
 app.command(cls=PlainCommand)(scan.merge)
 app.command(cls=PlainCommand)(scan.submit)
+app.command(cls=PlainCommand)(listen.listen)
 app.add_typer(weights.weights_app, name="weights")
 app.command(cls=PlainCommand)(weights.convert)
 app.add_typer(train.train_app, name="train")

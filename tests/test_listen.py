@@ -1,0 +1,197 @@
+"""pneumotriage listen against a real PACS on loopback (Debian's Orthanc): a study pushed to the node is triaged
+once complete and its SR reaches Orthanc referencing its images; a destination that is down gets the results when
+it returns, once; the node refuses what it must (AE titles and hosts not allowed, non-image SOP classes, a disk
+under its watermark) and stores 20 associations at once."""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pynetdicom", reason="pynetdicom is not installed (the pacs extra)")
+pytest.importorskip("highdicom", reason="highdicom is not installed (the pacs extra)")
+
+import pydicom  # noqa: E402
+from orthanc import Orthanc  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+
+from pneumotriage.listen import Destination, Listener, ListenOptions, NodeOptions  # noqa: E402
+from pneumotriage.models import load_model  # noqa: E402
+from pneumotriage.scan import ScanOptions  # noqa: E402
+from pneumotriage.synth import StudySummary, write_study  # noqa: E402
+
+#: Every wait in these tests ends: a node or a PACS that hangs fails the test, it never blocks the suite.
+WAIT_S = 120.0
+
+
+def push(files: Sequence[Path], port: int, *, calling: str = "MODALITY", called: str = "PNEUMOTRIAGE") -> list[int]:
+    """C-STORE ``files`` to the node in one association; the statuses (an empty list: the association was
+    refused)."""
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for sop_class, syntax in dict.fromkeys((d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return []
+    try:
+        return [int(getattr(assoc.send_c_store(ds), "Status", -1)) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _files(study: StudySummary) -> list[Path]:
+    return [study.out / im.path for im in study.images]
+
+
+@contextmanager
+def listening(out: Path, models: dict[str, Path], **node: Any) -> Iterator[Listener]:
+    """A listener serving in a thread until the block ends."""
+    send_to = node.pop("send_to", None)
+    idle = node.pop("idle", 0.5)
+    lines: list[str] = []
+    listener = Listener(
+        out,
+        classifier=load_model(models["classifier"]),
+        segmenter=load_model(models["segmenter"]),
+        scan_options=ScanOptions(device="cpu"),
+        node=NodeOptions(port=0, **node),
+        options=ListenOptions(idle_s=idle, send_to=send_to, retry_min_s=0.5, retry_max_s=2.0),
+        log=lines.append,
+    )
+    listener.lines = lines  # type: ignore[attr-defined]  # what it said, for the tests
+    stop = threading.Event()
+    thread = threading.Thread(target=listener.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield listener
+    finally:
+        stop.set()
+        thread.join(timeout=WAIT_S)
+        listener.close()
+
+
+def _until(check: Any, what: str) -> Any:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"waited {WAIT_S:.0f} s for {what}")
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        yield orthanc
+    finally:
+        orthanc.stop()
+
+
+def test_a_study_pushed_is_triaged_and_its_results_reach_the_pacs(
+    pacs: Orthanc, models: dict[str, Path], tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "study", 3, positive_rate=0.5, size=(128, 128), seed=11)
+    out = tmp_path / "node"
+    to = Destination(pacs.ae_title, "127.0.0.1", pacs.dicom_port)
+    with listening(out, models, send_to=to) as listener:
+        assert push(_files(study), listener.node.port) == [0, 0, 0]
+        srs = pacs.wait_for("SR", 3, WAIT_S)
+        assert len(srs) == 3
+        # Each SR is filed under its image's study and names its image.
+        study_uids = {str(pydicom.dcmread(f).StudyInstanceUID) for f in _files(study)}
+        assert {sr["StudyInstanceUID"] for sr in srs} <= study_uids
+        referenced = set()
+        for uid in pacs.get("/instances"):
+            tags = pacs.get(f"/instances/{uid}/tags?simplify")
+            if tags.get("Modality") == "SR":
+                for item in tags.get("CurrentRequestedProcedureEvidenceSequence", []):
+                    for series in item.get("ReferencedSeriesSequence", []):
+                        for ref in series.get("ReferencedSOPSequence", []):
+                            referenced.add(ref["ReferencedSOPInstanceUID"])
+        assert {str(pydicom.dcmread(f).SOPInstanceUID) for f in _files(study)} <= referenced
+        rows = _until(lambda: len(_rows(out / "studies.csv")) == len(study_uids) and _rows(out / "studies.csv"), "rows")
+        assert {r["study_instance_uid"] for r in rows} == study_uids
+        assert sum(int(r["instances"]) for r in rows) == 3
+        assert all(r["result_sent_at"] and float(r["time_to_result_s"]) > 0 for r in rows)
+        worklist = _rows(out / "worklist.csv")
+        assert len(worklist) == 3 and all(r["tier"] in ("urgent", "review", "routine") for r in worklist)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("result_sent_at", "x")]  # studies.csv: the sent ones
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(
+    pacs: Orthanc, models: dict[str, Path], tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "study", 2, positive_rate=0.5, size=(128, 128), seed=12)
+    out = tmp_path / "node"
+    pacs.stop()
+    to = Destination(pacs.ae_title, "127.0.0.1", pacs.dicom_port)
+    with listening(out, models, send_to=to) as listener:
+        assert push(_files(study), listener.node.port) == [0, 0]
+        failing = _until(lambda: [s for s in listener.inbox.states() if s.send_error], "a failed send")
+        assert "could not be reached" in (failing[0].send_error or "")
+        pacs.start()
+        srs = pacs.wait_for("SR", 2, WAIT_S)
+        assert len(srs) == 2
+        time.sleep(2.0)  # further turns of the loop send nothing more
+        states = listener.inbox.states()
+        assert sum(len(s.sent) for s in states) == 2 and not any(s.send_error for s in states)
+        sends = [line for line in listener.lines if "result objects stored" in line]  # type: ignore[attr-defined]
+        assert len(sends) == len(states)  # each study's results sent once, after the failures
+    assert len(pacs.instances("SR")) == 2
+
+
+def test_the_node_refuses_what_it_must_and_stores_20_associations_at_once(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "study", 20, positive_rate=0.3, size=(96, 96), seed=13)
+    files = _files(study)
+    with listening(tmp_path / "node", models, allow=("MODALITY",), idle=60.0, max_associations=25) as listener:
+        port = listener.node.port
+        assert push(files[:1], port, calling="STRANGER") == []  # not on the allow-list
+        assert not listener.inbox.states()
+        # A structured report is not an image: its presentation context is refused (and with no other, the
+        # association with it), nothing stored.
+        sr = tmp_path / "sr.dcm"
+        ds = pydicom.dcmread(files[0])
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(sr)
+        assert push([sr], port) == []
+        assert not listener.inbox.states()
+        with ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(lambda f: push([f], port), files))
+        assert statuses == [[0]] * 20
+        stored = sum(len(s.received) for s in listener.inbox.states())
+        assert stored == 20
+
+
+def test_a_disk_under_the_watermark_refuses_associations(models: dict[str, Path], tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", 1, positive_rate=0.0, size=(96, 96), seed=14)
+    with listening(tmp_path / "node", models, min_free=1 << 62, idle=60.0) as listener:  # more than any disk
+        assert push(_files(study), listener.node.port) == []
+        assert not listener.inbox.states()
+
+
+def test_a_node_on_another_host_list_refuses_this_one(models: dict[str, Path], tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", 1, positive_rate=0.0, size=(96, 96), seed=15)
+    with listening(tmp_path / "node", models, allow_hosts=("10.9.9.9",), idle=60.0) as listener:
+        assert push(_files(study), listener.node.port) == []
+        assert not listener.inbox.states()
