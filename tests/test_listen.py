@@ -6,6 +6,11 @@ under its watermark) and stores 20 associations at once."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +25,7 @@ pytest.importorskip("pynetdicom", reason="pynetdicom is not installed (the pacs 
 pytest.importorskip("highdicom", reason="highdicom is not installed (the pacs extra)")
 
 import pydicom  # noqa: E402
-from orthanc import Orthanc  # noqa: E402
+from orthanc import Orthanc, free_port  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 
 from pneumotriage.listen import Destination, Listener, ListenOptions, NodeOptions  # noqa: E402
@@ -195,3 +200,65 @@ def test_a_node_on_another_host_list_refuses_this_one(models: dict[str, Path], t
     with listening(tmp_path / "node", models, allow_hosts=("10.9.9.9",), idle=60.0) as listener:
         assert push(_files(study), listener.node.port) == []
         assert not listener.inbox.states()
+
+
+def _one_study(study: StudySummary, folder: Path) -> list[Path]:
+    """The study's images rewritten as one study of one patient (as a modality sends a series)."""
+    folder.mkdir(parents=True)
+    files = []
+    first = pydicom.dcmread(_files(study)[0])
+    for i, path in enumerate(_files(study)):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID, ds.PatientName = first.StudyInstanceUID, first.PatientID, first.PatientName
+        files.append(folder / f"{i}.dcm")
+        ds.save_as(files[-1])
+    return files
+
+
+def _start_cli(out: Path, models: dict[str, Path], port: int, pacs: Orthanc, idle: float) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "pneumotriage", "listen", "--out", str(out), "--port", str(port), "--idle", str(idle)]
+    args += ["--send-to", f"{pacs.ae_title}@127.0.0.1:{pacs.dicom_port}", "--device", "cpu"]
+    args += ["--classifier", str(models["classifier"]), "--segmenter", str(models["segmenter"])]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    _until(lambda: _answers(port) or proc.poll() is not None, "the listener's port")
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_node_killed_mid_study_and_restarted_triages_and_sends_each_image_once(
+    pacs: Orthanc, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """kill -9 with one study done and another received but not yet complete: after the restart the first is
+    neither triaged nor sent again, and the second is triaged once, whole, and its results sent once."""
+    done = write_study(tmp_path / "a", 2, positive_rate=0.5, size=(96, 96), seed=16)
+    later = _one_study(write_study(tmp_path / "b", 4, positive_rate=0.5, size=(96, 96), seed=17), tmp_path / "one")
+    out, port = tmp_path / "node", free_port()
+    first = _start_cli(out, models, port, pacs, idle=3.0)
+    try:
+        assert push(_files(done), port) == [0, 0]
+        assert len(pacs.wait_for("SR", 2, WAIT_S)) == 2
+        _until(lambda: (out / "studies.csv").is_file() and "result" in (out / "studies.csv").read_text(), "the csv")
+        assert push(later, port) == [0, 0, 0, 0]  # complete 3 s after its last image: killed before that
+    finally:
+        first.kill()  # SIGKILL: no clean-up of any kind
+        first.wait(timeout=WAIT_S)
+    second = _start_cli(out, models, port, pacs, idle=1.0)
+    try:
+        assert len(pacs.wait_for("SR", 6, WAIT_S)) == 6
+        time.sleep(2.0)
+    finally:
+        second.send_signal(signal.SIGINT)
+        said = second.communicate(timeout=WAIT_S)[1]
+    study_b = str(pydicom.dcmread(later[0]).StudyInstanceUID)
+    study_a = {str(pydicom.dcmread(f).StudyInstanceUID) for f in _files(done)}
+    assert not any(uid in said for uid in study_a), said  # neither triaged nor sent again
+    assert said.count(f"study {study_b}: 4 images triaged") == 1, said
+    stored = [line for line in said.splitlines() if line.startswith(f"study {study_b}: ") and "objects stored" in line]
+    assert len(stored) == 1, said  # its results sent once
+    journal = (out / "studies" / study_b / ".scan" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == 4  # each image triaged once

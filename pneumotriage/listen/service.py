@@ -113,7 +113,7 @@ class Listener:
         from pneumotriage.scan import run as run_scan
 
         state = next(s for s in self.inbox.states() if s.study == study)
-        seen = sorted(state.received)
+        seen = sorted(state.received)  # at least these: an instance arriving meanwhile may be scanned too
         folder = self.out / "studies" / study
         resume = (folder / ".scan" / "journal.jsonl").is_file()
         started = time.monotonic()
@@ -144,7 +144,8 @@ class Listener:
             json.dumps({**self._about, "results": [vars(r) for r in summary.results]}) + "\n",
         )
         self._results[study] = summary.results
-        self.inbox.update(study, triaged=seen, triaged_at=time.time())
+        scanned = {Path(r.path).stem for r in summary.results}  # what the scan's walk found, arrivals included
+        self.inbox.update(study, triaged=sorted(scanned | set(seen)), triaged_at=time.time())
         tiers = ", ".join(f"{r.tier}" for r in summary.results)
         self.log(
             f"study {study}: {len(summary.results)} images triaged in {time.monotonic() - started:.1f} s ({tiers})"
