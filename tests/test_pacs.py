@@ -143,3 +143,19 @@ def test_dciodvfy_finds_no_error(scanned: dict[str, Path]) -> None:
         done = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
         assert not errors, f"{path.name}: {errors}"
+
+
+def test_the_sr_says_an_algorithm_made_it_and_no_one_verified_it(scanned: dict[str, Path]) -> None:
+    """The IHE AI Results profile's marks: the algorithm as Contributing Equipment ("Processing Equipment"),
+    VerificationFlag UNVERIFIED, a caution in the series description, and the private coding scheme declared."""
+    import pydicom
+
+    from pneumotriage.scan.pacs import SCHEME
+
+    path = next((scanned["plain"] / "dicom").glob("*-sr.dcm"))
+    sr = pydicom.dcmread(path)
+    assert sr.VerificationFlag == "UNVERIFIED" and "unverified" in sr.SeriesDescription
+    equipment = sr.ContributingEquipmentSequence[0]
+    assert equipment.Manufacturer == "pneumotriage"
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence] == [SCHEME]

@@ -256,12 +256,43 @@ def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any
             content=report,
             **_identity(ds, "sr", models, who),
             manufacturer="pneumotriage",
-            series_description="pneumotriage triage report",
+            series_description=SR_SERIES_DESCRIPTION,
             is_complete=True,
             is_final=False,
-            is_verified=False,
+            is_verified=False,  # VerificationFlag UNVERIFIED: no physician has checked it
         )
+    _as_ai_result(sr)
     _save(sr, out)
+
+
+#: What a PACS shows of the SR series in its study browser: what it is, and that no one has verified it.
+SR_SERIES_DESCRIPTION = "AI triage (pneumotriage), unverified: not a diagnosis"
+
+
+def _as_ai_result(dataset: Any) -> None:
+    """What the IHE AI Results profile asks of an object an algorithm made, beyond what highdicom writes: the
+    algorithm as Contributing Equipment with the purpose "Processing Equipment" (DCM 109102) and a description
+    saying it is unverified, and the declaration of this tool's private coding scheme (PS3.3 C.12.1.1.2: a
+    scheme not in the standard's registry is identified in Coding Scheme Identification Sequence)."""
+    from datetime import datetime
+
+    from pydicom.dataset import Dataset
+
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
+    equipment = Dataset()
+    equipment.Manufacturer = "pneumotriage"
+    equipment.ManufacturerModelName = "pneumotriage"
+    equipment.SoftwareVersions = __version__
+    equipment.PurposeOfReferenceCodeSequence = [purpose]
+    equipment.ContributionDateTime = datetime.now().strftime("%Y%m%d%H%M%S")
+    equipment.ContributionDescription = "AI triage of pneumothorax; not verified by a physician"
+    dataset.ContributingEquipmentSequence = [equipment]
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "pneumotriage triage concepts"
+    scheme.CodingSchemeResponsibleOrganization = "pneumotriage"
+    dataset.CodingSchemeIdentificationSequence = [scheme]
 
 
 def _save(dataset: Any, out: Path) -> None:
