@@ -262,3 +262,21 @@ def test_a_node_killed_mid_study_and_restarted_triages_and_sends_each_image_once
     assert len(stored) == 1, said  # its results sent once
     journal = (out / "studies" / study_b / ".scan" / "journal.jsonl").read_text().splitlines()
     assert len(journal) == 4  # each image triaged once
+
+
+def test_results_stored_by_stow_rs_on_a_dicomweb_server(pacs: Orthanc, models: dict[str, Path], tmp_path: Path) -> None:
+    from orthanc import DICOMWEB_PLUGIN
+
+    from pneumotriage.listen import StowDestination
+
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (Debian's orthanc-dicomweb; .ci/run installs it)")
+    study = write_study(tmp_path / "study", 2, positive_rate=0.5, size=(96, 96), seed=18)
+    to = StowDestination.parse(f"{pacs.url}/dicom-web")
+    with listening(tmp_path / "node", models, send_to=to) as listener:
+        assert push(_files(study), listener.node.port) == [0, 0]
+        srs = pacs.wait_for("SR", 2, WAIT_S)
+        assert {sr["StudyInstanceUID"] for sr in srs} == {
+            str(pydicom.dcmread(f).StudyInstanceUID) for f in _files(study)
+        }
+        _until(lambda: sum(len(s.sent) for s in listener.inbox.states()) == 2, "both acknowledged")

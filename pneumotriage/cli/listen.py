@@ -46,6 +46,9 @@ def listen(
     send_to: Annotated[
         str | None, typer.Option(metavar="AE@HOST:PORT", help="Send each study's SR and SEG there by C-STORE.")
     ] = None,
+    stow: Annotated[
+        str | None, typer.Option(metavar="URL", help="Store each study's SR and SEG on this DICOMweb server.")
+    ] = None,
     classifier: ClassifierOpt = None,
     segmenter: SegmenterOpt = None,
     tta: Tta = False,
@@ -57,7 +60,7 @@ def listen(
 
     Every image is on disk before it is acknowledged; a restart triages what was received and sends what was not
     acknowledged. README "At the PACS" shows a configuration and a systemd unit."""
-    from pneumotriage.listen import Destination, Listener, ListenOptions, NodeOptions
+    from pneumotriage.listen import Destination, Listener, ListenOptions, NodeOptions, StowDestination
     from pneumotriage.listen.node import require
 
     require()
@@ -75,7 +78,10 @@ def listen(
         min_free=min_free_mb << 20,
     )
     node.check()
-    options = ListenOptions(idle_s=idle, send_to=Destination.parse(send_to) if send_to else None)
+    if send_to and stow:
+        raise UsageError("give --send-to or --stow, not both")
+    destination = Destination.parse(send_to) if send_to else StowDestination.parse(stow) if stow else None
+    options = ListenOptions(idle_s=idle, send_to=destination)
     loaded_cls = load_models(default_list(classifier, "classifier"), "classifier")
     loaded_seg = load_models(default_list(segmenter, "segmenter"), "segmenter")
     if loaded_cls is None and loaded_seg is None:

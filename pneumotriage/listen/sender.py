@@ -1,5 +1,6 @@
 """Results back where readers look: the study's DICOM SR (and SEG of an outlined image) sent by C-STORE to a PACS
-node, with retries and back-off while it is down. Objects carry UIDs derived from their source, so sending one
+node (:class:`Destination`) or by STOW-RS to a DICOMweb server (:class:`StowDestination`), with retries and
+back-off while it is down (the caller's). Objects carry UIDs derived from their source, so sending one
 again replaces rather than duplicates it: a resend after a crash is harmless, and the inbox's record of what was
 acknowledged keeps it from happening at all in the normal course.
 """
@@ -41,6 +42,48 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def send(self, files: Sequence[Path], *, calling: str = "PNEUMOTRIAGE") -> list[str]:
+        return send(files, self, calling=calling)
+
+
+@dataclass(frozen=True)
+class StowDestination:
+    """A DICOMweb server results are stored on by STOW-RS: its base URL (Orthanc's: ``http://host:8042/dicom-web``)."""
+
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> StowDestination:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text.strip()):
+            raise UsageError(f"--stow {text!r}: give the DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web")
+        return cls(text.strip().rstrip("/"))
+
+    def __str__(self) -> str:
+        return self.url
+
+    def send(self, files: Sequence[Path], *, calling: str = "PNEUMOTRIAGE", timeout_s: float = 30.0) -> list[str]:
+        """STOW-RS ``files`` in one request; the SOP Instance UIDs the server reports stored. Raises
+        :class:`SendError` when it cannot be reached or fails any of them."""
+        import pydicom
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        datasets = [pydicom.dcmread(f) for f in files]
+        if not datasets:
+            return []
+        client = DICOMwebClient(url=self.url, timeout=timeout_s)
+        try:
+            answer = client.store_instances(datasets)
+        except (requests.RequestException, OSError) as exc:
+            raise SendError(f"{self} could not be reached ({type(exc).__name__})", hint="results stay queued") from None
+        failed = [str(item.ReferencedSOPInstanceUID) for item in answer.get("FailedSOPSequence", [])]
+        stored = [str(item.ReferencedSOPInstanceUID) for item in answer.get("ReferencedSOPSequence", [])]
+        if failed:
+            error = SendError(f"{self} did not store {len(failed)} of {len(datasets)} objects", hint="sent again")
+            error.stored = stored  # type: ignore[attr-defined]
+            raise error
+        return stored
 
 
 def send(

@@ -30,7 +30,7 @@ from pneumotriage.errors import PneumotriageError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.listen.inbox import Inbox, StudyState
 from pneumotriage.listen.node import NodeOptions, StorageNode
-from pneumotriage.listen.sender import Destination, SendError, send
+from pneumotriage.listen.sender import Destination, SendError, StowDestination
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan import ImageResult, ScanOptions
 from pneumotriage.scan.finish import plain_path, thumbnail_path
@@ -53,8 +53,8 @@ STUDY_FIELDS = (
 class ListenOptions:
     #: Seconds without a new instance after which a study is complete.
     idle_s: float = 5.0
-    #: Where results go by C-STORE; None keeps them under --out only.
-    send_to: Destination | None = None
+    #: Where results go (C-STORE to a node, or STOW-RS to a DICOMweb server); None keeps them under --out only.
+    send_to: Destination | StowDestination | None = None
     #: The back-off between tries while the destination is down: from ``retry_min_s``, doubling to ``retry_max_s``.
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
@@ -176,7 +176,7 @@ class Listener:
             if not objects:
                 continue
             try:
-                stored = send([p for p, _ in objects], to, calling=self.node.options.ae_title)
+                stored = to.send([p for p, _ in objects], calling=self.node.options.ae_title)
             except SendError as exc:
                 for uid in getattr(exc, "stored", []):
                     self.inbox.acknowledged(state.study, uid)
