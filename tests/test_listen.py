@@ -280,3 +280,28 @@ def test_results_stored_by_stow_rs_on_a_dicomweb_server(pacs: Orthanc, models: d
             str(pydicom.dcmread(f).StudyInstanceUID) for f in _files(study)
         }
         _until(lambda: sum(len(s.sent) for s in listener.inbox.states()) == 2, "both acknowledged")
+
+
+def test_a_folder_scan_sends_its_results_too(pacs: Orthanc, models: dict[str, Path], tmp_path: Path) -> None:
+    """scan --send-to: the same sender after a batch scan; a destination that does not answer is one error line
+    that says how to send again, and the objects stay under --out."""
+    from typer.testing import CliRunner
+
+    from pneumotriage.cli import app
+
+    study = write_study(tmp_path / "study", 2, positive_rate=0.5, size=(96, 96), seed=19)
+    common = ["--classifier", str(models["classifier"]), "--segmenter", str(models["segmenter"]), "--workers", "0"]
+    out = tmp_path / "scan"
+    sent = CliRunner().invoke(
+        app, ["scan", str(study.out), "--out", str(out), *common, "--send-to", f"ORTHANC@127.0.0.1:{pacs.dicom_port}"]
+    )
+    assert sent.exit_code == 0, sent.output
+    assert f"sent {len(list((out / 'dicom').glob('*.dcm')))} DICOM objects" in sent.output  # SRs, and SEGs
+    assert len(pacs.wait_for("SR", 2, WAIT_S)) == 2
+    pacs.stop()
+    again = CliRunner().invoke(
+        app,
+        ["scan", str(study.out), "--out", str(out), *common, "--resume", "--send-to", f"X@127.0.0.1:{pacs.dicom_port}"],
+    )
+    assert again.exit_code == 1 and "could not be reached" in again.output and "--resume to send them" in again.output
+    assert len(list((out / "dicom").glob("*-sr.dcm"))) == 2

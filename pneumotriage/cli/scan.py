@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -98,6 +98,13 @@ def scan(
         bool,
         typer.Option("--dicom-sr", help="Write OUT/dicom/<image>-sr.dcm, a DICOM Structured Report of each image."),
     ] = False,
+    send_to: Annotated[
+        str | None,
+        typer.Option(metavar="AE@HOST:PORT", help="Send the SR and SEG objects there by C-STORE after the scan."),
+    ] = None,
+    stow: Annotated[
+        str | None, typer.Option(metavar="URL", help="Store the SR and SEG objects on this DICOMweb server.")
+    ] = None,
     no_phi: Annotated[
         bool, typer.Option("--no-phi", help="Leave patient ID, accession and study date out of all outputs.")
     ] = False,
@@ -131,6 +138,9 @@ def scan(
             "--segmenter (a registry name or a checkpoint file), e.g. --classifier xrv-resnet50-res512-all "
             "--no-segment; `pneumotriage weights list` shows what there is"
         )
+    destination = _destination(send_to, stow)
+    if destination is not None:  # what is sent is made
+        dicom_seg = dicom_sr = True
     options = scan_options(
         batch_size,
         workers,
@@ -203,8 +213,38 @@ def scan(
             raise typer.Exit(EXIT_INPUTS_FAILED)
         return
     report_scan(summary, as_json=as_json, no_phi=no_phi, verbose=verbose)
+    if destination is not None:
+        _send(destination, out_dir)
     if summary.failed:
         raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+def _destination(send_to: str | None, stow: str | None) -> Any:
+    """Where ``--send-to`` or ``--stow`` sends the DICOM objects (None for neither)."""
+    if send_to is None and stow is None:
+        return None
+    if send_to and stow:
+        raise UsageError("give --send-to or --stow, not both")
+    from pneumotriage.listen.node import require
+    from pneumotriage.listen.sender import Destination, StowDestination
+
+    require()
+    return Destination.parse(send_to) if send_to else StowDestination.parse(stow or "")
+
+
+def _send(destination: Any, out_dir: Path) -> None:
+    """Send the scan's SR and SEG objects; a failure is one error line that says how to send them again."""
+    from pneumotriage.listen.sender import SendError
+
+    files = sorted((out_dir / "dicom").glob("*.dcm"))
+    try:
+        stored = destination.send(files)
+    except SendError as exc:
+        raise SendError(
+            exc.message,
+            hint=f"the objects are kept in {out_dir / 'dicom'}; run the same command with --resume to send them again",
+        ) from None
+    err.print(f"sent {len(stored)} DICOM objects to {shown(destination)}", highlight=False)
 
 
 @reports_errors
