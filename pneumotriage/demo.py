@@ -302,6 +302,20 @@ class DemoRun:
     false_urgent: int
 
 
+def demo_weights(home: Path | None = None) -> list[str]:
+    """Put the demo weights in the cache where they are missing (copied from the package, checked by hash), so
+    that ``load_model("demo-classifier")`` finds them; the names of those copied."""
+    from pneumotriage.weights import load_registry
+
+    cache = WeightCache(load_registry(), home)
+    fetched = []
+    for spec in (cache.registry.get_spec(name) for name in NAMES):
+        if cache.status(spec, rehash=True).status in ("missing", "corrupt"):  # corrupt: an earlier release's copy
+            cache.fetch(spec)
+            fetched.append(spec.name)
+    return fetched
+
+
 def run_demo(
     out_dir: Path,
     *,
@@ -318,19 +332,13 @@ def run_demo(
     from pneumotriage.scan import ScanOptions
     from pneumotriage.scan import run as run_scan
     from pneumotriage.synth import write_study
-    from pneumotriage.weights import load_registry
 
     study_dir, scan_dir = out_dir / "study", out_dir / "scan"
     for folder in (study_dir, scan_dir):
         if folder.exists():
             shutil.rmtree(folder)
     study = write_study(study_dir, n, positive_rate=0.4, size=(size, size), seed=seed, ptx_scale=2.0)
-    cache = WeightCache(load_registry(), home)
-    fetched = []
-    for spec in (cache.registry.get_spec(name) for name in NAMES):
-        if cache.status(spec, rehash=True).status in ("missing", "corrupt"):  # corrupt: an earlier release's copy
-            cache.fetch(spec)
-            fetched.append(spec.name)
+    fetched = demo_weights(home)
     scan = run_scan(
         sorted(p for p in study_dir.iterdir() if p.is_dir()),  # the DICOMs, not the label CSV and manifest
         scan_dir,

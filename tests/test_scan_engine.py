@@ -463,3 +463,24 @@ def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: 
     for s in (size, 64):
         trained_on = prepare_image(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
         np.testing.assert_array_equal(arena.image(0, InputKey(s)), trained_on)
+
+
+def test_a_model_prepared_again_is_the_copy_made_before_until_its_weights_change() -> None:
+    """A node scans study after study with the same models: their inference copies (batch norm folded) are made
+    once; an in-place change to a weight (a training step) makes a new one, never a stale one."""
+    from pneumotriage.models import LoadedModel, ModelSpec, build_model
+    from pneumotriage.scan.classify import prepare_models
+
+    spec = ModelSpec(kind="classifier", arch="densenet_mini", input_size=64)
+    model = LoadedModel(spec=spec, model=build_model(spec).eval(), thresholds={})
+    device = torch.device("cpu")
+    first = prepare_models(device, model)[0]
+    again = prepare_models(device, model)[0]
+    assert first is not None and again is not None and again.model is first.model
+    with torch.no_grad():
+        next(model.model.parameters()).add_(1.0)
+    changed = prepare_models(device, model)[0]
+    assert changed is not None and changed.model is not first.model
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(changed.model(x), model.model(x), atol=1e-4)

@@ -49,6 +49,10 @@ STUDY_FIELDS = (
 )
 
 
+#: While studies queue, the worklist is rewritten at most this often (its report grows with every study).
+WORKLIST_EVERY_S = 1.0
+
+
 @dataclass(frozen=True)
 class ListenOptions:
     #: Seconds without a new instance after which a study is complete.
@@ -87,10 +91,12 @@ class Listener:
         self.inbox = Inbox(self.out)
         self._wake = threading.Event()
         self._results: dict[str, list[ImageResult]] = {}
+        self._objects: dict[str, list[tuple[Path, str]]] = {}
         self._about: dict[str, Any] = {}
         self._backoff = options.retry_min_s
         self._next_try = 0.0
         self._changed = True
+        self._written = 0.0
         for state in self.inbox.states():
             self._load(state.study)
         self.node = StorageNode(node, self.inbox, on_stored=lambda study: self._wake.set())
@@ -144,6 +150,7 @@ class Listener:
             json.dumps({**self._about, "results": [vars(r) for r in summary.results]}) + "\n",
         )
         self._results[study] = summary.results
+        self._objects.pop(study, None)  # read again: this triage may have made more
         scanned = {Path(r.path).stem for r in summary.results}  # what the scan's walk found, arrivals included
         self.inbox.update(study, triaged=sorted(scanned | set(seen)), triaged_at=time.time())
         tiers = ", ".join(f"{r.tier}" for r in summary.results)
@@ -155,17 +162,21 @@ class Listener:
     # Sending ----------------------------------------------------------------------------------------------------
     def pending(self, state: StudyState) -> list[tuple[Path, str]]:
         """The result objects of a triaged study the destination has not acknowledged: (file, SOP Instance UID)."""
+        if state.triaged_at is None:
+            return []
+        if state.study not in self._objects:
+            self._objects[state.study] = self._result_objects(state.study)
+        return [(path, uid) for path, uid in self._objects[state.study] if uid not in state.sent]
+
+    def _result_objects(self, study: str) -> list[tuple[Path, str]]:
+        """A triaged study's SR and SEG files with their SOP Instance UIDs (read once per triage)."""
         import pydicom
 
-        folder = self.out / "studies" / state.study / "dicom"
-        if state.triaged_at is None or not folder.is_dir():
-            return []
-        objects = []
-        for path in sorted(folder.glob("*.dcm")):
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-            if uid not in state.sent:
-                objects.append((path, uid))
-        return objects
+        folder = self.out / "studies" / study / "dicom"
+        return [
+            (path, str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+            for path in sorted(folder.glob("*.dcm"))
+        ]
 
     def send_pending(self, now: float) -> None:
         to = self.options.send_to
@@ -245,13 +256,22 @@ class Listener:
 
     # The loop ---------------------------------------------------------------------------------------------------
     def step(self) -> None:
-        """One turn: triage the studies now complete, send what is pending, rewrite the worklist if it changed."""
+        """One turn: each study now complete triaged and its results sent at once (a queue of studies does not
+        hold back the first one's results), the worklist rewritten when it changed: at most once a second while
+        studies are waiting, at once when none is."""
         for study in self.inbox.due(self.options.idle_s):
             self.triage(study)
+            self.send_pending(time.time())
+            if self._changed and time.monotonic() - self._written >= WORKLIST_EVERY_S:
+                self._write()
         self.send_pending(time.time())
         if self._changed:
-            self._changed = False
-            self.write_worklist()
+            self._write()
+
+    def _write(self) -> None:
+        self._changed = False
+        self._written = time.monotonic()
+        self.write_worklist()
 
     def serve(self, stop: threading.Event, tick_s: float = 0.25) -> None:
         """Run until ``stop`` is set."""

@@ -7,6 +7,7 @@ the convolutions, channels_last, one torch thread per core. On CUDA: channels_la
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -78,11 +79,24 @@ def prepare_models(
         if m is None:
             prepared.append(None)
             continue
+        # The same model prepared again for the same device (a node scanning study after study) is the copy made
+        # before, while none of its weights has changed since (an in-place update bumps a tensor's version).
+        key = (str(device), tuple(t._version for t in (*m.model.parameters(), *m.model.buffers())))
+        kept = _PREPARED.get(m.model) if compile_batch is None else None
+        if kept is not None and kept[0] == key:
+            prepared.append(replace(m, model=kept[1]))
+            continue
         net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
         if compile_batch is not None:
             net = FixedBatch(net, compile_batch)
+        else:
+            _PREPARED[m.model] = (key, net)
         prepared.append(replace(m, model=net))
     return prepared
+
+
+#: Models prepared for inference, by the caller's model (forgotten with it): (device and weight versions, copy).
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
