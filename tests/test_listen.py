@@ -305,3 +305,20 @@ def test_a_folder_scan_sends_its_results_too(pacs: Orthanc, models: dict[str, Pa
     )
     assert again.exit_code == 1 and "could not be reached" in again.output and "--resume to send them" in again.output
     assert len(list((out / "dicom").glob("*-sr.dcm"))) == 2
+
+
+def test_escalation_moves_long_waiting_studies_up_within_their_tier_only() -> None:
+    from pneumotriage.listen.service import escalate
+    from pneumotriage.scan import ImageResult
+
+    rows = [
+        ImageResult("u1", "u1", "ok", tier="urgent", probability=0.9, study_instance_uid="s1"),
+        ImageResult("r1", "r1", "ok", tier="review", probability=0.8, study_instance_uid="s2"),
+        ImageResult("r2", "r2", "ok", tier="review", probability=0.5, study_instance_uid="s3"),
+        ImageResult("o1", "o1", "ok", tier="routine", probability=0.2, study_instance_uid="s4"),
+        ImageResult("o2", "o2", "ok", tier="routine", probability=0.1, study_instance_uid="s5"),
+    ]
+    waited = {"s1": 10.0, "s2": 60.0, "s3": 3600.0, "s4": 100.0, "s5": 7200.0}
+    order = escalate(rows, waited, max_wait_s=1800.0)
+    assert [r.image_id for r in order] == ["u1", "r2", "r1", "o2", "o1"]  # a tier is never crossed
+    assert [r.rank for r in order] == [1, 2, 3, 4, 5]

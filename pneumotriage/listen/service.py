@@ -62,6 +62,26 @@ class ListenOptions:
     #: The back-off between tries while the destination is down: from ``retry_min_s``, doubling to ``retry_max_s``.
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
+    #: Escalation: within its tier, a study waiting longer than this (seconds since its last image) moves up, the
+    #: longest-waiting first; None leaves the worklist in its triage order.
+    max_wait_s: float | None = None
+
+
+def escalate(ranked: list[ImageResult], waited: dict[str, float], max_wait_s: float) -> list[ImageResult]:
+    """The worklist with, inside each tier, the rows of studies that have waited longer than ``max_wait_s`` first
+    (longest wait first), renumbered. Tiers never change: escalation only bounds the worst-case wait that ranking
+    by urgency alone makes long for the rows below."""
+    from pneumotriage.scan.records import TIERS
+
+    def key(r: ImageResult) -> tuple[int, int, float]:
+        wait = waited.get(r.study_instance_uid or "", 0.0)
+        late = wait > max_wait_s
+        return (TIERS.index(r.tier), 0 if late else 1, -wait if late else 0.0)
+
+    order = sorted(ranked, key=key)  # stable: the triage order within each group
+    for i, r in enumerate(order, 1):
+        r.rank = i
+    return order
 
 
 def _iso(t: float | None) -> str:
@@ -222,9 +242,18 @@ class Listener:
         states = self.inbox.states()
         if rows:
             thresholds = Thresholds(**self._about.get("thresholds", {}))
+            ranked = rank(rows)
+            notes: tuple[str, ...] = ()
+            limit = self.options.max_wait_s
+            if limit is not None:
+                waited = {s.study: time.time() - s.last for s in states}
+                ranked = escalate(ranked, waited, limit)
+                late = sum(w > limit for w in waited.values())
+                if late:
+                    notes = (f"{late} studies waiting over --max-wait {limit / 60:g} min moved up within their tiers",)
             summary = summarise(
                 self.out,
-                rank(rows),
+                ranked,
                 counts={},
                 models=self._about.get("models", []),
                 thresholds=thresholds,
@@ -232,6 +261,7 @@ class Listener:
                 plan={},
                 skipped=[],
                 timings={},
+                notes=notes,
                 urgent_probability=self.scan_options.urgent_probability,
             )
             write_outputs(summary, submission=False, no_phi=self.scan_options.no_phi)
