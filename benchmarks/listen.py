@@ -68,8 +68,8 @@ def main() -> None:
             def push(files: list[Path]) -> float:
                 ae = AE(ae_title="BENCH")
                 datasets = [pydicom.dcmread(f) for f in files]
-                for d in datasets:
-                    ae.add_requested_context(d.SOPClassUID, d.file_meta.TransferSyntaxUID)
+                for context in dict.fromkeys((d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets):
+                    ae.add_requested_context(*context)
                 assoc = ae.associate("127.0.0.1", listener.node.port, ae_title="PNEUMOTRIAGE")
                 for d in datasets:
                     assoc.send_c_store(d)
