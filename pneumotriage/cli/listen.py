@@ -91,7 +91,7 @@ def listen(
     loaded_seg = load_models(default_list(segmenter, "segmenter"), "segmenter")
     if loaded_cls is None and loaded_seg is None:
         raise UsageError("give --classifier and/or --segmenter (registry names or checkpoint files)")
-    scan = scan_options("auto", "0", tta=tta, device=device, precision=precision, accept=tuple(accept or ()))
+    scan = scan_options("auto", "auto", tta=tta, device=device, precision=precision, accept=tuple(accept or ()))
 
     def log(line: str) -> None:
         err.print(shown(line), highlight=False, soft_wrap=True)

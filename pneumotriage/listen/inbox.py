@@ -5,7 +5,8 @@ Layout under ``--out``::
 
     inbox/<study>/instances/<sop>.dcm   the instances as received (file meta included), one file each
     inbox/<study>/state.json            received (SOP UID -> arrival time), last arrival, triage time, sent objects
-    studies/<study>/             the study's scan (worklist, masks, DICOM SEG/SR in dicom/) by the scan engine
+    inbox/<study>/results.json          its worklist rows and result objects, filed from the batches that scanned it
+    batches/<n>/                        one scan of the studies complete at one moment (masks, SEG and SR in dicom/)
 
 ``<study>`` and ``<sop>`` are the UIDs themselves (a UID is digits and dots, at most 64 characters: a plain file
 name); anything else is refused before it touches the disk. State files are rewritten atomically, so a kill at any

@@ -1,15 +1,18 @@
 """``pneumotriage listen``: the node receives; the service triages each study once it is complete and sends the
 results back.
 
-One loop, woken by each arrival: studies silent for ``idle_s`` are triaged by the scan engine (the models loaded
-once, kept warm) into ``studies/<study>/`` with their DICOM SR and SEG; the objects not yet acknowledged are sent to
-the destination (retried with back-off while it is down); the worklist under ``--out`` (CSV, JSON, report, and
-``studies.csv`` with each study's arrival, triage and send times) is rewritten after every change.
+One loop, woken by each arrival. The instances of every study now complete (silent for ``idle_s``) that are not
+yet triaged are scanned together, as one batch, by the scan engine (the models loaded once, kept warm) into
+``batches/<n>/`` with their DICOM SR and SEG: a queue of studies costs one scan, not one per study. Each study's
+rows and result objects are then filed under its inbox folder; the objects not yet acknowledged are sent to the
+destination (in one association, retried with back-off while it is down); the worklist under ``--out`` (CSV, JSON,
+report, and ``studies.csv`` with each study's arrival, triage and send times) is rewritten after every change.
 
-A restart (after a crash or ``kill -9``) reads the inbox back: instances received but not triaged are triaged,
-results triaged but not acknowledged are sent, and nothing is triaged or sent twice (the state of each study is
-saved atomically after each step; a resend after a kill between "stored" and "saved" replaces, never duplicates,
-as the objects' UIDs are derived from their sources).
+A restart (after a crash or ``kill -9``) reads the inbox back: a batch cut short is finished from its journal (its
+images are not scanned again), instances received but not triaged are triaged, results not acknowledged are sent,
+and nothing is triaged or sent twice (each study's state is saved atomically after each step; a resend after a
+kill between "stored" and "saved" replaces, never duplicates, as the objects' UIDs are derived from their
+sources).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ STUDY_FIELDS = (
 )
 
 
-#: While studies queue, the worklist is rewritten at most this often (its report grows with every study).
-WORKLIST_EVERY_S = 1.0
+#: A batch of this many images or more is scanned with the scan's worker processes too.
+BATCH_WORKERS_FROM = 16
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ def escalate(ranked: list[ImageResult], waited: dict[str, float], max_wait_s: fl
     return order
 
 
+def _inside_batches(rel: str) -> bool:
+    """A saved object path that stays under ``batches/`` (a plain relative path, no way out)."""
+    parts = Path(rel).parts
+    return len(parts) >= 3 and parts[0] == "batches" and ".." not in parts and not Path(rel).is_absolute()
+
+
 def _iso(t: float | None) -> str:
     return "" if t is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
@@ -105,9 +114,8 @@ class Listener:
     ) -> None:
         self.out, self.options, self.log = Path(out), options, log
         self.classifier, self.segmenter = classifier, segmenter
-        # Each study is scanned in this process (a study holds a few images: worker processes would cost more than
-        # they save), with the SR and SEG the results are made of.
-        self.scan_options = dataclasses.replace(scan_options, workers=0, dicom_sr=True, dicom_seg=True)
+        # With the SR and SEG the results are made of.
+        self.scan_options = dataclasses.replace(scan_options, dicom_sr=True, dicom_seg=True)
         self.inbox = Inbox(self.out)
         self._wake = threading.Event()
         self._results: dict[str, list[ImageResult]] = {}
@@ -116,9 +124,9 @@ class Listener:
         self._backoff = options.retry_min_s
         self._next_try = 0.0
         self._changed = True
-        self._written = 0.0
         for state in self.inbox.states():
             self._load(state.study)
+        self.finish_cut_batches()
         self.node = StorageNode(node, self.inbox, on_stored=lambda study: self._wake.set())
 
     # Triage -----------------------------------------------------------------------------------------------------
@@ -126,107 +134,178 @@ class Listener:
         return self.inbox.folder(study) / "results.json"
 
     def _load(self, study: str) -> None:
-        """The rows of a study triaged before a restart (checked as data anyone could have edited)."""
+        """The rows and result objects of a study triaged before a restart (checked as data anyone could have
+        edited: a row's fields and file names, an object's path inside ``batches/``)."""
         path = self._saved(study)
         if not path.is_file():
             return
         data = json.loads(path.read_text(encoding="utf-8"))
         self._results[study] = [row_from(row, f"{path} row {i}") for i, row in enumerate(data["results"], 1)]
+        self._objects[study] = [(self.out / rel, str(uid)) for rel, uid in data["objects"] if _inside_batches(str(rel))]
         self._about = {"models": data["models"], "thresholds": data["thresholds"]}
 
-    def triage(self, study: str) -> None:
-        """Scan a complete study (only its new instances, when it was triaged before) and keep its rows."""
+    def _batches(self) -> Path:
+        return self.out / "batches"
+
+    def finish_cut_batches(self) -> None:
+        """Batches a kill cut short: finished from their journals, then filed (images done before are not
+        scanned again)."""
+        root = self._batches()
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            if (folder / "inputs.json").is_file() and not (folder / "filed").exists():
+                files = [Path(f) for f in json.loads((folder / "inputs.json").read_text(encoding="utf-8"))]
+                self._scan_batch(folder, [f for f in files if f.is_file()], resume=True)
+
+    def triage_due(self) -> None:
+        """Scan, as one batch, the untriaged instances of every study now complete, and file the results."""
+        due = self.inbox.due(self.options.idle_s)
+        if not due:
+            return
+        states = {s.study: s for s in self.inbox.states()}
+        files = [
+            self.inbox.instances(study) / f"{sop}.dcm"
+            for study in due
+            for sop in sorted(set(states[study].received) - set(states[study].triaged))
+        ]
+        root = self._batches()
+        root.mkdir(parents=True, exist_ok=True)
+        number = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+        folder = root / f"{number:06d}"
+        folder.mkdir()
+        atomic_write_text(folder / "inputs.json", json.dumps([str(f) for f in files]) + "\n")
+        self._scan_batch(folder, files, resume=False)
+
+    def _scan_batch(self, folder: Path, files: list[Path], *, resume: bool) -> None:
         from pneumotriage.scan import run as run_scan
 
-        state = next(s for s in self.inbox.states() if s.study == study)
-        seen = sorted(state.received)  # at least these: an instance arriving meanwhile may be scanned too
-        folder = self.out / "studies" / study
-        resume = (folder / ".scan" / "journal.jsonl").is_file()
         started = time.monotonic()
+        # A few images are scanned in this process; a queue of them in worker processes too (their start-up
+        # costs about a second, which a batch of a dozen images repays).
+        workers = 0 if len(files) < BATCH_WORKERS_FROM else self.scan_options.workers
+        study_of = {str(f): f.parent.parent.name for f in files}
         try:
+            if not files:
+                raise PneumotriageError("the batch's images are gone from the inbox")
             summary = run_scan(
-                [self.inbox.instances(study)],
+                files,
                 folder,
                 classifier=self.classifier,
                 segmenter=self.segmenter,
-                options=dataclasses.replace(self.scan_options, resume=resume),
+                options=dataclasses.replace(self.scan_options, resume=resume, workers=workers),
             )
         except PneumotriageError as exc:
-            self.inbox.update(study, triaged=seen, triaged_at=time.time(), send_error=f"not triaged: {exc}")
-            self.log(f"study {study}: not triaged: {exc}")
+            for study in sorted(set(study_of.values())):
+                done = sorted({Path(f).stem for f, s in study_of.items() if s == study})
+                state = next(s for s in self.inbox.states() if s.study == study)
+                triaged = sorted(set(state.triaged) | set(done))
+                self.inbox.update(study, triaged=triaged, triaged_at=time.time(), send_error=f"not triaged: {exc}")
+                self.log(f"study {study}: not triaged: {exc}")
+            (folder / "filed").touch()
             self._changed = True
             return
-        for r in summary.results:  # the pictures, where the combined report looks for them
-            if r.file_stem:
+        self._about = {"models": summary.models, "thresholds": summary.thresholds.as_dict()}
+        rows: dict[str, list[ImageResult]] = {}
+        for r in summary.results:
+            study = study_of.get(r.path) or Path(r.path).parent.parent.name
+            rows.setdefault(study, []).append(r)
+            if r.file_stem:  # its pictures, where the combined report looks for them
                 for picture in (thumbnail_path, plain_path):
                     source = picture(folder, r.file_stem)
                     if source.is_file():
                         target = picture(self.out, r.file_stem)
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(source, target)
-        self._about = {"models": summary.models, "thresholds": summary.thresholds.as_dict()}
-        atomic_write_text(
-            self._saved(study),
-            json.dumps({**self._about, "results": [vars(r) for r in summary.results]}) + "\n",
-        )
-        self._results[study] = summary.results
-        self._objects.pop(study, None)  # read again: this triage may have made more
-        scanned = {Path(r.path).stem for r in summary.results}  # what the scan's walk found, arrivals included
-        self.inbox.update(study, triaged=sorted(scanned | set(seen)), triaged_at=time.time())
-        tiers = ", ".join(f"{r.tier}" for r in summary.results)
-        self.log(
-            f"study {study}: {len(summary.results)} images triaged in {time.monotonic() - started:.1f} s ({tiers})"
-        )
+        objects = self._result_objects(folder)
+        batch = folder.relative_to(self.out).as_posix()
+        for study, results in rows.items():
+            moved = [
+                dataclasses.replace(
+                    r,
+                    mask_file=f"{batch}/{r.mask_file}" if r.mask_file else None,
+                    overlay_file=f"{batch}/{r.overlay_file}" if r.overlay_file else None,
+                )
+                for r in results
+            ]
+            stems = {r.file_stem for r in results if r.file_stem}
+            mine = [(path, uid) for path, uid in objects if path.name.rsplit("-", 1)[0] in stems]
+            self._file(study, moved, mine)
+            tiers = ", ".join(r.tier for r in results)
+            self.log(f"study {study}: {len(results)} images triaged ({tiers})")
+        (folder / "filed").touch()
+        self.log(f"batch {folder.name}: {len(summary.results)} images of {len(rows)} studies in "
+                 f"{time.monotonic() - started:.1f} s")  # fmt: skip
         self._changed = True
+
+    def _file(self, study: str, results: list[ImageResult], objects: list[tuple[Path, str]]) -> None:
+        """A study's rows and result objects from one batch, added to what it had (a row of the same image
+        replaced, so filing a batch again changes nothing), and the study marked triaged with those images."""
+        keep = {r.key or r.path: r for r in self._results.get(study, [])}
+        keep.update({r.key or r.path: r for r in results})
+        self._results[study] = list(keep.values())
+        held = {uid: path for path, uid in self._objects.get(study, [])}
+        held.update({uid: path for path, uid in objects})
+        self._objects[study] = [(path, uid) for uid, path in held.items()]
+        document = {
+            **self._about,
+            "results": [vars(r) for r in self._results[study]],
+            "objects": [[path.relative_to(self.out).as_posix(), uid] for path, uid in self._objects[study]],
+        }
+        atomic_write_text(self._saved(study), json.dumps(document) + "\n")
+        state = next(s for s in self.inbox.states() if s.study == study)
+        triaged = sorted(set(state.triaged) | {Path(r.path).stem for r in results})
+        self.inbox.update(study, triaged=triaged, triaged_at=time.time())
+
+    def _result_objects(self, folder: Path) -> list[tuple[Path, str]]:
+        """A batch's SR and SEG files with their SOP Instance UIDs."""
+        import pydicom
+
+        return [
+            (path, str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+            for path in sorted((folder / "dicom").glob("*.dcm"))
+        ]
 
     # Sending ----------------------------------------------------------------------------------------------------
     def pending(self, state: StudyState) -> list[tuple[Path, str]]:
-        """The result objects of a triaged study the destination has not acknowledged: (file, SOP Instance UID)."""
-        if state.triaged_at is None:
-            return []
-        if state.study not in self._objects:
-            self._objects[state.study] = self._result_objects(state.study)
-        return [(path, uid) for path, uid in self._objects[state.study] if uid not in state.sent]
-
-    def _result_objects(self, study: str) -> list[tuple[Path, str]]:
-        """A triaged study's SR and SEG files with their SOP Instance UIDs (read once per triage)."""
-        import pydicom
-
-        folder = self.out / "studies" / study / "dicom"
-        return [
-            (path, str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
-            for path in sorted(folder.glob("*.dcm"))
-        ]
+        """The result objects of a study the destination has not acknowledged: (file, SOP Instance UID)."""
+        return [(path, uid) for path, uid in self._objects.get(state.study, []) if uid not in state.sent]
 
     def send_pending(self, now: float) -> None:
+        """Every object not yet acknowledged, of every study, in one association (one request for STOW-RS)."""
         to = self.options.send_to
         if to is None or now < self._next_try:
             return
+        owner: dict[str, str] = {}
+        files: list[Path] = []
         for state in self.inbox.states():
-            objects = self.pending(state)
-            if not objects:
-                continue
-            try:
-                stored = to.send([p for p, _ in objects], calling=self.node.options.ae_title)
-            except SendError as exc:
-                for uid in getattr(exc, "stored", []):
-                    self.inbox.acknowledged(state.study, uid)
-                self.inbox.update(state.study, send_error=exc.message)
-                self.log(f"study {state.study}: {exc.message}; next try in {self._backoff:.0f} s")
-                self._next_try = time.time() + self._backoff
-                self._backoff = min(self._backoff * 2, self.options.retry_max_s)
-                self._changed = True
-                return
-            for uid in stored:
-                self.inbox.acknowledged(state.study, uid)
-            done = next(s for s in self.inbox.states() if s.study == state.study)
-            took = max(done.sent.values()) - done.last
-            self.inbox.update(state.study, time_to_result_s=round(took, 3))
-            self.log(
-                f"study {state.study}: {len(stored)} result objects stored at {to}, {took:.1f} s after its last image"
-            )
+            for path, uid in self.pending(state):
+                owner[uid] = state.study
+                files.append(path)
+        if not files:
+            return
+        try:
+            stored = to.send(files, calling=self.node.options.ae_title)
+        except SendError as exc:
+            stored = list(getattr(exc, "stored", []))
+            for study in dict.fromkeys(owner.values()):
+                self.inbox.update(study, send_error=exc.message)
+            self.log(f"{exc.message}; next try in {self._backoff:.0f} s")
+            self._next_try = time.time() + self._backoff
+            self._backoff = min(self._backoff * 2, self.options.retry_max_s)
+        else:
             self._backoff = self.options.retry_min_s
-            self._changed = True
+        for uid in stored:
+            if uid in owner:
+                self.inbox.acknowledged(owner[uid], uid)
+        for study in dict.fromkeys(owner[uid] for uid in stored if uid in owner):
+            done = next(s for s in self.inbox.states() if s.study == study)
+            if self.pending(done):
+                continue  # some of its objects are still to go
+            took = max(done.sent.values()) - done.last
+            self.inbox.update(study, time_to_result_s=round(took, 3))
+            self.log(
+                f"study {study}: {len(done.sent)} result objects stored at {to}, {took:.1f} s after its last image"
+            )
+        self._changed = True
 
     # The worklist -----------------------------------------------------------------------------------------------
     def write_worklist(self) -> None:
@@ -234,11 +313,7 @@ class Listener:
         from pneumotriage.scan.outputs import summarise, write_outputs
         from pneumotriage.scan.rank import rank
 
-        rows = []
-        for study, results in self._results.items():
-            for r in results:  # its files live in the study's folder
-                mask, overlay = (f"studies/{study}/{f}" if f else None for f in (r.mask_file, r.overlay_file))
-                rows.append(dataclasses.replace(r, mask_file=mask, overlay_file=overlay))
+        rows = [dataclasses.replace(r) for results in self._results.values() for r in results]
         states = self.inbox.states()
         if rows:
             thresholds = Thresholds(**self._about.get("thresholds", {}))
@@ -286,21 +361,15 @@ class Listener:
 
     # The loop ---------------------------------------------------------------------------------------------------
     def step(self) -> None:
-        """One turn: each study now complete triaged and its results sent at once (a queue of studies does not
-        hold back the first one's results), the worklist rewritten when it changed: at most once a second while
-        studies are waiting, at once when none is."""
-        for study in self.inbox.due(self.options.idle_s):
-            self.triage(study)
-            self.send_pending(time.time())
-            if self._changed and time.monotonic() - self._written >= WORKLIST_EVERY_S:
-                self._write()
+        """One turn: the studies now complete triaged (one batch), their results sent, the worklist rewritten when
+        it changed."""
+        self.triage_due()
         self.send_pending(time.time())
         if self._changed:
             self._write()
 
     def _write(self) -> None:
         self._changed = False
-        self._written = time.monotonic()
         self.write_worklist()
 
     def serve(self, stop: threading.Event, tick_s: float = 0.25) -> None:

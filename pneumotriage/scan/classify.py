@@ -81,18 +81,27 @@ def prepare_models(
             continue
         # The same model prepared again for the same device (a node scanning study after study) is the copy made
         # before, while none of its weights has changed since (an in-place update bumps a tensor's version).
-        key = (str(device), tuple(t._version for t in (*m.model.parameters(), *m.model.buffers())))
-        kept = _PREPARED.get(m.model) if compile_batch is None else None
+        key = _weights_key(device, m.model)
+        kept = _PREPARED.get(m.model) if compile_batch is None and key is not None else None
         if kept is not None and kept[0] == key:
             prepared.append(replace(m, model=kept[1]))
             continue
         net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
         if compile_batch is not None:
             net = FixedBatch(net, compile_batch)
-        else:
+        elif key is not None:
             _PREPARED[m.model] = (key, net)
         prepared.append(replace(m, model=net))
     return prepared
+
+
+def _weights_key(device: torch.device, model: nn.Module) -> tuple[object, ...] | None:
+    """The device and the version of every weight of ``model``; None where a weight made under inference mode
+    keeps no version (such a model is prepared afresh each time)."""
+    tensors = (*model.parameters(), *model.buffers())
+    if any(t.is_inference() for t in tensors):
+        return None
+    return (str(device), tuple(t._version for t in tensors))
 
 
 #: Models prepared for inference, by the caller's model (forgotten with it): (device and weight versions, copy).
