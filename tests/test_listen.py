@@ -60,18 +60,20 @@ def _files(study: StudySummary) -> list[Path]:
 
 
 @contextmanager
-def listening(out: Path, models: dict[str, Path], **node: Any) -> Iterator[Listener]:
+def listening(out: Path, models: dict[str, Path] | dict[str, str], **node: Any) -> Iterator[Listener]:
     """A listener serving in a thread until the block ends."""
     send_to = node.pop("send_to", None)
     idle = node.pop("idle", 0.5)
+    kos = node.pop("kos", False)
+    scan = node.pop("scan", ScanOptions(device="cpu"))
     lines: list[str] = []
     listener = Listener(
         out,
         classifier=load_model(models["classifier"]),
         segmenter=load_model(models["segmenter"]),
-        scan_options=ScanOptions(device="cpu"),
+        scan_options=scan,
         node=NodeOptions(port=0, **node),
-        options=ListenOptions(idle_s=idle, send_to=send_to, retry_min_s=0.5, retry_max_s=2.0),
+        options=ListenOptions(idle_s=idle, send_to=send_to, retry_min_s=0.5, retry_max_s=2.0, kos=kos),
         log=lines.append,
     )
     listener.lines = lines  # type: ignore[attr-defined]  # what it said, for the tests
@@ -328,3 +330,33 @@ def test_escalation_moves_long_waiting_studies_up_within_their_tier_only() -> No
     order = escalate(rows, waited, max_wait_s=1800.0)
     assert [r.image_id for r in order] == ["u1", "r2", "r1", "o2", "o1"]  # a tier is never crossed
     assert [r.rank for r in order] == [1, 2, 3, 4, 5]
+
+
+def test_a_key_object_selection_marks_the_urgent_images(pacs: Orthanc, tmp_path: Path) -> None:
+    """--kos: a study with urgent images also gets a Key Object Selection that references exactly those, filed
+    under the study, marked as unverified AI output. (The demo models and a demo-like study: they outline.)"""
+    from pneumotriage.demo import NAMES, demo_weights
+
+    demo_weights()
+    study = write_study(tmp_path / "study", 6, positive_rate=0.5, size=(256, 256), seed=7, ptx_scale=2.0)
+    files = _one_study(study, tmp_path / "one")
+    to = Destination(pacs.ae_title, "127.0.0.1", pacs.dicom_port)
+    demo = {"classifier": NAMES[0], "segmenter": NAMES[1]}
+    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions(device="cpu", tta=True)) as node:
+        assert push(files, node.node.port) == [0] * 6
+        _until(lambda: all(s.time_to_result_s is not None for s in node.inbox.states()), "results sent")
+        urgent = {r.sop_instance_uid for rows in node._results.values() for r in rows if r.tier == "urgent"}
+    assert urgent, "the demo models outlined nothing"
+    (kos,) = [
+        uid for uid in pacs.get("/instances") if pacs.get(f"/instances/{uid}/simplified-tags")["Modality"] == "KO"
+    ]
+    tags = pacs.get(f"/instances/{kos}/tags?simplify")
+    marked = {
+        ref["ReferencedSOPInstanceUID"]
+        for item in tags["CurrentRequestedProcedureEvidenceSequence"]
+        for series in item["ReferencedSeriesSequence"]
+        for ref in series["ReferencedSOPSequence"]
+    }
+    assert marked == urgent
+    assert tags["StudyInstanceUID"] == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert "unverified" in tags["SeriesDescription"]

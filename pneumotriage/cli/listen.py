@@ -43,6 +43,9 @@ def listen(
         int, typer.Option("--min-free-mb", help="Refuse associations while free disk space is under this.")
     ] = 1024,
     idle: Annotated[float, typer.Option(help="Seconds without a new image after which a study is complete.")] = 5.0,
+    kos: Annotated[
+        bool, typer.Option("--kos", help="Also send a Key Object Selection marking each study's urgent images.")
+    ] = False,
     max_wait: Annotated[
         float | None, typer.Option(help="Minutes after which a waiting study moves up within its tier.")
     ] = None,
@@ -86,7 +89,9 @@ def listen(
     destination = Destination.parse(send_to) if send_to else StowDestination.parse(stow) if stow else None
     if max_wait is not None and not max_wait > 0:
         raise UsageError(f"--max-wait {max_wait:g}: give minutes above 0")
-    options = ListenOptions(idle_s=idle, send_to=destination, max_wait_s=None if max_wait is None else max_wait * 60)
+    options = ListenOptions(
+        idle_s=idle, send_to=destination, kos=kos, max_wait_s=None if max_wait is None else max_wait * 60
+    )
     loaded_cls = load_models(default_list(classifier, "classifier"), "classifier")
     loaded_seg = load_models(default_list(segmenter, "segmenter"), "segmenter")
     if loaded_cls is None and loaded_seg is None:

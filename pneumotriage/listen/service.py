@@ -65,6 +65,8 @@ class ListenOptions:
     #: The back-off between tries while the destination is down: from ``retry_min_s``, doubling to ``retry_max_s``.
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
+    #: Also send, for a study with urgent images, a Key Object Selection marking them.
+    kos: bool = False
     #: Escalation: within its tier, a study waiting longer than this (seconds since its last image) moves up, the
     #: longest-waiting first; None leaves the worklist in its triage order.
     max_wait_s: float | None = None
@@ -229,6 +231,8 @@ class Listener:
             stems = {r.file_stem for r in results if r.file_stem}
             mine = [(path, uid) for path, uid in objects if path.name.rsplit("-", 1)[0] in stems]
             self._file(study, moved, mine)
+            if self.options.kos:
+                self._mark(study, folder, summary.models)
             tiers = ", ".join(r.tier for r in results)
             self.log(f"study {study}: {len(results)} images triaged ({tiers})")
         (folder / "filed").touch()
@@ -255,6 +259,15 @@ class Listener:
         triaged = sorted(set(state.triaged) | {Path(r.path).stem for r in results})
         self.inbox.update(study, triaged=triaged, triaged_at=time.time())
 
+    def _mark(self, study: str, folder: Path, models: list[dict[str, Any]]) -> None:
+        """The study's Key Object Selection of its urgent images (all its batches'), as one more result object."""
+        from pneumotriage.scan.pacs import write_kos
+
+        path = folder / "dicom" / f"{study}-kos.dcm"
+        uid = write_kos(self._results.get(study, []), path, models, no_phi=self.scan_options.no_phi)
+        if uid is not None:
+            self._file(study, [], [(path, uid)])
+
     def _result_objects(self, folder: Path) -> list[tuple[Path, str]]:
         """A batch's SR and SEG files with their SOP Instance UIDs."""
         import pydicom
@@ -262,6 +275,7 @@ class Listener:
         return [
             (path, str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
             for path in sorted((folder / "dicom").glob("*.dcm"))
+            if not path.name.endswith("-kos.dcm")
         ]
 
     # Sending ----------------------------------------------------------------------------------------------------

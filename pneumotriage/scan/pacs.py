@@ -35,6 +35,7 @@ from pneumotriage.version import __version__
 
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
+KOS_SERIES_NUMBER = 9903
 #: Private coding scheme of this tool's own concepts (triage tier, clinical-use statement).
 SCHEME = "99PNTRG"
 #: Patient and study attributes a derived object copies from its source, which must exist (Type 2: empty is
@@ -201,7 +202,11 @@ def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any
         evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Laterality, side))
     if result.flag:
         evaluations.append(
-            hd.sr.QualitativeEvaluation(own("FLAG", SCHEME, "Plausibility"), own("IMPL", SCHEME, result.flag[:64]))
+            hd.sr.QualitativeEvaluation(
+                # A Code Meaning is encoded in the SR's character set: the flag's dash written as ASCII
+                own("FLAG", SCHEME, "Plausibility"),
+                own("IMPL", SCHEME, result.flag.replace("\u2014", "-")[:64]),
+            )
         )
     if not all(m["clinical"] for m in models):
         evaluations.append(
@@ -293,6 +298,47 @@ def _as_ai_result(dataset: Any) -> None:
     scheme.CodingSchemeName = "pneumotriage triage concepts"
     scheme.CodingSchemeResponsibleOrganization = "pneumotriage"
     dataset.CodingSchemeIdentificationSequence = [scheme]
+
+
+def write_kos(results: list[ImageResult], out: Path, models: list[dict[str, Any]], no_phi: bool = False) -> str | None:
+    """A Key Object Selection (document title "Of Interest", DCM 113000) that marks a study's urgent images for
+    the worklists and viewers that read one, with the caution that no physician has verified it; written to
+    ``out``. Its UIDs come from the study, the images marked and the models, so marking the same images again
+    replaces it. Returns its SOP Instance UID, or None when the study has no urgent image (or none reads back as
+    the file that was scanned)."""
+    import highdicom as hd
+
+    sources = []
+    for r in results:
+        if r.tier == "urgent" and r.status == "ok":
+            try:
+                sources.append(_source(r, no_phi)[0])
+            except (SourceChanged, OSError):
+                continue  # a file replaced since: never marked
+    if not sources:
+        return None
+    first = sources[0]
+    key = "|".join([*(str(m["sha256"]) for m in models), *sorted(str(d.SOPInstanceUID) for d in sources)])
+    content = hd.ko.KeyObjectSelection(
+        document_title=hd.sr.CodedConcept("113000", "DCM", "Of Interest"),
+        referenced_objects=sources,
+        description="pneumotriage AI triage: urgent, possible pneumothorax; unverified, not a diagnosis",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=sources,
+            content=content,
+            series_instance_uid=_uid(first.StudyInstanceUID, "kos-series", key),
+            series_number=KOS_SERIES_NUMBER,
+            sop_instance_uid=_uid(first.StudyInstanceUID, "kos", key),
+            instance_number=1,
+            manufacturer="pneumotriage",
+        )
+    kos.SeriesDescription = "AI triage (pneumotriage): urgent images, unverified"
+    _as_ai_result(kos)
+    _save(kos, out)
+    return str(kos.SOPInstanceUID)
 
 
 def _save(dataset: Any, out: Path) -> None:
