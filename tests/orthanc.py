@@ -89,6 +89,11 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as answer:
             return json.loads(answer.read())
 
+    def raw(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=10) as answer:
+            data: bytes = answer.read()
+            return data
+
     def instances(self, modality: str | None = None) -> list[dict[str, Any]]:
         """The instances stored, with their main tags (those of ``modality`` only, when given)."""
         found = []

@@ -6,6 +6,7 @@ under its watermark) and stores 20 associations at once."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -135,6 +136,33 @@ def test_a_study_pushed_is_triaged_and_its_results_reach_the_pacs(
         assert all(r["result_sent_at"] and float(r["time_to_result_s"]) > 0 for r in rows)
         worklist = _rows(out / "worklist.csv")
         assert len(worklist) == 3 and all(r["tier"] in ("urgent", "review", "routine") for r in worklist)
+        # Each SR in the PACS carries its image's tier, as the worklist has it.
+        tier_of = {r["sop_instance_uid"]: r["tier"] for r in worklist}
+        for uid in pacs.get("/instances"):
+            if pacs.get(f"/instances/{uid}/simplified-tags")["Modality"] != "SR":
+                continue
+            sr = pydicom.dcmread(io.BytesIO(pacs.raw(f"/instances/{uid}/file")))
+            image = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            source = image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            assert _tier_in(sr) == tier_of[source].capitalize()
+        # The node answers C-ECHO.
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", listener.node.port, ae_title="PNEUMOTRIAGE")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+
+
+def _tier_in(sr: Any) -> str | None:
+    """The triage tier an SR states (its "Triage priority" evaluation), searched through its content tree."""
+    for item in sr.get("ContentSequence", []):
+        names = item.get("ConceptNameCodeSequence", [])
+        if names and names[0].CodeValue == "TIER":
+            return str(item.ConceptCodeSequence[0].CodeMeaning)
+        found = _tier_in(item)
+        if found:
+            return found
+    return None
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

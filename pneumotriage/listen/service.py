@@ -120,6 +120,7 @@ class Listener:
         self.scan_options = dataclasses.replace(scan_options, dicom_sr=True, dicom_seg=True)
         self.inbox = Inbox(self.out)
         self._wake = threading.Event()
+        self._send_wake = threading.Event()
         self._results: dict[str, list[ImageResult]] = {}
         self._objects: dict[str, list[tuple[Path, str]]] = {}
         self._about: dict[str, Any] = {}
@@ -374,11 +375,14 @@ class Listener:
         atomic_write_text(self.out / "studies.csv", buffer.getvalue())
 
     # The loop ---------------------------------------------------------------------------------------------------
-    def step(self) -> None:
-        """One turn: the studies now complete triaged (one batch), their results sent, the worklist rewritten when
-        it changed."""
+    def step(self, *, send: bool = True) -> None:
+        """One turn: the studies now complete triaged (one batch), their results sent (unless a sender thread
+        sends them), the worklist rewritten when it changed."""
         self.triage_due()
-        self.send_pending(time.time())
+        if send:
+            self.send_pending(time.time())
+        else:
+            self._send_wake.set()
         if self._changed:
             self._write()
 
@@ -387,11 +391,27 @@ class Listener:
         self.write_worklist()
 
     def serve(self, stop: threading.Event, tick_s: float = 0.25) -> None:
-        """Run until ``stop`` is set."""
-        while not stop.is_set():
-            self.step()
-            self._wake.wait(tick_s)
-            self._wake.clear()
+        """Run until ``stop`` is set. Results are sent from a thread of their own, so that a slow destination
+        (a PACS indexing each object it stores) never holds back the triage of the next studies."""
+
+        def sending() -> None:
+            while not stop.is_set():
+                self._send_wake.wait(tick_s)
+                self._send_wake.clear()
+                self.send_pending(time.time())
+
+        sender = threading.Thread(target=sending, name="pneumotriage-sender", daemon=True)
+        sender.start()
+        try:
+            while not stop.is_set():
+                self.step(send=False)
+                self._wake.wait(tick_s)
+                self._wake.clear()
+        finally:
+            stop.set()
+            sender.join(timeout=60)
+        if self._changed:
+            self._write()
 
     def close(self) -> None:
         self.node.close()
