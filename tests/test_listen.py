@@ -373,8 +373,18 @@ def test_a_key_object_selection_marks_the_urgent_images(pacs: Orthanc, tmp_path:
     with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions(device="cpu", tta=True)) as node:
         assert push(files, node.node.port) == [0] * 6
         _until(lambda: all(s.time_to_result_s is not None for s in node.inbox.states()), "results sent")
-        urgent = {r.sop_instance_uid for rows in node._results.values() for r in rows if r.tier == "urgent"}
+    worklist = list(csv.DictReader(open(tmp_path / "node" / "worklist.csv", newline="")))
+    urgent = {r["sop_instance_uid"] for r in worklist if r["tier"] == "urgent"}
     assert urgent, "the demo models outlined nothing"
+    masks = {r["mask_file"] for r in worklist if r["mask_file"]}
+    assert masks and all(m.startswith("batches/") and (tmp_path / "node" / m).is_file() for m in masks)
+    # A restart reads every study's rows back (outlined ones included) and writes the same worklist.
+    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions(device="cpu", tta=True)):
+        time.sleep(1.0)
+    again = list(csv.DictReader(open(tmp_path / "node" / "worklist.csv", newline="")))
+    assert [(r["image_id"], r["tier"], r["mask_file"]) for r in again] == [
+        (r["image_id"], r["tier"], r["mask_file"]) for r in worklist
+    ]
     (kos,) = [
         uid for uid in pacs.get("/instances") if pacs.get(f"/instances/{uid}/simplified-tags")["Modality"] == "KO"
     ]

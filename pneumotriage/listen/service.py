@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 import threading
 import time
@@ -89,6 +90,10 @@ def escalate(ranked: list[ImageResult], waited: dict[str, float], max_wait_s: fl
     return order
 
 
+#: A batch as a saved row names it.
+_BATCH = re.compile(r"batches/[0-9]{6}")
+
+
 def _inside_batches(rel: str) -> bool:
     """A saved object path that stays under ``batches/`` (a plain relative path, no way out)."""
     parts = Path(rel).parts
@@ -121,7 +126,8 @@ class Listener:
         self.inbox = Inbox(self.out)
         self._wake = threading.Event()
         self._send_wake = threading.Event()
-        self._results: dict[str, list[ImageResult]] = {}
+        #: Each study's rows as their batch's scan wrote them, with the batch (``batches/<n>``) their files are in.
+        self._results: dict[str, list[tuple[str, ImageResult]]] = {}
         self._objects: dict[str, list[tuple[Path, str]]] = {}
         self._about: dict[str, Any] = {}
         self._backoff = options.retry_min_s
@@ -143,7 +149,11 @@ class Listener:
         if not path.is_file():
             return
         data = json.loads(path.read_text(encoding="utf-8"))
-        self._results[study] = [row_from(row, f"{path} row {i}") for i, row in enumerate(data["results"], 1)]
+        self._results[study] = [
+            (str(item["batch"]), row_from(item["row"], f"{path} row {i}"))
+            for i, item in enumerate(data["results"], 1)
+            if _BATCH.fullmatch(str(item.get("batch", "")))
+        ]
         self._objects[study] = [(self.out / rel, str(uid)) for rel, uid in data["objects"] if _inside_batches(str(rel))]
         self._about = {"models": data["models"], "thresholds": data["thresholds"]}
 
@@ -221,17 +231,9 @@ class Listener:
         objects = self._result_objects(folder)
         batch = folder.relative_to(self.out).as_posix()
         for study, results in rows.items():
-            moved = [
-                dataclasses.replace(
-                    r,
-                    mask_file=f"{batch}/{r.mask_file}" if r.mask_file else None,
-                    overlay_file=f"{batch}/{r.overlay_file}" if r.overlay_file else None,
-                )
-                for r in results
-            ]
             stems = {r.file_stem for r in results if r.file_stem}
             mine = [(path, uid) for path, uid in objects if path.name.rsplit("-", 1)[0] in stems]
-            self._file(study, moved, mine)
+            self._file(study, [(batch, r) for r in results], mine)
             if self.options.kos:
                 self._mark(study, folder, summary.models)
             tiers = ", ".join(r.tier for r in results)
@@ -241,23 +243,24 @@ class Listener:
                  f"{time.monotonic() - started:.1f} s")  # fmt: skip
         self._changed = True
 
-    def _file(self, study: str, results: list[ImageResult], objects: list[tuple[Path, str]]) -> None:
-        """A study's rows and result objects from one batch, added to what it had (a row of the same image
-        replaced, so filing a batch again changes nothing), and the study marked triaged with those images."""
-        keep = {r.key or r.path: r for r in self._results.get(study, [])}
-        keep.update({r.key or r.path: r for r in results})
+    def _file(self, study: str, results: list[tuple[str, ImageResult]], objects: list[tuple[Path, str]]) -> None:
+        """A study's rows (with their batch) and result objects from one batch, added to what it had (a row of the
+        same image replaced, so filing a batch again changes nothing), and the study marked triaged with those
+        images."""
+        keep = {r.key or r.path: (batch, r) for batch, r in self._results.get(study, [])}
+        keep.update({r.key or r.path: (batch, r) for batch, r in results})
         self._results[study] = list(keep.values())
         held = {uid: path for path, uid in self._objects.get(study, [])}
         held.update({uid: path for path, uid in objects})
         self._objects[study] = [(path, uid) for uid, path in held.items()]
         document = {
             **self._about,
-            "results": [vars(r) for r in self._results[study]],
+            "results": [{"batch": batch, "row": vars(r)} for batch, r in self._results[study]],
             "objects": [[path.relative_to(self.out).as_posix(), uid] for path, uid in self._objects[study]],
         }
         atomic_write_text(self._saved(study), json.dumps(document) + "\n")
         state = next(s for s in self.inbox.states() if s.study == study)
-        triaged = sorted(set(state.triaged) | {Path(r.path).stem for r in results})
+        triaged = sorted(set(state.triaged) | {Path(r.path).stem for _, r in results})
         self.inbox.update(study, triaged=triaged, triaged_at=time.time())
 
     def _mark(self, study: str, folder: Path, models: list[dict[str, Any]]) -> None:
@@ -265,7 +268,8 @@ class Listener:
         from pneumotriage.scan.pacs import write_kos
 
         path = folder / "dicom" / f"{study}-kos.dcm"
-        uid = write_kos(self._results.get(study, []), path, models, no_phi=self.scan_options.no_phi)
+        rows = [r for _, r in self._results.get(study, [])]
+        uid = write_kos(rows, path, models, no_phi=self.scan_options.no_phi)
         if uid is not None:
             self._file(study, [], [(path, uid)])
 
@@ -328,7 +332,15 @@ class Listener:
         from pneumotriage.scan.outputs import summarise, write_outputs
         from pneumotriage.scan.rank import rank
 
-        rows = [dataclasses.replace(r) for results in self._results.values() for r in results]
+        rows = [  # each row's files where its batch wrote them
+            dataclasses.replace(
+                r,
+                mask_file=f"{batch}/{r.mask_file}" if r.mask_file else None,
+                overlay_file=f"{batch}/{r.overlay_file}" if r.overlay_file else None,
+            )
+            for results in self._results.values()
+            for batch, r in results
+        ]
         states = self.inbox.states()
         if rows:
             thresholds = Thresholds(**self._about.get("thresholds", {}))
@@ -359,7 +371,7 @@ class Listener:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(STUDY_FIELDS)
         for s in sorted(states, key=lambda s: s.last, reverse=True):
-            results = self._results.get(s.study, [])
+            results = [r for _, r in self._results.get(s.study, [])]
             writer.writerow(
                 [
                     s.study,
