@@ -134,8 +134,9 @@ def test_a_study_pushed_is_triaged_and_its_results_reach_the_pacs(
         assert {r["study_instance_uid"] for r in rows} == study_uids
         assert sum(int(r["instances"]) for r in rows) == 3
         assert all(r["result_sent_at"] and float(r["time_to_result_s"]) > 0 for r in rows)
-        worklist = _rows(out / "worklist.csv")
+        worklist = _until(lambda: [r for r in _rows(out / "worklist.csv") if r["result_sent_at"]], "sent times")
         assert len(worklist) == 3 and all(r["tier"] in ("urgent", "review", "routine") for r in worklist)
+        assert all(r["received_at"] <= r["result_sent_at"] for r in worklist)  # when it came, when its result went
         # Each SR in the PACS carries its image's tier, as the worklist has it.
         tier_of = {r["sop_instance_uid"]: r["tier"] for r in worklist}
         for uid in pacs.get("/instances"):
@@ -396,5 +397,39 @@ def test_a_key_object_selection_marks_the_urgent_images(pacs: Orthanc, tmp_path:
         for ref in series["ReferencedSOPSequence"]
     }
     assert marked == urgent
+    # Each outlined image's SEG reached the PACS too.
+    segs = pacs.instances("SEG")
+    assert len(segs) == len(masks) and {t["StudyInstanceUID"] for t in segs} == {tags["StudyInstanceUID"]}
     assert tags["StudyInstanceUID"] == str(pydicom.dcmread(files[0]).StudyInstanceUID)
     assert "unverified" in tags["SeriesDescription"]
+
+
+def test_the_association_limit_refuses_one_more(models: dict[str, Path], tmp_path: Path) -> None:
+    study = write_study(tmp_path / "study", 1, positive_rate=0.0, size=(96, 96), seed=21)
+    with listening(tmp_path / "node", models, max_associations=1, idle=60.0) as listener:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", listener.node.port, ae_title="PNEUMOTRIAGE")
+        try:
+            assert held.is_established
+            assert push(_files(study), listener.node.port) == []  # over the limit: refused, nothing stored
+        finally:
+            held.release()
+        assert push(_files(study), listener.node.port) == [0]  # free again
+
+
+def test_results_triaged_before_a_restart_and_never_acknowledged_are_sent_after_it(
+    pacs: Orthanc, models: dict[str, Path], tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "study", 2, positive_rate=0.5, size=(96, 96), seed=22)
+    to = Destination(pacs.ae_title, "127.0.0.1", pacs.dicom_port)
+    pacs.stop()
+    with listening(tmp_path / "node", models, send_to=to) as first:
+        assert push(_files(study), first.node.port) == [0, 0]
+        _until(lambda: all(s.send_error for s in first.inbox.states()) and first.inbox.states(), "failed sends")
+    pacs.start()
+    with listening(tmp_path / "node", models, send_to=to) as second:
+        assert len(pacs.wait_for("SR", 2, WAIT_S)) == 2
+        _until(lambda: all(s.time_to_result_s is not None for s in second.inbox.states()), "acknowledged")
+        said = list(second.lines)  # type: ignore[attr-defined]
+    assert not any("images triaged" in line for line in said)  # sent, not triaged again

@@ -332,16 +332,21 @@ class Listener:
         from pneumotriage.scan.outputs import summarise, write_outputs
         from pneumotriage.scan.rank import rank
 
-        rows = [  # each row's files where its batch wrote them
+        states = self.inbox.states()
+        by_study = {s.study: s for s in states}
+        rows = [  # each row's files where its batch wrote them, and its study's arrival and send times
             dataclasses.replace(
                 r,
                 mask_file=f"{batch}/{r.mask_file}" if r.mask_file else None,
                 overlay_file=f"{batch}/{r.overlay_file}" if r.overlay_file else None,
+                received_at=_iso(by_study[study].last) if study in by_study else None,
+                result_sent_at=_iso(max(by_study[study].sent.values()))
+                if study in by_study and by_study[study].sent
+                else None,
             )
-            for results in self._results.values()
+            for study, results in self._results.items()
             for batch, r in results
         ]
-        states = self.inbox.states()
         if rows:
             thresholds = Thresholds(**self._about.get("thresholds", {}))
             ranked = rank(rows)

@@ -39,6 +39,8 @@ WORKLIST_FIELDS = (
     "accession",
     "patient_id",
     "study_datetime",
+    "received_at",
+    "result_sent_at",
     "modality",
     "view_position",
     "path",

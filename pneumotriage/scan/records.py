@@ -53,6 +53,10 @@ class ImageResult:
     #: What the reader noted while reading the image truly ("window ... not applied", "3 frames; using the
     #: first", "no transfer syntax in the file meta; assumed ..."), joined with "; ". None when there was nothing.
     notes: str | None = None
+    #: At the PACS (``listen``): when the image's study was last received, and when its results were acknowledged
+    #: by the destination (ISO 8601, local time). None for a folder scan.
+    received_at: str | None = None
+    result_sent_at: str | None = None
     #: Why an outline is implausible ("implausible outline — check: ..."): such an image is tiered review, never
     #: urgent on its outline alone. None for a plausible outline or none.
     flag: str | None = None

@@ -157,9 +157,13 @@ _COLUMNS = (
     ("patient_id", "Patient", "id"),
     ("accession", "Accession", ""),
     ("study_datetime", "Study date", ""),
+    ("received_at", "Received", ""),
+    ("result_sent_at", "Result sent", ""),
     ("view_position", "View", ""),
     ("modality", "Modality", ""),
 )
+#: Columns shown only when some row has a value (a node's arrival and send times; a folder scan has none).
+_WHEN_FILLED = ("received_at", "result_sent_at")
 #: Columns shown as a compact id: the end of the id, the whole one on hover and when copied.
 _COMPACT = ("image_id", "patient_id")
 
@@ -182,7 +186,11 @@ def _text(key: str, value: Any) -> str:
         return f"{float(value):.3f}"
     if key == "area_cm2":  # nothing outlined: the reason says so
         return f"{float(value):.1f}" if value else ""
-    if key == "study_datetime":  # ISO 8601 from the header: "2019-03-04T10:22:05" reads "2019-03-04 10:22"
+    if key in (
+        "study_datetime",
+        "received_at",
+        "result_sent_at",
+    ):  # ISO 8601: "2019-03-04T10:22:05" reads "2019-03-04 10:22"
         text = str(value).replace("T", " ")
         return text[:16] if len(text) >= 16 else text
     return str(value)
@@ -207,11 +215,13 @@ def _caption(row: dict[str, Any]) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def _row(out: Path, result: ImageResult, row: dict[str, Any], thumb: bytes | None) -> dict[str, Any]:
-    """One row of the page: its cells, caption and pictures (base64)."""
+def _row(
+    out: Path, result: ImageResult, row: dict[str, Any], thumb: bytes | None, shown_keys: set[str]
+) -> dict[str, Any]:
+    """One row of the page: its cells (those of ``shown_keys``), caption and pictures (base64)."""
     cells = []
     for key, label, cls in _COLUMNS:
-        if key not in row:
+        if key not in shown_keys:
             continue
         value = row.get(key)
         text = _text(key, value)
@@ -259,8 +269,14 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         )
     ]
     by_id = {id(r): row for r, row in zip(summary.results, rows, strict=True)}
+    shown_keys = {
+        key
+        for key, _, _ in _COLUMNS
+        if (not rows or key in rows[0]) and (key not in _WHEN_FILLED or any(row.get(key) for row in rows))
+    }
     page_rows = [
-        _row(summary.out, r, by_id[id(r)], thumb) for r, thumb in iter_thumbnails(summary.out, summary.results)
+        _row(summary.out, r, by_id[id(r)], thumb, shown_keys)
+        for r, thumb in iter_thumbnails(summary.out, summary.results)
     ]
     p = summary.plan
     plan = None
@@ -278,7 +294,7 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         counts=counts,
         legend=[(key, Markup(text)) for key, text in legend_items(summary)],  # built here, from numbers only
         outlines=summary.decisions != "classifier",
-        columns=[{"label": label} for key, label, _ in _COLUMNS if not rows or key in rows[0]],
+        columns=[{"label": label} for key, label, _ in _COLUMNS if key in shown_keys],
         rows=page_rows,
         pictured=pictured,
         more_rows=0 < pictured < len(page_rows),
