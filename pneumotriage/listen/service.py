@@ -238,6 +238,14 @@ class Listener:
                 self._mark(study, folder, summary.models)
             tiers = ", ".join(r.tier for r in results)
             self.log(f"study {study}: {len(results)} images triaged ({tiers})")
+        for study in sorted(set(study_of.values()) - set(rows)):  # every file the scan passed over (not an image)
+            self._file(study, [], [])
+            self.log(f"study {study}: passed over by the scan (see {folder.name}/skipped.csv)")
+        for study in set(study_of.values()):  # each input done, row or not: a batch is never scanned twice
+            state = next(s for s in self.inbox.states() if s.study == study)
+            scanned = {Path(f).stem for f, owner in study_of.items() if owner == study}
+            if not scanned <= set(state.triaged):
+                self.inbox.update(study, triaged=sorted(set(state.triaged) | scanned), triaged_at=time.time())
         (folder / "filed").touch()
         self.log(f"batch {folder.name}: {len(summary.results)} images of {len(rows)} studies in "
                  f"{time.monotonic() - started:.1f} s")  # fmt: skip
