@@ -85,14 +85,13 @@ def print_worklist(summary: Any, limit: int = 20) -> None:
     table.add_column("why", overflow="fold", ratio=1)
     style = {"urgent": "bold red", "review": "yellow", "routine": "green"}
     for r in summary.results[:limit]:
+        why = shown(printable(reason_of(r, summary.thresholds, summary.decisions, summary.urgent_probability)))
         table.add_row(
             str(r.rank),
             f"[{style[r.tier]}]{r.tier}[/]",
             "" if r.probability is None else f"{r.probability:.3f}",
             shown(short(printable(r.image_id))),
-            (lambda why: why if r.status == "ok" else f"[red]{why}[/]")(
-                shown(printable(reason_of(r, summary.thresholds, summary.decisions, summary.urgent_probability)))
-            ),
+            why if r.status == "ok" else f"[red]{why}[/]",
         )
     print_table(table)
     if len(summary.results) > limit:
