@@ -138,6 +138,11 @@ class Inbox:
         with self._lock:
             return [StudyState(**asdict(s)) for s in self._states.values()]
 
+    def state(self, study: str) -> StudyState:
+        """A copy of one study's state."""
+        with self._lock:
+            return StudyState(**asdict(self._states[study]))
+
     def due(self, idle_s: float, now: float | None = None) -> list[str]:
         """Studies complete and not yet triaged with every instance, oldest first."""
         now = time.time() if now is None else now

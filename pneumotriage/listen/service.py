@@ -209,7 +209,7 @@ class Listener:
         except PneumotriageError as exc:
             for study in sorted(set(study_of.values())):
                 done = sorted({Path(f).stem for f, s in study_of.items() if s == study})
-                state = next(s for s in self.inbox.states() if s.study == study)
+                state = self.inbox.state(study)
                 triaged = sorted(set(state.triaged) | set(done))
                 self.inbox.update(study, triaged=triaged, triaged_at=time.time(), send_error=f"not triaged: {exc}")
                 self.log(f"study {study}: not triaged: {exc}")
@@ -242,7 +242,7 @@ class Listener:
             self._file(study, [], [])
             self.log(f"study {study}: passed over by the scan (see {folder.name}/skipped.csv)")
         for study in set(study_of.values()):  # each input done, row or not: a batch is never scanned twice
-            state = next(s for s in self.inbox.states() if s.study == study)
+            state = self.inbox.state(study)
             scanned = {Path(f).stem for f, owner in study_of.items() if owner == study}
             if not scanned <= set(state.triaged):
                 self.inbox.update(study, triaged=sorted(set(state.triaged) | scanned), triaged_at=time.time())
@@ -267,7 +267,7 @@ class Listener:
             "objects": [[path.relative_to(self.out).as_posix(), uid] for path, uid in self._objects[study]],
         }
         atomic_write_text(self._saved(study), json.dumps(document) + "\n")
-        state = next(s for s in self.inbox.states() if s.study == study)
+        state = self.inbox.state(study)
         triaged = sorted(set(state.triaged) | {Path(r.path).stem for _, r in results})
         self.inbox.update(study, triaged=triaged, triaged_at=time.time())
 
@@ -324,7 +324,7 @@ class Listener:
             if uid in owner:
                 self.inbox.acknowledged(owner[uid], uid)
         for study in dict.fromkeys(owner[uid] for uid in stored if uid in owner):
-            done = next(s for s in self.inbox.states() if s.study == study)
+            done = self.inbox.state(study)
             if self.pending(done):
                 continue  # some of its objects are still to go
             took = max(done.sent.values()) - done.last
