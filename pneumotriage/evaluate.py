@@ -141,18 +141,15 @@ def _proportion(hits: np.ndarray, of: np.ndarray) -> dict[str, Any]:
 
 
 def _decision_figures(y: np.ndarray, decided: np.ndarray) -> dict[str, Any]:
-    """Sensitivity and specificity (exact 95% intervals), PPV, NPV and the counts of one yes/no decision."""
-    tp, fp = int(np.sum(decided & y)), int(np.sum(decided & ~y))
-    fn, tn = int(np.sum(~decided & y)), int(np.sum(~decided & ~y))
+    """Sensitivity and specificity (exact 95% intervals), PPV, NPV and the counts of one yes/no decision (the
+    counts and ratios are :func:`binary_metrics`' at the decision)."""
+    m = binary_metrics(y, decided.astype(np.float64), 0.5)
     return {
         "sensitivity": _proportion(decided, y),
         "specificity": _proportion(~decided, ~y),
-        "ppv": tp / (tp + fp) if tp + fp else None,
-        "npv": tn / (tn + fn) if tn + fn else None,
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
+        "ppv": _finite(m["precision"]),
+        "npv": _finite(m["npv"]),
+        **{k: m[k] for k in ("tp", "fp", "fn", "tn")},
     }
 
 
