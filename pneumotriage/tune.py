@@ -155,6 +155,7 @@ def predict(
     scratch: Path,
     tta: bool = False,
     device: str = "auto",
+    backend: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
@@ -166,7 +167,7 @@ def predict(
     512 px), never all into memory: under ``cache_root`` when caching, else in ``scratch``, which must outlive
     the returned predictions."""
     from pneumotriage.runtime import pick_device
-    from pneumotriage.scan.classify import classify, prepare_models
+    from pneumotriage.scan.classify import choose_backends, classify, prepare_models
     from pneumotriage.scan.decode import turned
     from pneumotriage.scan.discover import Discovery, Found
     from pneumotriage.scan.engine import Stream
@@ -184,7 +185,7 @@ def predict(
             return cached, folder
 
     torch_device = pick_device(device)
-    options = ScanOptions(batch_size=batch_size, workers=workers, device=device)
+    options = ScanOptions(batch_size=batch_size, workers=workers, device=device, backend=backend)
     plan = plan_for(
         options, torch_device, max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else []))
     )
@@ -199,7 +200,16 @@ def predict(
     shapes = np.zeros((n, 2), dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
     unreadable: list[str] = []
+    loaded = (classifier, segmenter)
     classifier, ready = prepare_models(torch_device, classifier, segmenter)
+    (classifier, ready), _ = choose_backends(
+        torch_device,
+        (loaded[0], classifier),
+        (loaded[1], ready),
+        backend=backend,
+        batch=plan.batch_size,
+        threads=plan.torch_threads,
+    )
     assert ready is not None
     segmenter = ready
     # The scan's own decoding stream, over the records in order (each keyed by its position).
@@ -574,6 +584,7 @@ def tune(
     cache_root: Path | None = None,
     tta: bool = False,
     device: str = "auto",
+    backend: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
     top_k: int = 10,
@@ -653,6 +664,7 @@ def tune(
                 scratch=Path(scratch) / f"maps{i}",
                 tta=tta,
                 device=device,
+                backend=backend,
                 batch_size=batch_size,
                 workers=workers,
                 progress=progress,

@@ -84,6 +84,9 @@ def _scan_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "0",
         "--batch-size",
         "1",
+        # byte for byte needs one backend: auto measures in each process's cache, and may choose another
+        "--backend",
+        "torch",
         "--no-progress",
         *extra,
     ]

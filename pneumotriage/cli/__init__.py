@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pneumotriage.cli import data, evaluate, listen, scan, train, weights
+from pneumotriage.cli import data, deploy, evaluate, listen, scan, train, weights
 from pneumotriage.cli.console import err, out
 from pneumotriage.cli.help import PlainCommand
 from pneumotriage.io import printable
@@ -59,6 +59,8 @@ app.command(cls=PlainCommand)(weights.convert)
 app.add_typer(train.train_app, name="train")
 app.command(cls=PlainCommand)(evaluate.evaluate)
 app.command(cls=PlainCommand)(evaluate.tune)
+app.command(cls=PlainCommand)(deploy.export)
+app.command(cls=PlainCommand)(deploy.quantize)
 app.command(cls=PlainCommand)(data.demo)
 
 

@@ -106,6 +106,8 @@ def print_plan(summary: Any) -> None:
         f" ({p['why']}); {t['model_s']:.1f} s in the models of {t['total_s']:.1f} s",
         highlight=False,
     )
+    for role, chosen in (p.get("backends") or {}).items():
+        err.print(f"{role} run by {chosen['version']} ({chosen['why']})", highlight=False)
 
 
 def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> None:

@@ -19,6 +19,7 @@ from pneumotriage.cli.console import (
     shown,
 )
 from pneumotriage.cli.options import (
+    BackendOpt,
     ClassifierOpt,
     Device,
     ScanBatch,
@@ -137,6 +138,7 @@ def evaluate(
     batch_size: ScanBatch = "auto",
     workers: ScanWorkers = "auto",
     device: Device = "auto",
+    backend: BackendOpt = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in OUT/scan.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of a table.")] = False,
     progress: ShowProgress = True,
@@ -166,7 +168,9 @@ def evaluate(
         if classifier is None and segmenter is None:
             raise UsageError("give --classifier and/or --segmenter (registry names or files), or --predictions")
         loaded_cls, loaded_seg = load_models(classifier, "classifier"), load_models(segmenter, "segmenter")
-        options = scan_options(batch_size, workers, segment_all=segment_all, tta=tta, device=device, resume=resume)
+        options = scan_options(
+            batch_size, workers, segment_all=segment_all, tta=tta, device=device, backend=backend, resume=resume
+        )
         from pneumotriage.scan import run as run_scan
 
         models = {"classifier": loaded_cls, "segmenter": loaded_seg}
@@ -292,6 +296,7 @@ def tune(
     batch_size: ScanBatch = "auto",
     workers: ScanWorkers = "auto",
     device: Device = "auto",
+    backend: BackendOpt = "auto",
     progress: ShowProgress = True,
     force: Annotated[
         bool, typer.Option(help="Write the checkpoint even where its best setting outlines no positive image.")
@@ -343,6 +348,7 @@ def tune(
             cache_root=None if no_cache else (cache or default_home() / "predictions"),
             tta=tta,
             device=device,
+            backend=backend,
             batch_size=auto_int(batch_size, "--batch-size"),
             workers=auto_int(workers, "--workers"),
             progress=on_event,

@@ -12,6 +12,7 @@ import typer
 from pneumotriage.cli.console import err, reports_errors, shown
 from pneumotriage.cli.options import (
     AcceptOpt,
+    BackendOpt,
     ClassifierOpt,
     Device,
     PrecisionOpt,
@@ -60,6 +61,7 @@ def listen(
     tta: Tta = False,
     device: Device = "auto",
     precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
     accept: AcceptOpt = None,
 ) -> None:
     """Receive studies by DICOM C-STORE, triage each once it is complete, and send the results back.
@@ -96,7 +98,9 @@ def listen(
     loaded_seg = load_models(default_list(segmenter, "segmenter"), "segmenter")
     if loaded_cls is None and loaded_seg is None:
         raise UsageError("give --classifier and/or --segmenter (registry names or checkpoint files)")
-    scan = scan_options("auto", "auto", tta=tta, device=device, precision=precision, accept=tuple(accept or ()))
+    scan = scan_options(
+        "auto", "auto", tta=tta, device=device, precision=precision, backend=backend, accept=tuple(accept or ())
+    )
 
     def log(line: str) -> None:
         err.print(shown(line), highlight=False, soft_wrap=True)

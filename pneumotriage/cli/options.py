@@ -107,6 +107,15 @@ PrecisionOpt = Annotated[
     ),
 ]
 
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="PNEUMOTRIAGE_BACKEND",
+        help="What runs the models on a CPU: auto (the fastest installed, measured once per model and machine), "
+        "torch, onnxruntime or openvino.",
+    ),
+]
+
 AcceptOpt = Annotated[
     list[str] | None,
     typer.Option(

@@ -17,6 +17,7 @@ from pneumotriage.cli.console import (
 )
 from pneumotriage.cli.options import (
     AcceptOpt,
+    BackendOpt,
     ClassifierOpt,
     Device,
     PrecisionOpt,
@@ -72,6 +73,7 @@ def scan(
     workers: ScanWorkers = "auto",
     device: Device = "auto",
     precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
     compile_models: Annotated[
         bool,
         typer.Option(
@@ -156,6 +158,7 @@ def scan(
         urgent_probability=urgent_probability,
         device=device,
         precision=precision,
+        backend=backend,
         compile=compile_models,
         submission=submission,
         dicom_seg=dicom_seg,
@@ -284,6 +287,7 @@ def submit(
     batch_size: ScanBatch = "auto",
     workers: ScanWorkers = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    backend: BackendOpt = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in the work folder.")] = False,
     accept: AcceptOpt = None,
 ) -> None:
@@ -306,6 +310,7 @@ def submit(
             segment_all=segment_all,
             tta=tta,
             device=device,
+            backend=backend,
             resume=resume,
             accept=tuple(accept or ()),
         ),

@@ -189,6 +189,10 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
     candidate = Path(name_or_path)
     if candidate.suffix.lower() == ".json" and candidate.is_file() and is_ensemble_file(candidate):
         return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location))  # type: ignore[no-any-return]
+    if candidate.suffix.lower() == ".onnx" and candidate.is_file():  # written by export or quantize
+        from pneumotriage.models.exported import load_onnx
+
+        return load_onnx(candidate)
     path, registry_spec = resolve(name_or_path)
     data = load_state_dict(path)
     if data.get("format") == CHECKPOINT_FORMAT:

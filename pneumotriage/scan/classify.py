@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pneumotriage.models import LoadedModel
+from pneumotriage.models.backends import BackendChoice, choose
 from pneumotriage.runtime import autocast_for
 
 
@@ -93,6 +94,31 @@ def prepare_models(
             _PREPARED[m.model] = (key, net)
         prepared.append(replace(m, model=net))
     return prepared
+
+
+def choose_backends(
+    device: torch.device,
+    *pairs: tuple[LoadedModel | None, LoadedModel | None],
+    backend: str = "auto",
+    batch: int = 1,
+    threads: int = 1,
+) -> tuple[list[LoadedModel | None], list[BackendChoice | None]]:
+    """For each (model as loaded, as :func:`prepare_models` made it), the model to run and what runs it
+    (:func:`pneumotriage.models.backends.choose`; exported graphs cached under the weights cache's home)."""
+    from pneumotriage.weights import default_home
+
+    home = default_home()
+    ready: list[LoadedModel | None] = []
+    choices: list[BackendChoice | None] = []
+    for loaded, prepared in pairs:
+        if loaded is None or prepared is None:
+            ready.append(None)
+            choices.append(None)
+            continue
+        net, chosen = choose(loaded, prepared.model, backend, device, batch=batch, threads=threads, home=home)
+        ready.append(replace(prepared, model=net))
+        choices.append(chosen)
+    return ready, choices
 
 
 def _weights_key(device: torch.device, model: nn.Module) -> tuple[object, ...] | None:

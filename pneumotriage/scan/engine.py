@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from pneumotriage.io import printable
 from pneumotriage.models import LoadedModel
 from pneumotriage.pipelines import NATIVE, InputKey
 from pneumotriage.runtime import Progress, pick_device, use_bf16
-from pneumotriage.scan.classify import classify, prepare_models
+from pneumotriage.scan.classify import choose_backends, classify, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device, turned
 from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import FinishJob, finish, grey_thumbnail, plain_path, thumbnail_path
@@ -302,7 +302,20 @@ def _model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
         "pipeline": m.spec.pipeline,
         **({"members": m.meta["members"]} if m.meta.get("members") else {}),
         **({"imported": m.meta["imported"]} if isinstance(m.meta.get("imported"), dict) else {}),
+        **({"onnx": _onnx_info(m.meta["onnx"])} if isinstance(m.meta.get("onnx"), dict) else {}),
     }
+
+
+def _onnx_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What a model read from an ONNX file says of where it came from and, for an int8 one, its accuracy."""
+    return {k: info[k] for k in ("source", "exported", "quantization") if k in info}
+
+
+def _backend(options: ScanOptions) -> str:
+    """The backend asked for; a compiled scan (``--compile``) is torch's."""
+    if options.compile and options.backend not in ("auto", "torch"):
+        raise UsageError(f"--compile compiles torch's models: it does not go with --backend {options.backend}")
+    return "torch" if options.compile else options.backend
 
 
 def _error_row(found: Found, decoded: Decoded, error: str | None = None) -> ImageResult:
@@ -470,9 +483,20 @@ def _run(
 
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
+        loaded = (classifier, segmenter)
         classifier, segmenter = prepare_models(
             device, classifier, segmenter, compile_batch=plan.batch_size if options.compile else None
         )
+        (classifier, segmenter), choices = choose_backends(
+            device,
+            (loaded[0], classifier),
+            (loaded[1], segmenter),
+            backend=_backend(options),
+            batch=plan.batch_size,
+            threads=plan.torch_threads,
+        )
+        backends = {k: c.as_dict() for k, c in zip(("classifier", "segmenter"), choices, strict=True) if c}
+        plan = replace(plan, backends=backends)
         window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
         # Slots are held while decoding, in the models and, for a segmented image, until it is finished (finish
         # tasks queue behind decode tasks): too few and the workers starve.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,9 @@ class ScanOptions:
     #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
     #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
     jpeg_decode: str = "auto"
+    #: What runs the models on a CPU (:data:`pneumotriage.models.backends.BACKENDS`): "auto" (the fastest
+    #: installed, measured once per model and machine), "torch", "onnxruntime" or "openvino".
+    backend: str = "auto"
     #: DICOM outputs for a PACS (:mod:`pneumotriage.scan.pacs`): a Segmentation per outlined image, a
     #: Comprehensive SR per image, in ``OUT/dicom/``.
     dicom_seg: bool = False
@@ -75,6 +78,10 @@ class ScanOptions:
         self.accept = check_accept(self.accept)
         if self.jpeg_decode not in ("auto", "workers", "device"):
             raise UsageError(f"jpeg_decode {self.jpeg_decode!r}: choose auto, workers or device")
+        from pneumotriage.models.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r}: choose {', '.join(BACKENDS)}")
 
     def writes_submission(self) -> bool:
         return self.submission if self.submission is not None else not self.no_segment
@@ -83,7 +90,7 @@ class ScanOptions:
         """The options that change what a scan writes (a resume must use the same)."""
         # Neither how the models run (compiled outputs move in the last float digits only) nor whether
         # submission.csv is written at the end changes a journaled row.
-        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission")
+        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission", "backend")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -182,6 +189,8 @@ class Plan:
     torch_threads: int
     jpeg_on_device: bool
     why: str
+    #: What runs each model ("classifier", "segmenter"): :meth:`pneumotriage.models.backends.BackendChoice.as_dict`.
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -285,6 +285,7 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
             "head": f"{p.get('device')}, batch {p.get('batch_size')}, {p.get('workers')} workers, "
             f"{p.get('torch_threads')} torch threads",
             "why": p.get("why"),
+            "backends": [f"{role}: {c['version']} ({c['why']})" for role, c in (p.get("backends") or {}).items()],
         }
     t = summary.thresholds
     timings = summary.timings

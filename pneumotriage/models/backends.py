@@ -1,0 +1,296 @@
+"""What runs a model's network on a CPU: torch (the prepared network), ONNX Runtime or OpenVINO (its exported
+graph, :mod:`pneumotriage.models.exported`), by ``--backend``.
+
+``auto`` keeps torch on a GPU. On a CPU it times each installed backend on this model at the scan's batch and
+threads, once per model, machine and runtime versions, and keeps the fastest; the choice and its figures are
+cached (``backends.json`` in the weights cache) so later scans start at once. A model whose network takes under
+:data:`SMALL_MS` an image in torch stays there without exporting anything: the runtimes cannot win back the export.
+The exported graphs are cached beside the weights too, keyed by the checkpoint's sha256 and the exporter's
+version; a graph is used only after its outputs matched torch's within :data:`PARITY` on a random batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pneumotriage.errors import UsageError
+from pneumotriage.io import atomic_write_bytes, atomic_write_text
+from pneumotriage.models.exported import (
+    OPSET,
+    RUNTIMES,
+    OnnxNet,
+    describe,
+    export_graph,
+    installed,
+    output_names,
+    require,
+    runtime_version,
+    with_metadata,
+)
+from pneumotriage.models.spec import LoadedModel
+
+BACKENDS = ("auto", "torch", *RUNTIMES)
+#: Under this many milliseconds an image in torch, ``auto`` keeps torch without measuring the runtimes: a few ms
+#: saved an image would take thousands of images to pay for the export (a second or two, once).
+SMALL_MS = 10.0
+#: Largest difference in probability allowed between an exported graph and torch on the same input.
+PARITY = 1e-4
+#: Timed runs per backend (after one warm-up), the median kept.
+RUNS = 3
+
+
+@dataclass
+class BackendChoice:
+    """The backend a model runs on, why, and what was measured to choose it (ms a batch)."""
+
+    backend: str
+    version: str
+    why: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """Raise a UsageError for a backend that is unknown, missing, or asked for off the CPU."""
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name!r}: choose {', '.join(BACKENDS)}")
+    if name in RUNTIMES:
+        require(name)
+        if device.type != "cpu":
+            raise UsageError(f"--backend {name} runs on the CPU: add --device cpu, or use --backend torch on a GPU")
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, as the OS names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def graph_for(loaded: LoadedModel, home: Path | None) -> bytes:
+    """The exported graph of one model (not an ensemble), from the cache under ``home`` when it was exported
+    before by this torch, else exported now (and kept there when ``home`` is given)."""
+    if isinstance(loaded.model, OnnxNet):
+        return loaded.model.graph
+    # Only a model read from a file is known by its sha256 (one made in memory may carry any placeholder).
+    path = home / "exported" / f"{model_key(loaded)}-opset{OPSET}.onnx" if home and loaded.path else None
+    if path is not None and path.is_file():
+        return path.read_bytes()
+    names = output_names(loaded.model, loaded.spec.kind)
+    graph = with_metadata(export_graph(loaded), describe(loaded, names))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, graph)
+    return graph
+
+
+def model_key(loaded: LoadedModel) -> str:
+    """What identifies a model's network for the caches: its checkpoint's sha256 (an ensemble's: its members'),
+    what it is, and the torch that exports it."""
+    text = f"{loaded.sha256}|{loaded.spec}|{[m.sha256 for m in loaded.members]}|torch {torch.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None) -> nn.Module:
+    """``loaded``'s network run by ``runtime`` (an ensemble: each member's graph, averaged as before). The same
+    model asked for again (a node scanning batch after batch) gets the network made before, session and all."""
+    kept = _RUNTIME_NETS.setdefault(loaded.model, {})
+    key = (runtime, threads, str(home))
+    if key not in kept:
+        kept[key] = _runtime_net(loaded, runtime, threads, home)
+    return kept[key]
+
+
+#: Networks made for a runtime, by the loaded model's network (forgotten with it).
+_RUNTIME_NETS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, str], nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None) -> nn.Module:
+    from pneumotriage.models.ensemble import EnsembleNet
+
+    if loaded.members:
+        members = [runtime_net(m, runtime, threads, home) for m in loaded.members]
+        return EnsembleNet(members, [m.spec.input_size for m in loaded.members], loaded.spec.kind)
+    if isinstance(loaded.model, OnnxNet):
+        return loaded.model.on(runtime, threads)
+    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, output_names(loaded.model, loaded.spec.kind)).on(
+        runtime, threads
+    )
+
+
+def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out = net(x)
+    out = out["mask"] if isinstance(out, dict) else out
+    return torch.sigmoid(out.float())
+
+
+def _time_ms(net: nn.Module, x: torch.Tensor) -> float:
+    _outputs(net, x)  # warm-up: a runtime builds its session, torch its kernels' plans
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        _outputs(net, x)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def parity(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> float:
+    """The largest difference in probability between two networks' outputs for ``x``."""
+    return float((_outputs(reference, x) - _outputs(candidate, x)).abs().max())
+
+
+def _load_choices(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged cache is measured again
+    return data if isinstance(data, dict) else {}
+
+
+def choose(
+    loaded: LoadedModel,
+    prepared: nn.Module,
+    backend: str,
+    device: torch.device,
+    *,
+    batch: int,
+    threads: int,
+    home: Path | None,
+) -> tuple[nn.Module, BackendChoice]:
+    """The network to run ``loaded`` with (``prepared``: its torch network made ready for ``device``) and the
+    choice made. See the module docstring for ``auto``."""
+    check_backend(backend, device)
+    is_graph = isinstance(loaded.model, OnnxNet) or any(isinstance(m.model, OnnxNet) for m in loaded.members)
+    if backend == "torch" and is_graph:
+        raise UsageError(
+            f"{loaded.path or loaded.name}: an ONNX model runs in ONNX Runtime or OpenVINO, not torch",
+            hint="--backend auto, onnxruntime or openvino",
+        )
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        why = "asked for" if backend == "torch" else f"{device.type}: torch"
+        return prepared, BackendChoice("torch", f"torch {torch.__version__}", why)
+    if backend in RUNTIMES:
+        net = runtime_net(loaded, backend, threads, home)
+        return net, BackendChoice(backend, runtime_version(backend), "asked for")
+    # auto on a CPU
+    candidates = [r for r in RUNTIMES if installed(r)]
+    if not candidates and is_graph:
+        require("onnxruntime")
+    versions = [runtime_version(r) for r in candidates]
+    key = "|".join([model_key(loaded), cpu_name(), f"threads {threads}", f"batch {batch}", *versions])
+    from_files = loaded.path is not None or (loaded.members and all(m.path for m in loaded.members))
+    cache = home / "backends.json" if home is not None and from_files else None
+    with _measuring(cache):  # processes started together (torchrun ranks) measure once, and agree
+        return _auto(loaded, prepared, candidates, is_graph, key, cache, batch=batch, threads=threads, home=home)
+
+
+@contextlib.contextmanager
+def _measuring(cache: Path | None) -> Iterator[None]:
+    """An exclusive lock beside the choices' cache (where the platform has ``flock``) while one is made."""
+    if cache is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: each process measures for itself
+        yield
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _auto(
+    loaded: LoadedModel,
+    prepared: nn.Module,
+    candidates: list[str],
+    is_graph: bool,
+    key: str,
+    cache: Path | None,
+    *,
+    batch: int,
+    threads: int,
+    home: Path | None,
+) -> tuple[nn.Module, BackendChoice]:
+    known = _load_choices(cache).get(key)
+    if isinstance(known, dict) and known.get("backend") in ("torch", *candidates):
+        chosen = BackendChoice(**known)
+        chosen.why = f"fastest when measured on this machine before ({chosen.why})"
+        return _net_for(chosen.backend, loaded, prepared, threads, home), chosen
+    chosen = _measure(loaded, prepared, candidates, is_graph, batch=batch, threads=threads, home=home)
+    if cache is not None:  # whatever was chosen, small model included: every later process agrees
+        saved = _load_choices(cache)
+        saved[key] = chosen.as_dict()
+        atomic_write_text(cache, json.dumps(saved, indent=1, sort_keys=True))
+    return _net_for(chosen.backend, loaded, prepared, threads, home), chosen
+
+
+def _net_for(backend: str, loaded: LoadedModel, prepared: nn.Module, threads: int, home: Path | None) -> nn.Module:
+    return prepared if backend == "torch" else runtime_net(loaded, backend, threads, home)
+
+
+def _measure(
+    loaded: LoadedModel,
+    prepared: nn.Module,
+    candidates: list[str],
+    is_graph: bool,
+    *,
+    batch: int,
+    threads: int,
+    home: Path | None,
+) -> BackendChoice:
+    size = loaded.spec.input_size
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    timings: dict[str, float] = {}
+    nets: dict[str, nn.Module] = {}
+    if not is_graph:
+        timings["torch"] = _time_ms(prepared, x.contiguous(memory_format=torch.channels_last))
+        nets["torch"] = prepared
+        if not candidates or timings["torch"] < SMALL_MS * batch:
+            small = f"under {SMALL_MS:g} ms an image: not worth exporting"
+            why = "no ONNX runtime installed" if not candidates else small
+            return BackendChoice("torch", f"torch {torch.__version__}", f"auto: {why}", timings)
+    for runtime in candidates:
+        net = runtime_net(loaded, runtime, threads, home)
+        if not is_graph:
+            gap = parity(prepared, net, x)
+            if gap > PARITY:  # never run a graph that does not give torch's answers
+                timings[f"{runtime} (refused: differs by {gap:.1e})"] = float("nan")
+                continue
+        timings[runtime] = _time_ms(net, x)
+        nets[runtime] = net
+    refused = [name for name in timings if name not in nets]
+    best = min((t, name) for name, t in timings.items() if name in nets)[1]
+    figures = ", ".join(f"{name} {t:g} ms" for name, t in timings.items() if name in nets)
+    return BackendChoice(
+        best,
+        f"torch {torch.__version__}" if best == "torch" else runtime_version(best),
+        f"auto: fastest at batch {batch}, {threads} threads ({figures})" + "".join(f"; {r}" for r in refused),
+        {k: v for k, v in timings.items() if k in nets},
+    )

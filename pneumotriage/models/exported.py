@@ -1,0 +1,336 @@
+"""A model of the tool as an ONNX graph: written by ``pneumotriage export`` (and ``quantize``), cached beside the
+weights for ``--backend onnxruntime|openvino``, and read back as a model like any other.
+
+The graph takes what the network takes, ``(B, 1, S, S)`` float32 made by the model's input pipeline (the batch
+dynamic), with the normalisation inside, and gives the network's outputs by name: ``logit`` ``(B,)`` for a
+classifier, ``mask`` ``(B, 1, S, S)`` logits (and ``present`` ``(B,)`` where the segmenter has an image-level
+head) for a segmenter. Its metadata (``pneumotriage`` in the model's properties, JSON) makes the file
+self-describing: what to build it from no longer matters, but its kind, size, input pipeline, operating thresholds,
+provenance, the checkpoint it came from (sha256), the parity measured at export and, for an int8 model, its
+accuracy before and after quantization, do.
+
+Two runtimes run such a graph on a CPU (:data:`RUNTIMES`): ONNX Runtime (the ``onnx`` extra) and OpenVINO (the
+``openvino`` extra). Neither is imported until a graph runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumotriage.errors import UsageError
+from pneumotriage.io import sha256_file
+from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
+from pneumotriage.version import __version__
+from pneumotriage.weights import WeightError
+
+ONNX_FORMAT = "pneumotriage-onnx"
+ONNX_FORMAT_VERSION = 1
+#: The metadata property holding the file's description.
+METADATA_KEY = "pneumotriage"
+#: The ONNX operator set written: ONNX Runtime >= 1.12 and OpenVINO >= 2022.1 run it.
+OPSET = 17
+#: runtime name -> (module, extra that installs it, what it is called).
+RUNTIMES = {
+    "onnxruntime": ("onnxruntime", "onnx", "ONNX Runtime"),
+    "openvino": ("openvino", "openvino", "OpenVINO"),
+}
+
+
+def installed(runtime: str) -> bool:
+    return importlib.util.find_spec(RUNTIMES[runtime][0]) is not None
+
+
+def require(runtime: str) -> None:
+    """Raise a UsageError saying how to install ``runtime`` where it is missing."""
+    module, extra, title = RUNTIMES[runtime]
+    if not installed(runtime):
+        raise UsageError(f"--backend {runtime}: {title} is not installed", hint=f"pip install 'pneumotriage[{extra}]'")
+
+
+def runtime_version(runtime: str) -> str:
+    """``runtime`` and its installed version, e.g. ``onnxruntime 1.32.0``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{runtime} {version(runtime)}"
+    except PackageNotFoundError:
+        return f"{runtime} (not installed)"
+
+
+def output_names(model: nn.Module, kind: str) -> list[str]:
+    """The graph's outputs for ``model``: ``logit``, or ``mask`` and (with an image-level head) ``present``."""
+    if kind == "classifier":
+        return ["logit"]
+    return ["mask", "present"] if getattr(getattr(model, "spec", None), "empty_head", False) else ["mask"]
+
+
+class _Outputs(nn.Module):
+    """The network with its outputs as a tuple in :func:`output_names` order (ONNX has no dicts)."""
+
+    def __init__(self, net: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.net, self.names = net, names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(x)
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out[name] for name in self.names)
+
+
+def export_graph(loaded: LoadedModel) -> bytes:
+    """One model (not an ensemble: its members are exported one by one) as ONNX bytes, float32, batch dynamic.
+    Raises UsageError where the exporter cannot express the network."""
+    from pneumotriage.models.foreign import ForeignProgram
+
+    if loaded.members:
+        raise UsageError("an ensemble is exported member by member (export_members)")
+    if isinstance(loaded.model, ForeignProgram | OnnxNet):
+        raise UsageError(
+            f"{loaded.name or loaded.spec.title} is a program already ({loaded.spec.arch}): it runs in its own "
+            "runtime and has no network to export"
+        )
+    names = output_names(loaded.model, loaded.spec.kind)
+    net = _Outputs(loaded.model, names).eval().to("cpu").float()
+    size = loaded.spec.input_size
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in ["image", *names]}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript-based exporter (torch's dynamo exporter needs onnxscript, and gains nothing here).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net,
+                (example,),
+                buffer,  # type: ignore[arg-type]  # a file object is accepted as well as a path
+                dynamo=False,
+                input_names=["image"],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+    except ModuleNotFoundError as exc:
+        hint = "pip install 'pneumotriage[onnx]'"
+        raise UsageError(f"exporting to ONNX needs the {exc.name} package", hint=hint) from None
+    except Exception as exc:  # whatever the exporter raises: this network cannot be written as ONNX here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"{loaded.spec.title} could not be exported to ONNX: {first}") from None
+    return buffer.getvalue()
+
+
+def describe(loaded: LoadedModel, names: list[str], **extra: Any) -> dict[str, Any]:
+    """The metadata an exported graph carries (see the module docstring)."""
+    meta = {k: v for k, v in loaded.meta.items() if k not in ("state_dict", "onnx")}
+    return {
+        "format": ONNX_FORMAT,
+        "format_version": ONNX_FORMAT_VERSION,
+        "spec": asdict(loaded.spec),
+        "thresholds": dict(loaded.thresholds),
+        "outputs": names,
+        "meta": json.loads(json.dumps(meta, default=str)),
+        "source": {
+            "name": loaded.name,
+            "path": str(loaded.path) if loaded.path else None,
+            "sha256": loaded.sha256,
+        },
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "torch_version": str(torch.__version__),
+        "opset": OPSET,
+        **extra,
+    }
+
+
+def with_metadata(graph: bytes, info: dict[str, Any]) -> bytes:
+    """``graph`` with ``info`` as its :data:`METADATA_KEY` property (replacing any before)."""
+    import onnx
+
+    proto = onnx.load_from_string(graph)
+    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(info, sort_keys=True)
+    proto.producer_name, proto.producer_version = "pneumotriage", __version__
+    return bytes(proto.SerializeToString())
+
+
+def read_metadata(graph: bytes, path: Path | None = None) -> dict[str, Any] | None:
+    """The :data:`METADATA_KEY` description of ``graph``, None where it has none (an ONNX file from elsewhere).
+    Raises WeightError where the bytes are not an ONNX model."""
+    try:
+        import onnx
+
+        proto = onnx.load_from_string(graph)
+        props = {p.key: p.value for p in proto.metadata_props}
+    except ModuleNotFoundError:  # ONNX Runtime reads it too
+        props = _metadata_by_runtime(graph)
+    except Exception as exc:  # a protobuf parse error of any kind
+        raise WeightError(f"not an ONNX model: {str(exc).splitlines()[0][:200]}", path=path) from None
+    text = props.get(METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:
+        raise WeightError(f"its {METADATA_KEY} metadata is not JSON", path=path) from None
+    if not isinstance(info, dict) or info.get("format") != ONNX_FORMAT:
+        return None
+    return info
+
+
+def _metadata_by_runtime(graph: bytes) -> dict[str, str]:
+    if not installed("onnxruntime"):
+        raise UsageError("reading an exported model's description needs the onnx package", hint="pip install onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxNet(nn.Module):
+    """An exported graph run by ONNX Runtime or OpenVINO on the CPU, behind the project's model contract: a
+    classifier's logit ``(B,)``, a segmenter's ``{"mask": ..., ["present": ...]}``. The session is built on the
+    first batch and never copied (a copy builds its own)."""
+
+    def __init__(self, graph: bytes, kind: str, names: list[str], runtime: str = "onnxruntime", threads: int = 0):
+        super().__init__()
+        if runtime not in RUNTIMES:
+            raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        self.graph, self.kind, self.names = graph, kind, list(names)
+        self.runtime, self.threads = runtime, threads
+        self._session: Any = None
+
+    def on(self, runtime: str, threads: int) -> OnnxNet:
+        """The same graph for ``runtime`` with ``threads`` (0: the runtime's own choice)."""
+        net = OnnxNet(self.graph, self.kind, self.names, runtime, threads)
+        for key in ("spec", "thresholds", "meta"):
+            if hasattr(self, key):
+                setattr(net, key, getattr(self, key))
+        return net
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnnxNet:
+        return self.on(self.runtime, self.threads)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_session": None}
+
+    def _run(self, data: np.ndarray) -> list[np.ndarray]:
+        with _signal_stack_kept():
+            if self._session is None:
+                self._session = _session(self.graph, self.runtime, self.threads)
+            if self.runtime == "onnxruntime":
+                return [np.asarray(a) for a in self._session.run(self.names, {"image": data})]
+            result = self._session.infer({0: data})
+            return [np.asarray(result[self._session.model_outputs[i]]) for i in range(len(self.names))]
+
+    def forward(self, x: torch.Tensor) -> Any:
+        data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        outs = [torch.from_numpy(np.array(a, dtype=np.float32)) for a in self._run(data)]
+        if self.kind == "classifier":
+            return outs[0].reshape(len(data))
+        return dict(zip(self.names, outs, strict=True))
+
+
+class _AltStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack as it was before a runtime ran. OpenVINO's CPU plugin leaves
+    one of its own (11 KB) on the thread that runs it; Python's signal handlers run on that stack, and a signal
+    delivered there later (the alarm that times a file's decoding with ``--workers 0``) corrupted the process's
+    memory and crashed it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = _AltStack()
+        kept = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    except (OSError, AttributeError):  # no C library to ask (Windows): no signal stacks either
+        kept = False
+    try:
+        yield
+    finally:
+        if kept:
+            now = _AltStack()
+            if libc.sigaltstack(None, ctypes.byref(now)) == 0 and (now.ss_sp, now.ss_flags) != (
+                before.ss_sp,
+                before.ss_flags,
+            ):
+                libc.sigaltstack(ctypes.byref(before), None)
+
+
+class _OpenVinoRequest:
+    """One OpenVINO infer request with the compiled model's outputs at hand."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.request = compiled.create_infer_request()
+        self.model_outputs = list(compiled.outputs)
+
+    def infer(self, inputs: dict[int, np.ndarray]) -> Any:
+        return self.request.infer(inputs)
+
+
+def _session(graph: bytes, runtime: str, threads: int) -> Any:
+    require(runtime)
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The decoding workers share the cores: threads that spin while waiting take time from them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    # f32 forced: on a CPU with native bf16 OpenVINO's default precision is bf16, which moves probabilities.
+    return _OpenVinoRequest(core.compile_model(core.read_model(graph), "CPU", config))
+
+
+def load_onnx(path: Path) -> LoadedModel:
+    """A graph written by ``pneumotriage export`` or ``quantize`` as a model (run by ONNX Runtime until a backend
+    says otherwise). An ONNX file without the tool's metadata comes through the generic door instead."""
+    graph = path.read_bytes()
+    info = read_metadata(graph, path)
+    if info is None:
+        raise WeightError(
+            "an ONNX file without pneumotriage's metadata: its input contract is unknown",
+            path=path,
+            hint="bring it through the generic door: pneumotriage convert FILE --format onnx --kind ... "
+            "--input-size ... --pipeline ... --normalisation ...",
+        )
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > ONNX_FORMAT_VERSION:
+        raise WeightError(f"ONNX format {version!r} is newer than this pneumotriage reads", path=path)
+    try:
+        spec = ModelSpec(**info["spec"])
+        names = [str(n) for n in info["outputs"]]
+    except (KeyError, TypeError, UsageError) as exc:
+        raise WeightError(f"its pneumotriage metadata is damaged: {exc}", path=path) from None
+    thresholds = {**DEFAULT_THRESHOLDS[spec.kind], **info.get("thresholds", {})}
+    meta = dict(info.get("meta") or {})
+    meta["onnx"] = {k: v for k, v in info.items() if k not in ("meta", "spec", "thresholds")}
+    runtime = "onnxruntime" if installed("onnxruntime") or not installed("openvino") else "openvino"
+    net = OnnxNet(graph, spec.kind, names, runtime)
+    net.spec, net.thresholds, net.meta = spec, thresholds, meta  # type: ignore[assignment]
+    return LoadedModel(net, spec, thresholds, meta, path, sha256_file(path), None)

@@ -1,0 +1,265 @@
+"""ONNX Runtime and OpenVINO backends: `pneumotriage export` (parity with torch on real DICOMs, self-describing
+metadata), `--backend` in scans (same answers, the choice recorded), `auto` (measured once, cached), and
+`pneumotriage quantize` (int8 written with its figures, refused where it loses accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pneumotriage.cli import app
+from pneumotriage.errors import UsageError
+from pneumotriage.models import ModelSpec, build_model, load_model, save_checkpoint
+
+pytest.importorskip("onnxruntime", reason="ONNX Runtime (the onnx extra) is not installed")
+pytest.importorskip("onnx", reason="onnx (the onnx extra) is not installed")
+pytest.importorskip("openvino", reason="OpenVINO (the openvino extra) is not installed")
+
+from pneumotriage.deploy import AccuracyLost, export_model, quantize_model  # noqa: E402
+from pneumotriage.models import backends  # noqa: E402
+from pneumotriage.models.exported import OnnxNet, read_metadata  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _demo_weights() -> None:
+    from pneumotriage.demo import demo_weights
+
+    demo_weights()
+
+
+def _random_model(tmp_path: Path, name: str, **spec: object) -> Path:
+    torch.manual_seed(0)
+    net = build_model(ModelSpec(**spec)).eval()  # type: ignore[arg-type]
+    return save_checkpoint(tmp_path / f"{name}.pt", net)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "classifier", "arch": "densenet121", "input_size": 256},
+        {"kind": "segmenter", "arch": "unet", "encoder": "resnet34", "input_size": 512},
+    ],
+    ids=["densenet121@256", "unet-resnet34@512"],
+)
+def test_each_default_architecture_exports_with_parity_on_real_dicoms(
+    real_data: Path, tmp_path: Path, spec: dict[str, object]
+) -> None:
+    """Each runtime gives torch's probabilities within 1e-4 on real SIIM DICOMs read as the scan reads them
+    (the batch norm statistics made non-trivial, so folding them is exercised)."""
+    torch.manual_seed(1)
+    net = build_model(ModelSpec(**spec)).eval()  # type: ignore[arg-type]
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = save_checkpoint(tmp_path / "model.pt", net)
+    done = export_model(load_model(path), tmp_path / "model.onnx", check=real_data / "siim-sample", limit=4)
+    assert done.images == 4
+    assert set(done.parity) == {"onnxruntime", "openvino"}
+    assert all(0 <= gap <= 1e-4 for gap in done.parity.values()), done.parity
+    info = read_metadata((tmp_path / "model.onnx").read_bytes())
+    assert info is not None and info["parity"]["images"] == 4
+
+
+def test_export_writes_a_self_describing_graph_that_loads_as_the_model(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", "demo-segmenter", "--onnx", str(tmp_path / "seg.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "parity with torch on 4 images" in result.output
+    source = load_model("demo-segmenter")
+    loaded = load_model(tmp_path / "seg.onnx")
+    assert isinstance(loaded.model, OnnxNet)
+    assert loaded.spec == source.spec
+    assert loaded.thresholds == source.thresholds
+    assert loaded.meta["onnx"]["source"]["sha256"] == source.sha256
+    assert loaded.meta["clinical"] is False and loaded.meta["registry"] == "demo-segmenter"
+    x = torch.rand(3, 1, source.spec.input_size, source.spec.input_size)
+    with torch.inference_mode():
+        ours, theirs = loaded.model(x)["mask"], source.model(x)["mask"]
+    assert ours.shape == theirs.shape == (3, 1, source.spec.input_size, source.spec.input_size)
+    assert float((torch.sigmoid(ours) - torch.sigmoid(theirs)).abs().max()) < 1e-4
+
+
+def test_an_ensemble_exports_member_by_member(tmp_path: Path) -> None:
+    first = _random_model(tmp_path, "a", kind="classifier", arch="densenet_mini", input_size=64)
+    second = _random_model(tmp_path, "b", kind="classifier", arch="resnet34", input_size=64)
+    ensemble = tmp_path / "ensemble.json"
+    from pneumotriage.models.ensemble import write_ensemble
+
+    write_ensemble(ensemble, [load_model(first), load_model(second)], {"gate": 0.4})
+    done = export_model(load_model(ensemble), tmp_path / "out" / "both.onnx")
+    assert [p.name for p in done.files] == ["both-0.onnx", "both-1.onnx"]
+    assert done.ensemble == tmp_path / "out" / "both.json"
+    back = load_model(done.ensemble)
+    assert [m.spec.arch for m in back.members] == ["densenet_mini", "resnet34"]
+    assert back.thresholds["gate"] == 0.4
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        gap = (torch.sigmoid(back.model(x)) - torch.sigmoid(load_model(ensemble).model(x))).abs().max()
+    assert float(gap) < 1e-4
+
+
+def test_an_onnx_file_without_the_tools_metadata_is_sent_to_the_generic_door(tmp_path: Path) -> None:
+    from pneumotriage.weights import WeightError
+
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),), str(plain), dynamo=False)
+    with pytest.raises(WeightError, match="generic door"):
+        load_model(plain)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_scan_with_a_runtime_gives_torchs_worklist(tmp_path: Path, scan_input: Path, backend: str) -> None:
+    rows = {}
+    for name in ("torch", backend):
+        out = tmp_path / name
+        args = ["scan", str(scan_input), "--out", str(out), "--classifier", "demo-classifier"]
+        result = runner.invoke(app, [*args, "--segmenter", "demo-segmenter", "--backend", name, "--verbose"])
+        assert result.exit_code == 4, result.output  # the broken file
+        assert f"run by {name}" in result.output
+        doc = json.loads((out / "worklist.json").read_text())
+        assert doc["plan"]["backends"]["segmenter"]["backend"] == name
+        rows[name] = {r["image_id"]: r for r in doc["worklist"]}
+        if name == backend:
+            assert f"segmenter: {backend}" in (out / "report.html").read_text()
+    assert rows["torch"].keys() == rows[backend].keys()
+    for key, ours in rows[backend].items():
+        theirs = rows["torch"][key]
+        assert (ours["tier"], ours["status"]) == (theirs["tier"], theirs["status"])
+        if theirs["probability"] is not None:
+            assert abs(ours["probability"] - theirs["probability"]) < 1e-4
+
+
+def test_auto_measures_once_keeps_the_fastest_and_caches_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backends, "SMALL_MS", 0.0)  # the demo model is small: measure it all the same
+    loaded = load_model("demo-classifier")
+    prepared = loaded.model
+    cpu = torch.device("cpu")
+    net, chosen = backends.choose(loaded, prepared, "auto", cpu, batch=2, threads=1, home=tmp_path)
+    assert set(chosen.timings_ms) == {"torch", "onnxruntime", "openvino"}
+    assert chosen.backend == min(chosen.timings_ms, key=chosen.timings_ms.__getitem__)
+    assert (net is prepared) == (chosen.backend == "torch")
+    saved = json.loads((tmp_path / "backends.json").read_text())
+    assert [v["backend"] for v in saved.values()] == [chosen.backend]
+    assert list((tmp_path / "exported").glob("*.onnx"))  # the graph is kept beside the weights
+
+    def no_more_timing(*args: object) -> float:
+        raise AssertionError("auto measured again")
+
+    monkeypatch.setattr(backends, "_time_ms", no_more_timing)
+    _, again = backends.choose(loaded, prepared, "auto", cpu, batch=2, threads=1, home=tmp_path)
+    assert again.backend == chosen.backend and "measured on this machine before" in again.why
+    # another batch size is another measurement
+    with pytest.raises(AssertionError, match="measured again"):
+        backends.choose(loaded, prepared, "auto", cpu, batch=3, threads=1, home=tmp_path)
+
+
+def test_auto_keeps_torch_for_a_small_model_and_on_a_gpu(tmp_path: Path) -> None:
+    loaded = load_model("demo-classifier")
+    _, chosen = backends.choose(loaded, loaded.model, "auto", torch.device("cpu"), batch=1, threads=1, home=tmp_path)
+    assert chosen.backend == "torch" and "not worth exporting" in chosen.why
+    assert not (tmp_path / "exported").exists()
+    _, chosen = backends.choose(loaded, loaded.model, "auto", torch.device("cuda"), batch=1, threads=1, home=tmp_path)
+    assert chosen.backend == "torch"
+    with pytest.raises(UsageError, match="runs on the CPU"):
+        backends.choose(loaded, loaded.model, "openvino", torch.device("cuda"), batch=1, threads=1, home=tmp_path)
+
+
+def test_an_onnx_model_refuses_the_torch_backend(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["export", "demo-classifier", "--onnx", str(tmp_path / "c.onnx")]).exit_code == 0
+    loaded = load_model(tmp_path / "c.onnx")
+    with pytest.raises(UsageError, match="not torch"):
+        backends.choose(loaded, loaded.model, "torch", torch.device("cpu"), batch=1, threads=1, home=tmp_path)
+    _, chosen = backends.choose(loaded, loaded.model, "auto", torch.device("cpu"), batch=1, threads=1, home=tmp_path)
+    assert chosen.backend in ("onnxruntime", "openvino")
+
+
+def _labelled(tmp_path: Path) -> tuple[Path, Path]:
+    from pneumotriage.synth import write_study
+
+    study = write_study(tmp_path / "study", 16, positive_rate=0.5, size=(128, 128), seed=21, ptx_scale=2.0)
+    return study.out, study.labels_csv
+
+
+@pytest.mark.slow
+def test_quantize_writes_an_int8_segmenter_with_its_figures_and_a_scan_shows_them(tmp_path: Path) -> None:
+    data, labels = _labelled(tmp_path)
+    out = tmp_path / "seg-int8.onnx"
+    args = ["quantize", "demo-segmenter", "--calibrate", str(data), "--labels", str(labels), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = read_metadata(out.read_bytes())
+    assert info is not None
+    figures = info["quantization"]
+    assert figures["held_out_images"] == 8 and figures["calibration_images"] == 8
+    assert figures["before"]["dice_positives"] is not None and not figures["forced"]
+    for after in figures["after"].values():  # a segmenter is judged on its outlines; its AUC is shown
+        assert figures["before"]["dice_positives"] - after["dice_positives"] <= 0.01
+        assert 0 <= after["auc"] <= 1
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    scan = runner.invoke(
+        app, ["scan", str(data), "--out", str(tmp_path / "scan"), "--segmenter", str(out), "--no-submission"]
+    )
+    assert scan.exit_code == 0, scan.output
+    report = (tmp_path / "scan" / "report.html").read_text()
+    assert "int8: AUC" in report and "held-out images" in report
+
+
+def test_quantize_refuses_a_model_whose_int8_version_loses_its_accuracy(tmp_path: Path) -> None:
+    """An activation outlier (one channel of the first block at 10^4, which the next layers ignore) leaves the
+    float32 model as it was but makes uint8 activations of that tensor too coarse for every other channel: the
+    failure int8 is known for. It is refused, nothing written; --force writes it with the loss recorded."""
+    data, labels = _labelled(tmp_path)
+    loaded = load_model("demo-classifier")
+    features = loaded.model.backbone.features
+    with torch.no_grad():
+        features.norm0.bias[0] = 1e4
+        for name, module in features.named_modules():
+            if (name.startswith("denseblock1") and name.endswith("norm1")) or name == "transition1.norm":
+                module.weight[0] = 0.0
+                module.bias[0] = 0.0
+    bad = load_model(save_checkpoint(tmp_path / "bad.pt", loaded.model, thresholds=loaded.thresholds))
+    out = tmp_path / "bad-int8.onnx"
+    with pytest.raises(AccuracyLost, match="AUC"):
+        quantize_model(bad, data, labels, out)
+    assert not out.exists()
+    forced = quantize_model(bad, data, labels, out, force=True)
+    assert forced.refused and out.exists()
+    info = read_metadata(out.read_bytes())
+    assert info is not None and info["quantization"]["forced"] is True
+    assert np.isfinite(info["quantization"]["before"]["auc"])
+
+
+def test_openvino_leaves_the_threads_signal_stack_as_it_was(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin leaves an 11 KB alternate signal stack on the thread that runs it; a signal handled
+    there later (the alarm timing an inline decode) corrupted memory. The tool puts the thread's own back."""
+    import ctypes
+
+    from pneumotriage.models.exported import _AltStack
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def current() -> tuple[int, int]:
+        stack = _AltStack()
+        assert libc.sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp or 0, stack.ss_flags
+
+    before = current()
+    loaded = load_model("demo-classifier")
+    net = backends.runtime_net(loaded, "openvino", 1, None)
+    with torch.inference_mode():
+        net(torch.rand(1, 1, loaded.spec.input_size, loaded.spec.input_size))
+    assert current() == before
