@@ -200,8 +200,12 @@ def choose(
         require("onnxruntime")
     versions = [runtime_version(r) for r in candidates]
     key = "|".join([model_key(loaded), cpu_name(), f"threads {threads}", f"batch {batch}", *versions])
-    from_files = loaded.path is not None or (loaded.members and all(m.path for m in loaded.members))
-    cache = home / "backends.json" if home is not None and from_files else None
+    from_files = loaded.path is not None or bool(loaded.members and all(m.path for m in loaded.members))
+    if not from_files and not is_graph:
+        # Built in memory: no file to key a measurement or an exported graph by, and a choice measured afresh in
+        # every process could differ between two scans of the same folder.
+        return prepared, BackendChoice("torch", f"torch {torch.__version__}", "auto: a model not read from a file")
+    cache = home / "backends.json" if home is not None else None
     with _measuring(cache):  # processes started together (torchrun ranks) measure once, and agree
         return _auto(loaded, prepared, candidates, is_graph, key, cache, batch=batch, threads=threads, home=home)
 
@@ -277,7 +281,11 @@ def _measure(
             why = "no ONNX runtime installed" if not candidates else small
             return BackendChoice("torch", f"torch {torch.__version__}", f"auto: {why}", timings)
     for runtime in candidates:
-        net = runtime_net(loaded, runtime, threads, home)
+        try:
+            net = runtime_net(loaded, runtime, threads, home)
+        except UsageError as exc:  # a network the exporter cannot write: torch runs it
+            timings[f"{runtime} (not exportable: {exc.message})"] = float("nan")
+            continue
         if not is_graph:
             gap = parity(prepared, net, x)
             if gap > PARITY:  # never run a graph that does not give torch's answers
