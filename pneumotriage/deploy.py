@@ -35,7 +35,7 @@ from pneumotriage.io import atomic_write_bytes
 from pneumotriage.labels import read_rle_csv
 from pneumotriage.metrics import dice_per_image, roc_auc
 from pneumotriage.models import LoadedModel
-from pneumotriage.models.backends import PARITY, graph_for
+from pneumotriage.models.backends import PARITY, graph_for, probabilities
 from pneumotriage.models.ensemble import write_ensemble
 from pneumotriage.models.exported import (
     RUNTIMES,
@@ -92,14 +92,13 @@ def model_inputs(paths: Sequence[Path], key: InputKey) -> Iterator[tuple[int, np
 
 
 def _probabilities(net: torch.nn.Module, inputs: np.ndarray, batch: int = 4) -> np.ndarray:
-    """Sigmoid of the network's output (a classifier's ``(N,)``, a segmenter's maps ``(N, S, S)``)."""
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch):
-            out = net(torch.from_numpy(inputs[start : start + batch][:, None]))
-            out = out["mask"][:, 0] if isinstance(out, dict) else out
-            parts.append(torch.sigmoid(out.float()).numpy())
-    return np.concatenate(parts)
+    """:func:`~pneumotriage.models.backends.probabilities` of ``inputs`` (N, S, S) in batches: a classifier's
+    ``(N,)``, a segmenter's maps ``(N, S, S)``."""
+    parts = [
+        probabilities(net, torch.from_numpy(inputs[i : i + batch][:, None])).numpy()
+        for i in range(0, len(inputs), batch)
+    ]
+    return np.concatenate([p[:, 0] if p.ndim == 4 else p for p in parts])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -132,12 +132,12 @@ def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | N
         return EnsembleNet(members, [m.spec.input_size for m in loaded.members], loaded.spec.kind)
     if isinstance(loaded.model, OnnxNet):
         return loaded.model.on(runtime, threads)
-    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, output_names(loaded.model, loaded.spec.kind)).on(
-        runtime, threads
-    )
+    names = output_names(loaded.model, loaded.spec.kind)
+    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, names, runtime, threads)
 
 
-def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def probabilities(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The sigmoid of a network's output for ``x``: a classifier's ``(B,)``, a segmenter's maps ``(B, 1, S, S)``."""
     with torch.inference_mode():
         out = net(x)
     out = out["mask"] if isinstance(out, dict) else out
@@ -145,18 +145,18 @@ def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _time_ms(net: nn.Module, x: torch.Tensor) -> float:
-    _outputs(net, x)  # warm-up: a runtime builds its session, torch its kernels' plans
+    probabilities(net, x)  # warm-up: a runtime builds its session, torch its kernels' plans
     times = []
     for _ in range(RUNS):
         start = time.perf_counter()
-        _outputs(net, x)
+        probabilities(net, x)
         times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 2)
 
 
 def parity(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> float:
     """The largest difference in probability between two networks' outputs for ``x``."""
-    return float((_outputs(reference, x) - _outputs(candidate, x)).abs().max())
+    return float((probabilities(reference, x) - probabilities(candidate, x)).abs().max())
 
 
 def _load_choices(path: Path | None) -> dict[str, Any]:
