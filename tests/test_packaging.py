@@ -91,3 +91,25 @@ def test_the_wheel_installed_elsewhere_has_its_registry_and_runs_the_demo(tmp_pa
     assert (elsewhere / "demo" / "scan" / "worklist.csv").is_file()
     assert "Pneumothorax triage worklist" in (elsewhere / "demo" / "scan" / "report.html").read_text()
     assert not (REPO / "demo").exists()
+
+
+def test_the_repository_tracks_no_large_or_scratch_file() -> None:
+    """What git tracks is source, docs and small fixtures: no model, graph or a library's scratch output (ONNX
+    Runtime's shape inference once left a 98 MB external-data file in the working folder, and it was committed)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout (an sdist or an installed copy)")
+    listed = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=60)
+        .stdout.decode()
+        .split("\0")
+    )
+    # The demo's two small models ship in the wheel on purpose (``make demo`` runs without a download).
+    tracked = [REPO / name for name in listed if name and not name.startswith("pneumotriage/bundled/")]
+    large = [
+        f"{p.relative_to(REPO)} ({p.stat().st_size} bytes)"
+        for p in tracked
+        if p.is_file() and p.stat().st_size > 512_000
+    ]
+    scratch = [str(p.relative_to(REPO)) for p in tracked if p.suffix in {".onnx", ".pt", ".pth", ".data", ".bin"}]
+    assert not large, f"large files tracked: {large}"
+    assert not scratch, f"models or graphs tracked: {scratch}"
