@@ -10,9 +10,9 @@ import pytest
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise
-from pneumotriage.scan.rank import tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import legend_items
+from pneumotriage.scan.tiers import tier_of
 
 
 def _summary(

@@ -25,13 +25,15 @@ def test_the_bar_has_the_walks_total_once_it_is_over_and_fits_80_columns() -> No
     base = {"event": "batch", "classified": 0, "segmented": 0, "errors": 0, "skipped": 0, "resumed": 0}
 
     def job(on_event: Any) -> None:
-        on_event({**base, "discovered": 40, "walked": False, "decoded": 8})
+        on_event({**base, "discovered": 40, "walk_done": False, "decoded": 8})
         time.sleep(0.3)
         # the walk is over: 102 files, two of them not DICOM (passed over); up to 71 read and 1 unreadable
         for decoded in range(20, 72, 6):
-            on_event({**base, "discovered": 102, "walked": True, "decoded": decoded, "skipped": 2})
+            on_event({**base, "discovered": 102, "walk_done": True, "decoded": decoded, "skipped": 2})
             time.sleep(0.1)
-        on_event({**base, "discovered": 102, "walked": True, "decoded": 71, "errors": 1, "segmented": 30, "skipped": 2})
+        on_event(
+            {**base, "discovered": 102, "walk_done": True, "decoded": 71, "errors": 1, "segmented": 30, "skipped": 2}
+        )
         time.sleep(0.3)
 
     lines = _lines(job)

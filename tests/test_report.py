@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pneumotriage.cli import app
 from pneumotriage.scan import ImageResult, ScanOptions
-from pneumotriage.scan.rank import rank, tier_of
+from pneumotriage.scan.tiers import rank, tier_of
 from pneumotriage.synth import write_study
 
 

@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 
 from pneumotriage.cli import app
 from pneumotriage.models import ModelSpec, build_model, save_checkpoint
-from pneumotriage.scan.ranks import Ranks, Relay
 from pneumotriage.scan.shards import Shard
+from pneumotriage.scan.torchrun import Ranks, Relay
 from pneumotriage.synth import write_study
 
 TIMEOUT_S = 240
@@ -166,11 +166,11 @@ def test_relay_sums_every_rank_counts() -> None:
     relays[0].report({"decoded": 3, "classified": 3, "segmented": 1, "errors": 0})
     relays[1].report({"decoded": 2, "classified": 2, "segmented": 2, "errors": 1})
     relays[0].report({"decoded": 5, "classified": 5, "segmented": 1, "errors": 0})  # running totals, not deltas
-    job = relays[0].job(found=12, walked=True)
+    job = relays[0].job(found=12, walk_done=True)
     assert job == {
         "event": "batch",
         "discovered": 12,
-        "walked": True,
+        "walk_done": True,
         "decoded": 7,
         "classified": 7,
         "segmented": 3,

@@ -77,7 +77,7 @@ def print_table(table: Table, console: Console | None = None) -> None:
 
 
 def print_worklist(summary: Any, limit: int = 20) -> None:
-    from pneumotriage.scan.rank import reason_of
+    from pneumotriage.scan.tiers import reason_of
 
     table = plain_table(f"worklist: {shown(summary.out / 'worklist.csv')}")
     for col in ("rank", "tier", "probability", "image"):

@@ -30,7 +30,6 @@ from pneumotriage.cli.options import (
     Tta,
     auto_int,
     floats,
-    load_models,
     relative_rle,
     scan_options,
 )
@@ -147,6 +146,7 @@ def evaluate(
     scan's own decision (exact 95% intervals), by size and by view; the competition Dice; image-level ROC/PR and
     operating points with bootstrap intervals; calibration (ECE); plots, metrics.json and per_image.csv."""
     from pneumotriage.evaluate import evaluate_results, evaluate_submission, headers_of, write_evaluation
+    from pneumotriage.models import load_models
 
     relative = relative_rle(rle)
     if bootstrap < 0:
@@ -173,9 +173,11 @@ def evaluate(
         )
         from pneumotriage.scan import run as run_scan
 
-        models = {"classifier": loaded_cls, "segmenter": loaded_seg}
         summary = with_progress(
-            progress, lambda on: run_scan([data], out_dir / "scan", **models, options=options, progress=on)
+            progress,
+            lambda on: run_scan(
+                [data], out_dir / "scan", classifier=loaded_cls, segmenter=loaded_seg, options=options, progress=on
+            ),
         )
         source = {
             "mode": "models",
@@ -305,6 +307,7 @@ def tune(
     """Choose the gate, the triplet (top_score, min_area, bottom_score) and the smallest component kept to
     maximise the competition score on labelled images, and write them into a copy of the segmenter checkpoint.
     A setting that outlines none of the positive images is refused unless --force."""
+    from pneumotriage.models import load_models
     from pneumotriage.postprocess import Thresholds
     from pneumotriage.tune import Grid
     from pneumotriage.tune import tune as run_tune
@@ -324,6 +327,7 @@ def tune(
         if values is not None:
             grid = Grid(**{**grid.__dict__, name: values})
     loaded_seg, loaded_cls = load_models(segmenter, "segmenter"), load_models(classifier, "classifier")
+    assert loaded_seg is not None  # --segmenter is required
     out_file = out_file or Path("tuned.json" if loaded_seg.members else "tuned.pt")
     with bars(show=progress, transient=True) as bar:
         tasks: dict[str, Any] = {}

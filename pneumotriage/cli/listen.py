@@ -19,7 +19,6 @@ from pneumotriage.cli.options import (
     SegmenterOpt,
     Tta,
     default_list,
-    load_models,
     scan_options,
 )
 from pneumotriage.errors import UsageError
@@ -70,6 +69,7 @@ def listen(
     acknowledged. README "At the PACS" shows a configuration and a systemd unit."""
     from pneumotriage.listen import Destination, Listener, ListenOptions, NodeOptions, StowDestination
     from pneumotriage.listen.node import require
+    from pneumotriage.models import load_models
 
     require()
     if not idle >= 0:

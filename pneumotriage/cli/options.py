@@ -11,13 +11,6 @@ import typer
 from pneumotriage.errors import UsageError
 
 
-def load_models(values: str | list[str] | None, kind: str) -> Any:
-    """``--classifier``/``--segmenter``: the model they name, several names an ensemble (None for none)."""
-    from pneumotriage.models import load_models as load
-
-    return load(values, kind)
-
-
 def default_list(values: list[str] | None, kind: str) -> list[str] | None:
     """``values``, else the registry's default model of ``kind``, if it names one."""
     from pneumotriage.weights import load_registry
@@ -81,7 +74,6 @@ SegmentAll = Annotated[bool, typer.Option(help="Segment every image, not only th
 
 Tta = Annotated[bool, typer.Option(help="Average the segmenter over a horizontal flip.")]
 
-BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 
 ScanBatch = Annotated[
     str,

@@ -37,11 +37,11 @@ def with_progress(show: bool, job: Callable[[Progress], Any], *, console: Any = 
                 bar.update(task, info=f"{event['resumed']} done before")
             elif event["event"] == "batch":
                 done = event["decoded"] + event["errors"] + event.get("skipped", 0) + event.get("resumed", 0)
-                walking = "" if event["walked"] else f" of {event['discovered']}+ found"
+                walking = "" if event["walk_done"] else f" of {event['discovered']}+ found"
                 errors = event["errors"]
                 bar.update(
                     task,
-                    total=event["discovered"] if event["walked"] else None,
+                    total=event["discovered"] if event["walk_done"] else None,
                     completed=done,
                     info=f"segmented {event['segmented']}, {errors} error{'s' if errors != 1 else ''}{walking}",
                 )

@@ -27,7 +27,6 @@ from pneumotriage.cli.options import (
     SegmenterOpt,
     Tta,
     default_list,
-    load_models,
     relative_rle,
     scan_options,
 )
@@ -128,8 +127,9 @@ def scan(
 
     Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
     its own GPU) and the first merges them into one worklist."""
-    from pneumotriage.scan import ranks as scan_ranks
+    from pneumotriage.models import load_models
     from pneumotriage.scan import run as run_scan
+    from pneumotriage.scan import torchrun
     from pneumotriage.scan.shards import Shard
 
     classifier = default_list(classifier, "classifier")
@@ -170,19 +170,24 @@ def scan(
         accept=tuple(accept or ()),
     )
     one_shard = Shard.parse(shard) if shard is not None else None
-    if one_shard is not None and scan_ranks.launched():
+    if one_shard is not None and torchrun.launched():
         raise UsageError("--shard under torchrun: each rank takes its own shard; leave --shard out")
     loaded_cls = load_models(classifier, "classifier")
     loaded_seg = load_models(segmenter, "segmenter")
-    models = {"classifier": loaded_cls, "segmenter": loaded_seg}
-    if scan_ranks.launched():
-        with scan_ranks.joined(device) as ranks:
+    if torchrun.launched():
+        with torchrun.joined(device) as ranks:
             options.device = str(ranks.device)
             options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
             merged = with_progress(
                 progress and ranks.rank == 0,
-                lambda on_event: scan_ranks.run_ranks(
-                    paths, out_dir, ranks, **models, options=options, progress=on_event
+                lambda on_event: torchrun.run_ranks(
+                    paths,
+                    out_dir,
+                    ranks,
+                    classifier=loaded_cls,
+                    segmenter=loaded_seg,
+                    options=options,
+                    progress=on_event,
                 ),
             )
         if merged is None:
@@ -194,7 +199,15 @@ def scan(
     try:
         summary = with_progress(
             progress,
-            lambda on_event: run_scan(paths, out_dir, **models, options=options, progress=on_event, shard=one_shard),
+            lambda on_event: run_scan(
+                paths,
+                out_dir,
+                classifier=loaded_cls,
+                segmenter=loaded_seg,
+                options=options,
+                progress=on_event,
+                shard=one_shard,
+            ),
         )
     except KeyboardInterrupt:
         done = journaled(out_dir, one_shard)
@@ -293,17 +306,20 @@ def submit(
 ) -> None:
     """Write a Kaggle submission with exactly the sample's ImageIds (order kept, duplicates collapsed), each
     mask at its image's original resolution. ImageIds with no readable image get -1 and exit code 4."""
+    from pneumotriage.models import load_models
     from pneumotriage.submit import write_submission
 
     relative = relative_rle(rle)
     if segmenter is None:
         raise UsageError("a submission needs masks: pass --segmenter (and usually --classifier)")
+    loaded_seg = load_models(segmenter, "segmenter")
+    assert loaded_seg is not None  # names were given
     done = write_submission(
         test_dir,
         sample_submission,
         out_file,
         classifier=load_models(classifier, "classifier"),
-        segmenter=load_models(segmenter, "segmenter"),
+        segmenter=loaded_seg,
         options=scan_options(
             batch_size,
             workers,

@@ -338,7 +338,7 @@ class Listener:
     def write_worklist(self) -> None:
         """The worklist of every study triaged so far, ranked together, and studies.csv."""
         from pneumotriage.scan.outputs import summarise, write_outputs
-        from pneumotriage.scan.rank import rank
+        from pneumotriage.scan.tiers import rank
 
         states = self.inbox.states()
         by_study = {s.study: s for s in states}

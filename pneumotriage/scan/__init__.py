@@ -10,7 +10,7 @@
 - :mod:`~pneumotriage.scan.segment`: probability maps for those.
 - :mod:`~pneumotriage.scan.finish`: post-process, encode and write each image's files (in a worker).
 - :mod:`~pneumotriage.scan.journal`: each finished row appended, for resuming.
-- :mod:`~pneumotriage.scan.rank`: tiers and worklist order.
+- :mod:`~pneumotriage.scan.tiers`: tiers and worklist order.
 - :mod:`~pneumotriage.scan.outputs` and :mod:`~pneumotriage.scan.report`: worklist, submission, report.
 
 :mod:`~pneumotriage.scan.engine` wires them (:func:`run`), :mod:`~pneumotriage.scan.workers` holds the worker

@@ -105,11 +105,12 @@ class Discovery:
         self._error: BaseException | None = None
         self.finished = False
         self.count = 0
+        #: Files the walk has found, every shard's.
         self.walked = 0
         #: Files of this shard the walk has found so far (handed on or still queued), and whether it is over:
         #: the progress bar's total as soon as it is known, not only once the pipeline has taken every file.
         self.found = 0
-        self.walk_over = False
+        self.walk_done = False
         self._thread = threading.Thread(target=self._run, name="scan-discover", daemon=True)
         self._thread.start()
 
@@ -125,7 +126,7 @@ class Discovery:
         except BaseException as exc:  # handed to the scanning thread, which re-raises it
             self._error = exc
         finally:
-            self.walk_over = True
+            self.walk_done = True
             self._queue.put(_END)
 
     def poll(self, limit: int, timeout: float | None = 0.0) -> list[Found]:

@@ -43,11 +43,11 @@ from pneumotriage.scan.gate import to_segment
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal, OutLock
 from pneumotriage.scan.options import ScanOptions, plan_for, scan_thresholds
 from pneumotriage.scan.outputs import summarise, write_outputs
-from pneumotriage.scan.rank import rank, tier_of
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.segment import segment
 from pneumotriage.scan.shards import Shard, claim_layout, shard_started, write_shard
+from pneumotriage.scan.tiers import rank, tier_of
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future, finish_task, thumbnail_task
 
 #: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
@@ -93,7 +93,7 @@ class Stream:
         window: int,
         device: torch.device,
         jpeg_on_device: bool,
-        skip: Callable[[Found], bool] = lambda found: False,
+        done_before: Callable[[Found], bool] = lambda found: False,
         on_wait: Callable[[bool], bool] = lambda block: False,
         accept: tuple[str, ...] = (),
     ) -> None:
@@ -105,11 +105,11 @@ class Stream:
         self.window = window
         self.device = device
         self.jpeg_on_device = jpeg_on_device
-        self.skip = skip
+        self.done_before = done_before
         self.on_wait = on_wait
         self.accept = accept
         self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
-        self.skipped = 0
+        self.resumed = 0  # files done by an earlier run, passed over
         # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
         self._staging: dict[InputKey, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
 
@@ -132,8 +132,8 @@ class Stream:
                 error = f"{printable(str(found.path))}: {found.passed}"
                 self.decoding.append((found, -1, done_future(Decoded("skipped", error=error))))
                 continue
-            if self.skip(found):
-                self.skipped += 1
+            if self.done_before(found):
+                self.resumed += 1
                 continue
             slot = self.free.popleft()
             future = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
@@ -355,7 +355,7 @@ def run(
 
     With ``shard``, only the files of that shard are scanned, into its own journal; the summary returned holds
     that shard's rows, and the worklist, submission and report are left to
-    :func:`pneumotriage.scan.shards.merge` once every shard is done."""
+    :func:`pneumotriage.scan.merge.merge` once every shard is done."""
     out = Path(out)
     _check_out(out)
     # What this scan would make and found not there: a scan that finds nothing to scan takes it away again.
@@ -567,7 +567,7 @@ def _run(
                 device=device,
                 # nvJPEG's path makes the tool's own inputs only; an imported model's pipeline reads stored pixels
                 jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
-                skip=seen_or_done,
+                done_before=seen_or_done,
                 on_wait=drain,
                 accept=options.accept,
             )
@@ -665,10 +665,10 @@ def _run(
                     {
                         "event": "batch",
                         "discovered": discovery.found,
-                        "walked": discovery.walk_over,
-                        "found_all": discovery.walked,
+                        "walk_done": discovery.walk_done,
+                        "walked": discovery.walked,
                         "skipped": len(skipped_rows),
-                        "resumed": stream.skipped,
+                        "resumed": stream.resumed,
                         **counts,
                     }
                 )
@@ -700,7 +700,7 @@ def _run(
     summary = summarise(
         out,
         ranked,
-        counts={**counts, "resumed": stream.skipped},
+        counts={**counts, "resumed": stream.resumed},
         models=models,
         thresholds=thresholds,
         no_segment=options.no_segment,

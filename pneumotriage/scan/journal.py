@@ -49,7 +49,7 @@ def _shown(value: Any) -> str:
 
 
 class Journal:
-    """Finished images, appended and synced once per batch; read back on resume."""
+    """Finished images, appended as they finish and synced at least once a second; read back on resume."""
 
     def __init__(
         self, folder: Path, signature: dict[str, Any], resume: bool, *, no_phi: bool = False, out: Path | None = None

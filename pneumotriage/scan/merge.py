@@ -15,10 +15,10 @@ from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise, write_outputs
-from pneumotriage.scan.rank import rank, tier_of
 from pneumotriage.scan.records import ImageResult, row_from
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import layout_of, shard_folder
+from pneumotriage.scan.tiers import rank, tier_of
 from pneumotriage.scan.workers import thumbnail_task
 
 

@@ -20,9 +20,9 @@ from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.models.foreign import RUNTIMES as GENERIC
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY, rle_runs
-from pneumotriage.scan.rank import reason_of
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
 from pneumotriage.scan.report import write_report
+from pneumotriage.scan.tiers import reason_of
 
 WORKLIST_FIELDS = (
     "rank",
@@ -253,8 +253,3 @@ def shared_sop_note(results: list[ImageResult]) -> str | None:
         f"{', '.join(paths.values())}): a PACS keeps one image per UID, so check which one it holds before acting "
         "on its row; their DICOM SEG/SR objects have UIDs of their own"
     )
-
-
-def read_worklist(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))

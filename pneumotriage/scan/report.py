@@ -26,8 +26,8 @@ from markupsafe import Markup
 from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.finish import plain_path, thumbnail_path
-from pneumotriage.scan.rank import order_key
 from pneumotriage.scan.records import ImageResult, ScanSummary
+from pneumotriage.scan.tiers import order_key
 from pneumotriage.version import __version__
 
 

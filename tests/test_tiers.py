@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan import ImageResult, ScanOptions
-from pneumotriage.scan.rank import rank, tier_of
+from pneumotriage.scan.tiers import rank, tier_of
 
 
 def test_tier_rules_and_ranking() -> None:
@@ -50,7 +50,7 @@ def test_the_gate_and_the_review_threshold_are_two_decisions() -> None:
 
 
 def test_each_row_says_why_in_plain_words_and_its_own_units() -> None:
-    from pneumotriage.scan.rank import reason_of
+    from pneumotriage.scan.tiers import reason_of
 
     t = Thresholds(gate=0.2, review=0.5)
 

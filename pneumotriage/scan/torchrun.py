@@ -126,11 +126,11 @@ class Relay:
     def all_finished(self) -> bool:
         return int(self.ranks.store.add("finished", 0)) >= self.ranks.world
 
-    def job(self, found: int, walked: bool) -> dict[str, Any]:
+    def job(self, found: int, walk_done: bool) -> dict[str, Any]:
         """A progress event for the whole job: every rank's counts; ``found`` files in all (each rank walks all
         the inputs, so rank 0's walk counts every rank's files)."""
         counts = {key: int(self.ranks.store.add(key, 0)) for key in COUNTERS}
-        return {"event": "batch", "discovered": found, "walked": walked, **counts}
+        return {"event": "batch", "discovered": found, "walk_done": walk_done, **counts}
 
 
 def run_ranks(
@@ -147,15 +147,15 @@ def run_ranks(
     ranks return None once their shard is done)."""
     relay = Relay(ranks)
     emit = progress if ranks.rank == 0 and progress is not None else None
-    seen = {"found": 0, "walked": False}
+    seen = {"found": 0, "walk_done": False}
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] != "batch":
             return
         relay.report(event)
-        seen.update(found=event["found_all"], walked=event["walked"])
+        seen.update(found=event["walked"], walk_done=event["walk_done"])
         if emit is not None:
-            emit(relay.job(event["found_all"], event["walked"]))
+            emit(relay.job(event["walked"], event["walk_done"]))
 
     finished = run(
         inputs, out, classifier=classifier, segmenter=segmenter, options=options, progress=on_event, shard=ranks.shard
@@ -166,7 +166,7 @@ def run_ranks(
         return None
     while not relay.all_finished():  # the others' bars move on rank 0's, while it waits
         if emit is not None:
-            emit(relay.job(int(seen["found"]), bool(seen["walked"])))
+            emit(relay.job(int(seen["found"]), bool(seen["walk_done"])))
         time.sleep(0.2)
     merged: ScanSummary = merge(out).summary
     return merged
