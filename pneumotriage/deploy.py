@@ -58,13 +58,9 @@ MAX_DICE_DROP = 0.01
 class AccuracyLost(PneumotriageError):
     """The int8 model scores worse than the float32 one by more than the limits allow: not written."""
 
-    exit_code = 1
-
 
 class ParityError(PneumotriageError):
     """An exported graph does not give torch's answers: not written."""
-
-    exit_code = 1
 
 
 def installed_runtimes() -> list[str]:

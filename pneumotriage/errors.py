@@ -6,13 +6,35 @@ do about it, so the CLI can print one line and a batch can record it against the
 
 from __future__ import annotations
 
+from enum import IntEnum
 from pathlib import Path
+
+
+class ExitCode(IntEnum):
+    """The command line's exit codes; :data:`EXIT_MEANINGS` says what each means (README lists the same)."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NO_WEIGHT = 3
+    INPUTS_FAILED = 4
+    INTERRUPTED = 130
+
+
+EXIT_MEANINGS = {
+    ExitCode.OK: "all went well",
+    ExitCode.ERROR: "an error stopped the command (a damaged checkpoint, an output that cannot be written)",
+    ExitCode.USAGE: "usage error (an option out of range, an `--out` that is a file)",
+    ExitCode.NO_WEIGHT: "a weight cannot be had (missing, or not downloadable: offline, server down)",
+    ExitCode.INPUTS_FAILED: "some DICOM inputs could not be used (the rest were processed)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); what was finished is kept",
+}
 
 
 class PneumotriageError(Exception):
     """Base class: ``str(err)`` is one line naming the file, the problem and the next step."""
 
-    exit_code = 1
+    exit_code = ExitCode.ERROR
 
     def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -30,7 +52,7 @@ class PneumotriageError(Exception):
 class UsageError(PneumotriageError):
     """The arguments given cannot work (bad option value, missing folder)."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class OutputError(PneumotriageError):

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
 from pneumotriage.io import atomic_write_text, sha256_file
 from pneumotriage.normalisations import known, names
 from pneumotriage.pipelines import NATIVE, PIPELINES
@@ -64,7 +64,7 @@ class WeightError(PneumotriageError):
 class WeightMissingError(WeightError):
     """The weight is not in the cache: the message gives the exact commands that get it."""
 
-    exit_code = 3
+    exit_code = ExitCode.NO_WEIGHT
 
 
 class WeightHashError(WeightError):
@@ -75,7 +75,7 @@ class WeightFetchError(WeightError):
     """The download failed: server down, truncated transfer, offline mode. The weight cannot be had: exit 3, as
     for a missing one."""
 
-    exit_code = 3
+    exit_code = ExitCode.NO_WEIGHT
 
 
 class UnsafeWeightsError(WeightError):

@@ -206,3 +206,31 @@ def test_every_help_fits_80_columns_with_whole_option_names_and_plain_metavars()
     submit = _console("submit", "--help").stdout
     assert "--sample-submission PATH" in submit and "[required]" in submit
     assert _console("scan", "--help").stdout.count("\n") < 100
+
+
+def test_exit_codes_have_one_definition_that_readme_lists() -> None:
+    """README's list of exit codes is :data:`EXIT_MEANINGS`, and no command exits with a bare number."""
+    import ast
+    import re
+
+    from pneumotriage.errors import EXIT_MEANINGS, ExitCode
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Exit codes:\n", 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    listed = dict(re.findall(r"^- (\d+) (.+)$", section, flags=re.MULTILINE))
+    assert listed == {str(int(code)): meaning for code, meaning in EXIT_MEANINGS.items()}
+    assert set(EXIT_MEANINGS) == set(ExitCode)
+    bare = []
+    for path in (repo / "pneumotriage").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            exiting = isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "Exit",
+                "SystemExit",
+            )
+            if exiting and node.args and isinstance(node.args[0], ast.Constant):  # type: ignore[attr-defined]
+                bare.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "exit_code" for t in node.targets):
+                if isinstance(node.value, ast.Constant):
+                    bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, f"exit codes written as numbers, not ExitCode: {bare}"

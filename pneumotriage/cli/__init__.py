@@ -18,6 +18,7 @@ from rich.markup import escape
 from pneumotriage.cli import data, deploy, evaluate, listen, scan, train, weights
 from pneumotriage.cli.console import err, out
 from pneumotriage.cli.help import PlainCommand
+from pneumotriage.errors import ExitCode
 from pneumotriage.io import printable
 from pneumotriage.version import __version__
 
@@ -90,7 +91,7 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
         err.print("[yellow]interrupted[/]")
-        raise SystemExit(130) from None
+        raise SystemExit(ExitCode.INTERRUPTED) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -12,10 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pneumotriage.errors import PneumotriageError
+from pneumotriage.errors import ExitCode, PneumotriageError
 from pneumotriage.io import printable, strict_json, terminal_safe
-
-EXIT_INPUTS_FAILED = 4
 
 err = Console(stderr=True)
 
@@ -43,7 +41,7 @@ def reports_errors(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from pneumotriage.cli.console import (
-    EXIT_INPUTS_FAILED,
     counted,
     err,
     plain_table,
@@ -24,7 +23,7 @@ from pneumotriage.cli.options import (
     scan_options,
 )
 from pneumotriage.dicom import describe, discover
-from pneumotriage.errors import UsageError
+from pneumotriage.errors import ExitCode, UsageError
 from pneumotriage.io import printable, strict_json
 
 
@@ -71,7 +70,7 @@ def inspect(
     skipped = sum(r["status"] != "ok" for r in rows)
     err.print(f"{len(rows) - skipped} usable, {skipped} skipped", highlight=False)
     if skipped:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
+        raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
 @reports_errors

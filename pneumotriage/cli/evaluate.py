@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from pneumotriage.cli.console import (
-    EXIT_INPUTS_FAILED,
     ci_text,
     err,
     plain_table,
@@ -34,7 +33,7 @@ from pneumotriage.cli.options import (
     scan_options,
 )
 from pneumotriage.cli.progress import bars, with_progress
-from pneumotriage.errors import UsageError
+from pneumotriage.errors import ExitCode, UsageError
 
 
 def _share(figure: dict[str, Any]) -> str:
@@ -210,7 +209,7 @@ def evaluate(
         f"wrote {out_dir}: metrics.json, per_image.csv, {', '.join(evaluation.metrics['plots'])}", highlight=False
     )
     if failed:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
+        raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
 def review_table(review: dict[str, Any]) -> Table:

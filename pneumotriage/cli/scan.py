@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 
 from pneumotriage.cli.console import (
-    EXIT_INPUTS_FAILED,
     err,
     report_scan,
     reports_errors,
@@ -31,7 +30,7 @@ from pneumotriage.cli.options import (
     scan_options,
 )
 from pneumotriage.cli.progress import with_progress
-from pneumotriage.errors import UsageError
+from pneumotriage.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
     from pneumotriage.scan.shards import Shard
@@ -194,7 +193,7 @@ def scan(
             return  # not rank 0: quiet; rank 0 reports the whole job
         report_scan(merged, as_json=as_json, no_phi=no_phi, verbose=verbose)
         if merged.failed:
-            raise typer.Exit(EXIT_INPUTS_FAILED)
+            raise typer.Exit(ExitCode.INPUTS_FAILED)
         return
     try:
         summary = with_progress(
@@ -217,7 +216,7 @@ def scan(
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     if one_shard is not None:
         c = summary.counts
         err.print(
@@ -226,13 +225,13 @@ def scan(
             highlight=False,
         )
         if summary.failed:
-            raise typer.Exit(EXIT_INPUTS_FAILED)
+            raise typer.Exit(ExitCode.INPUTS_FAILED)
         return
     report_scan(summary, as_json=as_json, no_phi=no_phi, verbose=verbose)
     if destination is not None:
         _send(destination, out_dir)
     if summary.failed:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
+        raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
 def _destination(send_to: str | None, stow: str | None) -> Any:
@@ -283,7 +282,7 @@ def merge(
             hint=f"run {'them' if len(merged.missing) > 1 else 'it'} (with --resume where started), then merge again",
         )
     if merged.summary.failed:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
+        raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
 @reports_errors
@@ -342,7 +341,7 @@ def submit(
         highlight=False,
     )
     if missing:
-        raise typer.Exit(EXIT_INPUTS_FAILED)
+        raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
 def journaled(out: Path, shard: Shard | None = None) -> int:

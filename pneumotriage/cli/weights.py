@@ -21,7 +21,7 @@ from pneumotriage.cli.help import PlainCommand
 from pneumotriage.cli.options import (
     PrecisionOpt,
 )
-from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
 
 weights_app = typer.Typer(
     help="The weights registry (weights.toml) and the local cache: list, fetch, verify, import, path.",
@@ -215,7 +215,7 @@ def weights_verify(
         except PneumotriageError as exc:
             err.print(f"[bold red]error:[/] {st.status}: {shown(exc)}", highlight=False, soft_wrap=True)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.ERROR)
 
 
 @weights_app.command("import", cls=PlainCommand)

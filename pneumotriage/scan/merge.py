@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pneumotriage.errors import PneumotriageError, UsageError
+from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
@@ -25,7 +25,7 @@ from pneumotriage.scan.workers import thumbnail_task
 class ShardsMissing(PneumotriageError):
     """Some shards of a scan are not finished: the merge holds the others' images only."""
 
-    exit_code = 4
+    exit_code = ExitCode.INPUTS_FAILED
 
 
 @dataclass
