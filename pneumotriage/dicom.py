@@ -162,11 +162,18 @@ class DicomIdentity:
     study_instance_uid: str | None
     series_instance_uid: str | None
     patient_id: str | None
-    accession_number: str | None
+    accession: str | None
     study_datetime: datetime | None
     modality: str | None
     view_position: str | None
     pixel_spacing_mm: tuple[float, float] | None
+
+
+#: The fields of a worklist row a header fills in: the identity's own, less the file's path (the row has its
+#: own), its series (which only the SEG and SR reference) and spacing (it becomes the outline's area).
+ROW_IDENTITY = tuple(
+    f.name for f in fields(DicomIdentity) if f.name not in ("path", "series_instance_uid", "pixel_spacing_mm")
+)
 
 
 @dataclass(frozen=True)
@@ -496,7 +503,7 @@ def _header_from(ds: Dataset, path: Path, notes: list[str], has_pixels: bool) ->
         study_instance_uid=_text(ds, "StudyInstanceUID"),
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
         patient_id=_text(ds, "PatientID"),
-        accession_number=_text(ds, "AccessionNumber"),
+        accession=_text(ds, "AccessionNumber"),
         study_datetime=_study_datetime(ds),
         modality=_text(ds, "Modality"),
         view_position=_text(ds, "ViewPosition"),

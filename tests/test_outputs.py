@@ -47,3 +47,29 @@ def test_patient_side() -> None:
     assert patient_side(mask[:, ::-1]) == "left"
     assert patient_side(mask | mask[:, ::-1]) == "both"
     assert patient_side(np.zeros((4, 4), dtype=bool)) is None
+
+
+def test_a_rows_fields_have_one_definition_that_every_list_follows() -> None:
+    """The worklist's identity and PHI fields are defined once (the header's identity, the row's field metadata);
+    the CSV's columns, the report's columns and the SEG/SR's PHI attributes must keep up with them."""
+    from dataclasses import fields
+
+    from pneumotriage.dicom import ROW_IDENTITY
+    from pneumotriage.scan.outputs import WORKLIST_FIELDS
+    from pneumotriage.scan.pacs import _PHI
+    from pneumotriage.scan.records import PHI_FIELDS, ImageResult
+    from pneumotriage.scan.report import _COLUMNS, _COMPACT, _WHEN_FILLED
+
+    row_fields = {f.name for f in fields(ImageResult)}
+    assert set(ROW_IDENTITY) <= row_fields, "a header field a row does not have"
+    assert set(ROW_IDENTITY) <= set(WORKLIST_FIELDS), "a header field the worklist does not list"
+    assert {"patient_id", "accession", "study_datetime"} <= set(PHI_FIELDS) <= set(WORKLIST_FIELDS)
+    shown = [key for key, _, _ in _COLUMNS]
+    assert set(shown) <= set(WORKLIST_FIELDS), "the report shows a column the worklist does not have"
+    assert set(_COMPACT) | set(_WHEN_FILLED) <= set(shown)
+    # What a row holds from a header's PHI is also emptied in the headers a SEG or SR copies with --no-phi.
+    keywords = {k for f in fields(ImageResult) for k in f.metadata.get("phi", ())}
+    assert keywords and keywords <= set(_PHI)
+    # Every row field is in the worklist, or is bookkeeping the worklist leaves out on purpose.
+    internal = {"segmented", "rows", "columns", "rle", "key", "file_stem", "seq"}
+    assert row_fields - internal <= set(WORKLIST_FIELDS)

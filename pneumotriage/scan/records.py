@@ -13,8 +13,12 @@ from pneumotriage.rle import EMPTY
 
 #: Worklist tiers, most urgent first.
 TIERS = ("urgent", "review", "routine")
-#: Fields left out of every output with ``no_phi``.
-PHI_FIELDS = ("patient_id", "accession", "study_datetime")
+
+
+def _phi(*keywords: str) -> Any:
+    """A row field that identifies the patient: left out of every output with ``no_phi``. ``keywords`` are the
+    DICOM attributes it is read from (which ``--no-phi`` also empties in the headers a SEG or SR copies)."""
+    return field(default=None, metadata={"phi": keywords})
 
 
 @dataclass
@@ -34,9 +38,9 @@ class ImageResult:
     side: str | None = None
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
-    accession: str | None = None
-    patient_id: str | None = None
-    study_datetime: str | None = None
+    accession: str | None = _phi("AccessionNumber")
+    patient_id: str | None = _phi("PatientID")
+    study_datetime: str | None = _phi("StudyDate", "StudyTime")
     modality: str | None = None
     #: AP, PA, LL... as the header says (a lateral view is not what the models were trained on).
     view_position: str | None = None
@@ -60,6 +64,10 @@ class ImageResult:
     #: Why an outline is implausible ("implausible outline — check: ..."): such an image is tiered review, never
     #: urgent on its outline alone. None for a plausible outline or none.
     flag: str | None = None
+
+
+#: Fields left out of every output with ``no_phi``.
+PHI_FIELDS = tuple(f.name for f in fields(ImageResult) if "phi" in f.metadata)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pneumotriage.dicom import DicomHeader, read_dicom
+from pneumotriage.dicom import ROW_IDENTITY, DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
 from pneumotriage.inputcheck import NotTriaged
 from pneumotriage.io import printable
@@ -77,18 +77,10 @@ class Decoded:
 
 def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
     """The worklist fields a header fills in (the image's size comes from its pixel data, not from here)."""
-    return {
-        "image_id": h.image_id,
-        "path": str(h.path),
-        "key": key,
-        "sop_instance_uid": h.sop_instance_uid,
-        "study_instance_uid": h.study_instance_uid,
-        "accession": h.accession_number,
-        "patient_id": h.patient_id,
-        "study_datetime": h.study_datetime.isoformat() if h.study_datetime else None,
-        "modality": h.modality,
-        "view_position": h.view_position,
-    }
+    row: dict[str, Any] = {name: getattr(h, name) for name in ROW_IDENTITY}
+    if h.study_datetime is not None:
+        row["study_datetime"] = h.study_datetime.isoformat()
+    return {**row, "path": str(h.path), "key": key}
 
 
 def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Decoded:
