@@ -46,7 +46,6 @@ from pneumotriage.io import file_key
 from pneumotriage.labels import RleLabels, read_rle_csv
 from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for_sensitivity
 from pneumotriage.models import LoadedModel, save_checkpoint
-from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import EIGHT_CONNECTED, Thresholds, min_confident, resize_window, scaled_area
 from pneumotriage.runtime import Progress
 from pneumotriage.scan.options import ScanOptions, scan_thresholds
@@ -169,11 +168,9 @@ def predict(
     from pneumotriage.runtime import pick_device
     from pneumotriage.scan.classify import choose_backends, classify, prepare_models
     from pneumotriage.scan.decode import turned
-    from pneumotriage.scan.discover import Discovery, Found
-    from pneumotriage.scan.engine import Stream
     from pneumotriage.scan.options import plan_for
     from pneumotriage.scan.segment import segment
-    from pneumotriage.scan.workers import Workers
+    from pneumotriage.scan.stream import decoded_batches
 
     emit = progress or (lambda event: None)
     ids = [r.image_id for r in records]
@@ -212,23 +209,11 @@ def predict(
     )
     assert ready is not None
     segmenter = ready
-    # The scan's own decoding stream, over the records in order (each keyed by its position).
-    files = iter([Found(r.path, r.image_id, str(i)) for i, r in enumerate(records)])
     done = 0
-    window = max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
-    slots = window + plan.batch_size
-    with Workers(plan.workers, slots=slots, keys=keys, map_size=None) as pool:
-        stream = Stream(
-            Discovery([], files),
-            pool,
-            batch_size=plan.batch_size,
-            window=window,
-            device=torch_device,
-            jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
-        )
-        for batch in stream:
+    # The scan's own decoding, over the records in order.
+    with decoded_batches([(r.path, r.image_id) for r in records], keys, plan, torch_device) as batches:
+        for index, batch in batches:
             unreadable += [decoded.error or str(found.path) for found, decoded in batch.failed]
-            index = [int(item.found.key) for item in batch.items]
             done += len(index) + len(batch.failed)
             if index:
                 probs, _ = segment(segmenter, batch.inputs[segmenter.spec.input_key], torch_device, tta)
@@ -250,8 +235,6 @@ def predict(
                     for item, good in zip(batch.items, finite.tolist(), strict=True)
                     if not good
                 ]
-            for item in batch.items:
-                stream.release(item.slot)
             emit({"event": "predicted", "done": done, "total": n})
     keep = np.flatnonzero(ok)
     for j, i in enumerate(keep):  # readable images first, in order (in place: j <= i)

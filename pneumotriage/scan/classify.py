@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,3 +145,28 @@ def classify(model: LoadedModel, images: torch.Tensor, device: torch.device, *, 
     with autocast_for(device, bf16):
         logits = model.model(_input(images, device))
     return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
+    """What a scan records of a model (its signature, worklist.json, the report): name, architecture, sha256,
+    pipeline, provenance."""
+    if m is None:
+        return None
+    return {
+        "role": role,
+        "name": m.name or (m.path.name if m.path else None),
+        "model": m.spec.title,
+        "input_size": m.spec.input_size,
+        "sha256": m.sha256,
+        "clinical": bool(m.meta.get("clinical", True)),
+        "note": m.meta.get("note"),
+        "pipeline": m.spec.pipeline,
+        **({"members": m.meta["members"]} if m.meta.get("members") else {}),
+        **({"imported": m.meta["imported"]} if isinstance(m.meta.get("imported"), dict) else {}),
+        **({"onnx": _onnx_info(m.meta["onnx"])} if isinstance(m.meta.get("onnx"), dict) else {}),
+    }
+
+
+def _onnx_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What a model read from an ONNX file says of where it came from and, for an int8 one, its accuracy."""
+    return {k: info[k] for k in ("source", "exported", "quantization") if k in info}

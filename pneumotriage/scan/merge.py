@@ -18,7 +18,7 @@ from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, row_from
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import layout_of, shard_folder
-from pneumotriage.scan.tiers import rank, tier_of
+from pneumotriage.scan.tiers import tiered
 from pneumotriage.scan.workers import thumbnail_task
 
 
@@ -112,9 +112,7 @@ def _merge(out: Path, count: int) -> Merged:
     o = ScanOptions(**signature["options"])
     t = Thresholds.from_mapping(signature["thresholds"])
     segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
-    for r in rows:
-        r.tier = tier_of(r, t, o, segmented_run)
-    ranked = rank(rows)
+    ranked = tiered(rows, t, o, segmented_run)
 
     def make_thumbnails(need: list[ImageResult]) -> None:
         """The report's thumbnails no shard wrote (each wrote those of its own first rows)."""

@@ -23,8 +23,9 @@ such objects reach it only as unmatched orphans; use it for research exports, no
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +33,10 @@ from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
 from pneumotriage.scan.records import ImageResult
 from pneumotriage.version import __version__
+
+if TYPE_CHECKING:
+    from pneumotriage.scan.options import ScanOptions
+    from pneumotriage.scan.workers import Workers
 
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
@@ -371,3 +376,29 @@ def dicom_task(
     except Exception as exc:  # a source that vanished or does not parse since: the rest go on
         return f"{result.path}: no DICOM output ({type(exc).__name__}: {exc})"
     return None
+
+
+def write_dicom(
+    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], options: ScanOptions
+) -> list[str]:
+    """The DICOM SEG and SR objects of every readable image, made in the workers once the tiers are known;
+    returns a note for the images whose objects could not be made (their rows stand)."""
+    rows = [r for r in ranked if r.status == "ok"]
+    (out / "dicom").mkdir(exist_ok=True)
+    n = len(rows)
+    failed = [
+        e
+        for e in workers.map(
+            dicom_task,
+            rows,
+            [out] * n,
+            [models] * n,
+            [options.dicom_seg] * n,
+            [options.dicom_sr] * n,
+            [options.no_phi] * n,
+        )
+        if e
+    ]
+    if not failed:
+        return []
+    return [f"{len(failed)} image(s) got no DICOM SEG/SR, e.g. {failed[0]}"]

@@ -49,6 +49,16 @@ def rank(results: list[ImageResult]) -> list[ImageResult]:
     return ranked
 
 
+def tiered(
+    rows: list[ImageResult], thresholds: Thresholds, options: ScanOptions, segmented_run: bool
+) -> list[ImageResult]:
+    """Each row's tier (:func:`tier_of`), then the worklist's order (:func:`rank`): how a scan, and a merge of a
+    sharded scan, ends."""
+    for r in rows:
+        r.tier = tier_of(r, thresholds, options, segmented_run)
+    return rank(rows)
+
+
 def reason_of(r: ImageResult, thresholds: Thresholds, decisions: str, urgent_probability: float | None = None) -> str:
     """Why a ranked row has its tier, in plain words and the image's own units ("outlined 8.3 cm² on the left";
     "classifier 0.94, nothing outlined"; "not triaged: ..."). ``decisions`` is the scan's: "cascade", "classifier"
@@ -71,7 +81,7 @@ def reason_of(r: ImageResult, thresholds: Thresholds, decisions: str, urgent_pro
         where = " on both sides" if r.side == "both" else f" on the {r.side}" if r.side else ""
         return f"outlined {area}{where}"
     if decisions == "classifier":
-        urgent = shown(urgent_probability if urgent_probability is not None else 0.9)
+        urgent = shown(urgent_probability if urgent_probability is not None else ScanOptions.urgent_probability)
         return f"{p}" + (f" ≥ {urgent}" if r.tier == "urgent" else "") + " (classifier alone, no outlines)"
     if r.segmented:
         return f"{p}, nothing outlined"

@@ -75,6 +75,17 @@ class Decoded:
         return display_shape(self.shape)
 
 
+def error_row(found: Found, decoded: Decoded, error: str | None = None) -> ImageResult:
+    """The row of a file that was not triaged: not readable ("error"), refused by the input check ("not
+    triaged"), or (``error``) given an answer the scan cannot trust."""
+    return ImageResult(
+        **{"image_id": found.image_id, "path": str(found.path), "key": found.key, **decoded.identity},
+        seq=found.seq,
+        status="error" if error is not None or decoded.status == "ok" else decoded.status,
+        error=error or decoded.error,
+    )
+
+
 def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
     """The worklist fields a header fills in (the image's size comes from its pixel data, not from here)."""
     row: dict[str, Any] = {name: getattr(h, name) for name in ROW_IDENTITY}
@@ -304,6 +315,18 @@ class Workers:
         except BrokenProcessPool:
             self.revive()
             return [fn(*a) for a in zip(*iterables, strict=True)]
+
+    def thumbnails(self, out: Path, rows: Sequence[ImageResult]) -> None:
+        """Report thumbnails of ``rows`` not kept while scanning (outlined images with an overlay, images done
+        before a resume), made in the workers."""
+        self.map(
+            thumbnail_task,
+            [r.path for r in rows],
+            [out] * len(rows),
+            [r.file_stem for r in rows],
+            [r.mask_file for r in rows],
+            [r.overlay_file for r in rows],
+        )
 
     def close(self) -> None:
         global _ARENA

@@ -1,0 +1,308 @@
+"""Decoded batches from a stream of files: the scan's read + decode stages feeding its models.
+
+:class:`Stream` keeps a window of files decoding in the worker processes and hands out batches in the order the
+files were found; :func:`decoded_batches` is the same for a list of files (``tune`` and the benchmarks use it),
+with the slots of a batch handed back when the next one is asked for. :func:`window_for` and
+:func:`slots_for` are the one sizing rule for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumotriage.io import printable
+from pneumotriage.pipelines import NATIVE, InputKey
+from pneumotriage.scan.decode import decode_jpegs_on_device
+from pneumotriage.scan.discover import Discovery, Found
+from pneumotriage.scan.finish import grey_thumbnail
+from pneumotriage.scan.options import Plan
+from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future
+
+
+def window_for(plan: Plan) -> int:
+    """Files decoding at once: two batches, or a batch and two files a worker, whichever is more."""
+    return max(2 * plan.batch_size, plan.batch_size + 2 * plan.workers)
+
+
+def slots_for(plan: Plan, *, finishing: bool) -> int:
+    """Slots of the arena. A slot is held while its file decodes and while the models run on it; a scan also holds
+    a segmented image's slot until it is finished (finish tasks queue behind decode tasks): too few slots and the
+    workers starve."""
+    window = window_for(plan)
+    return 3 * window + 2 * plan.batch_size if finishing else window + plan.batch_size
+
+
+@dataclass
+class Item:
+    """A file on its way through the pipeline, and the slot it holds."""
+
+    found: Found
+    slot: int
+    decoded: Decoded
+
+
+@dataclass
+class Batch:
+    """Decoded images ready for the models: ``inputs`` maps each input size to a (B, 1, S, S) tensor on the
+    device. ``failed`` are the files met since the previous batch that could not be used (their slots are
+    already free)."""
+
+    items: list[Item]
+    inputs: dict[InputKey, torch.Tensor]
+    failed: list[tuple[Found, Decoded]] = field(default_factory=list)
+
+
+class Stream:
+    """Decoded batches from a stream of files: keeps ``window`` files decoding in the workers, hands out batches
+    of ``batch_size`` in the order files were found (a smaller batch whenever the workers would otherwise wait
+    for discovery), and takes slots back through :meth:`release`.
+
+    ``on_wait`` is called, blocking or not, whenever the stream has to wait (for a slot, a decoded file or
+    discovery), so the consumer can drain its own queue (the finish stage) meanwhile."""
+
+    def __init__(
+        self,
+        files: Discovery,
+        workers: Workers,
+        *,
+        batch_size: int,
+        window: int,
+        device: torch.device,
+        jpeg_on_device: bool,
+        done_before: Callable[[Found], bool] = lambda found: False,
+        on_wait: Callable[[bool], bool] = lambda block: False,
+        accept: tuple[str, ...] = (),
+    ) -> None:
+        self.files = files
+        self.workers = workers
+        self.arena = workers.arena
+        self.free: deque[int] = deque(range(self.arena.count))
+        self.batch_size = batch_size
+        self.window = window
+        self.device = device
+        self.jpeg_on_device = jpeg_on_device
+        self.done_before = done_before
+        self.on_wait = on_wait
+        self.accept = accept
+        self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
+        self.resumed = 0  # files done by an earlier run, passed over
+        # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
+        self._staging: dict[InputKey, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def starved(self) -> bool:
+        """Whether the next file is still decoding (or not yet found): the models would wait for it."""
+        return not (self.decoding and self.decoding[0][2].done())
+
+    def _feed(self, may_wait: bool = False) -> None:
+        """Start decoding files until the window is full; with ``may_wait`` and nothing decoding, wait briefly
+        for discovery to find one."""
+        while self.free and len(self.decoding) < self.window and not self.files.finished:
+            got = self.files.poll(1, timeout=0.05 if may_wait and not self.decoding else 0.0)
+            if not got:
+                return
+            found = got[0]
+            if found.passed is not None:  # passed over by the walk, never opened: its skipped.csv row
+                error = f"{printable(str(found.path))}: {found.passed}"
+                self.decoding.append((found, -1, done_future(Decoded("skipped", error=error))))
+                continue
+            if self.done_before(found):
+                self.resumed += 1
+                continue
+            slot = self.free.popleft()
+            future = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
+            self.decoding.append((found, slot, future))
+
+    def __iter__(self) -> Iterator[Batch]:
+        items: list[Item] = []
+        failed: list[tuple[Found, Decoded]] = []
+        while True:
+            self._feed(may_wait=not items)
+            progressed = False
+            while self.decoding and self.decoding[0][2].done() and len(items) < self.batch_size:
+                found, slot, future = self.decoding.popleft()
+                try:
+                    decoded = future.result()
+                except BrokenProcessPool:
+                    self.decoding.appendleft((found, slot, future))
+                    self._recover()
+                    continue
+                progressed = True
+                if decoded.status == "ok":
+                    items.append(Item(found, slot, decoded))
+                else:
+                    failed.append((found, decoded))
+                    if slot >= 0:
+                        self.release(slot)
+                self._feed()
+            idle = not self.decoding
+            if items and (len(items) >= self.batch_size or idle):
+                yield self._batch(items, failed)
+                items, failed = [], []
+                continue
+            if idle and self.files.finished:
+                if failed:
+                    yield Batch([], {}, failed)
+                return
+            if progressed:
+                continue
+            # Nothing ready: let the consumer drain, then wait for the next decoded file, a slot or discovery.
+            if not self.free:
+                if not self.on_wait(True) and self.decoding:
+                    wait([self.decoding[0][2]], return_when=FIRST_COMPLETED)
+                continue
+            self.on_wait(False)
+            if self.decoding:
+                wait([self.decoding[0][2]], timeout=None if self.files.finished else 0.05)
+
+    def _recover(self) -> None:
+        """A worker died (killed by a signal or the OOM killer: a bomb of a file, an operator) and took every task
+        in flight with it. Start the pool again and redo those files one at a time: a file that kills its worker
+        again is an error row naming it, and the others are read as if nothing had happened."""
+        self.workers.revive()
+        redone: deque[tuple[Found, int, Future[Decoded]]] = deque()
+        for found, slot, future in self.decoding:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                redone.append((found, slot, future))
+                continue
+            again = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
+            try:
+                decoded = again.result()
+            except BrokenProcessPool:
+                self.workers.revive()
+                decoded = Decoded(
+                    "error",
+                    error=f"{printable(str(found.path))}: the worker reading it died (killed by a signal, or out of "
+                    "memory): not triaged; check the file with `pneumotriage inspect --decode`",
+                )
+            redone.append((found, slot, done_future(decoded)))
+        self.decoding = redone
+
+    def _batch(self, items: list[Item], failed: list[tuple[Found, Decoded]]) -> Batch:
+        on_device = [it for it in items if it.decoded.jpeg is not None]
+        decoded: dict[int, torch.Tensor] = {}
+        if on_device:
+            on_device, decoded = self._decode_on_device(on_device, failed)
+            kept = {id(it) for it in on_device}
+            items = [it for it in items if it.decoded.jpeg is None or id(it) in kept]
+        if not items:
+            return Batch([], {}, failed)
+        inputs: dict[InputKey, torch.Tensor] = {}
+        rows = {id(it): i for i, it in enumerate(items)}
+        in_slots = [it for it in items if it.decoded.jpeg is None]
+        for key in self.arena.keys:
+            if not on_device:
+                inputs[key] = self._to_device([it.slot for it in items], key)
+                continue
+            size = key.size
+            x = torch.empty(len(items), 1, size, size, device=self.device)
+            x[[rows[id(it)] for it in on_device]] = decoded[size]
+            if in_slots:
+                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.slot for it in in_slots], key).to(
+                    self.device
+                )
+            inputs[key] = x
+        return Batch(items, inputs, failed)
+
+    def _to_device(self, slots: list[int], key: InputKey) -> torch.Tensor:
+        """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor on the device. On CUDA they are gathered
+        straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable memory);
+        a buffer is refilled only once its previous copy is done."""
+        if self.device.type != "cuda":
+            return self.arena.batch(slots, key).to(self.device)
+        turn = self._staging.setdefault(key, deque())
+        if len(turn) < 2:
+            turn.append((torch.empty(self.batch_size, 1, key.size, key.size, pin_memory=True), None))
+        buffer, copied = turn.popleft()
+        if copied is not None:
+            copied.synchronize()
+        part = buffer[: len(slots)]
+        np.stack([self.arena.image(s, key) for s in slots], out=part.numpy()[:, 0])
+        on_device = part.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(self.device))
+        turn.append((buffer, event))
+        return on_device
+
+    def _decode_on_device(
+        self, items: list[Item], failed: list[tuple[Found, Decoded]]
+    ) -> tuple[list[Item], dict[int, torch.Tensor]]:
+        """Decode the items' JPEG frames together on the device; if the batch fails (one damaged stream fails
+        nvJPEG's whole batch), one by one, turning those that fail into error rows."""
+
+        def run(group: list[Item]) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+            frames = [it.decoded.jpeg or b"" for it in group]
+            invert = [it.decoded.invert for it in group]
+            return decode_jpegs_on_device(frames, invert, self.arena.native_sizes, self.device)
+
+        try:
+            decoded, displays, shapes = run(items)
+        except RuntimeError:
+            good: list[Item] = []
+            for it in items:
+                try:
+                    run([it])
+                    good.append(it)
+                except RuntimeError as exc:
+                    it.decoded.status, it.decoded.error = (
+                        "error",
+                        f"{it.found.path}: JPEG pixel data does not decode ({exc})",
+                    )
+                    failed.append((it.found, it.decoded))
+                    self.release(it.slot)
+            items = good
+            if not items:
+                return [], {}
+            decoded, displays, shapes = run(items)
+        for it, display in zip(items, displays, strict=True):
+            # The worker checked the header's size against the JPEG's own frame header, so shapes agree.
+            shown = display.numpy()
+            self.arena.display(it.slot, it.decoded.display_shape)[...] = shown
+            it.decoded.thumb = grey_thumbnail(shown)
+        return items, decoded
+
+
+@contextlib.contextmanager
+def decoded_batches(
+    files: Sequence[tuple[Path, str]],
+    keys: Sequence[InputKey],
+    plan: Plan,
+    device: torch.device,
+    *,
+    accept: tuple[str, ...] = (),
+) -> Iterator[Iterator[tuple[list[int], Batch]]]:
+    """Decode ``files`` ((path, image id) pairs) at each of ``keys`` as the scan does, in worker processes, and
+    yield ``(positions, batch)``: the positions in ``files`` of the batch's images, in order. The files that
+    could not be used come in ``batch.failed`` (their positions are ``int(found.key)``). A batch's slots are
+    handed back when the next batch is asked for: use its inputs before that."""
+    found = iter([Found(Path(path), image_id, str(i)) for i, (path, image_id) in enumerate(files)])
+    jpeg_on_device = plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys)
+    with Workers(plan.workers, slots=slots_for(plan, finishing=False), keys=list(keys), map_size=None) as pool:
+        stream = Stream(
+            Discovery([], found),
+            pool,
+            batch_size=plan.batch_size,
+            window=window_for(plan),
+            device=device,
+            jpeg_on_device=jpeg_on_device,
+            accept=accept,
+        )
+
+        def batches() -> Iterator[tuple[list[int], Batch]]:
+            for batch in stream:
+                yield [int(item.found.key) for item in batch.items], batch
+                for item in batch.items:
+                    stream.release(item.slot)
+
+        yield batches()
