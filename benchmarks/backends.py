@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumotriage.deploy import model_inputs, quantize_graph
+from pneumotriage.deploy import quantize_graph
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
 from pneumotriage.models.backends import cpu_name
 from pneumotriage.models.exported import OnnxNet, export_graph, installed, output_names, runtime_version
 from pneumotriage.runtime import cpu_has_bf16, usable_cores
-from pneumotriage.scan.classify import prepare_models
-from pneumotriage.scan.options import cpu_batch
+from pneumotriage.scan import cpu_batch, model_inputs, prepare_models
 from pneumotriage.synth import write_study
 
 SPECS = [

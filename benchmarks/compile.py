@@ -20,7 +20,7 @@ import torch
 
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
 from pneumotriage.runtime import autocast_for, pick_device
-from pneumotriage.scan.classify import prepare_models
+from pneumotriage.scan import prepare_models
 
 
 def _sync(device: torch.device) -> None:

@@ -1,6 +1,6 @@
 """What an imported model's input pipeline costs per image against the tool's own, on the same files.
 
-For each pipeline: the scan's decode stage for one image (`decode_into`: the display copy, plus that input) in
+For each pipeline: the scan's read + decode stages for one image (`model_inputs`: the display copy, plus that input) in
 milliseconds, the best of ``--repeat`` passes over the files, and its ratio to the tool's own pipeline at the same
 size measured in the same run. The files: ``../shared/data/siim-sample`` (real SIIM JPEG DICOMs) by default.
 
@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from pneumotriage.pipelines import InputKey
-from pneumotriage.scan.decode import SlotArena, decode_into
-from pneumotriage.scan.read import read
+from pneumotriage.scan import model_inputs
 
 CASES = [
     ("pneumotriage", 512),
@@ -29,14 +28,12 @@ CASES = [
 
 
 def per_image_ms(files: list[Path], key: InputKey, repeat: int) -> float:
-    arena = SlotArena(1, [key], None, inherited=True)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        for path in files:
-            decode_into(read(path, want_jpeg=False), arena, 0)
+        for _ in model_inputs(files, key):
+            pass
         best = min(best, time.perf_counter() - t0)
-    arena.close()
     return 1000 * best / len(files)
 
 

@@ -50,12 +50,8 @@ from torch import nn
 from pneumotriage.models import LoadedModel, ModelSpec, build_model, save_checkpoint
 from pneumotriage.pipelines import InputKey
 from pneumotriage.runtime import autocast_for, pick_device, usable_cores
-from pneumotriage.scan import ScanOptions
+from pneumotriage.scan import Found, ScanOptions, Workers, decode_task, plan_for, prepare_models
 from pneumotriage.scan import run as scan
-from pneumotriage.scan.classify import prepare_models
-from pneumotriage.scan.discover import Found
-from pneumotriage.scan.options import plan_for
-from pneumotriage.scan.workers import Workers, decode_task
 from pneumotriage.synth import synth_workers, write_study
 
 

@@ -2,7 +2,7 @@
 on-disk cache of the resized arrays, and the epoch sampler with the positive-share schedule.
 
 Every image is resized to a square ``size x size`` (bilinear with antialiasing; masks by area, then >= 0.5), the
-same preprocessing :func:`prepare_image` gives the scan, so a model sees at inference what it saw in training.
+same preprocessing (:mod:`pneumotriage.native`) the scan gives, so a model sees at inference what it saw in training.
 JPEG Baseline images are decoded straight to a reduced size where the codec allows (``read_dicom(reduce_to=)``).
 """
 
@@ -24,16 +24,9 @@ from pneumotriage.dicom import read_dicom
 from pneumotriage.folds import ImageRecord
 from pneumotriage.io import atomic_write_bytes, file_key
 from pneumotriage.labels import RleLabels
+from pneumotriage.native import square
 
 _CACHE_VERSION = "1"
-
-
-def prepare_image(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """A ``(H, W)`` float image in [0, 1] as a ``(1, size, size)`` float32 tensor (bilinear, antialiased)."""
-    t = torch.as_tensor(pixels, dtype=torch.float32)[None, None]
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return t[0].clamp_(0.0, 1.0)
 
 
 def prepare_mask(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -87,7 +80,7 @@ class RadiographDataset(Dataset[dict[str, Any]]):
                 mask = torch.from_numpy(data["mask"].astype(np.float32)) if self.masks else None
             return image, mask
         decoded = read_dicom(record.path, reduce_to=self.size)
-        image = prepare_image(decoded.pixels, self.size)
+        image = square(decoded.pixels, self.size)
         mask = None
         if self.masks:
             h, w = decoded.original_shape  # labels are at the stored size, whatever size the JPEG decoded to

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,8 @@ from pneumotriage.models.exported import (
     runtime_version,
     with_metadata,
 )
-from pneumotriage.pipelines import InputKey
 from pneumotriage.postprocess import resize_full
+from pneumotriage.scan import model_inputs, turned
 
 #: The most accuracy a quantized model may lose on the held-out images (unless forced).
 MAX_AUC_DROP = 0.005
@@ -65,26 +65,6 @@ class ParityError(PneumotriageError):
 
 def installed_runtimes() -> list[str]:
     return [r for r in RUNTIMES if installed(r)]
-
-
-def model_inputs(paths: Sequence[Path], key: InputKey) -> Iterator[tuple[int, np.ndarray, tuple[bool, bool]]]:
-    """For each file the scan can read, its position, the model input ``key`` the scan makes of it, and how it
-    was turned upright; files the scan would not triage are passed over."""
-    from pneumotriage.inputcheck import NotTriaged
-    from pneumotriage.scan.decode import SlotArena, decode_into
-    from pneumotriage.scan.read import read
-
-    arena = SlotArena(1, [key], None, inherited=True)
-    try:
-        for i, path in enumerate(paths):
-            try:
-                source = read(Path(path), want_jpeg=False)
-                decode_into(source, arena, 0)
-            except (PneumotriageError, NotTriaged):
-                continue
-            yield i, arena.image(0, key).copy(), source.flip
-    finally:
-        arena.close()
 
 
 def _probabilities(net: torch.nn.Module, inputs: np.ndarray, batch: int = 4) -> np.ndarray:
@@ -264,8 +244,6 @@ def _scores(
     for record, prob, flip in zip(records, probs, flips, strict=True):
         if not record.positive:
             continue
-        from pneumotriage.scan.decode import turned
-
         upright = turned(prob, flip) if any(flip) else prob
         pred = resize_full(upright, (record.height, record.width)) > bottom
         true = labels.masks_for(record.image_id, record.height, record.width)

@@ -54,6 +54,7 @@ from pneumotriage.errors import (
     NotDicomError,
     UnsupportedTransferSyntaxError,
 )
+from pneumotriage.native import unit_range
 
 __all__ = [
     "DicomHeader",
@@ -105,8 +106,6 @@ _EXTRA_FOR_SYNTAX = {
     "1.2.840.10008.1.2.4.203": _CODECS_HINT,  # HTJ2K
 }
 
-# Low and high percentiles used to normalise to [0, 1]: robust to burned-in labels and collimator edges.
-_NORM_PERCENTILES = (0.5, 99.5)
 
 #: The largest side decoded, in pixels: a header declaring more is refused before any pixel is allocated (the
 #: largest detector images are ~4,300 px a side; a 60,000 x 60,000 claim would ask for 7 GB).
@@ -725,7 +724,7 @@ def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_
     notes.extend(_first_line(w.message) for w in caught)
     if header.frames > 1:
         notes.append(f"{header.frames} frames; using the first")
-    pixels = _normalise(grey, notes, padding)
+    pixels = unit_range(grey, notes, padding)
     return DicomImage(
         **header.identity(),
         pixels=pixels,
@@ -874,18 +873,22 @@ def check_pixel_data(ds: Dataset, header: DicomHeader) -> None:
 _UNMARKED = frozenset({"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"})
 
 
+def plain_jpeg8(ds: Dataset, header: DicomHeader) -> bool:
+    """Whether the image is one 8-bit grey JPEG Baseline frame (all of SIIM): a JPEG codec decodes it to its grey
+    values directly, which lets it reduce the image as it decodes (:func:`codec_reduces`) or decode it on a GPU."""
+    return (
+        header.transfer_syntax == JPEGBaseline8Bit
+        and header.frames == 1
+        and header.samples_per_pixel == 1
+        and header.photometric in ("MONOCHROME1", "MONOCHROME2")
+        and int(ds.get("BitsAllocated", 0) or 0) == 8
+    )
+
+
 def codec_reduces(ds: Dataset, header: DicomHeader, reduce_to: int) -> bool:
     """Whether ``decode_pixels(..., reduce_to=reduce_to)`` decodes this image smaller than stored, in the JPEG
-    codec (a single-frame, 8-bit, grey JPEG Baseline image at least twice ``reduce_to`` a side)."""
-    return not (
-        header.transfer_syntax != JPEGBaseline8Bit
-        or header.frames != 1
-        or header.samples_per_pixel != 1
-        or header.photometric not in ("MONOCHROME1", "MONOCHROME2")
-        or int(ds.get("BitsAllocated", 0)) != 8
-        or header.shape is None
-        or min(header.shape) < 2 * reduce_to
-    )
+    codec (a :func:`plain_jpeg8` image at least twice ``reduce_to`` a side)."""
+    return plain_jpeg8(ds, header) and header.shape is not None and min(header.shape) >= 2 * reduce_to
 
 
 def _reduced_jpeg(ds: Dataset, header: DicomHeader, reduce_to: int) -> np.ndarray | None:
@@ -987,33 +990,6 @@ def _window_usable(ds: Dataset) -> bool:
 def grey_values(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Stored values through the modality and VOI LUTs as float32, denser = larger (MONOCHROME1 inverted)."""
     return _to_grey(arr, ds, photometric, [])
-
-
-def _normalise(grey: np.ndarray, notes: list[str], padding: np.ndarray | None = None) -> np.ndarray:
-    """Clip at robust percentiles (estimated on a sub-grid, which is exact enough and fast) and scale to [0, 1].
-    ``padding`` marks pixels outside the image proper (PixelPaddingValue): they take no part in the percentiles
-    and come out 0, as a viewer shows them (background)."""
-    step = max(1, min(grey.shape) // 256)
-    sample = grey[::step, ::step]
-    if padding is not None:
-        sample = sample[~padding[::step, ::step]]
-    finite = sample[np.isfinite(sample)]
-    if finite.size == 0:
-        notes.append("no finite pixel values")
-        return np.zeros(grey.shape, dtype=np.float32)
-    lo, hi = np.percentile(finite, _NORM_PERCENTILES)
-    if hi <= lo:
-        lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        notes.append("constant image")
-        return np.zeros(grey.shape, dtype=np.float32)
-    out: np.ndarray = ((grey - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32, copy=False)
-    np.clip(out, 0.0, 1.0, out=out)
-    if not np.isfinite(out).all():  # only float pixel data can carry NaN; nan_to_num alone costs ~5 ms/MPixel
-        np.nan_to_num(out, copy=False, nan=0.0)
-    if padding is not None:
-        out[padding] = 0.0
-    return out
 
 
 def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:

@@ -1,7 +1,7 @@
 """Input pipelines: how the pixels a model sees are made from a DICOM, by name.
 
 A model trained here sees the tool's own pipeline (``pneumotriage``: LUTs, robust percentiles, a square resize;
-:func:`pneumotriage.dicom.read_dicom` and :func:`pneumotriage.datasets.prepare_image`). A model brought from
+:func:`pneumotriage.dicom.read_dicom` and :mod:`pneumotriage.native`). A model brought from
 elsewhere was trained on other pixels, and its published figures hold only for those: its checkpoint names the
 pipeline its publisher's code uses, and the scan, tune and evaluate make exactly that input for it.
 

@@ -13,9 +13,8 @@ from pathlib import Path
 from pneumotriage.errors import UsageError
 from pneumotriage.labels import read_rle_csv, write_rle_csv
 from pneumotriage.models import LoadedModel
-from pneumotriage.scan import ScanOptions
+from pneumotriage.scan import ScanOptions, absolute_rle, by_image_id
 from pneumotriage.scan import run as run_scan
-from pneumotriage.scan.outputs import absolute_rle, by_image_id
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pneumotriage.metrics import binary_metrics, dice_from_counts, threshold_for
 from pneumotriage.models import LoadedModel, save_checkpoint
 from pneumotriage.postprocess import EIGHT_CONNECTED, Thresholds, min_confident, resize_window, scaled_area
 from pneumotriage.runtime import Progress
-from pneumotriage.scan.options import ScanOptions, scan_thresholds
+from pneumotriage.scan import ScanOptions, scan_thresholds
 
 PARAMETERS = Thresholds.NAMES
 CACHE_VERSION = 2  # 2: inputs smaller than the display copy decoded as training decodes them
@@ -166,11 +166,7 @@ def predict(
     512 px), never all into memory: under ``cache_root`` when caching, else in ``scratch``, which must outlive
     the returned predictions."""
     from pneumotriage.runtime import pick_device
-    from pneumotriage.scan.classify import choose_backends, classify, prepare_models
-    from pneumotriage.scan.decode import turned
-    from pneumotriage.scan.options import plan_for
-    from pneumotriage.scan.segment import segment
-    from pneumotriage.scan.stream import decoded_batches
+    from pneumotriage.scan import choose_backends, classify, decoded_batches, plan_for, prepare_models, segment, turned
 
     emit = progress or (lambda event: None)
     ids = [r.image_id for r in records]

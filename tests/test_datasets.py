@@ -13,18 +13,18 @@ from pneumotriage.datasets import (
     EpochSampler,
     RadiographDataset,
     make_augment,
-    prepare_image,
     prepare_mask,
     share_at,
 )
 from pneumotriage.folds import index_dataset
 from pneumotriage.labels import read_rle_csv
+from pneumotriage.native import square
 from pneumotriage.synth import StudySummary
 
 
 def test_prepare_image_and_mask() -> None:
     img = np.linspace(0, 1, 40 * 60, dtype=np.float32).reshape(40, 60)
-    t = prepare_image(img, 32)
+    t = square(img, 32)
     assert t.shape == (1, 32, 32) and t.dtype == torch.float32 and 0 <= float(t.min()) <= float(t.max()) <= 1
     mask = np.zeros((40, 60), dtype=bool)
     mask[:20, :30] = True

@@ -15,7 +15,7 @@ from pneumotriage.cli import app
 from pneumotriage.folds import index_dataset
 from pneumotriage.models import ModelSpec, build_model, load_model, save_checkpoint
 from pneumotriage.models.ensemble import ensemble_of, write_ensemble
-from pneumotriage.scan.classify import prepare_models
+from pneumotriage.scan.infer import prepare_models
 from pneumotriage.synth import StudySummary
 from pneumotriage.train import TrainConfig, data_fingerprint, split_records
 from pneumotriage.tune import oof_groups

@@ -15,7 +15,7 @@ TOP = {"pneumotriage", "pneumotriage.cli"}
 #: The layers, lowest first, as README's "How the code is laid out" lists them; a name ending in "." stands for
 #: a package and all its modules. A module may import from its own layer and those before it.
 LAYERS = [
-    ["version", "errors", "io", "runtime", "normalisations"],
+    ["version", "errors", "io", "runtime", "normalisations", "native"],
     ["dicom", "rle", "inputcheck"],
     ["labels", "metrics"],
     ["folds"],
@@ -141,3 +141,29 @@ def test_the_layers_are_those_the_readme_lists() -> None:
         for entry in layer:
             if entry and entry != "__main__":
                 assert (entry[:-1] + "/" if entry.endswith(".") else entry + ".py") in layout, entry
+
+
+def test_the_scan_is_used_through_its_public_surface() -> None:
+    """Outside ``pneumotriage/scan/`` (the package and the benchmarks), the scan is imported from
+    ``pneumotriage.scan`` alone, and only names its ``__all__`` lists: its modules' own names stay free to change."""
+    import pneumotriage.scan
+
+    public = set(pneumotriage.scan.__all__)
+    assert all(hasattr(pneumotriage.scan, name) for name in public)
+    wrong = []
+    for root in (PACKAGE, PACKAGE.parent / "benchmarks"):
+        for path in root.rglob("*.py"):
+            if PACKAGE / "scan" in path.parents:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumotriage.scan"):
+                    if node.module != "pneumotriage.scan":
+                        wrong.append(f"{path.name}:{node.lineno} imports from {node.module}")
+                    wrong += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if a.name not in public]
+                elif isinstance(node, ast.Import):
+                    wrong += [
+                        f"{path.name}:{node.lineno} imports {a.name}"
+                        for a in node.names
+                        if a.name.startswith("pneumotriage.scan.")
+                    ]
+    assert not wrong, "the scan's own modules used from outside (name it in scan/__init__.py): " + "; ".join(wrong)

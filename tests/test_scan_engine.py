@@ -28,9 +28,9 @@ from pneumotriage.errors import CorruptPixelDataError
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
 from pneumotriage.postprocess import outline, resize_full, resize_window
 from pneumotriage.scan import ScanOptions, run
-from pneumotriage.scan.classify import FixedBatch, prepare_models
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Found, found_files
+from pneumotriage.scan.infer import FixedBatch, prepare_models
 from pneumotriage.scan.options import JPEG_WORKERS_OVER_DEVICE, plan_for
 from pneumotriage.scan.png import mask_png
 from pneumotriage.scan.read import read
@@ -451,7 +451,7 @@ def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: 
     """A JPEG the codec can shrink to a model's input (training's ``read_dicom(reduce_to=size)``) reaches that
     model in a scan as the same pixels, though the scan also decodes the image at its display size: the demo
     classifier gave a negative 0.72 on the display copy shrunk, 0.21 on training's pixels."""
-    from pneumotriage.datasets import prepare_image
+    from pneumotriage.native import square
     from pneumotriage.pipelines import InputKey
     from pneumotriage.scan.decode import SlotArena, decode_into
     from pneumotriage.synth import write_study
@@ -461,7 +461,7 @@ def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: 
     arena = SlotArena(1, (InputKey(size), InputKey(64)), None, inherited=True)
     decode_into(read(path, want_jpeg=False), arena, 0)
     for s in (size, 64):
-        trained_on = prepare_image(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
+        trained_on = square(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
         np.testing.assert_array_equal(arena.image(0, InputKey(s)), trained_on)
 
 
@@ -469,7 +469,7 @@ def test_a_model_prepared_again_is_the_copy_made_before_until_its_weights_change
     """A node scans study after study with the same models: their inference copies (batch norm folded) are made
     once; an in-place change to a weight (a training step) makes a new one, never a stale one."""
     from pneumotriage.models import LoadedModel, ModelSpec, build_model
-    from pneumotriage.scan.classify import prepare_models
+    from pneumotriage.scan.infer import prepare_models
 
     spec = ModelSpec(kind="classifier", arch="densenet_mini", input_size=64)
     model = LoadedModel(spec=spec, model=build_model(spec).eval(), thresholds={})

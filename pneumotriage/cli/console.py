@@ -75,7 +75,7 @@ def print_table(table: Table, console: Console | None = None) -> None:
 
 
 def print_worklist(summary: Any, limit: int = 20) -> None:
-    from pneumotriage.scan.tiers import reason_of
+    from pneumotriage.scan import reason_of
 
     table = plain_table(f"worklist: {shown(summary.out / 'worklist.csv')}")
     for col in ("rank", "tier", "probability", "image"):
@@ -110,7 +110,7 @@ def print_plan(summary: Any) -> None:
 
 def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> None:
     """A finished scan's worklist (a table, or JSON on stdout), notes and counts."""
-    from pneumotriage.scan.outputs import worklist_document, worklist_rows
+    from pneumotriage.scan import worklist_document, worklist_rows
 
     if as_json:
         print(strict_json(worklist_document(summary, worklist_rows(summary, no_phi=no_phi)), indent=1))

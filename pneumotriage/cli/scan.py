@@ -33,7 +33,7 @@ from pneumotriage.cli.progress import with_progress
 from pneumotriage.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
-    from pneumotriage.scan.shards import Shard
+    from pneumotriage.scan import Shard
 
 
 @reports_errors
@@ -127,9 +127,8 @@ def scan(
     Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
     its own GPU) and the first merges them into one worklist."""
     from pneumotriage.models import load_models
+    from pneumotriage.scan import Shard, torchrun
     from pneumotriage.scan import run as run_scan
-    from pneumotriage.scan import torchrun
-    from pneumotriage.scan.shards import Shard
 
     classifier = default_list(classifier, "classifier")
     segmenter = None if no_segment else default_list(segmenter, "segmenter")
@@ -270,8 +269,7 @@ def merge(
 ) -> None:
     """Merge the finished shards of a sharded scan (`scan --shard K/N`) into one ranked worklist, submission and
     report. Exits 4, naming them, while any shard is missing (the outputs then hold the finished ones)."""
-    from pneumotriage.scan.merge import ShardsMissing
-    from pneumotriage.scan.merge import merge as merge_shards
+    from pneumotriage.scan import ShardsMissing, merge_shards
 
     merged = merge_shards(out_dir)
     report_scan(merged.summary, as_json=as_json, no_phi=merged.options.no_phi, verbose=verbose)
@@ -346,7 +344,7 @@ def submit(
 
 def journaled(out: Path, shard: Shard | None = None) -> int:
     """How many images an interrupted scan into ``out`` (or its ``shard``) finished: the lines of its journal."""
-    from pneumotriage.scan.shards import shard_folder
+    from pneumotriage.scan import shard_folder
 
     folder = shard_folder(out, shard.index, shard.count) if shard is not None else out / ".scan"
     try:

@@ -36,9 +36,7 @@ from pneumotriage.listen.inbox import Inbox, StudyState
 from pneumotriage.listen.node import NodeOptions, StorageNode
 from pneumotriage.listen.sender import Destination, SendError, StowDestination
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.scan import ImageResult, ScanOptions
-from pneumotriage.scan.finish import plain_path, thumbnail_path
-from pneumotriage.scan.records import row_from
+from pneumotriage.scan import ImageResult, ScanOptions, plain_path, row_from, thumbnail_path
 
 #: The columns of studies.csv: one row per study received.
 STUDY_FIELDS = (
@@ -77,7 +75,7 @@ def escalate(ranked: list[ImageResult], waited: dict[str, float], max_wait_s: fl
     """The worklist with, inside each tier, the rows of studies that have waited longer than ``max_wait_s`` first
     (longest wait first), renumbered. Tiers never change: escalation only bounds the worst-case wait that ranking
     by urgency alone makes long for the rows below."""
-    from pneumotriage.scan.records import TIERS
+    from pneumotriage.scan import TIERS
 
     def key(r: ImageResult) -> tuple[int, int, float]:
         wait = waited.get(r.study_instance_uid or "", 0.0)
@@ -273,7 +271,7 @@ class Listener:
 
     def _mark(self, study: str, folder: Path, models: list[dict[str, Any]]) -> None:
         """The study's Key Object Selection of its urgent images (all its batches'), as one more result object."""
-        from pneumotriage.scan.pacs import write_kos
+        from pneumotriage.scan import write_kos
 
         path = folder / "dicom" / f"{study}-kos.dcm"
         rows = [r for _, r in self._results.get(study, [])]
@@ -337,8 +335,7 @@ class Listener:
     # The worklist -----------------------------------------------------------------------------------------------
     def write_worklist(self) -> None:
         """The worklist of every study triaged so far, ranked together, and studies.csv."""
-        from pneumotriage.scan.outputs import summarise, write_outputs
-        from pneumotriage.scan.tiers import rank
+        from pneumotriage.scan import rank, summarise, write_outputs
 
         states = self.inbox.states()
         by_study = {s.study: s for s in states}

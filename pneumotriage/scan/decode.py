@@ -7,9 +7,8 @@ pixel and no shared-memory segment is made per batch (those page faults cost mor
 2-core CPU).
 
 On CUDA, JPEG Baseline frames travel compressed and are decoded together with nvJPEG
-(``torchvision.io.decode_jpeg(..., device=...)``), normalised and resized there: the grey-level steps are those
-of :func:`pneumotriage.dicom.read_dicom` (percentile normalisation on the same sub-grid), the resize that of
-:func:`pneumotriage.datasets.prepare_image`.
+(``torchvision.io.decode_jpeg(..., device=...)``), normalised and resized there, by the torch half of
+:mod:`pneumotriage.native` (whose numpy half reads a file on the CPU, in training and in the scan's workers).
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 
-from pneumotriage.datasets import prepare_image
-from pneumotriage.dicom import _NORM_PERCENTILES, codec_reduces, decode_pixels, stored_pixels
+from pneumotriage.dicom import codec_reduces, decode_pixels, stored_pixels
 from pneumotriage.inputcheck import check_pixels
+from pneumotriage.native import square, square_batch, unit_range_batch
 from pneumotriage.pipelines import GREY, NATIVE, InputKey, make_input
 from pneumotriage.scan.read import Source
 
@@ -155,7 +154,7 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
             # the model's size is not the image reduced to the display size and then resized, and a model should
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
             pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
-        arena.image(slot, key)[...] = prepare_image(pixels, size)[0].numpy()
+        arena.image(slot, key)[...] = square(pixels, size)[0].numpy()
     if any(source.flip):
         # Upright for the models (the engine turns their maps back: masks and overlays keep the stored grid).
         for key in arena.keys:
@@ -164,23 +163,6 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()
     return image.original_shape
-
-
-def _normalise_on_device(grey: torch.Tensor) -> torch.Tensor:
-    """:func:`pneumotriage.dicom._normalise` for a batch of same-size images (B, H, W) on any device."""
-    step = max(1, min(grey.shape[-2:]) // 256)
-    sample = grey[:, ::step, ::step].flatten(1)
-    q = torch.tensor([p / 100.0 for p in _NORM_PERCENTILES], device=grey.device)
-    lo_hi = torch.quantile(sample, q, dim=1)  # (2, B), linear interpolation like numpy's percentile
-    lo, hi = lo_hi[0], lo_hi[1]
-    flat = hi <= lo
-    if bool(flat.any()):
-        lo = torch.where(flat, sample.amin(1), lo)
-        hi = torch.where(flat, sample.amax(1), hi)
-    span = hi - lo
-    scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-12), torch.zeros_like(span))
-    out = (grey - lo[:, None, None]) * scale[:, None, None]
-    return out.clamp_(0.0, 1.0)
 
 
 def decode_jpegs_on_device(
@@ -207,12 +189,9 @@ def decode_jpegs_on_device(
     for shape, members in groups.items():
         index = torch.tensor(members, device=device)
         grey = torch.stack([decoded[i][0] for i in members]).float() * sign[index][:, None, None]
-        pixels = _normalise_on_device(grey)[:, None]
+        pixels = unit_range_batch(grey)[:, None]
         for size in sizes:
-            resized = pixels
-            if pixels.shape[-2:] != (size, size):
-                resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out[size][index] = resized.clamp_(0.0, 1.0)
+            out[size][index] = square_batch(pixels, size) if pixels.shape[-2:] != (size, size) else pixels
         small = make_display(pixels, display_shape(shape)).cpu()
         for j, i in enumerate(members):
             displays[i] = small[j, 0]

@@ -35,17 +35,16 @@ from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan import outdir
-from pneumotriage.scan.classify import choose_backends, classify, model_info, prepare_models
 from pneumotriage.scan.decode import turned
 from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import FinishJob, finish
 from pneumotriage.scan.gate import to_segment
+from pneumotriage.scan.infer import choose_backends, classify, model_info, prepare_models, segment
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
 from pneumotriage.scan.options import Plan, ScanOptions, plan_for, scan_thresholds
 from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
-from pneumotriage.scan.segment import segment
 from pneumotriage.scan.shards import Shard, shard_started, write_shard
 from pneumotriage.scan.stream import Batch, Item, Stream, slots_for, window_for
 from pneumotriage.scan.tiers import tier_of, tiered
@@ -83,7 +82,7 @@ def run(
 
     With ``shard``, only the files of that shard are scanned, into its own journal; the summary returned holds
     that shard's rows, and the worklist, submission and report are left to
-    :func:`pneumotriage.scan.merge.merge` once every shard is done."""
+    :func:`pneumotriage.scan.merge.merge_shards` once every shard is done."""
     out = Path(out)
     outdir.check_out(out)
     # What this scan would make and found not there: a scan that finds nothing to scan takes it away again.

@@ -38,7 +38,7 @@ class Merged:
     missing: list[str] = field(default_factory=list)
 
 
-def merge(out: str | Path) -> Merged:
+def merge_shards(out: str | Path) -> Merged:
     """Merge the finished shards of the sharded scan in ``out`` into one worklist (CSV, JSON), submission,
     skipped.csv and report, ranked over all of them, exactly as one process scanning everything would write
     them. Shards not finished (or running now) are listed in :attr:`Merged.missing`, and the outputs say

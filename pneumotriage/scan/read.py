@@ -12,9 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGBaseline8Bit
 
-from pneumotriage.dicom import MIN_SIDE, DicomHeader, check_jpeg_size, inverse_presentation, jpeg_frame, open_image
+from pneumotriage.dicom import (
+    MIN_SIDE,
+    DicomHeader,
+    check_jpeg_size,
+    inverse_presentation,
+    jpeg_frame,
+    open_image,
+    plain_jpeg8,
+)
 from pneumotriage.errors import DicomError
 from pneumotriage.inputcheck import NotTriaged, check_header, orientation
 
@@ -44,11 +51,7 @@ def _device_decodable(ds: Dataset, header: DicomHeader) -> bool:
         return False
     return (
         identity_lut
-        and header.transfer_syntax == JPEGBaseline8Bit
-        and header.frames == 1
-        and header.samples_per_pixel == 1
-        and header.photometric in ("MONOCHROME1", "MONOCHROME2")
-        and int(ds.get("BitsAllocated", 0) or 0) == 8
+        and plain_jpeg8(ds, header)
         and not any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "PixelPaddingValue"))
         and not inverse_presentation(ds)
     )

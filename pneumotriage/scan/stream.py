@@ -3,7 +3,8 @@
 :class:`Stream` keeps a window of files decoding in the worker processes and hands out batches in the order the
 files were found; :func:`decoded_batches` is the same for a list of files (``tune`` and the benchmarks use it),
 with the slots of a batch handed back when the next one is asked for. :func:`window_for` and
-:func:`slots_for` are the one sizing rule for both.
+:func:`slots_for` are the one sizing rule for both. :func:`model_inputs` is one file at a time, inline, as the scan
+reads and decodes it (what ``export`` checks parity on).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumotriage.errors import PneumotriageError
+from pneumotriage.inputcheck import NotTriaged
 from pneumotriage.io import printable
 from pneumotriage.pipelines import NATIVE, InputKey
-from pneumotriage.scan.decode import decode_jpegs_on_device
+from pneumotriage.scan.decode import SlotArena, decode_into, decode_jpegs_on_device
 from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import grey_thumbnail
 from pneumotriage.scan.options import Plan
+from pneumotriage.scan.read import read
 from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future
 
 
@@ -306,3 +310,19 @@ def decoded_batches(
                     stream.release(item.slot)
 
         yield batches()
+
+
+def model_inputs(paths: Sequence[Path], key: InputKey) -> Iterator[tuple[int, np.ndarray, tuple[bool, bool]]]:
+    """For each file the scan can read, its position, the model input ``key`` the scan makes of it, and how it
+    was turned upright; files the scan would not triage are passed over."""
+    arena = SlotArena(1, [key], None, inherited=True)
+    try:
+        for i, path in enumerate(paths):
+            try:
+                source = read(Path(path), want_jpeg=False)
+                decode_into(source, arena, 0)
+            except (PneumotriageError, NotTriaged):
+                continue
+            yield i, arena.image(0, key).copy(), source.flip
+    finally:
+        arena.close()

@@ -22,7 +22,7 @@ import torch
 from pneumotriage.models import LoadedModel
 from pneumotriage.runtime import Progress, pick_device
 from pneumotriage.scan.engine import run
-from pneumotriage.scan.merge import merge
+from pneumotriage.scan.merge import merge_shards
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.records import ScanSummary
 from pneumotriage.scan.shards import Shard
@@ -168,5 +168,5 @@ def run_ranks(
         if emit is not None:
             emit(relay.job(int(seen["found"]), bool(seen["walk_done"])))
         time.sleep(0.2)
-    merged: ScanSummary = merge(out).summary
+    merged: ScanSummary = merge_shards(out).summary
     return merged

@@ -1,4 +1,5 @@
-"""Stage 4, classify: set the models up for inference on the device, and run the classifier on a batch.
+"""Stages 4 and 6, classify and segment: set the models up for inference on the device, and run them on a batch
+(the classifier's probabilities; the segmenter's maps, with horizontal-flip TTA optional).
 
 Set-up is where the CPU speed is won or lost: inference mode (no autograd bookkeeping), batch norm folded into
 the convolutions, channels_last, one torch thread per core. On CUDA: channels_last and bf16 autocast.
@@ -18,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pneumotriage.models import LoadedModel
 from pneumotriage.models.backends import BackendChoice, choose
-from pneumotriage.runtime import autocast_for
+from pneumotriage.runtime import autocast_for, one_thread
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
@@ -170,3 +171,21 @@ def model_info(m: LoadedModel | None, role: str) -> dict[str, Any] | None:
 def _onnx_info(info: dict[str, Any]) -> dict[str, Any]:
     """What a model read from an ONNX file says of where it came from and, for an int8 one, its accuracy."""
     return {k: info[k] for k in ("source", "exported", "quantization") if k in info}
+
+
+@torch.inference_mode()
+def segment(
+    model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool, *, bf16: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probability maps (B, S, S) on the device and image-level scores (B,): the segmenter's own head where it
+    has one, else the map's maximum."""
+    x = _input(images, device)
+    with autocast_for(device, bf16):
+        out = model.model(x)
+        flipped = model.model(torch.flip(x, dims=[3])) if tta else None
+    with one_thread(device):
+        probs = torch.sigmoid(out["mask"].float())[:, 0]
+        if flipped is not None:
+            probs = (probs + torch.flip(torch.sigmoid(flipped["mask"].float())[:, 0], dims=[2])) / 2
+        present = torch.sigmoid(out["present"].float()) if "present" in out else probs.flatten(1).amax(1)
+        return probs, present.float()
