@@ -119,8 +119,8 @@ def _grid_distortion_class() -> type:
         (bicubic) to every pixel, then one resampling per input; image and mask share the warp.
 
         It stands in for torchvision's ElasticTransform, which blurs a full-resolution noise field with a wide
-        Gaussian and costs ~240 ms per 512 px image on one core (a DataLoader worker's budget is ~10 ms); this
-        costs a few ms."""
+        Gaussian: far over a DataLoader worker's budget per image, where this warp stays within it
+        (docs/performance.md)."""
 
         def __init__(self, p: float = 0.25, strength: float = 0.03, cells: int = 4) -> None:
             super().__init__()

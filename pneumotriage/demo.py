@@ -165,7 +165,7 @@ def recipe_config(spec: WeightSpec, recipe: dict[str, Any], study: Path, run: Pa
         pretrained=False,
         augment="light",
         device="cpu",
-        # auto: bf16 with channels_last where the CPU computes bf16 natively (AVX512-BF16/AMX), 1.8x faster there
+        # auto: bf16 with channels_last where the CPU computes bf16 natively (AVX512-BF16/AMX), faster there
         precision=("bf16" if cpu_has_bf16() else "fp32") if precision == "auto" else precision,
         cache=str(run.parent / "cache"),
         curves=False,  # the run folder is thrown away once the weight is in the cache

@@ -85,8 +85,8 @@ def one_thread(device: torch.device) -> Iterator[None]:
     """Small tensor work on a CPU (a sigmoid or maximum over a few probability maps) in this thread alone.
 
     Split over torch's thread pool, each such operation leaves the pool's threads spinning for a while after it
-    (OpenMP's wait policy), on cores the worker processes need: measured on 2 cores, ~10 ms of CPU per image
-    for ~1 ms of work. The models keep every thread."""
+    (OpenMP's wait policy), on cores the worker processes need: many times the work's own CPU time
+    (docs/performance.md). The models keep every thread."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield

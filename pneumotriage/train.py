@@ -3,7 +3,8 @@
 - Data: the dataset index (DICOMs matched with the label CSV), a patient-grouped stratified fold (or held-out
   share) for validation, :class:`~pneumotriage.datasets.RadiographDataset` decoded in DataLoader workers.
 - Device: auto picks cuda > mps > cpu; on CUDA, bf16 autocast and channels_last. ``precision="bf16"`` also
-  uses them on a CPU with native bf16 (AVX512-BF16 / AMX), about 1.8x faster there; ``"fp32"`` turns them off.
+  uses them on a CPU with native bf16 (AVX512-BF16 / AMX), faster there (docs/performance.md); ``"fp32"`` turns
+  them off.
 - Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on
   GPU, gloo on CPU), each rank takes its slice of every epoch, and rank 0 alone validates, logs and writes.
 - Every epoch: validation, ``metrics.jsonl`` (one JSON line per epoch), ``last.pt`` (with optimiser state, for

@@ -53,7 +53,7 @@ class ScanOptions:
     #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1".
     submission: bool | None = None
     #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
-    #: first batch waits up to ~1 min for compilation). On a 2-core CPU compiling took 13-71 s per model.
+    #: first batch waits for compilation; docs/performance.md has the figures).
     compile: bool = False
     #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
     report_thumbnails: int = 100
@@ -201,9 +201,8 @@ JPEG_WORKERS_OVER_DEVICE = 8
 
 
 def cpu_batch(input_size: int) -> int:
-    """The batch a CPU runs fastest, by the largest model input (2-core AVX2 VM, per image, 2 threads): at 512 px
-    ResNet50 takes 370 ms at batch 1 and 400 at batch 2; at 256 px DenseNet121 127 / 111 / 81 ms at batch 1 / 2 /
-    4; at 64 px 27 / 13 / 10 / 18 ms at batch 1 / 4 / 8 / 16."""
+    """The batch a CPU runs fastest, by the largest model input: larger inputs fill the cores alone, smaller ones
+    gain from batching (measured per model and size: docs/performance.md, "Figures behind the defaults")."""
     return 1 if input_size >= 384 else 4 if input_size >= 192 else 8
 
 
@@ -234,9 +233,8 @@ def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores:
         )
     on_device = o.jpeg_decode == "device"
     if o.jpeg_decode == "auto":
-        # Measured on an H100 host with 14 workers, JPEG Baseline 1024 px: decoding in the workers fed the GPU
-        # 16-18 % faster than nvJPEG's batches (which the feeding process waits on); nvJPEG's path went as fast
-        # as ~7.5 workers. With fewer cores to spare, nvJPEG takes the decoding off them.
+        # Enough workers decode JPEG Baseline faster than nvJPEG's batches, which the feeding process waits on;
+        # with fewer cores to spare, nvJPEG takes the decoding off them (docs/performance.md, GPU).
         on_device = gpu and workers < JPEG_WORKERS_OVER_DEVICE
     if gpu:
         why += "; JPEG Baseline decoded " + ("on the GPU (nvJPEG)" if on_device else "in the workers")
