@@ -286,7 +286,7 @@ def test_discovery_is_header_only_and_walks_any_layout(study, tmp_path: Path, mo
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("discovery decoded pixels")
 
-    monkeypatch.setattr("pneumotriage.dicom.pixel_array", boom)
+    monkeypatch.setattr("pneumotriage.dicom.pixels.pixel_array", boom)
     monkeypatch.setattr(Dataset, "pixel_array", property(boom))
     found = list(discover(root))
     headers = [f for f in found if not isinstance(f, SkippedFile)]

@@ -16,7 +16,7 @@ TOP = {"pneumotriage", "pneumotriage.cli"}
 #: a package and all its modules. A module may import from its own layer and those before it.
 LAYERS = [
     ["version", "errors", "io", "runtime", "normalisations", "native"],
-    ["dicom", "rle", "inputcheck"],
+    ["dicom.", "rle", "inputcheck"],
     ["labels", "metrics"],
     ["folds"],
     ["losses", "postprocess"],

@@ -623,15 +623,15 @@ def test_bombs_are_error_rows_before_they_cost_memory_or_time(
 ) -> None:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from pneumotriage import dicom
+    from pneumotriage.dicom import files as dicom_files
     from pneumotriage.scan import workers as scan_workers
 
     folder = tmp_path / "in"
     good = _good(study, folder, 3)
     src = good[0]
     # Limits made small for the test (the real ones: 256 MiB inflated, 512 MiB a file, 60 s a file).
-    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 8 * 2**20)
-    monkeypatch.setattr(dicom, "MAX_FILE_BYTES", 64 * 2**20)
+    monkeypatch.setattr(dicom_files, "MAX_INFLATED_BYTES", 8 * 2**20)
+    monkeypatch.setattr(dicom_files, "MAX_FILE_BYTES", 64 * 2**20)
     monkeypatch.setattr(scan_workers, "FILE_TIME_LIMIT_S", 1.0)
     deflated = _native(src, folder / "deflate-bomb.dcm")
     ds = pydicom.dcmread(deflated)

@@ -1,0 +1,127 @@
+"""Walking inputs: the regular files under folders, streamed, each passed over with a reason where it cannot be
+an input, and the header pass over them (:func:`discover`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from pneumotriage.dicom.base import SCAN_MARKS, SCAN_OUTPUTS, DicomHeader, SkippedFile
+from pneumotriage.dicom.header import read_header
+from pneumotriage.errors import (
+    DicomError,
+)
+
+
+def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader | SkippedFile]:
+    """Walk files and folders (any depth, any or no extension) and yield one result per file.
+
+    The order is stable: each folder's files by name, then its sub-folders by name.
+
+    Header-only: no pixel data is read. Hidden files (``.DS_Store`` and friends) are passed over, and so are
+    sockets, FIFOs and devices (:func:`walk_files`).
+    """
+    roots = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    for path, _ in walk_files(roots):
+        try:
+            yield read_header(path)
+        except DicomError as err:
+            yield SkippedFile(path=path, reason=err.message)
+
+
+def walk_files(
+    roots: Iterable[Path],
+    *,
+    exclude: Iterable[Path] = (),
+    passed: Callable[[Path, str], None] | None = None,
+) -> Iterator[tuple[Path, os.stat_result | None]]:
+    """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
+    order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
+    and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks), folders reached through a
+    symbolic link (as ``os.walk`` does: no loops), and in scans' output folders (marked by :data:`SCAN_MARKS`, or
+    named in ``exclude``) the scan's own outputs (:data:`SCAN_OUTPUTS`): a scan whose ``--out`` lies inside its
+    input, or is one of its folders, never reads its own or an earlier scan's outputs, and still reads every other
+    file there. Each file or folder passed over for any other reason is handed to ``passed`` with why (a scan lists
+    them in skipped.csv: nothing found goes unaccounted for). A path that cannot be ``stat``-ed comes with None:
+    reading it then says why."""
+    skip = set()
+    for folder in exclude:
+        try:
+            info = os.stat(folder)
+            skip.add((info.st_dev, info.st_ino))
+        except OSError:
+            pass  # not made yet: nothing of it to find
+    tell = passed or (lambda path, why: None)
+    for root in roots:
+        for path in _paths(root, skip, tell):
+            try:
+                st: os.stat_result | None = path.stat()
+            except OSError:
+                st = None
+            if st is None or stat.S_ISREG(st.st_mode):
+                yield path, st
+            else:
+                tell(path, f"not a regular file ({_kind(st.st_mode)}): never opened")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISBLK(mode) else "a special file"
+
+
+def _paths(root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], None]) -> Iterator[Path]:
+    """Depth first with a stack, not recursion: a folder nested thousands deep is walked like any other. Folders
+    are told apart by (device, inode), never by resolving long paths."""
+    if not root.is_dir():
+        yield root  # a file, or a path that reading will report
+        return
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        excluded = False
+        if skip:
+            try:
+                st = os.stat(folder)
+            except OSError:
+                continue
+            excluded = (st.st_dev, st.st_ino) in skip
+        try:
+            with os.scandir(folder) as it:
+                everything = list(it)
+        except OSError as exc:
+            tell(Path(folder), f"folder cannot be read ({exc.strerror or exc}): not walked")
+            continue
+        output = excluded or (
+            any(e.name == ".scan" for e in everything)
+            and any(os.path.isfile(os.path.join(folder, mark)) for mark in SCAN_MARKS)
+        )
+        entries = []
+        for e in sorted(everything, key=lambda e: e.name):
+            if output and (e.name in SCAN_OUTPUTS or e.name.startswith(".")):
+                continue  # a scan's own outputs (masks, overlays, CSVs, its journal): never an input
+            if e.name.startswith("."):
+                what = "folder" if _is_dir(e) else "file"
+                tell(Path(e.path), f"hidden {what} (its name starts with '.'): not scanned; rename it to include it")
+                continue
+            entries.append(e)
+        folders = []
+        for entry in entries:
+            if not _is_dir(entry):
+                yield Path(entry.path)
+            elif entry.is_symlink():
+                tell(Path(entry.path), "a link to a folder: not followed (name the folder itself to scan it)")
+            else:
+                folders.append(entry.path)
+        stack.extend(reversed(folders))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
