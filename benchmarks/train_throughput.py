@@ -32,8 +32,9 @@ from pneumotriage.folds import index_dataset
 from pneumotriage.labels import read_rle_csv
 from pneumotriage.losses import parse_loss
 from pneumotriage.models import ModelSpec, build_model
+from pneumotriage.runtime import pick_device
 from pneumotriage.synth import write_study
-from pneumotriage.train import DEFAULT_LOSS, Objective, pick_device, train_step
+from pneumotriage.train import DEFAULT_LOSS, Objective, train_step
 
 MODELS = {
     "classifier densenet121": ModelSpec("classifier", "densenet121"),

@@ -342,21 +342,21 @@ def test_a_model_trained_on_synthetic_images_is_never_clinical(study: StudySumma
 def test_best_epoch_ties_are_broken_by_dice_on_positives_then_loss() -> None:
     """Two epochs that outline nothing on the positives tie on the competition Dice (the negatives alone); an
     epoch that outlines them wins the tie, and among equals the lower validation loss does."""
-    from pneumotriage.train import _better, selection_key
+    from pneumotriage.train import better, selection_key
 
     nothing = {"competition_dice": 0.6, "dice_positives_triplet": 0.0, "dice_positives": 0.0, "loss": 0.5}
     learning = {"competition_dice": 0.6, "dice_positives_triplet": 0.0, "dice_positives": 0.224, "loss": 0.7}
     first = selection_key("segmenter", nothing)
-    assert _better(first, None)
-    assert _better(selection_key("segmenter", learning), first)
-    assert not _better(selection_key("segmenter", {**nothing, "loss": 0.6}), first)
-    assert _better(selection_key("segmenter", {**nothing, "loss": 0.4}), first)
-    assert not _better(selection_key("segmenter", {**nothing, "competition_dice": 0.59, "dice_positives": 1}), first)
+    assert better(first, None)
+    assert better(selection_key("segmenter", learning), first)
+    assert not better(selection_key("segmenter", {**nothing, "loss": 0.6}), first)
+    assert better(selection_key("segmenter", {**nothing, "loss": 0.4}), first)
+    assert not better(selection_key("segmenter", {**nothing, "competition_dice": 0.59, "dice_positives": 1}), first)
     # undefined figures count as the worst; a run resumed from before ties were broken kept one figure
     undefined = selection_key("classifier", {"auc": float("nan"), "loss": 0.1})
-    assert _better(selection_key("classifier", {"auc": 0.5, "loss": 9.0}), undefined)
-    assert _better(selection_key("classifier", {"auc": 0.9, "loss": 0.3}), 0.9)
-    assert not _better(selection_key("classifier", {"auc": 0.8, "loss": 0.3}), 0.9)
+    assert better(selection_key("classifier", {"auc": 0.5, "loss": 9.0}), undefined)
+    assert better(selection_key("classifier", {"auc": 0.9, "loss": 0.3}), 0.9)
+    assert not better(selection_key("classifier", {"auc": 0.8, "loss": 0.3}), 0.9)
 
 
 def test_cli_training_says_how_long_is_left_and_draws_curves(study: StudySummary, tmp_path: Path) -> None:
@@ -450,7 +450,7 @@ def test_curves_are_drawn_after_the_first_and_last_epoch_and_every_half_minute(
 ) -> None:
     """A drawing costs up to 0.75 s, so a run of short epochs draws curves.png after its first epoch, then only
     once CURVES_EVERY_S have passed, and always after its last: here epochs 0 and 3 of four."""
-    import pneumotriage.train as training
+    import pneumotriage.train.run as training
 
     drawn: list[int] = []
     real = training._write_curves
