@@ -25,7 +25,7 @@ LAYERS = [
     ["weights"],
     ["models."],
     ["scan."],
-    ["train.", "tune", "evaluate", "imports.", "deploy"],
+    ["train.", "tune.", "evaluate", "imports.", "deploy"],
     ["submit", "demo", "listen."],
     ["cli."],
     ["", "__main__"],
