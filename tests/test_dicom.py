@@ -178,7 +178,8 @@ def test_unsupported_syntax_names_the_extra() -> None:
 
 
 def _synthetic_dataset(photometric: str = "MONOCHROME2", spacing: object = "0.2\\0.2") -> Dataset:
-    from pneumotriage.synth import Anatomy, _dataset, make_phantom
+    from pneumotriage.synth import Anatomy, make_phantom
+    from pneumotriage.synth.study import _dataset
 
     rng = np.random.default_rng(0)
     phantom = make_phantom((96, 80), positive=False, rng=rng, anatomy=Anatomy.sample(rng))

@@ -21,7 +21,7 @@ LAYERS = [
     ["folds"],
     ["losses", "postprocess"],
     ["plots"],
-    ["datasets", "synth", "pipelines"],
+    ["datasets", "synth.", "pipelines"],
     ["weights"],
     ["models."],
     ["scan."],
