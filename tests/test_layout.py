@@ -22,7 +22,7 @@ LAYERS = [
     ["losses", "postprocess"],
     ["plots"],
     ["datasets", "synth.", "pipelines"],
-    ["weights"],
+    ["weights."],
     ["models."],
     ["scan."],
     ["train.", "tune.", "evaluate", "imports.", "deploy"],

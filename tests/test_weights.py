@@ -450,7 +450,7 @@ def bundled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         f'file = "b.pt"\nsha256 = "{digest}"\nbundled = true\nrecipe = "demo"\n',
         encoding="utf-8",
     )
-    monkeypatch.setattr("pneumotriage.weights.bundled_path", lambda spec: package / spec.file)
+    monkeypatch.setattr("pneumotriage.weights.cache.bundled_path", lambda spec: package / spec.file)
     reg = load_registry(registry)
     return {"package": package, "digest": digest, "spec": reg["b"], "cache": WeightCache(reg, tmp_path / "home")}
 

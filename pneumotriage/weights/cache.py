@@ -1,24 +1,5 @@
-"""The weights registry (``weights.toml``) and the local cache: fetch, verify, import, resolve, load safely.
-
-Where a weight comes from, in this order: a file path given by the user → the verified cache → the URL (only when
-asked to fetch, never implicitly). A download goes to a temporary file beside its destination, is hashed as it
-arrives, and is renamed into place only when its length and hash are right; anything else deletes it.
-
-Bundled weights (``bundled = true``, the synthetic demo's) ship inside the package, in ``pneumotriage/bundled/``:
-fetching one copies it into the cache after checking its pinned sha256, so it needs neither the network nor
-training. A weight with a build ``recipe`` can instead be rebuilt on this machine (``weights fetch --rebuild``, which
-the CLI runs through :mod:`pneumotriage.demo`); training is seeded but not bit-identical across machines, so the
-hash of a rebuilt file is recorded in the cache as *built here* and accepted beside the pinned one.
-
-Hashes: ``sha256`` is checked in full; ``sha256_prefix`` (torchvision publishes only 8 hex digits) is checked as a
-prefix; an entry with neither is *unpinned*: it is fetched or imported only with ``allow_unpinned=True``, and the
-hash seen then is recorded in the cache (``observed.json``) and checked from then on (trust on first use).
-
-Loading always goes through :func:`load_state_dict`, which uses ``torch.load(..., weights_only=True)``: a weight
-file cannot run code.
-
-Why one module of ~600 lines: the registry, the cache and the download share the hash rules (pinned, prefix,
-unpinned, bundled, built here), which must be read together to be trusted.
+"""The local cache: where weights live, their hash rules (pinned, prefix, unpinned, bundled, built here), and
+fetching, importing and verifying them.
 """
 
 from __future__ import annotations
@@ -26,206 +7,40 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import importlib.resources
 import json
 import os
 import tempfile
-import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
+from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text, sha256_file
-from pneumotriage.normalisations import known, names
-from pneumotriage.pipelines import NATIVE, PIPELINES
-
-KINDS = ("backbone", "classifier", "segmenter")
-Status = Literal["missing", "cached", "verified", "corrupt"]
-ProgressCallback = Callable[[int, int | None], None]
-"""Called with (bytes received so far, total bytes or None) while a download runs."""
-
-_CHUNK = 1 << 20
-_TIMEOUT_S = 30.0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# errors
-
-
-class WeightError(PneumotriageError):
-    """A weight could not be fetched, verified, imported or loaded."""
-
-
-class WeightMissingError(WeightError):
-    """The weight is not in the cache: the message gives the exact commands that get it."""
-
-    exit_code = ExitCode.NO_WEIGHT
-
-
-class WeightHashError(WeightError):
-    """A file's sha256 is not the one the registry (or the first fetch) recorded."""
-
-
-class WeightFetchError(WeightError):
-    """The download failed: server down, truncated transfer, offline mode. The weight cannot be had: exit 3, as
-    for a missing one."""
-
-    exit_code = ExitCode.NO_WEIGHT
-
-
-class UnsafeWeightsError(WeightError):
-    """The file holds pickled objects that weights-only loading refuses (it could run code)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the registry
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """One table of ``weights.toml``."""
-
-    name: str
-    kind: str
-    arch: str
-    url: str
-    file: str
-    input_size: int
-    normalisation: str
-    encoder: str | None = None
-    sha256: str | None = None
-    sha256_prefix: str | None = None
-    hash_note: str | None = None
-    size_mb: float | None = None
-    licence: str = ""
-    source: str = ""
-    description: str = ""
-    outputs: int | None = None
-    output_index: int | None = None
-    output_label: str | None = None
-    thresholds: Mapping[str, float] = field(default_factory=dict)
-    clinical: bool = True
-    default: bool = False
-    recipe: str | None = None
-    bundled: bool = False
-    pipeline: str = NATIVE
-
-    @property
-    def pinned(self) -> bool:
-        return bool(self.sha256 or self.sha256_prefix)
-
-    @property
-    def expected_hash(self) -> str:
-        """The hash as the registry states it, for messages: full, ``prefix…``, or ``unpinned``."""
-        if self.sha256:
-            return self.sha256
-        if self.sha256_prefix:
-            return f"{self.sha256_prefix}…"
-        return "unpinned"
-
-
-_REQUIRED = ("kind", "arch", "url", "file", "input_size", "normalisation")
-_FIELDS = frozenset(WeightSpec.__dataclass_fields__) - {"name"}
-
-
-def default_registry_path() -> Path:
-    """``$PNEUMOTRIAGE_REGISTRY``; else the copy of ``weights.toml`` that the wheel build puts inside the package
-    (an installed tool); else the ``weights.toml`` at the top of the source tree (a checkout, an editable install).
-
-    The repository keeps one file, at its top; only a built wheel holds the packaged copy, so a checkout can never
-    read a stale one."""
-    env = os.environ.get("PNEUMOTRIAGE_REGISTRY")
-    if env:
-        return Path(env)
-    packaged = importlib.resources.files("pneumotriage").joinpath("weights.toml")
-    if isinstance(packaged, Path) and packaged.is_file():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "weights.toml"
-
-
-def _spec_from(name: str, table: Mapping[str, Any], path: Path) -> WeightSpec:
-    def bad(what: str) -> WeightError:
-        return WeightError(f"entry [{name}] {what}", path=path, hint="fix weights.toml")
-
-    missing = [k for k in _REQUIRED if k not in table]
-    if missing:
-        raise bad(f"lacks {', '.join(missing)}")
-    unknown = sorted(set(table) - _FIELDS)
-    if unknown:
-        raise bad(f"has unknown fields {', '.join(unknown)}; valid: {', '.join(sorted(_FIELDS))}")
-    if table["kind"] not in KINDS:
-        raise bad(f"has kind {table['kind']!r}; valid: {', '.join(KINDS)}")
-    if not known(table["normalisation"]):
-        raise bad(f"has normalisation {table['normalisation']!r}; valid: {', '.join(names())}")
-    if table.get("pipeline", NATIVE) not in PIPELINES:
-        raise bad(f"has pipeline {table['pipeline']!r}; valid: {', '.join(PIPELINES)}")
-    for key, length in (("sha256", 64), ("sha256_prefix", None)):
-        value = table.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str) or any(c not in "0123456789abcdef" for c in value):
-            raise bad(f"has a {key} that is not lower-case hex")
-        if length and len(value) != length:
-            raise bad(f"has a {key} of {len(value)} digits, not {length}")
-    if not table["url"] and not table.get("recipe") and not table.get("bundled"):
-        raise bad("has no url, no build recipe and no bundled file")
-    if table.get("bundled") and len(table.get("sha256") or "") != 64:
-        raise bad("is bundled but has no full sha256 to check its file against")
-    if "/" in table["file"] or table["file"] in ("", ".", ".."):
-        raise bad(f"has a file name with a path in it: {table['file']!r}")
-    thresholds = {str(k): float(v) for k, v in dict(table.get("thresholds", {})).items()}
-    return WeightSpec(name=name, **{**table, "thresholds": thresholds})
-
-
-class Registry(dict[str, WeightSpec]):
-    """Weight specs by name, read from one ``weights.toml``."""
-
-    def __init__(self, specs: Mapping[str, WeightSpec], path: Path) -> None:
-        super().__init__(specs)
-        self.path = path
-
-    def default_for(self, kind: str) -> str | None:
-        """The registry's default model of a kind (``default = true`` and meant for patients), if any."""
-        return next((s.name for s in self.values() if s.kind == kind and s.default and s.clinical), None)
-
-    def get_spec(self, name: str) -> WeightSpec:
-        try:
-            return self[name]
-        except KeyError:
-            raise UsageError(
-                f"no weight named {name!r} in the registry; valid names: {', '.join(self) or '(none)'}",
-                path=self.path,
-            ) from None
-
-
-def load_registry(path: str | Path | None = None) -> Registry:
-    path = Path(path) if path is not None else default_registry_path()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightError("weights registry not found", path=path, hint="set PNEUMOTRIAGE_REGISTRY") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise WeightError(f"weights registry is not valid TOML: {exc}", path=path) from None
-    specs = {}
-    for name, table in data.items():
-        if not isinstance(table, dict):
-            raise WeightError(f"top-level key {name!r} is not a table", path=path, hint="fix weights.toml")
-        specs[name] = _spec_from(name, table, path)
-    return Registry(specs, path)
-
+from pneumotriage.weights.registry import (
+    ProgressCallback,
+    Registry,
+    Status,
+    WeightFetchError,
+    WeightHashError,
+    WeightMissingError,
+    WeightSpec,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # the cache
 
 
+_CHUNK = 1 << 20
+_TIMEOUT_S = 30.0
+
+
 def bundled_path(spec: WeightSpec) -> Path:
     """Where a bundled weight's file lies in the installed package."""
-    return Path(__file__).resolve().parent / "bundled" / spec.file
+    return Path(__file__).resolve().parent.parent / "bundled" / spec.file
 
 
 def default_home() -> Path:
@@ -571,67 +386,3 @@ def _download(url: str, fh: Any, progress: ProgressCallback | None) -> tuple[str
     except (TimeoutError, ConnectionError) as exc:
         raise WeightFetchError(f"download from {url} failed: {exc}", hint="try again, or use --mirror") from None
     return digest.hexdigest(), received, total
-
-
-# --------------------------------------------------------------------------------------------------------------
-# resolving and loading
-
-
-def looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin"))
-
-
-def resolve(
-    name_or_path: str | Path, *, registry: Registry | None = None, home: str | Path | None = None
-) -> tuple[Path, WeightSpec | None]:
-    """A ``--classifier`` / ``--segmenter`` value: an existing file, or a registry name whose cached file is verified.
-
-    Returns the file and, for a registry name, its spec. A name not in the cache raises
-    :class:`WeightMissingError` (exit code 3) with the commands that get it.
-    """
-    text = str(name_or_path)
-    candidate = Path(text).expanduser()
-    if isinstance(name_or_path, Path) or candidate.is_file() or looks_like_path(text):
-        if not candidate.is_file():
-            raise UsageError("no such weight file", path=candidate, hint="give a file path or a registry name")
-        return candidate, None
-    registry = registry if registry is not None else load_registry()
-    spec = registry.get_spec(text)
-    return WeightCache(registry, home).require(spec), spec
-
-
-#: What torch.load raises on a file that is not a checkpoint at all (a text file, a truncated or damaged one): the
-#: pickle machinery fails wherever the bytes lead it.
-READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError)
-
-
-def error_line(exc: BaseException) -> str:
-    """An exception's first line, or its type's name where it has no text."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """Load a weight file with ``weights_only=True``; a file with pickled code in it is refused, not run."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightError("weight file not found", path=path) from None
-    except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0] if lines else "")
-        raise UnsafeWeightsError(
-            f"refused to load: the file holds pickled objects that weights-only loading does not allow: {first}",
-            path=path,
-            hint="use a plain state dict; never load files of unknown origin with weights_only=False",
-        ) from None
-    except READ_ERRORS as exc:
-        raise WeightError(f"not a readable weight file: {error_line(exc)}", path=path) from None
-    if not isinstance(obj, dict):
-        raise WeightError(f"holds a {type(obj).__name__}, not a state dict or checkpoint", path=path)
-    return obj
