@@ -25,7 +25,7 @@ LAYERS = [
     ["weights."],
     ["models."],
     ["scan."],
-    ["train.", "tune.", "evaluate", "imports.", "deploy"],
+    ["train.", "tune.", "evaluate.", "imports.", "deploy"],
     ["submit", "demo", "listen."],
     ["cli."],
     ["", "__main__"],
@@ -167,3 +167,19 @@ def test_the_scan_is_used_through_its_public_surface() -> None:
                         if a.name.startswith("pneumotriage.scan.")
                     ]
     assert not wrong, "the scan's own modules used from outside (name it in scan/__init__.py): " + "; ".join(wrong)
+
+
+#: Modules allowed over :data:`MAX_LINES`, each with the reason (about its content) it is one module.
+LONG_MODULES: dict[str, str] = {}
+MAX_LINES = 500
+
+
+def test_no_module_is_over_500_lines_without_a_reason() -> None:
+    """A module a newcomer can hold: over 500 lines it is split where it has several jobs, or named in
+    :data:`LONG_MODULES` with why it is one."""
+    long = {
+        name: count
+        for name, path in _modules().items()
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES and name not in LONG_MODULES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"

@@ -886,7 +886,7 @@ def test_tune_reads_mirrored_images_upright_and_leaves_out_nan_answers(
     and a model's NaN never reaches a metric (the image is listed unreadable)."""
     from pneumotriage.folds import ImageRecord
     from pneumotriage.models import load_model
-    from pneumotriage.tune import predict
+    from pneumotriage.tune import predict_once
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -899,12 +899,12 @@ def test_tune_reads_mirrored_images_upright_and_leaves_out_nan_answers(
     ]
     records = [ImageRecord(p.stem, p, False, 0, None, 0, *upright.shape) for p in paths]
     seg = load_model(models["segmenter"])
-    got, _ = predict(
+    got, _ = predict_once(
         records, segmenter=seg, classifier=None, cache_root=None, scratch=tmp_path / "s", device="cpu", workers=0
     )
     assert got.image_ids == ["upright", "mirrored"]
     np.testing.assert_allclose(got.maps[1], got.maps[0][:, ::-1], atol=1e-6)
-    broken, _ = predict(
+    broken, _ = predict_once(
         records,
         segmenter=load_model(models["nan-segmenter"]),
         classifier=None,

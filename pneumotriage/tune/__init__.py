@@ -25,7 +25,7 @@ The modules: :mod:`~pneumotriage.tune.records` (the data the steps share), :mod:
 
 from pneumotriage.tune.job import tune
 from pneumotriage.tune.oof import oof_groups
-from pneumotriage.tune.predictions import predict
+from pneumotriage.tune.predictions import predict_once
 from pneumotriage.tune.records import Counts, Grid, Predictions, TuneResult
 from pneumotriage.tune.review import review_figures, review_threshold
 from pneumotriage.tune.search import count, scores
@@ -37,7 +37,7 @@ __all__ = [
     "TuneResult",
     "count",
     "oof_groups",
-    "predict",
+    "predict_once",
     "review_figures",
     "review_threshold",
     "scores",

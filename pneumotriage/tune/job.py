@@ -21,7 +21,7 @@ from pneumotriage.models import LoadedModel, save_checkpoint
 from pneumotriage.runtime import Progress
 from pneumotriage.scan import ScanOptions, scan_thresholds
 from pneumotriage.tune.oof import Group, joined, oof_groups
-from pneumotriage.tune.predictions import predict
+from pneumotriage.tune.predictions import predict_once
 from pneumotriage.tune.records import Counts, Grid, Predictions, TuneResult
 from pneumotriage.tune.review import DEFAULT_REVIEW_SPECIFICITY, REVIEW_TABLE, review_figures, review_threshold
 from pneumotriage.tune.search import count, figures_at, index_of, outlined_at, scores, setting_at
@@ -202,7 +202,7 @@ def _predicted(
     cache: Path | None = None
     with tempfile.TemporaryDirectory(prefix=".pneumotriage-tune-", dir=out.parent) as scratch:
         for i, group in enumerate(groups):
-            part, cache = predict(
+            part, cache = predict_once(
                 group.records,
                 segmenter=group.segmenter,
                 classifier=group.classifier,

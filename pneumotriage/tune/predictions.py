@@ -50,7 +50,7 @@ def _load_cached(folder: Path, image_ids: list[str]) -> Predictions | None:
     return Predictions(list(meta["readable"]), shapes, maps, classifier, list(meta.get("unreadable", [])))
 
 
-def predict(
+def predict_once(
     records: Sequence[ImageRecord],
     *,
     segmenter: LoadedModel,
