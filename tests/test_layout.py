@@ -9,13 +9,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pneumotriage"
 #: Modules every layer may use; they import only each other.
-GROUND = {"pneumotriage.version", "pneumotriage.errors", "pneumotriage.io", "pneumotriage.runtime"}
+GROUND = {
+    "pneumotriage.version",
+    "pneumotriage.errors",
+    "pneumotriage.io",
+    "pneumotriage.runtime",
+    "pneumotriage.outlayout",
+}
 #: The top: the facade and the command line, which nothing in the package imports (``__main__`` runs the CLI).
 TOP = {"pneumotriage", "pneumotriage.cli"}
 #: The layers, lowest first, as README's "How the code is laid out" lists them; a name ending in "." stands for
 #: a package and all its modules. A module may import from its own layer and those before it.
 LAYERS = [
-    ["version", "errors", "io", "runtime", "normalisations", "native"],
+    ["version", "errors", "io", "runtime", "outlayout", "normalisations", "native"],
     ["dicom.", "rle", "inputcheck"],
     ["labels", "metrics"],
     ["folds"],

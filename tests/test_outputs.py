@@ -28,6 +28,10 @@ def test_no_phi_and_json(scan_input: Path, models: dict[str, Path], tmp_path: Pa
         text = re.sub(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", "", (out / name).read_text())
         assert not any(p in text for p in patients), name
         assert "SYN" not in text  # accession numbers of the phantoms
+    # What a scan writes at the top of --out is what the layout names (and a later walk of it passes over).
+    from pneumotriage.outlayout import OUTPUTS
+
+    assert {p.name for p in out.iterdir()} <= OUTPUTS
 
 
 def test_safe_names() -> None:

@@ -33,7 +33,7 @@ from pneumotriage.cli.progress import with_progress
 from pneumotriage.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
-    from pneumotriage.scan import Shard
+    pass
 
 
 @reports_errors
@@ -127,7 +127,7 @@ def scan(
     Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
     its own GPU) and the first merges them into one worklist."""
     from pneumotriage.models import load_models
-    from pneumotriage.scan import Shard, torchrun
+    from pneumotriage.scan import Shard, journaled, torchrun
     from pneumotriage.scan import run as run_scan
 
     classifier = default_list(classifier, "classifier")
@@ -340,15 +340,3 @@ def submit(
     )
     if missing:
         raise typer.Exit(ExitCode.INPUTS_FAILED)
-
-
-def journaled(out: Path, shard: Shard | None = None) -> int:
-    """How many images an interrupted scan into ``out`` (or its ``shard``) finished: the lines of its journal."""
-    from pneumotriage.scan import shard_folder
-
-    folder = shard_folder(out, shard.index, shard.count) if shard is not None else out / ".scan"
-    try:
-        with open(folder / "journal.jsonl", "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except OSError:
-        return 0

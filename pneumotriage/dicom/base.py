@@ -4,7 +4,6 @@ keeps, and the few text helpers the other modules share.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -67,16 +66,6 @@ MAX_INFLATED_BYTES = 256 * 1024 * 1024
 #: The smallest side a scan accepts: a 1 x 1 or 3 x 500 "image" is not a radiograph, and ranking one urgent
 #: would be noise (the models see at least 64 px). Decoding itself takes any size.
 MIN_SIDE = 64
-#: What marks a folder as a scan's output (its journal's signature, or a sharded scan's layout): walks pass such
-#: folders over.
-SCAN_MARKS = (os.path.join(".scan", "signature.json"), os.path.join(".scan", "shards.json"))
-#: The entries a scan writes into its ``--out``: in a scan's output folder only these (and hidden names, such as
-#: atomic writes in flight) are passed over by a walk; anything else there (the DICOMs of a folder used as its
-#: own ``--out``) is an input like any other.
-SCAN_OUTPUTS = frozenset(
-    {".scan", "masks", "overlays", "dicom", "worklist.csv", "worklist.json", "submission.csv", "skipped.csv",
-     "report.html"}
-)  # fmt: skip
 #: What :mod:`pneumotriage.synth` writes in ImageComments: the mark of a synthetic phantom, never a patient.
 SYNTHETIC_MARK = "SYNTHETIC PHANTOM - not a patient image"
 #: Media Storage Directory Storage: a DICOMDIR's SOP class.

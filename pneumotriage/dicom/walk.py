@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
-from pneumotriage.dicom.base import SCAN_MARKS, SCAN_OUTPUTS, DicomHeader, SkippedFile
+from pneumotriage.dicom.base import DicomHeader, SkippedFile
 from pneumotriage.dicom.header import read_header
 from pneumotriage.errors import (
     DicomError,
 )
+from pneumotriage.outlayout import OUTPUTS, scan_outputs_in
 
 
 def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader | SkippedFile]:
@@ -32,17 +33,23 @@ def discover(paths: str | Path | Iterable[str | Path]) -> Iterator[DicomHeader |
             yield SkippedFile(path=path, reason=err.message)
 
 
+#: Which of a folder's entries (its path, their names) are outputs a walk passes over.
+OutputRule = Callable[[str, set[str]], Collection[str]]
+
+
 def walk_files(
     roots: Iterable[Path],
     *,
     exclude: Iterable[Path] = (),
     passed: Callable[[Path, str], None] | None = None,
+    outputs: OutputRule = scan_outputs_in,
 ) -> Iterator[tuple[Path, os.stat_result | None]]:
     """Regular files under ``roots`` (files themselves, or folders at any depth) with their ``stat``, in a stable
     order: each folder's files by name, then its sub-folders by name. Hidden files and folders are passed over,
     and so are sockets, FIFOs and devices, never opened (opening a FIFO blocks), folders reached through a
-    symbolic link (as ``os.walk`` does: no loops), and in scans' output folders (marked by :data:`SCAN_MARKS`, or
-    named in ``exclude``) the scan's own outputs (:data:`SCAN_OUTPUTS`): a scan whose ``--out`` lies inside its
+    symbolic link (as ``os.walk`` does: no loops), and the entries ``outputs`` names as outputs in a folder (by
+    default a scan's, in a folder marked as its ``--out``: :func:`pneumotriage.outlayout.scan_outputs_in`; all of
+    them in the folders named in ``exclude``), hidden ones there included: a scan whose ``--out`` lies inside its
     input, or is one of its folders, never reads its own or an earlier scan's outputs, and still reads every other
     file there. Each file or folder passed over for any other reason is handed to ``passed`` with why (a scan lists
     them in skipped.csv: nothing found goes unaccounted for). A path that cannot be ``stat``-ed comes with None:
@@ -56,7 +63,7 @@ def walk_files(
             pass  # not made yet: nothing of it to find
     tell = passed or (lambda path, why: None)
     for root in roots:
-        for path in _paths(root, skip, tell):
+        for path in _paths(root, skip, tell, outputs):
             try:
                 st: os.stat_result | None = path.stat()
             except OSError:
@@ -74,7 +81,9 @@ def _kind(mode: int) -> str:
     return "a device" if stat.S_ISBLK(mode) else "a special file"
 
 
-def _paths(root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], None]) -> Iterator[Path]:
+def _paths(
+    root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], None], outputs: OutputRule
+) -> Iterator[Path]:
     """Depth first with a stack, not recursion: a folder nested thousands deep is walked like any other. Folders
     are told apart by (device, inode), never by resolving long paths."""
     if not root.is_dir():
@@ -96,13 +105,10 @@ def _paths(root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], N
         except OSError as exc:
             tell(Path(folder), f"folder cannot be read ({exc.strerror or exc}): not walked")
             continue
-        output = excluded or (
-            any(e.name == ".scan" for e in everything)
-            and any(os.path.isfile(os.path.join(folder, mark)) for mark in SCAN_MARKS)
-        )
+        own = OUTPUTS if excluded else outputs(folder, {e.name for e in everything})
         entries = []
         for e in sorted(everything, key=lambda e: e.name):
-            if output and (e.name in SCAN_OUTPUTS or e.name.startswith(".")):
+            if own and (e.name in own or e.name.startswith(".")):
                 continue  # a scan's own outputs (masks, overlays, CSVs, its journal): never an input
             if e.name.startswith("."):
                 what = "folder" if _is_dir(e) else "file"

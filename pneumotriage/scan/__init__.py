@@ -30,9 +30,11 @@ from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.infer import choose_backends, classify, prepare_models, segment
 from pneumotriage.scan.merge import ShardsMissing, merge_shards
 from pneumotriage.scan.options import Plan, ScanOptions, cpu_batch, plan_for, scan_thresholds
+from pneumotriage.scan.outdir import journaled
 from pneumotriage.scan.outputs import (
     absolute_rle,
     by_image_id,
+    clinical_notes,
     summarise,
     worklist_document,
     worklist_rows,
@@ -59,9 +61,12 @@ __all__ = [
     "by_image_id",
     "choose_backends",
     "classify",
+    "clinical_notes",
+    "classify",
     "cpu_batch",
     "decode_task",
     "decoded_batches",
+    "journaled",
     "merge_shards",
     "model_inputs",
     "plain_path",

@@ -31,6 +31,7 @@ import torch
 
 from pneumotriage.errors import UsageError
 from pneumotriage.models import LoadedModel
+from pneumotriage.outlayout import OutLayout
 from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.runtime import Progress, pick_device, use_bf16
@@ -86,9 +87,7 @@ def run(
     out = Path(out)
     outdir.check_out(out)
     # What this scan would make and found not there: a scan that finds nothing to scan takes it away again.
-    made = [
-        d for d in (out, out / ".scan", out / ".scan" / "thumbs", out / "masks", out / "overlays") if not d.exists()
-    ]
+    made = [d for d in OutLayout(out).made_by_a_scan() if not d.exists()]
     try:
         with contextlib.ExitStack() as held:  # what the scan holds (the lock on --out) until its outputs are written
             return _run(inputs, out, classifier, segmenter, options or ScanOptions(), progress, files, held, shard)
@@ -117,6 +116,7 @@ def _run(
     shard: Shard | None = None,
 ) -> ScanSummary:
     emit = progress or (lambda event: None)
+    options.check()  # once, before anything is read or written
     segmenter = _models_asked(classifier, segmenter, options)
     roots = _roots(inputs, options)
     thresholds = scan_thresholds(classifier, segmenter, options)
@@ -133,8 +133,9 @@ def _run(
         if shard is not None:
             shard_started(folder)  # a merge meanwhile counts this shard as unfinished
         resumed = len(journal.done)
-        for sub in ("masks", "overlays", ".scan/thumbs"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+        layout = OutLayout(out)
+        for kept in (layout.masks, layout.overlays, layout.thumbs):
+            kept.mkdir(parents=True, exist_ok=True)
         keys = [m.spec.input_key for m in (classifier, segmenter) if m is not None]
         map_size = segmenter.spec.input_size if segmenter is not None else None
         if device.type == "cpu":

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pneumotriage.io import atomic_write_bytes
+from pneumotriage.outlayout import OutLayout, mask_file, overlay_file
 from pneumotriage.postprocess import Outline, Thresholds, outline
 from pneumotriage.rle import EMPTY, rle_encode
 from pneumotriage.scan.png import mask_png
@@ -197,12 +198,12 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
     )
     if found is not None:
         png = mask_png(found.mask, found.top, found.left, job.shape)
-        atomic_write_bytes(job.out / "masks" / f"{job.name}.png", png, durable=False)
-        result.mask_file = f"masks/{job.name}.png"
+        atomic_write_bytes(OutLayout(job.out).mask(job.name), png, durable=False)
+        result.mask_file = mask_file(job.name)
         if job.overlays:
             shown = overlay(display, _shown_mask(found, job.display_shape))
-            atomic_write_bytes(job.out / "overlays" / f"{job.name}.jpg", jpeg(shown, quality=90), durable=False)
-            result.overlay_file = f"overlays/{job.name}.jpg"
+            atomic_write_bytes(OutLayout(job.out).overlay(job.name), jpeg(shown, quality=90), durable=False)
+            result.overlay_file = overlay_file(job.name)
             # The same picture without the outline, for the report's "outline off" (outlined images only).
             atomic_write_bytes(plain_path(job.out, job.name), jpeg(Image.fromarray(display), quality=85), durable=False)
             # Its report thumbnail is cut from the overlay at the end, only if the report shows it.
@@ -220,13 +221,13 @@ def grey_thumbnail(display: np.ndarray) -> bytes:
 
 
 def thumbnail_path(out: Path, name: str) -> Path:
-    return out / ".scan" / "thumbs" / f"{name}.jpg"
+    return OutLayout(out).thumbnail(name)
 
 
 def plain_path(out: Path, name: str) -> Path:
     """The grey picture of an outlined image, at its overlay's size, without the outline (the report's lightbox
     shows it when the reader turns the outline off)."""
-    return out / ".scan" / "thumbs" / f"{name}.plain.jpg"
+    return OutLayout(out).plain_thumbnail(name)
 
 
 def write_thumbnail(out: Path, name: str, picture: Image.Image) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text
+from pneumotriage.outlayout import JOURNAL, LOCK, SIGNATURE
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, row_from
 
 JOURNAL_VERSION = 4  # 3: rows carry the plausibility flag; 4: file keys carry inode and ctime
@@ -57,8 +58,8 @@ class Journal:
         """``folder`` holds the journal; ``out`` (default: its parent) the files its rows name."""
         out = out or folder.parent
         self.no_phi = no_phi
-        self.path = folder / "journal.jsonl"
-        self.signature_path = folder / "signature.json"
+        self.path = folder / JOURNAL
+        self.signature_path = folder / SIGNATURE
         folder.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, ImageResult] = {}
         self._by_path: dict[str, ImageResult] = {}  # the latest finished image at each path
@@ -142,7 +143,7 @@ class OutLock:
         """Lock ``folder/lock``; ``held`` is the message when another process holds it."""
         out = out or folder.parent
         folder.mkdir(parents=True, exist_ok=True)
-        self._fh = open(folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed in release())
+        self._fh = open(folder / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (closed in release())
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
@@ -164,7 +165,7 @@ class OutLock:
         except ImportError:
             return False
         try:
-            fh = open(folder / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
+            fh = open(folder / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
         except OSError:
             return False
         with fh:

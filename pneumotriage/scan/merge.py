@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
+from pneumotriage.outlayout import JOURNAL, SHARD_DONE, SHARD_RESULTS, OutLayout
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
@@ -47,10 +48,10 @@ def merge_shards(out: str | Path) -> Merged:
     count = layout_of(out)
     if count is None:
         hint = "it holds no scan"
-        if (out / ".scan" / "journal.jsonl").exists():
+        if (OutLayout(out).state / JOURNAL).exists():
             hint = "it holds a scan by one process, whose outputs that scan wrote itself"
         raise UsageError("no sharded scan to merge in this folder", path=out, hint=hint)
-    with OutLock(out / ".scan", out, held="another merge or scan is writing this output folder's worklist"):
+    with OutLock(OutLayout(out).state, out, held="another merge or scan is writing this output folder's worklist"):
         return _merge(out, count)
 
 
@@ -60,7 +61,7 @@ def _merge(out: Path, count: int) -> Merged:
     missing: list[str] = []
     for k in range(count):
         folder = shard_folder(out, k, count)
-        path = folder / "done.json"
+        path = folder / SHARD_DONE
         if folder.exists() and OutLock.held(folder):
             missing.append(f"{k}/{count} (running)")
         elif not path.exists():
@@ -91,7 +92,7 @@ def _merge(out: Path, count: int) -> Merged:
     stems: dict[str, str] = {}
     for k in sorted(done):
         folder = shard_folder(out, k, count)
-        results = folder / "results.jsonl"
+        results = folder / SHARD_RESULTS
         for number, line in enumerate(results.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             try:
                 data = json.loads(line)

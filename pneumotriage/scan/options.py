@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -16,11 +16,19 @@ from pneumotriage.runtime import usable_cores
 #: Threshold names, in the order reports show them.
 
 
+def _how(default: Any) -> Any:
+    """A field that says how the scan runs, not what it writes: it may change between a scan and its resume
+    (outputs move in the last float digits at most), so it is left out of :meth:`ScanOptions.signature`."""
+    return field(default=default, metadata={"how": True})
+
+
 @dataclass
 class ScanOptions:
-    """How to scan. Threshold fields left at None come from the checkpoints; ``batch_size`` and ``workers`` left
-    at None are chosen for the device (see :func:`plan_for`)."""
+    """How to scan, by what each part is for. Threshold fields left at None come from the checkpoints;
+    ``batch_size`` and ``workers`` left at None are chosen for the device (see :func:`plan_for`). Validated once
+    by :meth:`check`, where a scan (or tune) starts."""
 
+    # The decisions: thresholds (None: the checkpoints') and which images go to which model.
     gate: float | None = None
     top_score: float | None = None
     min_area: float | None = None
@@ -31,34 +39,39 @@ class ScanOptions:
     no_segment: bool = False
     tta: bool = False
     urgent_probability: float = 0.9
-    batch_size: int | None = None
-    workers: int | None = None
-    device: str = "auto"
-    rle_relative: bool = True
-    no_phi: bool = False
-    resume: bool = False
-    overlays: bool = True
     #: Model precision: "auto" (bf16 autocast on CUDA, float32 on a CPU), "bf16" or "fp32".
     precision: str = "auto"
-    #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
-    #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
-    jpeg_decode: str = "auto"
-    #: What runs the models on a CPU (:data:`pneumotriage.models.backends.BACKENDS`): "auto" (the fastest
-    #: installed, measured once per model and machine), "torch", "onnxruntime" or "openvino".
-    backend: str = "auto"
+    #: Input-check rules widened (:data:`pneumotriage.inputcheck.RULES`): images they would refuse are triaged.
+    accept: tuple[str, ...] = ()
+
+    # The outputs.
+    rle_relative: bool = True
+    no_phi: bool = False
+    overlays: bool = True
     #: DICOM outputs for a PACS (:mod:`pneumotriage.scan.pacs`): a Segmentation per outlined image, a
     #: Comprehensive SR per image, in ``OUT/dicom/``.
     dicom_seg: bool = False
     dicom_sr: bool = False
-    #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1".
-    submission: bool | None = None
-    #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
-    #: first batch waits for compilation; docs/performance.md has the figures).
-    compile: bool = False
     #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
     report_thumbnails: int = 100
-    #: Input-check rules widened (:data:`pneumotriage.inputcheck.RULES`): images they would refuse are triaged.
-    accept: tuple[str, ...] = ()
+    #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1". Written
+    #: at the end from the journaled rows, which it does not change.
+    submission: bool | None = _how(None)
+
+    # How the scan runs.
+    batch_size: int | None = _how(None)
+    workers: int | None = _how(None)
+    device: str = _how("auto")
+    resume: bool = _how(False)
+    #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
+    #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
+    jpeg_decode: str = _how("auto")
+    #: What runs the models on a CPU (:data:`pneumotriage.models.backends.BACKENDS`): "auto" (the fastest
+    #: installed, measured once per model and machine), "torch", "onnxruntime" or "openvino".
+    backend: str = _how("auto")
+    #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
+    #: first batch waits for compilation; docs/performance.md has the figures).
+    compile: bool = _how(False)
 
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
@@ -87,11 +100,10 @@ class ScanOptions:
         return self.submission if self.submission is not None else not self.no_segment
 
     def signature(self) -> dict[str, Any]:
-        """The options that change what a scan writes (a resume must use the same)."""
-        # Neither how the models run (compiled outputs move in the last float digits only) nor whether
-        # submission.csv is written at the end changes a journaled row.
-        skip = ("resume", "workers", "batch_size", "device", "jpeg_decode", "compile", "submission", "backend")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
+        """The options that change what a scan writes (a resume must use the same): all but those that say how
+        it runs."""
+        how = {f.name for f in fields(self) if f.metadata.get("how")}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in how}
 
 
 #: The largest batch a scan takes: 64 fills an H100; 4,096 images of 512 px are 4 GB of input alone.
@@ -148,12 +160,11 @@ def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
 
 def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> Thresholds:
     """The thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s. Every value is checked
-    (:meth:`ScanOptions.check`; a checkpoint's by :func:`_from_checkpoint`).
+    (``o``'s by :meth:`ScanOptions.check`, which the caller runs; a checkpoint's by :func:`_from_checkpoint`).
 
     The gate and the review threshold are decisions on the classifier's probability: each comes from the
     classifier's checkpoint, or from the segmenter's where `pneumotriage tune` chose it with this classifier (same
     sha256). A review threshold set nowhere is the gate in effect (checkpoints from before it existed)."""
-    o.check()
     t: dict[str, float] = {**DEFAULT_THRESHOLDS["classifier"], **DEFAULT_THRESHOLDS["segmenter"]}
     tuned_with = (segmenter.meta.get("tuning") or {}).get("classifier_sha256") if segmenter is not None else None
     for k in ("gate", "review"):
@@ -218,7 +229,6 @@ def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores:
     JPEG Baseline decoded in those workers when there are enough of them, else on the GPU.
     """
     cores = cores or usable_cores()
-    o.check()
     gpu = device.type == "cuda"
     if gpu:
         batch = o.batch_size or 64

@@ -11,6 +11,18 @@ from pathlib import Path
 
 from pneumotriage.errors import OutputError, PneumotriageError, UsageError
 from pneumotriage.io import printable
+from pneumotriage.outlayout import (
+    DICOM,
+    JOURNAL,
+    LOCK,
+    MASKS,
+    OVERLAYS,
+    SHARD_DONE,
+    SHARD_RESULTS,
+    SIGNATURE,
+    STATE,
+    OutLayout,
+)
 from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.records import ImageResult
@@ -20,9 +32,10 @@ from pneumotriage.scan.shards import Shard, claim_layout
 def take_back(out: Path, made: Sequence[Path]) -> None:
     """Remove the folders an empty scan made (with its lock, journal and signature), leaving every folder that was
     there before and anything another process put into them."""
-    if out / ".scan" in made:
-        for name in ("lock", "journal.jsonl", "signature.json"):
-            (out / ".scan" / name).unlink(missing_ok=True)
+    state = OutLayout(out).state
+    if state in made:
+        for name in (LOCK, JOURNAL, SIGNATURE):
+            (state / name).unlink(missing_ok=True)
     for folder in reversed(made):  # the deepest first
         with contextlib.suppress(OSError):  # not empty: it is not ours alone
             folder.rmdir()
@@ -60,9 +73,9 @@ def output_error(exc: OSError, out: Path) -> PneumotriageError:
 def claim(out: Path, shard: Shard | None, held: contextlib.ExitStack) -> Path:
     """Take ``out`` (or its shard's folder) for this scan: links refused, the layout claimed, the lock held (before
     the journal is read: no second scan into this --out, or this shard of it). Returns the journal's folder."""
-    refuse_links(out, [".scan", ".scan/shards", ".scan/thumbs", "masks", "overlays", "dicom"])
+    refuse_links(out, [STATE, f"{STATE}/shards", f"{STATE}/thumbs", MASKS, OVERLAYS, DICOM])
     folder = claim_layout(out, shard)
-    refuse_links(folder, ["", "journal.jsonl", "signature.json", "lock", "results.jsonl", "done.json"])
+    refuse_links(folder, ["", JOURNAL, SIGNATURE, LOCK, SHARD_RESULTS, SHARD_DONE])
     held_by = "another scan is writing to this output folder"
     if shard is not None:
         held_by = f"another process is scanning shard {shard.label} of this output folder"
@@ -94,3 +107,14 @@ def remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) -> 
     if stem and stem not in keep:
         thumbnail_path(out, stem).unlink(missing_ok=True)
         plain_path(out, stem).unlink(missing_ok=True)
+
+
+def journaled(out: Path, shard: Shard | None = None) -> int:
+    """How many images an interrupted scan into ``out`` (or its ``shard``) finished: the lines of its journal."""
+    layout = OutLayout(out)
+    folder = layout.shard(shard.index, shard.count) if shard is not None else layout.state
+    try:
+        with open(folder / JOURNAL, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0

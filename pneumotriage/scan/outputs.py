@@ -18,6 +18,7 @@ from pneumotriage.io import atomic_write_text, cell, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.models.foreign import RUNTIMES as GENERIC
+from pneumotriage.outlayout import SKIPPED, SUBMISSION, WORKLIST_CSV, WORKLIST_JSON
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY, rle_runs
 from pneumotriage.scan.records import PHI_FIELDS, ImageResult, ScanSummary
@@ -56,6 +57,18 @@ WORKLIST_FIELDS = (
 )
 
 
+def clinical_notes(models: list[dict[str, Any]]) -> list[str]:
+    """What every output of a scan says of its models that are not for clinical use (synthetic ones apart)."""
+    synthetic = [m["name"] for m in models if not m["clinical"] and m.get("note") == SYNTHETIC_NOTE]
+    other = [m["name"] for m in models if not m["clinical"] and m["name"] not in synthetic]
+    notes = []
+    if synthetic:
+        notes.append(f"{' and '.join(map(str, synthetic))}: {SYNTHETIC_NOTE}, not for clinical use")
+    if other:
+        notes.append(f"{' and '.join(map(str, other))}: not for clinical use")
+    return notes
+
+
 def summarise(
     out: Path,
     ranked: list[ImageResult],
@@ -82,12 +95,7 @@ def summarise(
         shown.append("classifier only (--no-segment): no outlines, areas or sides")
     elif decisions == "classifier":
         shown.append("classifier only (no segmenter given): no outlines, areas or sides")
-    synthetic = [m["name"] for m in models if not m["clinical"] and m.get("note") == SYNTHETIC_NOTE]
-    other = [m["name"] for m in models if not m["clinical"] and m["name"] not in synthetic]
-    if synthetic:
-        shown.append(f"{' and '.join(map(str, synthetic))}: {SYNTHETIC_NOTE}, not for clinical use")
-    if other:
-        shown.append(f"{' and '.join(map(str, other))}: not for clinical use")
+    shown += clinical_notes(models)
     for m in models:
         source = m.get("imported")
         if source:
@@ -164,11 +172,11 @@ def write_outputs(
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    atomic_write_text(out / "worklist.csv", buffer.getvalue())
-    atomic_write_text(out / "worklist.json", strict_json(worklist_document(summary, rows), indent=1) + "\n")
+    atomic_write_text(out / WORKLIST_CSV, buffer.getvalue())
+    atomic_write_text(out / WORKLIST_JSON, strict_json(worklist_document(summary, rows), indent=1) + "\n")
     if submission:
         write_rle_csv(
-            out / "submission.csv",
+            out / SUBMISSION,
             [
                 (cell(printable(r.image_id)), r.rle if rle_relative else absolute_rle(r.rle))
                 for r in by_image_id(summary.results).values()
@@ -176,13 +184,13 @@ def write_outputs(
             relative=rle_relative,
         )
     else:
-        (out / "submission.csv").unlink(missing_ok=True)
+        (out / SUBMISSION).unlink(missing_ok=True)
     skipped = io.StringIO()
     lines = csv.writer(skipped, lineterminator="\n")
     lines.writerow(["path", "reason"])
     for r in summary.skipped:
         lines.writerow([cell(printable(r.path)), cell(printable(r.error or "not DICOM"))])
-    atomic_write_text(out / "skipped.csv", skipped.getvalue())
+    atomic_write_text(out / SKIPPED, skipped.getvalue())
     write_report(summary, rows, no_phi=no_phi)
 
 

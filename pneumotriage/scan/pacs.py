@@ -31,6 +31,7 @@ import numpy as np
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
+from pneumotriage.outlayout import OutLayout
 from pneumotriage.scan.records import ImageResult
 from pneumotriage.version import __version__
 
@@ -366,12 +367,12 @@ def dicom_task(
         if seg and result.mask_file:
             with Image.open(out / result.mask_file) as picture:
                 mask = np.asarray(picture.convert("L")) >= 128
-            write_seg(ds, mask, out / "dicom" / f"{name}-seg.dcm", models, who)
+            write_seg(ds, mask, OutLayout(out).dicom_object(name, "seg"), models, who)
         if sr:
-            write_sr(ds, result, out / "dicom" / f"{name}-sr.dcm", models, who)
+            write_sr(ds, result, OutLayout(out).dicom_object(name, "sr"), models, who)
     except SourceChanged as exc:
         for kind in ("seg", "sr"):  # an object of an earlier scan of this file is not this row's either
-            (out / "dicom" / f"{name}-{kind}.dcm").unlink(missing_ok=True)
+            OutLayout(out).dicom_object(name, kind).unlink(missing_ok=True)
         return f"{result.path}: no DICOM output: {exc} (scan it again)"
     except Exception as exc:  # a source that vanished or does not parse since: the rest go on
         return f"{result.path}: no DICOM output ({type(exc).__name__}: {exc})"
@@ -384,7 +385,7 @@ def write_dicom(
     """The DICOM SEG and SR objects of every readable image, made in the workers once the tiers are known;
     returns a note for the images whose objects could not be made (their rows stand)."""
     rows = [r for r in ranked if r.status == "ok"]
-    (out / "dicom").mkdir(exist_ok=True)
+    OutLayout(out).dicom.mkdir(exist_ok=True)
     n = len(rows)
     failed = [
         e

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pneumotriage.outlayout import mask_file, overlay_file
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY
 
@@ -142,7 +143,7 @@ def row_from(data: object, where: str) -> ImageResult:
     stem = row.file_stem
     if stem is not None and not _STEM.fullmatch(stem):
         raise damaged(f"file_stem {stem!r} is not a plain file name")
-    for name, derived in (("mask_file", f"masks/{stem}.png"), ("overlay_file", f"overlays/{stem}.jpg")):
+    for name, derived in (("mask_file", mask_file(stem or "")), ("overlay_file", overlay_file(stem or ""))):
         value = getattr(row, name)
         if value is not None and (stem is None or value != derived):
             raise damaged(f"{name} {value!r} is not the file its row's name gives ({derived!r})")

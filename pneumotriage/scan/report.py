@@ -24,6 +24,7 @@ from jinja2 import Environment, Template
 from markupsafe import Markup
 
 from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
+from pneumotriage.outlayout import REPORT
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.records import ImageResult, ScanSummary
@@ -310,5 +311,5 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         no_phi=no_phi,
         version=__version__,
     )
-    with atomic_open_text(summary.out / "report.html") as fh:
+    with atomic_open_text(summary.out / REPORT) as fh:
         fh.write(page)

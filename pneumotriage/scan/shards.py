@@ -32,6 +32,7 @@ from typing import Any
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_text, strict_json
+from pneumotriage.outlayout import JOURNAL, SHARD_DONE, SHARD_RESULTS, OutLayout
 
 #: How ``--shard`` is written: K/N, K counted from 0.
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -71,12 +72,12 @@ class Shard:
 
 
 def shard_folder(out: Path, index: int, count: int) -> Path:
-    return out / ".scan" / "shards" / f"{index}-of-{count}"
+    return OutLayout(out).shard(index, count)
 
 
 def layout_of(out: Path) -> int | None:
     """The number of shards ``out`` was scanned in, or None when it holds no sharded scan."""
-    path = out / ".scan" / "shards.json"
+    path = OutLayout(out).shards_json
     if not path.exists():
         return None
     try:
@@ -100,8 +101,8 @@ def claim_layout(out: Path, shard: Shard | None) -> Path:
                 hint=f"continue it with --shard K/{count} --resume (or torchrun with {count} processes), then "
                 "`pneumotriage merge`; or choose another --out",
             )
-        return out / ".scan"
-    if (out / ".scan" / "journal.jsonl").exists():
+        return OutLayout(out).state
+    if (OutLayout(out).state / JOURNAL).exists():
         raise UsageError(
             "this output folder holds a scan by one process, not in shards",
             path=out,
@@ -114,20 +115,20 @@ def claim_layout(out: Path, shard: Shard | None) -> Path:
             hint=f"use --shard K/{count}, or choose another --out",
         )
     if count is None:
-        (out / ".scan").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / ".scan" / "shards.json", json.dumps({"count": shard.count}) + "\n")
+        OutLayout(out).state.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(OutLayout(out).shards_json, json.dumps({"count": shard.count}) + "\n")
     return shard.folder(out)
 
 
 def shard_started(folder: Path) -> None:
     """A shard (re)starts: until it ends, a merge must not take its earlier results as complete."""
-    (folder / "done.json").unlink(missing_ok=True)
+    (folder / SHARD_DONE).unlink(missing_ok=True)
 
 
 def write_shard(folder: Path, summary: Any, signature: dict[str, Any]) -> None:
     """Record a finished shard: its rows (results.jsonl), then done.json, which marks it complete."""
     lines = "".join(json.dumps(vars(r)) + "\n" for r in sorted(summary.results, key=lambda r: r.seq))
-    atomic_write_text(folder / "results.jsonl", lines)
+    atomic_write_text(folder / SHARD_RESULTS, lines)
     done = {
         "signature": signature,
         "counts": {k: summary.counts.get(k, 0) for k in ("decoded", "classified", "segmented", "resumed")},
@@ -136,4 +137,4 @@ def write_shard(folder: Path, summary: Any, signature: dict[str, Any]) -> None:
         "timings": summary.timings,
         "finished": time.time(),
     }
-    atomic_write_text(folder / "done.json", strict_json(done) + "\n")
+    atomic_write_text(folder / SHARD_DONE, strict_json(done) + "\n")
