@@ -144,7 +144,7 @@ def evaluate(
     """Score models (scanning DATA) or a submission CSV against labels: sensitivity and specificity at the
     scan's own decision (exact 95% intervals), by size and by view; the competition Dice; image-level ROC/PR and
     operating points with bootstrap intervals; calibration (ECE); plots, metrics.json and per_image.csv."""
-    from pneumotriage.evaluate import evaluate_results, evaluate_submission, headers_of, write_evaluation
+    from pneumotriage.evaluate import evaluate_models, evaluate_submission, write_evaluation
     from pneumotriage.models import load_models
 
     relative = relative_rle(rle)
@@ -170,34 +170,22 @@ def evaluate(
         options = scan_options(
             batch_size, workers, segment_all=segment_all, tta=tta, device=device, backend=backend, resume=resume
         )
-        from pneumotriage.scan import run as run_scan
-
-        summary = with_progress(
+        evaluation = with_progress(
             progress,
-            lambda on: run_scan(
-                [data], out_dir / "scan", classifier=loaded_cls, segmenter=loaded_seg, options=options, progress=on
+            lambda on: evaluate_models(
+                data,
+                labels,
+                out_dir,
+                classifier=loaded_cls,
+                segmenter=loaded_seg,
+                options=options,
+                bootstrap=bootstrap,
+                seed=seed,
+                large_cm2=large_cm2,
+                progress=on,
             ),
         )
-        source = {
-            "mode": "models",
-            "data": str(data),
-            "scan": str(out_dir / "scan"),
-            "models": summary.models,
-            "thresholds": summary.thresholds.as_dict(),
-            "score": "classifier probability" if loaded_cls is not None else "segmenter image score",
-        }
-        evaluation = evaluate_results(
-            summary.results + summary.skipped,  # not-DICOM files: counted as not scored
-            labels,
-            threshold=summary.thresholds.gate if loaded_cls is not None else 0.5,
-            source=source,
-            bootstrap=bootstrap,
-            seed=seed,
-            spacings={i: h.pixel_spacing_mm for i, h in headers_of(data).items()},
-            large_cm2=large_cm2,
-        )
         failed = evaluation.unreadable
-        evaluation.notes += [n for n in summary.notes if "not for clinical use" in n]  # in metrics.json too
     write_evaluation(evaluation, out_dir)
     if as_json:
         print((out_dir / "metrics.json").read_text(), end="")

@@ -45,6 +45,80 @@ train_app = typer.Typer(
 )
 
 
+class _TrainingProgress:
+    """A run's progress events as bars (or, without a terminal, a line every half minute) and a line per epoch,
+    with the time left estimated from the time per batch so far in this process."""
+
+    def __init__(self, bar: Any, epochs: int, *, quiet: bool) -> None:
+        self.bar, self.quiet = bar, quiet
+        self.epochs_task = bar.add_task("epochs", total=epochs, info="")
+        self.batches_task = bar.add_task("batches", total=None, info="")
+        now = time.monotonic()
+        self.run_started, self.epoch_started, self.said = now, now, now
+        self.done_before = 0.0  # epochs a resumed run had done before this process
+        self.epoch, self.epochs, self.batches = 0, epochs, 1
+
+    def eta(self, epoch: int, batch: int, batches: int) -> str:
+        """Time left for the run, from the time per batch so far in this run."""
+        done = epoch - self.done_before + batch / max(batches, 1)  # epochs done in this process
+        if done <= 0:
+            return "?"
+        left = (time.monotonic() - self.run_started) / done * (self.epochs - epoch - batch / max(batches, 1))
+        return f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, "_" + event["event"], None)
+        if handler is not None:
+            handler(event)
+
+    def _weights(self, event: dict[str, Any]) -> None:
+        err.print(f"starting from {event['start']}", highlight=False)
+
+    def _data(self, event: dict[str, Any]) -> None:
+        err.print(
+            f"train {event['train']} images ({event['train_positive']} positive), validation "
+            f"{event['val']} ({event['val_positive']} positive) on {event['device']}"
+            + (f" x{event['world_size']} processes" if event["world_size"] > 1 else ""),
+            highlight=False,
+        )
+
+    def _epoch_start(self, event: dict[str, Any]) -> None:
+        if self.done_before == 0.0 and event["epoch"]:
+            self.done_before = float(event["epoch"])  # resumed
+        self.epoch_started = time.monotonic()
+        self.bar.update(self.epochs_task, completed=event["epoch"], total=event["epochs"])
+        self.bar.reset(self.batches_task, total=event["batches"], info="")
+        self.epoch, self.epochs, self.batches = event["epoch"], event["epochs"], event["batches"]
+
+    def _batch(self, event: dict[str, Any]) -> None:
+        self.bar.update(self.batches_task, completed=event["batch"], info=f"loss {event['loss']:.4f}")
+        if self.quiet and time.monotonic() - self.said >= 30:
+            self.said = time.monotonic()
+            err.print(
+                f"epoch {self.epoch + 1}/{self.epochs}: batch {event['batch']}/{self.batches}, "
+                f"loss {event['loss']:.4f}; about {self.eta(self.epoch, event['batch'], self.batches)} left",
+                highlight=False,
+            )
+
+    def _epoch_end(self, event: dict[str, Any]) -> None:
+        m = event["metrics"]
+        self.bar.update(self.epochs_task, completed=event["epoch"] + 1)
+        sel = event["selection"]
+        figures = ", ".join(
+            f"{k[4:]} {v:.3f}"
+            for k, v in m.items()
+            if k.startswith("val_") and isinstance(v, float) and k[4:] in (sel, "auc", "recall", "dice_positives")
+        )
+        star = " [green]*best[/]" if m.get("best") else ""
+        took = time.monotonic() - self.epoch_started
+        left = self.eta(event["epoch"] + 1, 0, 1) if event["epoch"] + 1 < self.epochs else ""
+        err.print(
+            f"epoch {event['epoch'] + 1}/{self.epochs}: loss {m.get('train_loss', float('nan')):.4f}, "
+            f"{figures}{star} ({took:.0f} s" + (f"; about {left} left)" if left else ")"),
+            highlight=False,
+        )
+
+
 def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: Any) -> None:
     """Train by :class:`~pneumotriage.train.TrainConfig` built from ``options``, which the commands name by its
     fields (paths given as strings), with progress bars and a closing summary."""
@@ -61,70 +135,9 @@ def _run_training(kind: str, resume: Path | None, progress_on: bool, **options: 
         cfg = TrainConfig(kind=kind, **params)
     rank = int(os.environ.get("RANK", "0"))
     with bars(show=progress_on and rank == 0) as bar:
-        epochs = bar.add_task("epochs", total=cfg.epochs, info="")
-        batches = bar.add_task("batches", total=None, info="")
         # Without a terminal (a log file, a CI job) the bars do not show: a line every half minute instead.
-        quiet_bar = progress_on and rank == 0 and not err.is_terminal
-        clock = {"run": time.monotonic(), "epoch": time.monotonic(), "said": time.monotonic(), "done": 0.0}
-        state = {"epoch": 0, "epochs": cfg.epochs, "batches": 1}
-
-        def eta(epoch: int, total: int, batch: int, batches_: int) -> str:
-            """Time left for the run, from the time per batch so far in this run."""
-            done = epoch - clock["done"] + batch / max(batches_, 1)  # epochs done in this process
-            if done <= 0:
-                return "?"
-            left = (time.monotonic() - clock["run"]) / done * (total - epoch - batch / max(batches_, 1))
-            return f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
-
-        def on_event(event: dict[str, Any]) -> None:
-            kind_ = event["event"]
-            if kind_ == "weights":
-                err.print(f"starting from {event['start']}", highlight=False)
-            elif kind_ == "data":
-                err.print(
-                    f"train {event['train']} images ({event['train_positive']} positive), validation "
-                    f"{event['val']} ({event['val_positive']} positive) on {event['device']}"
-                    + (f" x{event['world_size']} processes" if event["world_size"] > 1 else ""),
-                    highlight=False,
-                )
-            elif kind_ == "epoch_start":
-                if clock["done"] == 0.0 and event["epoch"]:
-                    clock["done"] = float(event["epoch"])  # resumed: epochs done before this process
-                clock["epoch"] = time.monotonic()
-                bar.update(epochs, completed=event["epoch"], total=event["epochs"])
-                bar.reset(batches, total=event["batches"], info="")
-                state.update(epoch=event["epoch"], epochs=event["epochs"], batches=event["batches"])
-            elif kind_ == "batch":
-                bar.update(batches, completed=event["batch"], info=f"loss {event['loss']:.4f}")
-                if quiet_bar and time.monotonic() - clock["said"] >= 30:
-                    clock["said"] = time.monotonic()
-                    err.print(
-                        f"epoch {state['epoch'] + 1}/{state['epochs']}: batch {event['batch']}/{state['batches']}, "
-                        f"loss {event['loss']:.4f}; about "
-                        f"{eta(state['epoch'], state['epochs'], event['batch'], state['batches'])} left",
-                        highlight=False,
-                    )
-            elif kind_ == "epoch_end":
-                m = event["metrics"]
-                bar.update(epochs, completed=event["epoch"] + 1)
-                sel = event["selection"]
-                figures = ", ".join(
-                    f"{k[4:]} {v:.3f}"
-                    for k, v in m.items()
-                    if k.startswith("val_")
-                    and isinstance(v, float)
-                    and k[4:] in (sel, "auc", "recall", "dice_positives")
-                )
-                star = " [green]*best[/]" if m.get("best") else ""
-                took = time.monotonic() - clock["epoch"]
-                left = eta(event["epoch"] + 1, state["epochs"], 0, 1) if event["epoch"] + 1 < state["epochs"] else ""
-                err.print(
-                    f"epoch {event['epoch'] + 1}/{state['epochs']}: loss {m.get('train_loss', float('nan')):.4f}, "
-                    f"{figures}{star} ({took:.0f} s" + (f"; about {left} left)" if left else ")"),
-                    highlight=False,
-                )
-
-        result = train(cfg, resume=resume is not None, progress=on_event)
+        shown = _TrainingProgress(bar, cfg.epochs, quiet=progress_on and rank == 0 and not err.is_terminal)
+        result = train(cfg, resume=resume is not None, progress=shown.on_event)
     if rank == 0:
         stop = " (stopped early: no improvement)" if result.stopped_early else ""
         best = "none" if result.best_epoch is None else result.best_epoch + 1

@@ -15,13 +15,20 @@ The modules: :mod:`~pneumotriage.evaluate.figures` (every figure from the counts
 """
 
 from pneumotriage.evaluate.figures import PER_IMAGE_FIELDS, ImageScores, clinical_metrics, count_overlaps
-from pneumotriage.evaluate.sources import evaluate_results, evaluate_submission, headers_of, write_evaluation
+from pneumotriage.evaluate.sources import (
+    evaluate_models,
+    evaluate_results,
+    evaluate_submission,
+    headers_of,
+    write_evaluation,
+)
 
 __all__ = [
     "ImageScores",
     "PER_IMAGE_FIELDS",
     "clinical_metrics",
     "count_overlaps",
+    "evaluate_models",
     "evaluate_results",
     "evaluate_submission",
     "headers_of",

@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,11 @@ from pneumotriage.evaluate.figures import (
 )
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.labels import RleLabels, read_rle_csv
+
+if TYPE_CHECKING:
+    from pneumotriage.models import LoadedModel
+    from pneumotriage.runtime import Progress
+    from pneumotriage.scan import ScanOptions
 
 
 def headers_of(data: Path | None) -> dict[str, Any]:
@@ -229,3 +234,44 @@ def write_evaluation(evaluation: Evaluation, out: str | Path) -> list[Path]:
     atomic_write_text(out / "per_image.csv", per_image_csv(images))
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return [out / "metrics.json", out / "per_image.csv", *(out / name for name in figures)]
+
+
+def evaluate_models(
+    data: Path,
+    labels: str | Path,
+    out: Path,
+    *,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    options: ScanOptions,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    large_cm2: float = LARGE_CM2,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Scan the labelled DICOMs under ``data`` into ``out/scan`` with the models (:func:`pneumotriage.scan.run`),
+    then score the scan's rows: the image-level score is the classifier's probability (the segmenter's when there
+    is none) and the operating point the scan's gate."""
+    from pneumotriage.scan import clinical_notes, run
+
+    summary = run([data], out / "scan", classifier=classifier, segmenter=segmenter, options=options, progress=progress)
+    source = {
+        "mode": "models",
+        "data": str(data),
+        "scan": str(out / "scan"),
+        "models": summary.models,
+        "thresholds": summary.thresholds.as_dict(),
+        "score": "classifier probability" if classifier is not None else "segmenter image score",
+    }
+    evaluation = evaluate_results(
+        summary.results + summary.skipped,  # not-DICOM files: counted as not scored
+        labels,
+        threshold=summary.thresholds.gate if classifier is not None else 0.5,
+        source=source,
+        bootstrap=bootstrap,
+        seed=seed,
+        spacings={i: h.pixel_spacing_mm for i, h in headers_of(data).items()},
+        large_cm2=large_cm2,
+    )
+    evaluation.notes += clinical_notes(summary.models)  # in metrics.json too
+    return evaluation

@@ -84,6 +84,7 @@ def predict_once(
 
     torch_device = pick_device(device)
     options = ScanOptions(batch_size=batch_size, workers=workers, device=device, backend=backend)
+    options.check()
     plan = plan_for(
         options, torch_device, max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else []))
     )
