@@ -189,3 +189,24 @@ def test_no_module_is_over_500_lines_without_a_reason() -> None:
         if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES and name not in LONG_MODULES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_threshold_names_have_one_definition() -> None:
+    """The thresholds are ``Thresholds.ALL``: the scan's options, their checks, the checkpoints' defaults, the scan
+    command's options and tune's grid all follow it."""
+    import inspect
+    from dataclasses import fields
+
+    from pneumotriage.cli.scan import scan
+    from pneumotriage.models.spec import DEFAULT_THRESHOLDS
+    from pneumotriage.postprocess import Thresholds
+    from pneumotriage.scan import ScanOptions
+    from pneumotriage.scan.options import _THRESHOLD_CHECKS
+    from pneumotriage.tune import Grid
+
+    names = set(Thresholds.ALL)
+    assert names <= {f.name for f in fields(ScanOptions)}
+    assert set(_THRESHOLD_CHECKS) == names
+    assert set(DEFAULT_THRESHOLDS["classifier"]) | set(DEFAULT_THRESHOLDS["segmenter"]) <= names
+    assert names <= set(inspect.signature(scan).parameters)
+    assert set(Thresholds.NAMES) == {f.name for f in fields(Grid)}
