@@ -21,7 +21,7 @@ TOP = {"pneumotriage", "pneumotriage.cli"}
 #: The layers, lowest first, as README's "How the code is laid out" lists them; a name ending in "." stands for
 #: a package and all its modules. A module may import from its own layer and those before it.
 LAYERS = [
-    ["version", "errors", "io", "runtime", "outlayout", "normalisations", "native"],
+    ["version", "errors", "io", "runtime", "outlayout", "distributed", "normalisations", "native"],
     ["dicom.", "rle", "inputcheck"],
     ["labels", "metrics"],
     ["folds"],

@@ -27,9 +27,10 @@ import torch
 from typer.testing import CliRunner
 
 from pneumotriage.cli import app
+from pneumotriage.distributed import Ranks
 from pneumotriage.models import ModelSpec, build_model, save_checkpoint
 from pneumotriage.scan.shards import Shard
-from pneumotriage.scan.torchrun import Ranks, Relay
+from pneumotriage.scan.torchrun import Relay
 from pneumotriage.synth import write_study
 
 TIMEOUT_S = 240

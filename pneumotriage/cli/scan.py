@@ -126,6 +126,7 @@ def scan(
 
     Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
     its own GPU) and the first merges them into one worklist."""
+    from pneumotriage.distributed import joined, launched
     from pneumotriage.models import load_models
     from pneumotriage.scan import Shard, journaled, torchrun
     from pneumotriage.scan import run as run_scan
@@ -168,12 +169,12 @@ def scan(
         accept=tuple(accept or ()),
     )
     one_shard = Shard.parse(shard) if shard is not None else None
-    if one_shard is not None and torchrun.launched():
+    if one_shard is not None and launched():
         raise UsageError("--shard under torchrun: each rank takes its own shard; leave --shard out")
     loaded_cls = load_models(classifier, "classifier")
     loaded_seg = load_models(segmenter, "segmenter")
-    if torchrun.launched():
-        with torchrun.joined(device) as ranks:
+    if launched():
+        with joined(device) as ranks:
             options.device = str(ranks.device)
             options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
             merged = with_progress(

@@ -9,18 +9,14 @@ scan never meets a collective's timeout. Rank 0 shows one progress bar for the w
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pneumotriage.distributed import Ranks
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import Progress, pick_device
+from pneumotriage.runtime import Progress
 from pneumotriage.scan.engine import run
 from pneumotriage.scan.merge import merge_shards
 from pneumotriage.scan.options import ScanOptions
@@ -29,75 +25,6 @@ from pneumotriage.scan.shards import Shard
 
 #: The counters each rank adds to the store, as its scan's progress events name them.
 COUNTERS = ("decoded", "classified", "segmented", "errors", "skipped", "resumed")
-
-
-def launched() -> bool:
-    """Whether this process is one of several that ``torchrun`` (or a launcher setting the same variables)
-    started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-@dataclass
-class Ranks:
-    """This process's place in the job, from torchrun's environment, and the store the ranks share."""
-
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-    #: How many times torchrun restarted the job (``--max-restarts``): a restarted rank resumes its shard.
-    restart: int
-    device: torch.device
-    store: Any
-
-    @property
-    def shard(self) -> Shard:
-        return Shard(self.rank, self.world)
-
-
-def _share_cores(local_rank: int, local_world: int) -> None:
-    """Give this rank its own share of the machine's cores (its worker processes inherit it, and ``auto`` sizes
-    its workers and threads by it): ranks sharing a machine would otherwise each start a torch thread and a
-    worker per core, and slow one another down."""
-    if local_world <= 1 or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    mine = cores[local_rank * len(cores) // local_world : (local_rank + 1) * len(cores) // local_world]
-    os.sched_setaffinity(0, mine or [cores[local_rank % len(cores)]])
-
-
-@contextlib.contextmanager
-def joined(device_name: str = "auto") -> Iterator[Ranks]:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), and leave it cleanly."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import PrefixStore
-    from torch.distributed.rendezvous import rendezvous
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    # "auto" and a bare "cuda" mean this rank's own GPU; "cuda:1" is taken as given.
-    device = pick_device("auto" if device_name == "cuda" and torch.cuda.is_available() else device_name, local_rank)
-    _share_cores(local_rank, local_world)  # on a GPU machine too: each rank's decoding workers on its own cores
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # One connection to the rendezvous store serves the process group and this module's counters.
-    store, _, _ = next(rendezvous("env://", rank, world))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    # Keys of a restarted job's attempt apart from the failed attempt's (the store outlives the workers).
-    ours = PrefixStore(f"pneumotriage/{restart}", store)
-    dist.init_process_group(
-        backend,
-        store=PrefixStore("pg", ours),
-        rank=rank,
-        world_size=world,
-        device_id=device if device.type == "cuda" else None,
-    )
-    try:
-        yield Ranks(rank, world, local_rank, local_world, restart, device, PrefixStore("scan", ours))
-    finally:
-        dist.destroy_process_group()
 
 
 class Relay:
@@ -158,7 +85,13 @@ def run_ranks(
             emit(relay.job(event["walked"], event["walk_done"]))
 
     finished = run(
-        inputs, out, classifier=classifier, segmenter=segmenter, options=options, progress=on_event, shard=ranks.shard
+        inputs,
+        out,
+        classifier=classifier,
+        segmenter=segmenter,
+        options=options,
+        progress=on_event,
+        shard=Shard(ranks.rank, ranks.world),
     )
     relay.report(finished.counts, force=True)
     relay.finished()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pneumotriage.distributed import joined, launched
 from pneumotriage.errors import PneumotriageError
 from pneumotriage.io import atomic_write_text
 from pneumotriage.runtime import pick_device
@@ -35,29 +35,13 @@ class Dist:
 
 @contextmanager
 def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
-    """Join the process group that ``torchrun`` describes in the environment (or run alone)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group that ``torchrun`` describes in the environment (:func:`pneumotriage.distributed.joined`,
+    as a scan does; the cores are not split, DataLoader workers use them), or run alone."""
+    if not launched():
         yield Dist(), pick_device(device_name)
         return
-    import torch.distributed as tdist
-
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_name, dist.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield dist, device
-    finally:
-        tdist.destroy_process_group()
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    with joined(device_name, share_cores=False) as ranks:
+        yield Dist(ranks.rank, ranks.world, ranks.local_rank), ranks.device
 
 
 def broadcast_int(value: int, dist: Dist, device: torch.device) -> int:
