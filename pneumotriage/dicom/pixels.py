@@ -80,12 +80,18 @@ def open_image(path: str | Path) -> tuple[Dataset, DicomHeader, list[str]]:
     return ds, header, notes
 
 
-def decode_pixels(ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_to: int | None = None) -> DicomImage:
-    """The pixels of a data set from :func:`open_image`, decoded as :func:`read_dicom` describes."""
+def decode_pixels(
+    ds: Dataset, header: DicomHeader, notes: list[str], *, reduce_to: int | None = None, again: DicomImage | None = None
+) -> DicomImage:
+    """The pixels of a data set from :func:`open_image`, decoded as :func:`read_dicom` describes. ``again``: this
+    data set decoded before (at another size), whose pixel data checks need not run twice."""
     path = header.path
     photometric = str(ds.PhotometricInterpretation).strip().upper()
-    source_shape = check_jpeg_size(ds, header)
-    check_pixel_data(ds, header)
+    if again is None:
+        source_shape = check_jpeg_size(ds, header)
+        check_pixel_data(ds, header)
+    else:
+        source_shape = again.original_shape
     try:
         _check_rescale(ds)
     except ValueError as exc:

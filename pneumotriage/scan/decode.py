@@ -153,7 +153,7 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
             # Decoded again as training decodes it (``read_dicom(reduce_to=size)``): a JPEG the codec reduces to
             # the model's size is not the image reduced to the display size and then resized, and a model should
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
-            pixels = decode_pixels(source.ds, source.header, [], reduce_to=size).pixels
+            pixels = decode_pixels(source.ds, source.header, [], reduce_to=size, again=image).pixels
         arena.image(slot, key)[...] = square(pixels, size)[0].numpy()
     if any(source.flip):
         # Upright for the models (the engine turns their maps back: masks and overlays keep the stored grid).
