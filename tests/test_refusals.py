@@ -674,7 +674,9 @@ def _write_journal(out: Path, rows: list[Any]) -> None:
     (out / ".scan" / "journal.jsonl").write_text(text)
 
 
-@pytest.mark.parametrize("forgery", ["mask_file", "overlay_file", "file_stem", "not-json", "unknown-field", "type"])
+@pytest.mark.parametrize(
+    "forgery", ["mask_file", "overlay_file", "file_stem", "not-json", "unknown-field", "type", "status"]
+)
 def test_a_forged_journal_is_one_line_and_touches_nothing(
     study: StudySummary, models: dict[str, Path], tmp_path: Path, forgery: str
 ) -> None:
@@ -696,6 +698,8 @@ def test_a_forged_journal_is_one_line_and_touches_nothing(
         first["evil"] = 1
     elif forgery == "type":
         first["probability"] = "high"
+    elif forgery == "status":
+        first["status"] = "urgent-ish"
     lines: list[Any] = rows
     if forgery == "not-json":
         lines = ["{not json", *rows]

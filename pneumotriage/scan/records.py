@@ -6,14 +6,19 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pneumotriage.outlayout import mask_file, overlay_file
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.rle import EMPTY
 
+#: A worklist tier.
+Tier = Literal["urgent", "review", "routine"]
 #: Worklist tiers, most urgent first.
-TIERS = ("urgent", "review", "routine")
+TIERS: tuple[Tier, ...] = ("urgent", "review", "routine")
+#: What became of a file: "ok" (triaged), "error" (a DICOM that cannot be used, or an answer the scan cannot
+#: trust), "not triaged" (refused by the input check) or "skipped" (not DICOM: never in the worklist).
+Status = Literal["ok", "error", "not triaged", "skipped"]
 
 
 def _phi(*keywords: str) -> Any:
@@ -28,10 +33,10 @@ class ImageResult:
 
     image_id: str
     path: str
-    status: str  # "ok" | "error" (a DICOM that cannot be used) | "skipped" (not DICOM: never in the worklist)
+    status: Status
     error: str | None = None
     rank: int = 0
-    tier: str = "review"
+    tier: Tier = "review"
     probability: float | None = None
     segmented: bool = False
     area_px: int | None = None
@@ -104,6 +109,8 @@ _SIMPLE = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
 
 
 def _allowed(hint: Any) -> tuple[type, ...]:
+    if typing.get_origin(hint) is Literal:
+        return tuple({type(v) for v in typing.get_args(hint)})
     allowed: list[type] = []
     for part in typing.get_args(hint) or (hint,):
         allowed += [type(None)] if part is type(None) else list(_SIMPLE.get(part, (object,)))
@@ -111,6 +118,8 @@ def _allowed(hint: Any) -> tuple[type, ...]:
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+#: The values a field of a Literal type may take.
+_FIELD_VALUES: dict[str, tuple[Any, ...]] = {}
 
 
 def row_from(data: object, where: str) -> ImageResult:
@@ -123,6 +132,13 @@ def row_from(data: object, where: str) -> ImageResult:
     if not _FIELD_TYPES:
         hints = typing.get_type_hints(ImageResult)
         _FIELD_TYPES.update({f.name: _allowed(hints[f.name]) for f in fields(ImageResult)})
+        _FIELD_VALUES.update(
+            {
+                f.name: typing.get_args(hints[f.name])
+                for f in fields(ImageResult)
+                if typing.get_origin(hints[f.name]) is Literal
+            }
+        )
 
     def damaged(why: str) -> UsageError:
         return UsageError(
@@ -137,6 +153,8 @@ def row_from(data: object, where: str) -> ImageResult:
     for name, value in data.items():
         if not isinstance(value, _FIELD_TYPES[name]) or (isinstance(value, bool) and bool not in _FIELD_TYPES[name]):
             raise damaged(f"{name} is {type(value).__name__}")
+        if name in _FIELD_VALUES and value not in _FIELD_VALUES[name]:
+            raise damaged(f"{name} is {value!r}, not one of {', '.join(map(repr, _FIELD_VALUES[name]))}")
     if "image_id" not in data or "path" not in data or "status" not in data:
         raise damaged("image_id, path or status missing")
     row = ImageResult(**data)

@@ -236,7 +236,7 @@ def _row(
                 "compact": key in _COMPACT and bool(text),
             }
         )
-    classes = [result.tier]
+    classes: list[str] = [result.tier]
     if result.status != "ok":
         classes.append("error")
     if result.flag:

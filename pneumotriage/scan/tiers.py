@@ -6,10 +6,10 @@ from typing import Any
 
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.options import ScanOptions
-from pneumotriage.scan.records import TIERS, ImageResult
+from pneumotriage.scan.records import TIERS, ImageResult, Tier
 
 
-def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, segmented_run: bool) -> str:
+def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, segmented_run: bool) -> Tier:
     """Priority rules (documented in the README):
 
     - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when nothing was

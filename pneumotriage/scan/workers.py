@@ -32,7 +32,7 @@ from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make
 from pneumotriage.scan.discover import Found
 from pneumotriage.scan.finish import THUMBNAIL, FinishJob, finish, grey_thumbnail, overlay, write_thumbnail
 from pneumotriage.scan.read import read
-from pneumotriage.scan.records import ImageResult
+from pneumotriage.scan.records import ImageResult, Status
 
 _ARENA: SlotArena | None = None
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class Decoded:
     (an image the input check refused: not a frontal chest radiograph, or not one read truly) or "skipped" (not
     DICOM at all). An "ok" image is in its slot, or (``jpeg``) still compressed for the device."""
 
-    status: str
+    status: Status
     error: str | None = None
     identity: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, int] = (0, 0)
