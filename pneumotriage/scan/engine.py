@@ -299,7 +299,7 @@ class _Scan:
         self.model_s = 0.0
         # On a CPU the models' process would only wait while decoding lags, so it finishes images itself then; on
         # a GPU it is the feeder, and every millisecond it spends finishing the GPU waits.
-        self.finish_here = device.type == "cpu"
+        self.finish_here = device.type == "cpu" and not options.finish_in_workers
 
     def seen_or_done(self, found: Found) -> bool:
         """Note ``found`` as part of this scan; True when an earlier run finished it (it is not scanned again)."""

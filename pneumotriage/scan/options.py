@@ -72,6 +72,10 @@ class ScanOptions:
     #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
     #: first batch waits for compilation; docs/performance.md has the figures).
     compile: bool = _how(False)
+    #: Where segmented images are finished (post-processed, encoded, written): None (auto: on a GPU in the
+    #: workers; on a CPU in this process too whenever the models would wait for decoding), or True: always in
+    #: the workers, as on a GPU (``benchmarks/scan.py --feeder`` measures the feeding process so).
+    finish_in_workers: bool | None = _how(None)
 
     def check(self) -> None:
         """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
