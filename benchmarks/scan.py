@@ -173,12 +173,16 @@ def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
         return time.perf_counter() - t0
 
 
-def ceiling(args: argparse.Namespace, tmp: Path) -> None:
+def _zero_cost(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path], LoadedModel, LoadedModel]:
+    """The study's folder and files, and the near-zero-cost classifier and segmenter at 512 px."""
     folder = _folder(args, tmp)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return folder, files, _stub("classifier", _Constant(), 512), _stub("segmenter", _OneRegion(), 512)
+
+
+def ceiling(args: argparse.Namespace, tmp: Path) -> None:
+    folder, files, clf, seg = _zero_cost(args, tmp)
     size = 512
-    clf = _stub("classifier", _Constant(), size)
-    seg = _stub("segmenter", _OneRegion(), size)
     auto = plan_for(ScanOptions(), torch.device("cpu"), size).workers
     print(
         f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores (auto: {auto} worker"
@@ -220,11 +224,8 @@ def _main_cpu_s() -> float:
 
 def feeder(args: argparse.Namespace, tmp: Path) -> None:
     """The feeding process's own CPU per image, as on a GPU: near-zero-cost models, finishing in the workers."""
-    folder = _folder(args, tmp)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    folder, files, clf, seg = _zero_cost(args, tmp)
     size = 512
-    clf = _stub("classifier", _Constant(), size)
-    seg = _stub("segmenter", _OneRegion(), size)
     workers = _auto(args.workers) or 1
     batch = args.batch_size or 64
     print(
