@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 # Peers the tests check imported models against (tests/test_imports.py), in a folder of their own that only those
 # tests put on their path: TorchXRayVision, segmentation_models_pytorch, and what they import beyond our own
-# dependencies (huggingface_hub pinned to a release that needs nothing more).
+# dependencies (huggingface_hub pinned to a release that needs nothing more; tqdm, which both import and the tool
+# does not).
 REFERENCE := $(VENV)/reference
 REFERENCE_PACKAGES := torchxrayvision==1.5.7 pandas imageio requests python-dateutil pytz tzdata six urllib3 idna \
 	charset-normalizer certifi segmentation-models-pytorch==0.6.0 timm==1.0.31 huggingface_hub==0.26.5 safetensors \
-	pyyaml
+	pyyaml tqdm
 
 .PHONY: demo test lint bench clean
 

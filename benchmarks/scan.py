@@ -274,7 +274,7 @@ _XRV_FILE = "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt"
 
 def _peer_site(site: Path) -> None:
     """torchxrayvision and what it imports beyond our own dependencies, in a scratch folder."""
-    if (site / "torchxrayvision").is_dir():
+    if (site / "torchxrayvision").is_dir() and (site / "tqdm").is_dir():
         return
     packages = [
         "torchxrayvision",
@@ -289,6 +289,7 @@ def _peer_site(site: Path) -> None:
         "idna",
         "charset-normalizer",
         "certifi",
+        "tqdm",
     ]
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *packages], check=True
