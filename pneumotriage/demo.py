@@ -119,6 +119,21 @@ def pack(checkpoint: Path, dest: Path) -> Path:
     return dest
 
 
+def against_shipped(spec: WeightSpec, path: Path, digest: str) -> str:
+    """How a demo weight built here (``weights fetch --rebuild``) compares with the file the package ships: the
+    same bytes, or its validation figures beside the shipped file's."""
+    from pneumotriage.weights import bundled_path
+
+    shipped = bundled_path(spec) if spec.bundled else None
+    if shipped is None or not shipped.is_file():
+        return "no shipped file to compare with"
+    if digest == spec.sha256:
+        return "the same bytes as the shipped file"
+    here, there = quality(path), quality(shipped)
+    figures = ", ".join(f"{k} {here.get(k, float('nan')):.3f} (shipped {v:.3f})" for k, v in there.items())
+    return f"different bytes from the shipped file; validation {figures}"
+
+
 def quality(path: Path) -> dict[str, float]:
     """The validation figures of a demo weight, read from its file. Classifier: ROC AUC and the sensitivity at
     its gate. Segmenter, at the thresholds tuned with the classifier: the competition Dice, and the share of

@@ -210,3 +210,18 @@ def test_the_threshold_names_have_one_definition() -> None:
     assert set(DEFAULT_THRESHOLDS["classifier"]) | set(DEFAULT_THRESHOLDS["segmenter"]) <= names
     assert names <= set(inspect.signature(scan).parameters)
     assert set(Thresholds.NAMES) == {f.name for f in fields(Grid)}
+
+
+def test_the_train_commands_options_are_the_training_configs_fields() -> None:
+    """`train classifier|segmenter` hand every option (``dict(locals())``) to :class:`TrainConfig` by name: an
+    option that is not one of its fields, or a helper variable added above that line, would fail at run time."""
+    import inspect
+    from dataclasses import fields
+
+    from pneumotriage.cli.train import train_classifier, train_segmenter
+    from pneumotriage.train import TrainConfig
+
+    config = {f.name for f in fields(TrainConfig)}
+    for command in (train_classifier, train_segmenter):
+        options = set(inspect.signature(command).parameters) - {"resume", "progress"}
+        assert options <= config, f"{command.__name__}: {sorted(options - config)} are not TrainConfig fields"

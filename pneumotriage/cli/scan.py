@@ -126,7 +126,7 @@ def scan(
 
     Under `torchrun --nproc-per-node G -m pneumotriage scan ...` each process scans its share of the files (on
     its own GPU) and the first merges them into one worklist."""
-    from pneumotriage.distributed import joined, launched
+    from pneumotriage.distributed import launched
     from pneumotriage.models import load_models
     from pneumotriage.scan import Shard, journaled, torchrun
     from pneumotriage.scan import run as run_scan
@@ -174,21 +174,14 @@ def scan(
     loaded_cls = load_models(classifier, "classifier")
     loaded_seg = load_models(segmenter, "segmenter")
     if launched():
-        with joined(device) as ranks:
-            options.device = str(ranks.device)
-            options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
-            merged = with_progress(
-                progress and ranks.rank == 0,
-                lambda on_event: torchrun.run_ranks(
-                    paths,
-                    out_dir,
-                    ranks,
-                    classifier=loaded_cls,
-                    segmenter=loaded_seg,
-                    options=options,
-                    progress=on_event,
-                ),
-            )
+        merged = torchrun.scan_launched(
+            paths,
+            out_dir,
+            classifier=loaded_cls,
+            segmenter=loaded_seg,
+            options=options,
+            shown=lambda rank0, job: with_progress(progress and rank0, job),
+        )
         if merged is None:
             return  # not rank 0: quiet; rank 0 reports the whole job
         report_scan(merged, as_json=as_json, no_phi=no_phi, verbose=verbose)

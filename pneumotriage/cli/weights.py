@@ -158,8 +158,7 @@ def _rebuild(cache: Any, specs: list[Any], precision: str) -> None:
     shipped file, bytes and validation figures."""
     from rich.progress import Progress
 
-    from pneumotriage.demo import NAMES, build_all, quality
-    from pneumotriage.weights import bundled_path
+    from pneumotriage.demo import NAMES, against_shipped, build_all
 
     no_recipe = [spec.name for spec in specs if not spec.recipe]
     if no_recipe:
@@ -178,16 +177,7 @@ def _rebuild(cache: Any, specs: list[Any], precision: str) -> None:
 
         built = build_all(cache, progress=on_event, precision=precision)
     for name, (path, digest) in zip(NAMES, built, strict=True):
-        spec = cache.registry.get_spec(name)
-        shipped = bundled_path(spec) if spec.bundled else None
-        if shipped is None or not shipped.is_file():
-            compare = "no shipped file to compare with"
-        elif digest == spec.sha256:
-            compare = "the same bytes as the shipped file"
-        else:
-            here, there = quality(path), quality(shipped)
-            figures = ", ".join(f"{k} {here.get(k, float('nan')):.3f} (shipped {v:.3f})" for k, v in there.items())
-            compare = f"different bytes from the shipped file; validation {figures}"
+        compare = against_shipped(cache.registry.get_spec(name), path, digest)
         err.print(f"[green]built[/] {name}: sha256 {digest}: {compare}", highlight=False)
         out.print(str(path), highlight=False, soft_wrap=True)
 

@@ -10,11 +10,11 @@ scan never meets a collective's timeout. Rank 0 shows one progress bar for the w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pneumotriage.distributed import Ranks
+from pneumotriage.distributed import Ranks, joined
 from pneumotriage.models import LoadedModel
 from pneumotriage.runtime import Progress
 from pneumotriage.scan.engine import run
@@ -103,3 +103,27 @@ def run_ranks(
         time.sleep(0.2)
     merged: ScanSummary = merge_shards(out).summary
     return merged
+
+
+def scan_launched(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    options: ScanOptions,
+    shown: Callable[[bool, Callable[[Progress], ScanSummary | None]], ScanSummary | None],
+) -> ScanSummary | None:
+    """The scan of this rank of a job torchrun started: join the process group on this rank's device, scan its
+    shard (resuming it after torchrun restarted the job), and on rank 0 merge. ``shown(rank0, job)`` runs ``job``
+    with a progress callback (the caller's bars, shown on rank 0 alone). Returns the merged summary on rank 0,
+    None on the others."""
+    with joined(options.device) as ranks:
+        options.device = str(ranks.device)
+        options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
+        return shown(
+            ranks.rank == 0,
+            lambda on_event: run_ranks(
+                inputs, out, ranks, classifier=classifier, segmenter=segmenter, options=options, progress=on_event
+            ),
+        )
