@@ -86,10 +86,6 @@ class OutLayout:
     def shards_json(self) -> Path:
         return self.state / SHARDS_JSON
 
-    def file(self, name: str) -> Path:
-        """A file at the top of ``--out`` (:data:`WORKLIST_CSV`, :data:`REPORT`, ...)."""
-        return self.out / name
-
     def mask(self, stem: str) -> Path:
         return self.out / mask_file(stem)
 

@@ -36,8 +36,8 @@ def test_report_renders_in_chromium(scan_input: Path, models: dict[str, Path], t
 def _reading_list(out: Path, n: int = 30) -> list[ImageResult]:
     """A ranked scan of ``n`` images as a scan leaves it (pictures included): urgent, review and routine rows with
     long UID-like ids and patient ids, an unreadable file and one not triaged."""
+    from pneumotriage.outlayout import OutLayout
     from pneumotriage.postprocess import Thresholds
-    from pneumotriage.scan.finish import plain_path, thumbnail_path
     from pneumotriage.scan.outputs import summarise, write_outputs
 
     rng = np.random.default_rng(3)
@@ -68,10 +68,10 @@ def _reading_list(out: Path, n: int = 30) -> list[ImageResult]:
         if r.file_stem is None:
             continue
         grey = int(40 + 200 * (r.probability or 0))
-        Image.new("RGB", (192, 192), (grey, grey, grey)).save(thumbnail_path(out, r.file_stem))
+        Image.new("RGB", (192, 192), (grey, grey, grey)).save(OutLayout(out).thumbnail(r.file_stem))
         if r.overlay_file:
             Image.new("RGB", (512, 512), (200, 30, 30)).save(out / r.overlay_file)
-            Image.new("RGB", (512, 512), (grey, grey, grey)).save(plain_path(out, r.file_stem))
+            Image.new("RGB", (512, 512), (grey, grey, grey)).save(OutLayout(out).plain_thumbnail(r.file_stem))
     write_outputs(summary)
     return ranked
 

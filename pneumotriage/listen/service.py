@@ -35,8 +35,9 @@ from pneumotriage.io import atomic_write_text
 from pneumotriage.listen.inbox import Inbox, StudyState
 from pneumotriage.listen.node import NodeOptions, StorageNode
 from pneumotriage.listen.sender import Destination, SendError, StowDestination
+from pneumotriage.outlayout import OutLayout
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.scan import ImageResult, ScanOptions, plain_path, row_from, thumbnail_path
+from pneumotriage.scan import ImageResult, ScanOptions, row_from
 
 #: The columns of studies.csv: one row per study received.
 STUDY_FIELDS = (
@@ -220,10 +221,10 @@ class Listener:
             study = study_of.get(r.path) or Path(r.path).parent.parent.name
             rows.setdefault(study, []).append(r)
             if r.file_stem:  # its pictures, where the combined report looks for them
-                for picture in (thumbnail_path, plain_path):
-                    source = picture(folder, r.file_stem)
+                for picture in (OutLayout.thumbnail, OutLayout.plain_thumbnail):
+                    source = picture(OutLayout(folder), r.file_stem)
                     if source.is_file():
-                        target = picture(self.out, r.file_stem)
+                        target = picture(OutLayout(self.out), r.file_stem)
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(source, target)
         objects = self._result_objects(folder)

@@ -26,7 +26,6 @@ from pneumotriage.scan import torchrun
 from pneumotriage.scan.decode import turned
 from pneumotriage.scan.discover import Found
 from pneumotriage.scan.engine import run
-from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.infer import choose_backends, classify, prepare_models, segment
 from pneumotriage.scan.merge import ShardsMissing, merge_shards
 from pneumotriage.scan.options import Plan, ScanOptions, cpu_batch, plan_for, scan_thresholds
@@ -42,7 +41,7 @@ from pneumotriage.scan.outputs import (
 )
 from pneumotriage.scan.pacs import write_kos
 from pneumotriage.scan.records import TIERS, ImageResult, ScanSummary, row_from
-from pneumotriage.scan.shards import Shard, shard_folder
+from pneumotriage.scan.shards import Shard
 from pneumotriage.scan.stream import decoded_batches, model_inputs
 from pneumotriage.scan.tiers import rank, reason_of
 from pneumotriage.scan.workers import Workers, decode_task
@@ -69,7 +68,6 @@ __all__ = [
     "journaled",
     "merge_shards",
     "model_inputs",
-    "plain_path",
     "plan_for",
     "prepare_models",
     "rank",
@@ -78,9 +76,7 @@ __all__ = [
     "run",
     "scan_thresholds",
     "segment",
-    "shard_folder",
     "summarise",
-    "thumbnail_path",
     "torchrun",
     "turned",
     "worklist_document",

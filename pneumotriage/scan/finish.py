@@ -197,15 +197,18 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         flag=implausible(found) if found is not None else None,
     )
     if found is not None:
+        layout = OutLayout(job.out)
         png = mask_png(found.mask, found.top, found.left, job.shape)
-        atomic_write_bytes(OutLayout(job.out).mask(job.name), png, durable=False)
+        atomic_write_bytes(layout.mask(job.name), png, durable=False)
         result.mask_file = mask_file(job.name)
         if job.overlays:
             shown = overlay(display, _shown_mask(found, job.display_shape))
-            atomic_write_bytes(OutLayout(job.out).overlay(job.name), jpeg(shown, quality=90), durable=False)
+            atomic_write_bytes(layout.overlay(job.name), jpeg(shown, quality=90), durable=False)
             result.overlay_file = overlay_file(job.name)
             # The same picture without the outline, for the report's "outline off" (outlined images only).
-            atomic_write_bytes(plain_path(job.out, job.name), jpeg(Image.fromarray(display), quality=85), durable=False)
+            atomic_write_bytes(
+                layout.plain_thumbnail(job.name), jpeg(Image.fromarray(display), quality=85), durable=False
+            )
             # Its report thumbnail is cut from the overlay at the end, only if the report shows it.
             return result, None
         # No overlay to cut it from: the thumbnail is drawn at its own size (the grey copy shrunk, the outline
@@ -220,16 +223,6 @@ def grey_thumbnail(display: np.ndarray) -> bytes:
     return jpeg(Image.fromarray(thumbnail(display)), quality=80)
 
 
-def thumbnail_path(out: Path, name: str) -> Path:
-    return OutLayout(out).thumbnail(name)
-
-
-def plain_path(out: Path, name: str) -> Path:
-    """The grey picture of an outlined image, at its overlay's size, without the outline (the report's lightbox
-    shows it when the reader turns the outline off)."""
-    return OutLayout(out).plain_thumbnail(name)
-
-
 def write_thumbnail(out: Path, name: str, picture: Image.Image) -> None:
     """Write a report thumbnail drawn at :data:`THUMBNAIL` size (see :func:`workers.thumbnail_task`)."""
-    atomic_write_bytes(thumbnail_path(out, name), jpeg(picture, quality=80), durable=False)
+    atomic_write_bytes(OutLayout(out).thumbnail(name), jpeg(picture, quality=80), durable=False)

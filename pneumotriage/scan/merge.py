@@ -18,7 +18,7 @@ from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, row_from
 from pneumotriage.scan.report import ReportThumbnails
-from pneumotriage.scan.shards import layout_of, shard_folder
+from pneumotriage.scan.shards import Shard, layout_of
 from pneumotriage.scan.tiers import tiered
 from pneumotriage.scan.workers import thumbnail_task
 
@@ -60,7 +60,7 @@ def _merge(out: Path, count: int) -> Merged:
     done: dict[int, dict[str, Any]] = {}
     missing: list[str] = []
     for k in range(count):
-        folder = shard_folder(out, k, count)
+        folder = Shard(k, count).folder(out)
         path = folder / SHARD_DONE
         if folder.exists() and OutLock.held(folder):
             missing.append(f"{k}/{count} (running)")
@@ -83,7 +83,7 @@ def _merge(out: Path, count: int) -> Merged:
             what = next((w for w in ("models", "inputs", "thresholds") if theirs.get(w) != signature.get(w)), "options")
             raise UsageError(
                 f"shard {k}/{count} was scanned with other {what} than shard {first}/{count}",
-                path=shard_folder(out, k, count),
+                path=Shard(k, count).folder(out),
                 hint=f"rescan shard {k}/{count} with the same inputs and options, into a new --out if need be",
             )
 
@@ -91,7 +91,7 @@ def _merge(out: Path, count: int) -> Merged:
     skipped: list[ImageResult] = []
     stems: dict[str, str] = {}
     for k in sorted(done):
-        folder = shard_folder(out, k, count)
+        folder = Shard(k, count).folder(out)
         results = folder / SHARD_RESULTS
         for number, line in enumerate(results.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             try:

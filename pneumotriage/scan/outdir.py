@@ -23,7 +23,6 @@ from pneumotriage.outlayout import (
     STATE,
     OutLayout,
 )
-from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.records import ImageResult
 from pneumotriage.scan.shards import Shard, claim_layout
@@ -105,14 +104,13 @@ def remove_files(out: Path, result: ImageResult, keep: Collection[str] = ()) -> 
         if path and path not in keep:
             (out / path).unlink(missing_ok=True)
     if stem and stem not in keep:
-        thumbnail_path(out, stem).unlink(missing_ok=True)
-        plain_path(out, stem).unlink(missing_ok=True)
+        OutLayout(out).thumbnail(stem).unlink(missing_ok=True)
+        OutLayout(out).plain_thumbnail(stem).unlink(missing_ok=True)
 
 
 def journaled(out: Path, shard: Shard | None = None) -> int:
     """How many images an interrupted scan into ``out`` (or its ``shard``) finished: the lines of its journal."""
-    layout = OutLayout(out)
-    folder = layout.shard(shard.index, shard.count) if shard is not None else layout.state
+    folder = shard.folder(out) if shard is not None else OutLayout(out).state
     try:
         with open(folder / JOURNAL, "rb") as fh:
             return sum(1 for line in fh if line.strip())

@@ -24,9 +24,8 @@ from jinja2 import Environment, Template
 from markupsafe import Markup
 
 from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
-from pneumotriage.outlayout import REPORT
+from pneumotriage.outlayout import REPORT, OutLayout
 from pneumotriage.postprocess import shown
-from pneumotriage.scan.finish import plain_path, thumbnail_path
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.tiers import order_key
 from pneumotriage.version import __version__
@@ -127,18 +126,18 @@ class ReportThumbnails:
         """Write the thumbnails of the first rows that have none; ``missing`` makes those not kept."""
         kept = {stem: thumb for _, stem, thumb in self._kept}
         wanted = [
-            r for r in ranked if r.status == "ok" and r.file_stem and not thumbnail_path(out, r.file_stem).exists()
+            r for r in ranked if r.status == "ok" and r.file_stem and not OutLayout(out).thumbnail(r.file_stem).exists()
         ][: self.limit]
         for r in wanted:
             if r.file_stem in kept:
-                atomic_write_bytes(thumbnail_path(out, r.file_stem), kept[r.file_stem], durable=False)
+                atomic_write_bytes(OutLayout(out).thumbnail(r.file_stem), kept[r.file_stem], durable=False)
         missing([r for r in wanted if r.file_stem not in kept])
 
 
 def iter_thumbnails(out: Path, results: Sequence[ImageResult]) -> Iterator[tuple[ImageResult, bytes | None]]:
     """Each result with its thumbnail (JPEG bytes) when one was written."""
     for r in results:
-        path = thumbnail_path(out, r.file_stem) if r.file_stem else None
+        path = OutLayout(out).thumbnail(r.file_stem) if r.file_stem else None
         yield r, (path.read_bytes() if path is not None and path.exists() else None)
 
 
@@ -250,7 +249,7 @@ def _row(
         "cells": cells,
         "thumb": base64.b64encode(thumb).decode("ascii") if thumb is not None else None,
         "full": _data(out / result.overlay_file) if result.overlay_file else None,
-        "plain": _data(plain_path(out, stem)) if result.overlay_file and stem else None,
+        "plain": _data(OutLayout(out).plain_thumbnail(stem)) if result.overlay_file and stem else None,
     }
 
 

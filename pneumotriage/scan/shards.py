@@ -68,11 +68,7 @@ class Shard:
         return int.from_bytes(digest, "big") % self.count == self.index
 
     def folder(self, out: Path) -> Path:
-        return shard_folder(out, self.index, self.count)
-
-
-def shard_folder(out: Path, index: int, count: int) -> Path:
-    return OutLayout(out).shard(index, count)
+        return OutLayout(out).shard(self.index, self.count)
 
 
 def layout_of(out: Path) -> int | None:
@@ -93,6 +89,7 @@ def claim_layout(out: Path, shard: Shard | None) -> Path:
     """The folder this scan journals into, after checking that ``out`` holds no scan of another layout (a
     single-process scan, or one in another number of shards) and, for a shard, recording the layout."""
     count = layout_of(out)
+    layout = OutLayout(out)
     if shard is None:
         if count is not None:
             raise UsageError(
@@ -101,8 +98,8 @@ def claim_layout(out: Path, shard: Shard | None) -> Path:
                 hint=f"continue it with --shard K/{count} --resume (or torchrun with {count} processes), then "
                 "`pneumotriage merge`; or choose another --out",
             )
-        return OutLayout(out).state
-    if (OutLayout(out).state / JOURNAL).exists():
+        return layout.state
+    if (layout.state / JOURNAL).exists():
         raise UsageError(
             "this output folder holds a scan by one process, not in shards",
             path=out,
@@ -115,8 +112,8 @@ def claim_layout(out: Path, shard: Shard | None) -> Path:
             hint=f"use --shard K/{count}, or choose another --out",
         )
     if count is None:
-        OutLayout(out).state.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(OutLayout(out).shards_json, json.dumps({"count": shard.count}) + "\n")
+        layout.state.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(layout.shards_json, json.dumps({"count": shard.count}) + "\n")
     return shard.folder(out)
 
 
