@@ -580,8 +580,9 @@ def test_workers_die_with_a_killed_scan(study: StudySummary, models: dict[str, P
             os.kill(w, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("batch", [2, 8])  # the worker reads files 2 and 8 at a time: the others in its task too
 def test_a_file_that_kills_its_worker_is_an_error_row_and_the_scan_goes_on(
-    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    study: StudySummary, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
     import signal
 
@@ -600,7 +601,7 @@ def test_a_file_that_kills_its_worker_is_an_error_row_and_the_scan_goes_on(
     folder = tmp_path / "in"
     good = _good(study, folder, 6)
     shutil.copy(good[0], folder / "killer.dcm")
-    summary = _library_scan([folder], tmp_path / "out", models, workers=1, batch_size=2)
+    summary = _library_scan([folder], tmp_path / "out", models, workers=1, batch_size=batch)
     rows = {Path(r.path).name: r for r in summary.results}
     assert len(rows) == 7
     assert rows["killer.dcm"].status == "error" and "the worker reading it died" in (rows["killer.dcm"].error or "")

@@ -34,8 +34,9 @@ DISPLAY = 512
 
 class SlotArena:
     """``count`` slots, each holding one image as every model's input (:class:`~pneumotriage.pipelines.InputKey`:
-    a size by a pipeline), a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``, one
-    probability map: arrays in memory shared with the worker processes.
+    a size by a pipeline), a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``, room for
+    one probability map (a scan writes there only the map's window, flat: :class:`~pneumotriage.scan.finish.
+    MapWindow`): arrays in memory shared with the worker processes.
 
     With the ``fork`` start method the arena is an anonymous shared mapping the workers inherit (it does not
     count against a container's small ``/dev/shm``); otherwise a named shared-memory block they attach to."""

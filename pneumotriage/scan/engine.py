@@ -3,9 +3,10 @@
     discover (thread) -> read + decode (workers) -> classify -> gate -> segment (this process, on the device)
     -> finish (workers) -> journal -> rank -> outputs
 
-The main process only runs the models and moves small records: pixels and probability maps travel through the
-shared slot arena. At most ``window`` files are being decoded and at most one arena of slots is in use, so
-memory stays flat whatever the folder's size; results reach the journal in the order files were found.
+The main process only runs the models and moves small records: pixels and the part of each probability map an
+outline can come from travel through the shared slot arena, and work goes to the workers a few files or images
+to a task. At most ``window`` files are being decoded and at most one arena of slots is in use, so memory stays
+flat whatever the folder's size; results reach the journal in the order files were found.
 
 Each stage's own work lives in its module (``read``, ``decode``, ``classify``, ...); the decoded batches come
 from :mod:`~pneumotriage.scan.stream`. What remains here is the order the stages run in: :func:`run` sets a scan
@@ -20,9 +21,8 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,19 @@ from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.runtime import Progress, pick_device, use_bf16
 from pneumotriage.scan import outdir
-from pneumotriage.scan.decode import turned
 from pneumotriage.scan.discover import Discovery, Found
-from pneumotriage.scan.finish import FinishJob, finish
+from pneumotriage.scan.finish import FinishJob, MapWindow, finish
 from pneumotriage.scan.gate import to_segment
-from pneumotriage.scan.infer import choose_backends, classify, model_info, prepare_models, segment
+from pneumotriage.scan.infer import MapWindows, classify, model_info, ready_for_scan
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
 from pneumotriage.scan.options import Plan, ScanOptions, plan_for, scan_thresholds
 from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import Shard, shard_started, write_shard
-from pneumotriage.scan.stream import Batch, Item, Stream, slots_for, window_for
+from pneumotriage.scan.stream import MAX_CHUNK, Batch, Item, Stream, slots_for, window_for
 from pneumotriage.scan.tiers import tier_of, tiered
-from pneumotriage.scan.workers import Workers, done_future, error_row, finish_task
+from pneumotriage.scan.workers import Part, Workers, error_row, finish_task
 
 #: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
 #: so the workers fill the models' idle moments instead of taking cores from them.
@@ -140,7 +139,7 @@ def _run(
         map_size = segmenter.spec.input_size if segmenter is not None else None
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
-        (classifier, segmenter), plan = _ready(device, classifier, segmenter, options, plan)
+        (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options, plan)
         nice = WORKER_NICE if device.type == "cpu" else 0
         with Workers(
             plan.workers, slots=slots_for(plan, finishing=True), keys=keys, map_size=map_size, nice=nice
@@ -226,41 +225,20 @@ def _models_asked(
     return segmenter
 
 
-def _ready(
-    device: torch.device,
-    classifier: LoadedModel | None,
-    segmenter: LoadedModel | None,
-    options: ScanOptions,
-    plan: Plan,
-) -> tuple[tuple[LoadedModel | None, LoadedModel | None], Plan]:
-    """The models set up for inference on ``device`` and run by the backend chosen for each; the plan says
-    which."""
-    if options.compile and options.backend not in ("auto", "torch"):
-        raise UsageError(f"--compile compiles torch's models: it does not go with --backend {options.backend}")
-    loaded = (classifier, segmenter)
-    ready = prepare_models(device, classifier, segmenter, compile_batch=plan.batch_size if options.compile else None)
-    models, choices = choose_backends(
-        device,
-        (loaded[0], ready[0]),
-        (loaded[1], ready[1]),
-        backend="torch" if options.compile else options.backend,  # a compiled scan is torch's
-        batch=plan.batch_size,
-        threads=plan.torch_threads,
-    )
-    backends = {k: c.as_dict() for k, c in zip(("classifier", "segmenter"), choices, strict=True) if c}
-    return (models[0], models[1]), replace(plan, backends=backends)
-
-
 @dataclass
 class _Finishing:
     """An image on its way to the journal. ``slot`` is held until it is journaled (-1: none); a worker's finish
     keeps its ``job``, so that should the worker die the image is finished here from its slot."""
 
     slot: int
-    future: Future[tuple[ImageResult, bytes | None]]
+    #: Its row and thumbnail when done; None until its worker's task is handed over (at the end of the batch).
+    part: Part[tuple[ImageResult, bytes | None]] | None
     #: The report's grey thumbnail, for an image nothing is outlined on.
     grey: bytes | None = None
     job: FinishJob | None = None
+
+    def done(self) -> bool:
+        return self.part is not None and self.part.done()
 
 
 class _Scan:
@@ -294,12 +272,17 @@ class _Scan:
         self.seen: list[str] = []  # keys in the order found: the worklist holds these, and only these
         self.skipped_rows: list[ImageResult] = []
         self.finishing: deque[_Finishing] = deque()  # in the order found
+        self.to_workers: list[_Finishing] = []  # this batch's images a worker finishes, handed over together
         self.thumbs = ReportThumbnails(options.report_thumbnails)
         self.synced = time.perf_counter()  # the journal's last fsync: one a second, not one a batch (~1 ms each)
         self.model_s = 0.0
         # On a CPU the models' process would only wait while decoding lags, so it finishes images itself then; on
         # a GPU it is the feeder, and every millisecond it spends finishing the GPU waits.
         self.finish_here = device.type == "cpu" and not options.finish_in_workers
+        self.maps: MapWindows | None = None
+        if self.segmenter is not None:
+            floor = min(thresholds.top_score, thresholds.bottom_score)
+            self.maps = MapWindows(self.segmenter, device, tta=options.tta, floor=floor)
 
     def seen_or_done(self, found: Found) -> bool:
         """Note ``found`` as part of this scan; True when an earlier run finished it (it is not scanned again)."""
@@ -319,10 +302,11 @@ class _Scan:
     def drain(self, block: bool) -> bool:
         """Journal finished images from the head of the queue (with ``block``, wait for one); True when one was."""
         any_done = False
-        while self.finishing and (self.finishing[0].future.done() or (block and not any_done)):
+        while self.finishing and (self.finishing[0].done() or (block and not any_done)):
             head = self.finishing.popleft()
+            assert head.part is not None
             try:
-                result, outlined = head.future.result()
+                result, outlined = head.part.result()
             except BrokenProcessPool:
                 if head.job is None:
                     raise
@@ -359,8 +343,11 @@ class _Scan:
                     self._done_here(error_row(item.found, item.decoded, untrusted[i]))
                     self.stream.release(item.slot)
                     continue
-                probability = float(probs[i]) if probs is not None else scores.get(i)
-                self._finish(item, _finish_job(item, probability, i in scores, self.thresholds, self.options, self.out))
+                score, window = scores.get(i, (None, None))
+                probability = float(probs[i]) if probs is not None else score
+                job = _finish_job(item, probability, i in scores, window, self.thresholds, self.options, self.out)
+                self._finish(item, job)
+            self._hand_over()
         self.drain(False)
         discovery = self.stream.files
         self.emit(
@@ -375,10 +362,12 @@ class _Scan:
             }
         )
 
-    def _score(self, batch: Batch) -> tuple[np.ndarray | None, dict[int, float], dict[int, str]]:
-        """The classifier's probabilities, the segmenter's scores by row (its maps go to the rows' slots), and the
-        rows whose answer is not a number: never a tier, but an error row naming the model (the scan exits
-        non-zero). NaN weights or an overflow give such answers."""
+    def _score(
+        self, batch: Batch
+    ) -> tuple[np.ndarray | None, dict[int, tuple[float, MapWindow | None]], dict[int, str]]:
+        """The classifier's probabilities, the segmenter's score and map window by row (the window's part of the
+        map goes to the row's slot), and the rows whose answer is not a number: never a tier, but an error row
+        naming the model (the scan exits non-zero). NaN weights or an overflow give such answers."""
         t0 = time.perf_counter()
         n = len(batch.items)
         probs = None
@@ -394,21 +383,17 @@ class _Scan:
         if self.segmenter is not None:
             gated = to_segment(probs, n, self.thresholds.gate, segment_all=self.options.segment_all)
             chosen = [i for i in gated if i not in untrusted]
-        scores: dict[int, float] = {}
-        if chosen and self.segmenter is not None:
+        scores: dict[int, tuple[float, MapWindow | None]] = {}
+        if chosen and self.segmenter is not None and self.maps is not None:
             x = batch.inputs[self.segmenter.spec.input_key]
-            maps, present = segment(
-                self.segmenter, x[chosen] if len(chosen) < n else x, self.device, self.options.tta, bf16=self.bf16
-            )
-            maps_np, present_np = maps.cpu().numpy(), present.cpu().numpy()
+            arena = self.workers.arena
+            places = [arena.map(batch.items[i].slot).reshape(-1) for i in chosen]  # the windows go to the slots
+            present, peak, windows = self.maps.run(x[chosen] if len(chosen) < n else x, places, bf16=self.bf16)
             for j, i in enumerate(chosen):
-                item = batch.items[i]
-                if not (math.isfinite(float(present_np[j])) and np.isfinite(maps_np[j]).all()):
-                    untrusted[i] = _untrusted(item.found, "segmenter", float(np.max(maps_np[j])))
+                if not (math.isfinite(present[j]) and math.isfinite(peak[j])):
+                    untrusted[i] = _untrusted(batch.items[i].found, "segmenter", float(peak[j]))
                     continue
-                # The map of an image turned upright for the models, turned back to the stored grid.
-                self.workers.arena.map(item.slot)[...] = turned(maps_np[j], item.decoded.flip)
-                scores[i] = float(present_np[j])
+                scores[i] = float(present[j]), windows[j]
             self.counts["segmented"] += len(chosen)
         self.model_s += time.perf_counter() - t0
         return probs, scores, untrusted
@@ -416,19 +401,31 @@ class _Scan:
     def _finish(self, item: Item, job: FinishJob) -> None:
         """Post-process, encode and write one image's files: in a worker, from its slot, while the models go on;
         here when the models would only wait for decoding (on a CPU: the workers are left to decode, which bounds
-        a scan whose models are faster than its decoding); here at once when nothing was segmented."""
+        a scan whose models are faster than its decoding); here at once when there is nothing to outline."""
         thumb = item.decoded.thumb
-        if job.segmented and self.workers.count and (not self.finish_here or not self.stream.starved()):
-            future = self.workers.submit(finish_task, job, item.slot)
-            self.finishing.append(_Finishing(item.slot, future, thumb, job))
+        if job.window is not None and self.workers.count and (not self.finish_here or not self.stream.starved()):
+            entry = _Finishing(item.slot, None, thumb, job)
+            self.finishing.append(entry)
+            self.to_workers.append(entry)
             return
-        done = finish_task(job, item.slot) if job.segmented else finish(job, None, _NO_DISPLAY)
-        self.finishing.append(_Finishing(-1, done_future(done), thumb))
+        done = finish_task(job, item.slot) if job.window is not None else finish(job, None, _NO_DISPLAY)
+        self.finishing.append(_Finishing(-1, Part.ready(done), thumb))
         self.stream.release(item.slot)
+
+    def _hand_over(self) -> None:
+        """The batch's images for the workers, a few to a task: one round trip for several images, and every
+        worker given a share."""
+        if not self.to_workers:
+            return
+        chunk = min(MAX_CHUNK, -(-len(self.to_workers) // max(self.workers.count, 1)))
+        calls = [(entry.job, entry.slot) for entry in self.to_workers]
+        for entry, part in zip(self.to_workers, self.workers.submit_each(finish_task, calls, chunk), strict=True):
+            entry.part = part
+        self.to_workers = []
 
     def _done_here(self, row: ImageResult) -> None:
         """A row with nothing to compute or write (a file not triaged), in its place in the queue."""
-        self.finishing.append(_Finishing(-1, done_future((row, None))))
+        self.finishing.append(_Finishing(-1, Part.ready((row, None))))
         self.counts["errors"] += 1
 
     def conclude(self, *, keep_empty: bool, roots: Sequence[Path]) -> list[ImageResult]:
@@ -472,7 +469,13 @@ class _Scan:
 
 
 def _finish_job(
-    item: Item, probability: float | None, segmented: bool, thresholds: Thresholds, options: ScanOptions, out: Path
+    item: Item,
+    probability: float | None,
+    segmented: bool,
+    window: MapWindow | None,
+    thresholds: Thresholds,
+    options: ScanOptions,
+    out: Path,
 ) -> FinishJob:
     d = item.decoded
     return FinishJob(
@@ -486,5 +489,6 @@ def _finish_job(
         thresholds=thresholds,
         overlays=options.overlays,
         out=out,
-        mirrored=d.flip[0],
+        flip=d.flip,
+        window=window,
     )

@@ -27,6 +27,26 @@ from pneumotriage.scan.records import ImageResult
 
 
 @dataclass(frozen=True)
+class MapWindow:
+    """The part of a ``side`` x ``side`` probability map an outline can come from (see
+    :class:`pneumotriage.scan.infer.MapWindows`): rows ``top:top+height``, columns ``left:left+width``. The
+    slot holds only this part, flat."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    side: int
+
+    def rebuild(self, stored: np.ndarray, into: np.ndarray) -> np.ndarray:
+        """The whole map, zeros outside the window, in ``into`` (side x side), from the part ``stored`` flat."""
+        into.fill(0.0)
+        part = stored[: self.height * self.width].reshape(self.height, self.width)
+        into[self.top : self.top + self.height, self.left : self.left + self.width] = part
+        return into
+
+
+@dataclass(frozen=True)
 class FinishJob:
     """What the finisher needs for one image, besides its probability map and display copy (in its slot)."""
 
@@ -40,8 +60,12 @@ class FinishJob:
     thresholds: Thresholds
     overlays: bool
     out: Path
-    #: Whether the image is stored mirrored (PatientOrientation R\\F): the patient's side is the other one.
-    mirrored: bool = False
+    #: How the image was turned upright for the models (flip left-right, flip up-down; from its
+    #: PatientOrientation): its map in the slot is turned back to the stored grid by the same flips, and on an
+    #: image stored mirrored (R\\F) the patient's side is the other one.
+    flip: tuple[bool, bool] = (False, False)
+    #: Where its map can hold an outline (a segmented image without one has nothing to outline).
+    window: MapWindow | None = None
 
 
 def patient_side(mask: np.ndarray, left: int = 0, width: int | None = None) -> str | None:
@@ -189,7 +213,7 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         segmented=job.segmented,
         area_px=area if job.segmented else None,
         area_cm2=_area_cm2(area, spacing) if job.segmented else None,
-        side=_side(found, cols, job.mirrored) if job.segmented else None,
+        side=_side(found, cols, job.flip[0]) if job.segmented else None,
         rle=rle_encode(found.mask, origin=(found.top, found.left), shape=found.shape) if found is not None else EMPTY,
         rows=rows,
         columns=cols,

@@ -1,5 +1,6 @@
 """Stages 4 and 6, classify and segment: set the models up for inference on the device, and run them on a batch
-(the classifier's probabilities; the segmenter's maps, with horizontal-flip TTA optional).
+(the classifier's probabilities; the segmenter's maps, with horizontal-flip TTA optional; in a scan, only each
+map's window goes on to be finished: :class:`MapWindows`).
 
 Set-up is where the CPU speed is won or lost: inference mode (no autograd bookkeeping), batch norm folded into
 the convolutions, channels_last, one torch thread per core. On CUDA: channels_last and bf16 autocast.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,9 +19,12 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pneumotriage.errors import UsageError
 from pneumotriage.models import LoadedModel
 from pneumotriage.models.backends import BackendChoice, choose
 from pneumotriage.runtime import autocast_for, one_thread
+from pneumotriage.scan.finish import MapWindow
+from pneumotriage.scan.options import Plan, ScanOptions
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
@@ -123,6 +128,31 @@ def choose_backends(
     return ready, choices
 
 
+def ready_for_scan(
+    device: torch.device,
+    classifier: LoadedModel | None,
+    segmenter: LoadedModel | None,
+    options: ScanOptions,
+    plan: Plan,
+) -> tuple[tuple[LoadedModel | None, LoadedModel | None], Plan]:
+    """A scan's models set up for inference on ``device`` and run by the backend chosen for each (compiled with
+    ``--compile``); the plan says which."""
+    if options.compile and options.backend not in ("auto", "torch"):
+        raise UsageError(f"--compile compiles torch's models: it does not go with --backend {options.backend}")
+    loaded = (classifier, segmenter)
+    ready = prepare_models(device, classifier, segmenter, compile_batch=plan.batch_size if options.compile else None)
+    models, choices = choose_backends(
+        device,
+        (loaded[0], ready[0]),
+        (loaded[1], ready[1]),
+        backend="torch" if options.compile else options.backend,  # a compiled scan is torch's
+        batch=plan.batch_size,
+        threads=plan.torch_threads,
+    )
+    backends = {k: c.as_dict() for k, c in zip(("classifier", "segmenter"), choices, strict=True) if c}
+    return (models[0], models[1]), replace(plan, backends=backends)
+
+
 def _weights_key(device: torch.device, model: nn.Module) -> tuple[object, ...] | None:
     """The device and the version of every weight of ``model``; None where a weight made under inference mode
     keeps no version (such a model is prepared afresh each time)."""
@@ -173,19 +203,116 @@ def _onnx_info(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info[k] for k in ("source", "exported", "quantization") if k in info}
 
 
+def _run_segmenter(
+    model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool, bf16: bool | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The segmenter's outputs for a batch, and with ``tta`` its outputs for the batch mirrored left-right."""
+    x = _input(images, device)
+    with autocast_for(device, bf16):
+        out = model.model(x)
+        flipped = model.model(torch.flip(x, dims=[3])) if tta else None
+    return out, flipped
+
+
+def _probabilities(mask: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+    """Logits (..., 1, S, S) as probabilities (..., S, S); with ``mirrored`` (the logits of the mirrored
+    input), the mean of both, the mirrored one turned back."""
+    probs = torch.sigmoid(mask.float())[..., 0, :, :]
+    if mirrored is not None:
+        probs = (probs + torch.flip(torch.sigmoid(mirrored.float())[..., 0, :, :], dims=[-1])) / 2
+    return probs
+
+
 @torch.inference_mode()
 def segment(
     model: LoadedModel, images: torch.Tensor, device: torch.device, tta: bool, *, bf16: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probability maps (B, S, S) on the device and image-level scores (B,): the segmenter's own head where it
     has one, else the map's maximum."""
-    x = _input(images, device)
-    with autocast_for(device, bf16):
-        out = model.model(x)
-        flipped = model.model(torch.flip(x, dims=[3])) if tta else None
+    out, flipped = _run_segmenter(model, images, device, tta, bf16)
     with one_thread(device):
-        probs = torch.sigmoid(out["mask"].float())[:, 0]
-        if flipped is not None:
-            probs = (probs + torch.flip(torch.sigmoid(flipped["mask"].float())[:, 0], dims=[2])) / 2
+        probs = _probabilities(out["mask"], flipped["mask"] if flipped is not None else None)
         present = torch.sigmoid(out["present"].float()) if "present" in out else probs.flatten(1).amax(1)
         return probs, present.float()
+
+
+class MapWindows:
+    """The segmenter of one scan, run batch by batch, with each probability map handed on as the finish needs
+    it: only its window, the box around the values above ``floor`` (the lower of the triplet's two thresholds)
+    with a margin of one pixel for the bilinear resize. Outside it every value is at most ``floor``, so a map
+    rebuilt with zeros there (:meth:`MapWindow.rebuild`) gives the same outline (``floor`` >= 0; a lower one
+    makes the window the whole map). An image with no window has nothing to outline.
+
+    On a CPU the maps are made :data:`AT_ONCE` at a time in one kept buffer (fresh memory costs a page fault
+    every 4 kB: more than the sigmoid itself, docs/performance.md); on a GPU they come back in one copy per
+    batch, into kept pinned memory."""
+
+    #: Maps made at once on a CPU: a few megabytes of buffer, used again and again while it is in the cache.
+    AT_ONCE = 8
+
+    def __init__(self, model: LoadedModel, device: torch.device, *, tta: bool, floor: float) -> None:
+        self.model, self.device, self.tta, self.floor = model, device, tta, floor
+        self._buffer: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def run(
+        self, images: torch.Tensor, places: Sequence[np.ndarray], *, bf16: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[MapWindow | None]]:
+        """Segment a batch and write each map's window into ``places[j]`` (flat float32, at least a map's size:
+        the image's slot). Returns the image-level scores (B,) (:func:`segment`'s), each map's maximum (B,), NaN
+        for a map that holds one (a sigmoid's other values are finite), and each map's window."""
+        out, flipped = _run_segmenter(self.model, images, self.device, self.tta, bf16)
+        mask, mirrored = out["mask"], flipped["mask"] if flipped is not None else None
+        n = mask.shape[0]
+        peaks: list[torch.Tensor] = []
+        windows: list[MapWindow | None] = []
+        with one_thread(self.device):
+            if self.device.type == "cpu":
+                for start in range(0, n, self.AT_ONCE):
+                    part = slice(start, min(start + self.AT_ONCE, n))
+                    probs = self._held((part.stop - start, *mask.shape[1:]))
+                    # What _probabilities computes, in the kept buffer.
+                    torch.sigmoid(mask[part] if mask.dtype == torch.float32 else mask[part].float(), out=probs)
+                    if mirrored is not None:
+                        probs.add_(torch.flip(torch.sigmoid(mirrored[part].float()), dims=[-1])).div_(2)
+                    peaks.append(self._hand_on(probs[:, 0], places[part], windows))
+            else:
+                probs = _probabilities(mask, mirrored)
+                host = self._held(probs.shape)
+                host.copy_(probs, non_blocking=True)  # waited for by the first .cpu() in _hand_on
+                peaks.append(self._hand_on(probs, places, windows, host))
+            peak = torch.cat(peaks) if peaks else torch.empty(0)
+            present = torch.sigmoid(out["present"].float()) if "present" in out else peak
+            return present.float().cpu().numpy(), peak.cpu().numpy(), windows
+
+    def _held(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """The kept buffer's first ``shape[0]`` maps, made again only for a larger batch (or another map size)."""
+        shape = tuple(shape)
+        if self._buffer is None or self._buffer.shape[0] < shape[0] or self._buffer.shape[1:] != shape[1:]:
+            self._buffer = torch.empty(shape, pin_memory=self.device.type == "cuda")
+        return self._buffer[: shape[0]]
+
+    def _hand_on(
+        self,
+        probs: torch.Tensor,
+        places: Sequence[np.ndarray],
+        windows: list[MapWindow | None],
+        host: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each map's window of ``probs`` (B, S, S) into its place (read from ``host``, the maps' copy on the
+        CPU, where given), appended to ``windows``; returns each map's maximum."""
+        rows, cols = probs.amax(2), probs.amax(1)  # (B, S) each: NaN propagates
+        hot_rows, hot_cols = (rows > self.floor).cpu().numpy(), (cols > self.floor).cpu().numpy()
+        maps = probs if host is None else host
+        side = probs.shape[-1]
+        for j, place in enumerate(places):
+            ys, xs = np.flatnonzero(hot_rows[j]), np.flatnonzero(hot_cols[j])
+            if ys.size == 0:
+                windows.append(None)
+                continue
+            top, left = max(int(ys[0]) - 1, 0), max(int(xs[0]) - 1, 0)
+            window = MapWindow(top, left, min(int(ys[-1]) + 2, side) - top, min(int(xs[-1]) + 2, side) - left, side)
+            part = maps[j, top : top + window.height, left : left + window.width]
+            place[: window.height * window.width].reshape(window.height, window.width)[...] = part.numpy()
+            windows.append(window)
+        return rows.amax(1)

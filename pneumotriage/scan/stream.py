@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,10 @@ from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import grey_thumbnail
 from pneumotriage.scan.options import Plan
 from pneumotriage.scan.read import read
-from pneumotriage.scan.workers import Decoded, Workers, decode_task, done_future
+from pneumotriage.scan.workers import Decoded, Part, Workers, decode_task
+
+#: The most files one decode task reads (one round trip to a worker for them all).
+MAX_CHUNK = 16
 
 
 def window_for(plan: Plan) -> int:
@@ -39,10 +42,11 @@ def window_for(plan: Plan) -> int:
 
 def slots_for(plan: Plan, *, finishing: bool) -> int:
     """Slots of the arena. A slot is held while its file decodes and while the models run on it; a scan also holds
-    a segmented image's slot until it is finished (finish tasks queue behind decode tasks): too few slots and the
-    workers starve."""
+    an outlined image's slot until it is finished: a batch's worth more, and the stream waits for the finish
+    stage when they are all in use. No more than that: each slot's memory costs page faults the first time it
+    is used (a slot at 512 px is ~2.3 MB) and more slots are used once each in a short scan."""
     window = window_for(plan)
-    return 3 * window + 2 * plan.batch_size if finishing else window + plan.batch_size
+    return window + (2 if finishing else 1) * plan.batch_size
 
 
 @dataclass
@@ -57,8 +61,8 @@ class Item:
 @dataclass
 class Batch:
     """Decoded images ready for the models: ``inputs`` maps each input size to a (B, 1, S, S) tensor on the
-    device. ``failed`` are the files met since the previous batch that could not be used (their slots are
-    already free)."""
+    device, valid until the next batch is asked for (the stream refills the same memory). ``failed`` are the
+    files met since the previous batch that could not be used (their slots are already free)."""
 
     items: list[Item]
     inputs: dict[InputKey, torch.Tensor]
@@ -97,10 +101,14 @@ class Stream:
         self.done_before = done_before
         self.on_wait = on_wait
         self.accept = accept
-        self.decoding: deque[tuple[Found, int, Future[Decoded]]] = deque()
+        self.decoding: deque[tuple[Found, int, Part[Decoded]]] = deque()
+        # Files handed to a worker in one task: a few a worker at a time, so the window stays spread over them.
+        self.chunk = max(1, min(MAX_CHUNK, window // (2 * max(workers.count, 1))))
         self.resumed = 0  # files done by an earlier run, passed over
         # CUDA: two pinned buffers per input size, used in turn, from which batches are copied to the device.
         self._staging: dict[InputKey, deque[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
+        # Elsewhere one buffer per input size, refilled for each batch.
+        self._gathered: dict[InputKey, torch.Tensor] = {}
 
     def release(self, slot: int) -> None:
         self.free.append(slot)
@@ -110,23 +118,29 @@ class Stream:
         return not (self.decoding and self.decoding[0][2].done())
 
     def _feed(self, may_wait: bool = False) -> None:
-        """Start decoding files until the window is full; with ``may_wait`` and nothing decoding, wait briefly
-        for discovery to find one."""
-        while self.free and len(self.decoding) < self.window and not self.files.finished:
-            got = self.files.poll(1, timeout=0.05 if may_wait and not self.decoding else 0.0)
+        """Start decoding files until the window is full, up to :attr:`chunk` files a task (fewer when discovery
+        has not found more yet); with ``may_wait`` and nothing decoding, wait briefly for discovery to find one."""
+        while not self.files.finished:
+            room = min(len(self.free), self.window - len(self.decoding))
+            if room <= 0 or (room < self.chunk and len(self.decoding) >= self.chunk):
+                return  # later, with room for a whole task's worth
+            got = self.files.poll(min(room, self.chunk), timeout=0.05 if may_wait and not self.decoding else 0.0)
             if not got:
                 return
-            found = got[0]
-            if found.passed is not None:  # passed over by the walk, never opened: its skipped.csv row
-                error = f"{printable(str(found.path))}: {found.passed}"
-                self.decoding.append((found, -1, done_future(Decoded("skipped", error=error))))
-                continue
-            if self.done_before(found):
-                self.resumed += 1
-                continue
-            slot = self.free.popleft()
-            future = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
-            self.decoding.append((found, slot, future))
+            entries: list[tuple[Found, int]] = []  # in the order found; slot -1: answered here
+            answered: dict[int, Decoded] = {}
+            for found in got:
+                if found.passed is not None:  # passed over by the walk, never opened: its skipped.csv row
+                    answered[len(entries)] = Decoded("skipped", error=f"{printable(str(found.path))}: {found.passed}")
+                    entries.append((found, -1))
+                elif self.done_before(found):
+                    self.resumed += 1
+                else:
+                    entries.append((found, self.free.popleft()))
+            calls = [(found, slot, self.jpeg_on_device, self.accept) for found, slot in entries if slot >= 0]
+            parts = iter(self.workers.submit_each(decode_task, calls, self.chunk))
+            for i, (found, slot) in enumerate(entries):
+                self.decoding.append((found, slot, Part.ready(answered[i]) if slot < 0 else next(parts)))
 
     def __iter__(self) -> Iterator[Batch]:
         items: list[Item] = []
@@ -135,11 +149,11 @@ class Stream:
             self._feed(may_wait=not items)
             progressed = False
             while self.decoding and self.decoding[0][2].done() and len(items) < self.batch_size:
-                found, slot, future = self.decoding.popleft()
+                found, slot, part = self.decoding.popleft()
                 try:
-                    decoded = future.result()
+                    decoded = part.result()
                 except BrokenProcessPool:
-                    self.decoding.appendleft((found, slot, future))
+                    self.decoding.appendleft((found, slot, part))
                     self._recover()
                     continue
                 progressed = True
@@ -164,21 +178,22 @@ class Stream:
             # Nothing ready: let the consumer drain, then wait for the next decoded file, a slot or discovery.
             if not self.free:
                 if not self.on_wait(True) and self.decoding:
-                    wait([self.decoding[0][2]], return_when=FIRST_COMPLETED)
+                    wait([self.decoding[0][2].future], return_when=FIRST_COMPLETED)
                 continue
             self.on_wait(False)
             if self.decoding:
-                wait([self.decoding[0][2]], timeout=None if self.files.finished else 0.05)
+                wait([self.decoding[0][2].future], timeout=None if self.files.finished else 0.05)
 
     def _recover(self) -> None:
         """A worker died (killed by a signal or the OOM killer: a bomb of a file, an operator) and took every task
         in flight with it. Start the pool again and redo those files one at a time: a file that kills its worker
         again is an error row naming it, and the others are read as if nothing had happened."""
         self.workers.revive()
-        redone: deque[tuple[Found, int, Future[Decoded]]] = deque()
-        for found, slot, future in self.decoding:
+        redone: deque[tuple[Found, int, Part[Decoded]]] = deque()
+        for found, slot, part in self.decoding:
+            future = part.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                redone.append((found, slot, future))
+                redone.append((found, slot, part))
                 continue
             again = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
             try:
@@ -190,7 +205,7 @@ class Stream:
                     error=f"{printable(str(found.path))}: the worker reading it died (killed by a signal, or out of "
                     "memory): not triaged; check the file with `pneumotriage inspect --decode`",
                 )
-            redone.append((found, slot, done_future(decoded)))
+            redone.append((found, slot, Part.ready(decoded)))
         self.decoding = redone
 
     def _batch(self, items: list[Item], failed: list[tuple[Found, Decoded]]) -> Batch:
@@ -224,7 +239,14 @@ class Stream:
         straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable memory);
         a buffer is refilled only once its previous copy is done."""
         if self.device.type != "cuda":
-            return self.arena.batch(slots, key).to(self.device)
+            # One kept buffer per input (fresh memory costs a page fault every 4 kB): the batch is used before
+            # the next one is asked for.
+            held = self._gathered.get(key)
+            if held is None:
+                held = self._gathered[key] = torch.empty(self.batch_size, 1, key.size, key.size)
+            part = held[: len(slots)]
+            np.stack([self.arena.image(s, key) for s in slots], out=part.numpy()[:, 0])
+            return part if self.device.type == "cpu" else part.to(self.device)
         turn = self._staging.setdefault(key, deque())
         if len(turn) < 2:
             turn.append((torch.empty(self.batch_size, 1, key.size, key.size, pin_memory=True), None))

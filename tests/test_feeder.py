@@ -1,0 +1,184 @@
+"""The scan's feeding process hands work on in bulk: the segmenter's maps as windows, tasks to the workers a few
+files or images at a time. Each must give exactly what the one-at-a-time path gave."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from torch import nn
+
+from pneumotriage.models import LoadedModel, ModelSpec
+from pneumotriage.postprocess import Outline, outline
+from pneumotriage.scan import ScanOptions, run
+from pneumotriage.scan.decode import turned
+from pneumotriage.scan.infer import MapWindows, segment
+from pneumotriage.scan.workers import Part, Workers
+from pneumotriage.synth import StudySummary
+
+
+class _Given(nn.Module):
+    """A segmenter that answers with the logits it is given (and, with ``present``, an image-level head)."""
+
+    def __init__(self, logits: torch.Tensor, present: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.logits, self.present = logits, present
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # A mirrored input (TTA) gets other logits: the mirror of these, shifted, so the mean is not trivial.
+        mirrored = bool((x[:, :, :, 0] < 0).all())
+        out = {"mask": torch.flip(self.logits, dims=[-1]) + 0.5 if mirrored else self.logits}
+        if self.present is not None:
+            out["present"] = self.present
+        return out
+
+
+def _model(logits: torch.Tensor, present: torch.Tensor | None = None) -> LoadedModel:
+    spec = ModelSpec("segmenter", "unet", "resnet34", input_size=int(logits.shape[-1]))
+    return LoadedModel(_Given(logits, present), spec, {}, {"clinical": True}, None, "0" * 64, "given")
+
+
+def _logits(n: int, side: int, seed: int) -> torch.Tensor:
+    """Smooth random logits: blobs of every size, some maps nearly empty, some nearly full."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.normal(size=(n, 1, 6, 6)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
+    shift = torch.from_numpy(rng.uniform(-6, 3, size=(n, 1, 1, 1)).astype(np.float32))
+    return smooth * 4 + shift
+
+
+def _same(a: Outline | None, b: Outline | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.top, a.left, a.shape) == (b.top, b.left, b.shape) and np.array_equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize(
+    "thresholds",
+    [
+        {"top_score": 0.75, "min_area": 2000.0, "bottom_score": 0.3, "min_component": 0.0},
+        {"top_score": 0.5, "min_area": 10.0, "bottom_score": 0.6, "min_component": 800.0},  # top under bottom
+        {"top_score": 0.9, "min_area": 0.0, "bottom_score": 0.0, "min_component": 0.0},  # the whole map is hot
+    ],
+)
+def test_an_outline_from_a_window_is_the_outline_from_the_whole_map(thresholds: dict[str, float]) -> None:
+    """The slot holds only the window of each map; rebuilt with zeros around it, the map gives the outline the
+    whole map gives, bit for bit, at any image size and turned back or not."""
+    side, n = 64, 21  # more maps than are made at once, and not a multiple of it
+    logits = _logits(n, side, seed=int(thresholds["min_component"]) + 1)
+    model = _model(logits)
+    images = torch.zeros(n, 1, side, side)
+    expected, _ = segment(model, images, torch.device("cpu"), False)
+    floor = min(thresholds["top_score"], thresholds["bottom_score"])
+    places = [np.full(side * side, np.nan, dtype=np.float32) for _ in range(n)]
+    windows = MapWindows(model, torch.device("cpu"), tta=False, floor=floor)
+    _, _, found = windows.run(images, places)
+    outlined = 0
+    for j in range(n):
+        whole = expected[j].numpy()
+        window = found[j]
+        if window is None:
+            assert not (whole > floor).any()
+            rebuilt = None
+        else:
+            rebuilt = window.rebuild(places[j], np.empty((side, side), dtype=np.float32))
+        for shape in ((1024, 1024), (1955, 1841), (48, 40)):
+            for flip in ((False, False), (True, True)):
+                mine = outline(turned(rebuilt, flip).copy(), shape, **thresholds) if rebuilt is not None else None
+                theirs = outline(turned(whole, flip).copy(), shape, **thresholds)
+                assert _same(mine, theirs), (j, shape, flip)
+                outlined += theirs is not None
+    assert outlined > 10, "too few outlines to tell"
+
+
+def test_map_windows_give_segments_scores_and_maps_with_tta_a_head_and_nans() -> None:
+    side, n = 32, 11
+    logits = _logits(n, side, seed=7)
+    logits[3, 0, 5, 7] = float("nan")  # a damaged map: its maximum says so
+    head = torch.linspace(-3, 3, n)
+    images = -torch.ones(n, 1, side, side)  # mirrored by TTA: the model tells the two apart
+    images[..., 1:] = 1.0
+    for present in (None, head):
+        model = _model(logits, present)
+        maps, scores = segment(model, images, torch.device("cpu"), True)
+        places = [np.zeros(side * side, dtype=np.float32) for _ in range(n)]
+        got, peak, windows = MapWindows(model, torch.device("cpu"), tta=True, floor=0.3).run(images, places)
+        np.testing.assert_array_equal(got, scores.numpy())
+        assert np.isnan(peak[3]) and np.isfinite(np.delete(peak, 3)).all()
+        np.testing.assert_array_equal(np.delete(peak, 3), np.delete(maps.flatten(1).amax(1).numpy(), 3))
+        for j, window in enumerate(windows):
+            if window is None:
+                continue
+            part = places[j][: window.height * window.width].reshape(window.height, window.width)
+            inside = maps[j, window.top : window.top + window.height, window.left : window.left + window.width]
+            np.testing.assert_array_equal(part, inside.numpy())
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_tasks_handed_over_a_few_at_a_time_answer_in_order(count: int) -> None:
+    with Workers(count, slots=1, keys=[], map_size=None) as pool:
+        parts: list[Part[Any]] = pool.submit_each(_square, [(i,) for i in range(10)], chunk=3)
+        assert [p.result() for p in parts] == [i * i for i in range(10)]
+        assert len({id(p.future) for p in parts}) == 4  # one task for each three
+
+
+class _OneRegion(nn.Module):
+    """A segmenter that outlines one confident region of every image, a little lower in each next batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, _, h, w = x.shape
+        self.calls += 1
+        logits = torch.full((b, 1, h, w), -10.0)
+        top = h // 4 + self.calls % 8
+        logits[:, :, top : top + 12, w // 4 : w // 4 + 10] = 10.0
+        return {"mask": logits}
+
+
+def test_images_whose_finishing_worker_dies_are_finished_here(
+    study: StudySummary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while it finishes a task of several images (the OOM killer): each of them is finished in
+    the scan's process from its slot, and the rows and files are those of a scan that had no worker."""
+    import os
+    import signal
+    import sys
+
+    from pneumotriage.scan import workers as scan_workers
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the workers are forked only on Linux: the stand-in for the OOM killer reaches them that way")
+    main, original = os.getpid(), scan_workers.finish
+    victim = sorted(p.stem for p in study.out.rglob("*.dcm"))[5]
+
+    def finish(job: Any, probs: Any, display: Any) -> Any:
+        if os.getpid() != main and job.name == victim:
+            (tmp_path / "killed").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(job, probs, display)
+
+    monkeypatch.setattr(scan_workers, "finish", finish)
+    spec = ModelSpec("segmenter", "unet", "resnet34", input_size=64)
+    rows = {}
+    for workers in (1, 0):
+        seg = LoadedModel(_OneRegion(), spec, {}, {"clinical": True}, None, "0" * 64, "one region")
+        options = ScanOptions(workers=workers, batch_size=8, segment_all=True, finish_in_workers=True)
+        summary = run([study.out], tmp_path / str(workers), classifier=None, segmenter=seg, options=options)
+        rows[workers] = [{k: v for k, v in asdict(r).items() if k != "key"} for r in summary.results]
+        assert sum(1 for r in summary.results if r.mask_file) == 12
+    assert (tmp_path / "killed").exists(), "no worker was killed"
+    assert rows[1] == rows[0]
+    for r in rows[0]:
+        assert (tmp_path / "1" / r["mask_file"]).read_bytes() == (tmp_path / "0" / r["mask_file"]).read_bytes()
