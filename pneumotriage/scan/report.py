@@ -14,7 +14,8 @@ its own; the page's script reads no data from outside the file.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -31,12 +32,18 @@ from pneumotriage.scan.tiers import order_key
 from pneumotriage.version import __version__
 
 
-def _data(path: Path | None) -> str | None:
+def _base64(data: bytes) -> Markup:
+    """Bytes as base64 for a data URI. Marked safe: base64's alphabet holds nothing HTML escapes, and escaping
+    tens of megabytes of pictures character by character was most of the report's time."""
+    return Markup(base64.b64encode(data).decode("ascii"))
+
+
+def _data(path: Path | None) -> Markup | None:
     """A picture file's bytes as base64 for a data URI (None where there is none)."""
     if path is None:
         return None
     try:
-        return base64.b64encode(path.read_bytes()).decode("ascii")
+        return _base64(path.read_bytes())
     except OSError:
         return None
 
@@ -125,20 +132,20 @@ class ReportThumbnails:
     def write(self, out: Path, ranked: Sequence[ImageResult], missing: Callable[[list[ImageResult]], None]) -> None:
         """Write the thumbnails of the first rows that have none; ``missing`` makes those not kept."""
         kept = {stem: thumb for _, stem, thumb in self._kept}
-        wanted = [
+        without = (
             r for r in ranked if r.status == "ok" and r.file_stem and not OutLayout(out).thumbnail(r.file_stem).exists()
-        ][: self.limit]
+        )
+        wanted = list(itertools.islice(without, self.limit))  # the files of the rows after those are not looked at
         for r in wanted:
             if r.file_stem in kept:
                 atomic_write_bytes(OutLayout(out).thumbnail(r.file_stem), kept[r.file_stem], durable=False)
         missing([r for r in wanted if r.file_stem not in kept])
 
 
-def iter_thumbnails(out: Path, results: Sequence[ImageResult]) -> Iterator[tuple[ImageResult, bytes | None]]:
-    """Each result with its thumbnail (JPEG bytes) when one was written."""
-    for r in results:
-        path = OutLayout(out).thumbnail(r.file_stem) if r.file_stem else None
-        yield r, (path.read_bytes() if path is not None and path.exists() else None)
+def thumbnail_files(out: Path, results: Sequence[ImageResult]) -> list[Path | None]:
+    """Each result's thumbnail file where one was written."""
+    paths = [OutLayout(out).thumbnail(r.file_stem) if r.file_stem else None for r in results]
+    return [path if path is not None and path.exists() else None for path in paths]
 
 
 #: Names of skipped files shown in the report's footer (all are in skipped.csv).
@@ -247,7 +254,7 @@ def _row(
         "id": row.get("image_id") or "",  # made printable with the row (a file name may not be UTF-8)
         "caption": _caption(row),
         "cells": cells,
-        "thumb": base64.b64encode(thumb).decode("ascii") if thumb is not None else None,
+        "thumb": _base64(thumb) if thumb is not None else None,
         "full": _data(out / result.overlay_file) if result.overlay_file else None,
         "plain": _data(OutLayout(out).plain_thumbnail(stem)) if result.overlay_file and stem else None,
     }
@@ -274,10 +281,12 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         for key, _, _ in _COLUMNS
         if (not rows or key in rows[0]) and (key not in _WHEN_FILLED or any(row.get(key) for row in rows))
     }
-    page_rows = [
-        _row(summary.out, r, by_id[id(r)], thumb, shown_keys)
-        for r, thumb in iter_thumbnails(summary.out, summary.results)
-    ]
+    thumbs = thumbnail_files(summary.out, summary.results)
+    # Made as the page is written, one row at a time: the pictures of every row together can be many megabytes.
+    page_rows = (
+        _row(summary.out, r, by_id[id(r)], thumb.read_bytes() if thumb is not None else None, shown_keys)
+        for r, thumb in zip(summary.results, thumbs, strict=True)
+    )
     p = summary.plan
     plan = None
     if p:
@@ -289,8 +298,8 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         }
     t = summary.thresholds
     timings = summary.timings
-    pictured = sum(r["thumb"] is not None for r in page_rows)
-    page = _template().render(
+    pictured = sum(thumb is not None for thumb in thumbs)
+    page = _template().generate(
         notes=summary.notes,
         counts=counts,
         legend=[(key, Markup(text)) for key, text in legend_items(summary)],  # built here, from numbers only
@@ -298,7 +307,7 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         columns=[{"label": label} for key, label, _ in _COLUMNS if key in shown_keys],
         rows=page_rows,
         pictured=pictured,
-        more_rows=0 < pictured < len(page_rows),
+        more_rows=0 < pictured < len(thumbs),
         timing=f"{timings.get('total_s', 0.0):.1f} s in all, {timings.get('model_s', 0.0):.1f} s in the models",
         plan=plan,
         models=summary.models,
@@ -311,4 +320,4 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         version=__version__,
     )
     with atomic_open_text(summary.out / REPORT) as fh:
-        fh.write(page)
+        fh.writelines(page)
