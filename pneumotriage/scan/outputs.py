@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +136,10 @@ def summarise(
 def worklist_rows(summary: ScanSummary, *, no_phi: bool = False) -> list[dict[str, Any]]:
     models = {m["role"]: m for m in summary.models}
     rows = []
+    own = {f.name for f in fields(ImageResult)}
     for r in summary.results:
-        data = asdict(r)
-        row = {k: data.get(k) for k in WORKLIST_FIELDS}
+        # A row's own fields are plain values: read, not deep-copied (asdict's copy was most of this loop's time).
+        row = {k: getattr(r, k) if k in own else None for k in WORKLIST_FIELDS}
         row["reason"] = reason_of(r, summary.thresholds, summary.decisions, summary.urgent_probability)
         for role in ("classifier", "segmenter"):
             m = models.get(role)
