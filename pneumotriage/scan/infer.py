@@ -301,15 +301,18 @@ class MapWindows:
     ) -> torch.Tensor:
         """Each map's window of ``probs`` (B, S, S) into its place (read from ``host``, the maps' copy on the
         CPU, where given), appended to ``windows``; returns each map's maximum."""
-        rows, cols = probs.amax(2), probs.amax(1)  # (B, S) each: NaN propagates
-        hot_rows, hot_cols = (rows > self.floor).cpu().numpy(), (cols > self.floor).cpu().numpy()
+        rows = probs.amax(2)  # (B, S): NaN propagates
+        hot_rows = (rows > self.floor).cpu().numpy()
         maps = probs if host is None else host
         side = probs.shape[-1]
         for j, place in enumerate(places):
-            ys, xs = np.flatnonzero(hot_rows[j]), np.flatnonzero(hot_cols[j])
+            ys = np.flatnonzero(hot_rows[j])
             if ys.size == 0:
                 windows.append(None)
                 continue
+            # The columns, over the band of rows that holds a value above the floor only.
+            cols = maps[j, int(ys[0]) : int(ys[-1]) + 1].amax(0)
+            xs = np.flatnonzero((cols > self.floor).numpy())
             top, left = max(int(ys[0]) - 1, 0), max(int(xs[0]) - 1, 0)
             window = MapWindow(top, left, min(int(ys[-1]) + 2, side) - top, min(int(xs[-1]) + 2, side) - left, side)
             part = maps[j, top : top + window.height, left : left + window.width]
