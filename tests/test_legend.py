@@ -11,8 +11,7 @@ from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise
 from pneumotriage.scan.records import ImageResult, ScanSummary
-from pneumotriage.scan.report import legend_items
-from pneumotriage.scan.tiers import tier_of
+from pneumotriage.scan.tiers import legend_items, tier_of
 
 
 def _summary(

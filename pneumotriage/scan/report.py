@@ -28,7 +28,7 @@ from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
 from pneumotriage.outlayout import REPORT, OutLayout
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.records import ImageResult, ScanSummary
-from pneumotriage.scan.tiers import order_key
+from pneumotriage.scan.tiers import legend_items, order_key
 from pneumotriage.version import __version__
 
 
@@ -46,70 +46,6 @@ def _data(path: Path | None) -> Markup | None:
         return _base64(path.read_bytes())
     except OSError:
         return None
-
-
-_NOT_TRIAGED = (
-    "an image <i>not triaged</i>: not a frontal chest radiograph, or not one read truly (its row says why; "
-    "<code>--accept</code> widens the check)"
-)
-
-
-def legend_items(summary: ScanSummary) -> list[tuple[str, str]]:
-    """What each tier means in this scan, built from the decisions that ran (the classifier alone, the classifier
-    then the segmenter, or the segmenter alone) and the thresholds it ran at, so that it never contradicts a row."""
-    from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
-
-    t = summary.thresholds
-    gate, review = shown(t.gate), shown(t.review_at)
-    unreadable = f"a file that could not be read, or {_NOT_TRIAGED}"
-    if summary.decisions == "classifier":
-        urgent = shown(summary.urgent_probability if summary.urgent_probability is not None else 0.9)
-        why = "--no-segment" if summary.no_segment else "no segmenter given"
-        items = [("urgent", f"classifier probability ≥ {urgent} (the classifier alone: {why}; no outlines)")]
-        if t.review_at < float(urgent):
-            items.append(("review", f"probability ≥ the review threshold {review} and below {urgent}; or {unreadable}"))
-            items.append(("routine", f"probability below the review threshold {review}"))
-        else:  # a review threshold at or above the urgent probability leaves no probability for review
-            items.append(
-                (
-                    "review",
-                    f"{unreadable} (the review threshold {review} is not below {urgent}: no image is review by its "
-                    "probability)",
-                )
-            )
-            items.append(("routine", f"probability below {urgent}"))
-        return items
-    scaled = (
-        f"at least {t.min_area:g} pixels of a 1024 x 1024 image (scaled to each image's size; the areas in the "
-        f"rows are the image's own) above {shown(t.top_score)}, the outline then drawn at {shown(t.bottom_score)}"
-        + (f", parts under {t.min_component:g} px (at 1024²) dropped" if t.min_component else "")
-    )
-    implausible = (
-        f"an implausible outline (over {MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} "
-        "of an image border: marked <i>implausible outline — check</i>)"
-    )
-    if summary.decisions == "segmenter":
-        return [
-            ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; every image segmented, no classifier)"),
-            (
-                "review",
-                f"nothing outlined but the segmenter's image score (its probability column) ≥ the review threshold "
-                f"{review}; {implausible}; or {unreadable}",
-            ),
-            ("routine", f"nothing outlined and the segmenter's image score below {review}"),
-        ]
-    routine = f"nothing outlined and classifier probability below the review threshold {review}"
-    if t.gate > t.review_at:
-        routine += f" (images below the gate {gate} are not segmented)"
-    return [
-        ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; images segmented from the gate {gate} up)"),
-        (
-            "review",
-            f"nothing outlined but classifier probability ≥ the review threshold {review}; {implausible}; "
-            f"or {unreadable}",
-        ),
-        ("routine", routine),
-    ]
 
 
 class ReportThumbnails:

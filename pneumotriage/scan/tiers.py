@@ -1,12 +1,16 @@
-"""Stage 9, rank: each row's tier by the documented priority rules, then the worklist order."""
+"""Stage 9, rank: each row's tier by the documented priority rules, then the worklist order; and the words
+that explain them, in one place with the rules: each row's reason and the report's legend."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pneumotriage.postprocess import Thresholds
+from pneumotriage.postprocess import Thresholds, shown
 from pneumotriage.scan.options import ScanOptions
-from pneumotriage.scan.records import TIERS, ImageResult, Tier
+from pneumotriage.scan.records import TIERS, ImageResult, ScanSummary, Tier
+
+#: The urgent probability of a scan by the classifier alone, unless given.
+_URGENT = ScanOptions.urgent_probability
 
 
 def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, segmented_run: bool) -> Tier:
@@ -63,8 +67,6 @@ def reason_of(r: ImageResult, thresholds: Thresholds, decisions: str, urgent_pro
     """Why a ranked row has its tier, in plain words and the image's own units ("outlined 8.3 cm² on the left";
     "classifier 0.94, nothing outlined"; "not triaged: ..."). ``decisions`` is the scan's: "cascade", "classifier"
     or "segmenter" (:class:`~pneumotriage.scan.records.ScanSummary`)."""
-    from pneumotriage.postprocess import shown
-
     if r.status != "ok":
         text = r.error or r.status
         if text.startswith(f"{r.path}: "):  # the file is the row's own: its reason alone
@@ -81,8 +83,72 @@ def reason_of(r: ImageResult, thresholds: Thresholds, decisions: str, urgent_pro
         where = " on both sides" if r.side == "both" else f" on the {r.side}" if r.side else ""
         return f"outlined {area}{where}"
     if decisions == "classifier":
-        urgent = shown(urgent_probability if urgent_probability is not None else ScanOptions.urgent_probability)
+        urgent = shown(urgent_probability if urgent_probability is not None else _URGENT)
         return f"{p}" + (f" ≥ {urgent}" if r.tier == "urgent" else "") + " (classifier alone, no outlines)"
     if r.segmented:
         return f"{p}, nothing outlined"
     return f"{p}, not segmented (below the gate {shown(thresholds.gate)})"
+
+
+_NOT_TRIAGED = (
+    "an image <i>not triaged</i>: not a frontal chest radiograph, or not one read truly (its row says why; "
+    "<code>--accept</code> widens the check)"
+)
+
+
+def legend_items(summary: ScanSummary) -> list[tuple[str, str]]:
+    """What each tier means in this scan, built from the decisions that ran (the classifier alone, the classifier
+    then the segmenter, or the segmenter alone) and the thresholds it ran at, so that it never contradicts a row."""
+    from pneumotriage.scan.finish import MAX_BORDER_SHARE, MAX_OUTLINE_SHARE
+
+    t = summary.thresholds
+    gate, review = shown(t.gate), shown(t.review_at)
+    unreadable = f"a file that could not be read, or {_NOT_TRIAGED}"
+    if summary.decisions == "classifier":
+        urgent = shown(summary.urgent_probability if summary.urgent_probability is not None else _URGENT)
+        why = "--no-segment" if summary.no_segment else "no segmenter given"
+        items = [("urgent", f"classifier probability ≥ {urgent} (the classifier alone: {why}; no outlines)")]
+        if t.review_at < float(urgent):
+            items.append(("review", f"probability ≥ the review threshold {review} and below {urgent}; or {unreadable}"))
+            items.append(("routine", f"probability below the review threshold {review}"))
+        else:  # a review threshold at or above the urgent probability leaves no probability for review
+            items.append(
+                (
+                    "review",
+                    f"{unreadable} (the review threshold {review} is not below {urgent}: no image is review by its "
+                    "probability)",
+                )
+            )
+            items.append(("routine", f"probability below {urgent}"))
+        return items
+    scaled = (
+        f"at least {t.min_area:g} pixels of a 1024 x 1024 image (scaled to each image's size; the areas in the "
+        f"rows are the image's own) above {shown(t.top_score)}, the outline then drawn at {shown(t.bottom_score)}"
+        + (f", parts under {t.min_component:g} px (at 1024²) dropped" if t.min_component else "")
+    )
+    implausible = (
+        f"an implausible outline (over {MAX_OUTLINE_SHARE:.0%} of the image, or along over {MAX_BORDER_SHARE:.0%} "
+        "of an image border: marked <i>implausible outline — check</i>)"
+    )
+    if summary.decisions == "segmenter":
+        return [
+            ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; every image segmented, no classifier)"),
+            (
+                "review",
+                f"nothing outlined but the segmenter's image score (its probability column) ≥ the review threshold "
+                f"{review}; {implausible}; or {unreadable}",
+            ),
+            ("routine", f"nothing outlined and the segmenter's image score below {review}"),
+        ]
+    routine = f"nothing outlined and classifier probability below the review threshold {review}"
+    if t.gate > t.review_at:
+        routine += f" (images below the gate {gate} are not segmented)"
+    return [
+        ("urgent", f"the segmenter outlined a pneumothorax ({scaled}; images segmented from the gate {gate} up)"),
+        (
+            "review",
+            f"nothing outlined but classifier probability ≥ the review threshold {review}; {implausible}; "
+            f"or {unreadable}",
+        ),
+        ("routine", routine),
+    ]
