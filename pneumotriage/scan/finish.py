@@ -124,6 +124,9 @@ def _shown_mask(found: Outline, display_shape: tuple[int, int]) -> np.ndarray:
 
 #: Longest side of a report thumbnail.
 THUMBNAIL = 192
+#: JPEG quality of an overlay, of the same picture without the outline (the report's "outline off"), and of a
+#: report thumbnail.
+OVERLAY_QUALITY, PLAIN_QUALITY, THUMBNAIL_QUALITY = 90, 85, 80
 
 
 def jpeg(picture: Image.Image, *, quality: int) -> bytes:
@@ -227,26 +230,32 @@ def finish(job: FinishJob, probs: np.ndarray | None, display: np.ndarray) -> tup
         result.mask_file = mask_file(job.name)
         if job.overlays:
             shown = overlay(display, _shown_mask(found, job.display_shape))
-            atomic_write_bytes(layout.overlay(job.name), jpeg(shown, quality=90), durable=False)
+            atomic_write_bytes(layout.overlay(job.name), jpeg(shown, quality=OVERLAY_QUALITY), durable=False)
             result.overlay_file = overlay_file(job.name)
             # The same picture without the outline, for the report's "outline off" (outlined images only).
             atomic_write_bytes(
-                layout.plain_thumbnail(job.name), jpeg(Image.fromarray(display), quality=85), durable=False
+                layout.plain_thumbnail(job.name), jpeg(Image.fromarray(display), quality=PLAIN_QUALITY), durable=False
             )
             # Its report thumbnail is cut from the overlay at the end, only if the report shows it.
             return result, None
         # No overlay to cut it from: the thumbnail is drawn at its own size (the grey copy shrunk, the outline
         # sampled there), as thumbnail_task draws it.
         small = thumbnail(display)
-        return result, jpeg(overlay(small, _shown_mask(found, (small.shape[0], small.shape[1]))), quality=80)
+        return result, thumbnail_jpeg(overlay(small, _shown_mask(found, (small.shape[0], small.shape[1]))))
     return result, None
+
+
+def thumbnail_jpeg(picture: Image.Image) -> bytes:
+    """A report thumbnail drawn at :data:`THUMBNAIL` size as its file's bytes: every way one is drawn (a grey
+    image, an outline drawn at the thumbnail's size, one cut from an overlay or decoded again) ends here."""
+    return jpeg(picture, quality=THUMBNAIL_QUALITY)
 
 
 def grey_thumbnail(display: np.ndarray) -> bytes:
     """A report thumbnail (JPEG) of a display copy with nothing outlined."""
-    return jpeg(Image.fromarray(thumbnail(display)), quality=80)
+    return thumbnail_jpeg(Image.fromarray(thumbnail(display)))
 
 
 def write_thumbnail(out: Path, name: str, picture: Image.Image) -> None:
     """Write a report thumbnail drawn at :data:`THUMBNAIL` size (see :func:`workers.thumbnail_task`)."""
-    atomic_write_bytes(OutLayout(out).thumbnail(name), jpeg(picture, quality=80), durable=False)
+    atomic_write_bytes(OutLayout(out).thumbnail(name), thumbnail_jpeg(picture), durable=False)
