@@ -7,8 +7,10 @@ import hashlib
 import json
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from pneumotriage.labels import RleLabels
 from pneumotriage.synth import StudySummary
 
 runner = CliRunner()
+T = TypeVar("T")
 #: The side of the `tiny` study and models (conftest.py).
 TINY_SIZE = 64
 
@@ -144,3 +147,25 @@ def tune_cli(study: StudySummary, cls: Path, seg: Path, out: Path, *extra: str) 
         ["tune", str(study.out), "--labels", str(study.labels_csv), "--segmenter", str(seg), "--classifier", str(cls),
          "--out", str(out), "--workers", "0", "--device", "cpu", "--no-progress", *extra],
     )  # fmt: skip
+
+
+def within(seconds: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread, failing the test if it has not returned after ``seconds``: for
+    a call that waits on child processes (a worker killed on purpose), which must fail, never block the suite."""
+    answer: list[T] = []
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            answer.append(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the test's thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=call, name="within", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {seconds:g} s")
+    if raised:
+        raise raised[0]
+    return answer[0]

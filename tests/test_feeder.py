@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
+from helpers import within
 from torch import nn
 
 from pneumotriage.models import LoadedModel, ModelSpec
@@ -175,7 +176,9 @@ def test_images_whose_finishing_worker_dies_are_finished_here(
     for workers in (1, 0):
         seg = LoadedModel(_OneRegion(), spec, {}, {"clinical": True}, None, "0" * 64, "one region")
         options = ScanOptions(workers=workers, batch_size=8, segment_all=True, finish_in_workers=True)
-        summary = run([study.out], tmp_path / str(workers), classifier=None, segmenter=seg, options=options)
+        summary = within(
+            120, run, [study.out], tmp_path / str(workers), classifier=None, segmenter=seg, options=options
+        )
         rows[workers] = [{k: v for k, v in asdict(r).items() if k != "key"} for r in summary.results]
         assert sum(1 for r in summary.results if r.mask_file) == 12
     assert (tmp_path / "killed").exists(), "no worker was killed"

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from helpers import within
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
@@ -601,7 +602,7 @@ def test_a_file_that_kills_its_worker_is_an_error_row_and_the_scan_goes_on(
     folder = tmp_path / "in"
     good = _good(study, folder, 6)
     shutil.copy(good[0], folder / "killer.dcm")
-    summary = _library_scan([folder], tmp_path / "out", models, workers=1, batch_size=batch)
+    summary = within(120, _library_scan, [folder], tmp_path / "out", models, workers=1, batch_size=batch)
     rows = {Path(r.path).name: r for r in summary.results}
     assert len(rows) == 7
     assert rows["killer.dcm"].status == "error" and "the worker reading it died" in (rows["killer.dcm"].error or "")

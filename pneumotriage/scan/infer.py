@@ -279,7 +279,7 @@ class MapWindows:
             else:
                 probs = _probabilities(mask, mirrored)
                 host = self._held(probs.shape)
-                host.copy_(probs, non_blocking=True)  # waited for by the first .cpu() in _hand_on
+                host.copy_(probs, non_blocking=self.device.type == "cuda")  # waited for by a .cpu() in _hand_on
                 peaks.append(self._hand_on(probs, places, windows, host))
             peak = torch.cat(peaks) if peaks else torch.empty(0)
             present = torch.sigmoid(out["present"].float()) if "present" in out else peak
