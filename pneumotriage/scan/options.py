@@ -13,8 +13,6 @@ from pneumotriage.models import DEFAULT_THRESHOLDS, LoadedModel
 from pneumotriage.postprocess import Thresholds
 from pneumotriage.runtime import usable_cores
 
-#: Threshold names, in the order reports show them.
-
 
 def _how(default: Any) -> Any:
     """A field that says how the scan runs, not what it writes: it may change between a scan and its resume
