@@ -13,6 +13,9 @@ Modes (one per run):
   weights on the same files, each a whole process, median of ``--repeat`` paired runs (target >= 2.0x on a 2-core
   CPU with ``--backend auto``, >= 3x on a GPU); ``--load`` runs the pairs again beside a second CPU-bound process.
   torchxrayvision is installed into a scratch folder (``--peer-site``) for this only; it is not a dependency;
+- ``--peer-dataloader`` (with the default mode): the same job as a plain PyTorch loop, a ``DataLoader`` with
+  pydicom + Pillow decoding in cores - 1 workers feeding the same models at the same batch, nothing written;
+  ours / it (target >= 2x on one H100/H200, issue #29);
 - ``--memory``: peak memory of scans of 200 and 2,000 small images, each in a fresh process (target: the larger
   within 1.2x of the smaller);
 - ``--feeder``: the scan's own process's CPU per image (``getrusage``, all its threads, not the workers'), with
@@ -27,6 +30,7 @@ Modes (one per run):
     python benchmarks/scan.py --ceiling --workers 2
     python benchmarks/scan.py --peer --n 40 --load
     python benchmarks/scan.py --device cuda --n 512 --batch-size 64 --data bench-data
+    python benchmarks/scan.py --device cuda --n 2048 --batch-size 64 --peer-dataloader --data bench-data-2048
     python benchmarks/scan.py --memory
     python benchmarks/scan.py --feeder --data bench-data-512
     python benchmarks/scan.py --ranks 1,2 --n 64
@@ -62,7 +66,8 @@ from pneumotriage.synth import synth_workers, write_study
 
 def _loaded(spec: ModelSpec) -> LoadedModel:
     model = build_model(spec).eval()
-    return LoadedModel(model, spec, dict(model.thresholds), {"clinical": True}, None, "0" * 64, spec.title)
+    thresholds: dict[str, float] = dict(getattr(model, "thresholds", {}))
+    return LoadedModel(model, spec, thresholds, {"clinical": True}, None, "0" * 64, spec.title)
 
 
 @torch.inference_mode()
@@ -117,7 +122,7 @@ def _folder(args: argparse.Namespace, tmp: Path) -> Path:
         built = _study(tmp / "data", args.n)
         args.data.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(built), str(args.data))
-    return args.data
+    return Path(args.data)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
     window = 2 + 2 * workers
     with Workers(workers, slots=window, keys=[InputKey(size)], map_size=None) as pool:
         t0 = time.perf_counter()
-        pending: deque[Future[Any]] = deque()
+        pending: deque[tuple[int, Future[Any]]] = deque()
         free = deque(range(window))
         for i, path in enumerate(files):
             if not free:
@@ -491,6 +496,12 @@ def main() -> int:
     )
     parser.add_argument("--peer", action="store_true", help="against TorchXRayVision's per-file loop")
     parser.add_argument(
+        "--peer-dataloader",
+        action="store_true",
+        help="default mode: also a plain PyTorch DataLoader loop (pydicom + Pillow in cores - 1 workers) with the "
+        "same models and batch, and the ratio",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=3, help="--peer: paired runs (the median counts); --ranks: runs (the best)"
     )
     parser.add_argument("--backend", default="auto", help="--peer: our scan's --backend")
@@ -530,6 +541,59 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --peer-dataloader
+
+
+class _PlainDicoms(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """What a plain PyTorch loop does with a folder of DICOMs: pydicom reads each file (Pillow decodes its JPEG
+    Baseline), the pixels are scaled to [0, 1] by their range and resized to each model's size."""
+
+    def __init__(self, files: list[Path], sizes: tuple[int, int]) -> None:
+        self.files, self.sizes = files, sizes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import pydicom
+        import torch.nn.functional as F  # noqa: N812 (the usual name)
+
+        pixels = torch.from_numpy(pydicom.dcmread(self.files[i]).pixel_array.astype("float32"))
+        low, high = pixels.min(), pixels.max()
+        pixels = ((pixels - low) / torch.clamp(high - low, min=1.0))[None, None]
+        a, b = (F.interpolate(pixels, size=(s, s), mode="bilinear", antialias=True)[0] for s in self.sizes)
+        return a, b
+
+
+@torch.inference_mode()
+def dataloader_loop_s(
+    files: list[Path], clf: LoadedModel, seg: LoadedModel, batch: int, gate: float, device: torch.device
+) -> float:
+    """The whole job done as a plain loop would: a ``DataLoader`` (cores - 1 workers, pinned memory on CUDA)
+    feeding the same prepared models, the images at or above ``gate`` segmented and their maps brought back;
+    nothing written. Seconds from the loader's start to the last map."""
+    classifier, segmenter = prepare_models(device, clf, seg)
+    assert classifier is not None and segmenter is not None
+    sizes = (clf.spec.input_size, seg.spec.input_size)
+    loader = torch.utils.data.DataLoader(
+        _PlainDicoms(files, sizes),
+        batch_size=batch,
+        num_workers=max(1, usable_cores() - 1),
+        pin_memory=device.type == "cuda",
+    )
+    t0 = time.perf_counter()
+    for small, large in loader:
+        with autocast_for(device):
+            x = small.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            probs = torch.sigmoid(classifier.model(x).float()).cpu()
+            keep = probs >= gate
+            if keep.any():
+                y = large[keep].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                torch.sigmoid(segmenter.model(y)["mask"].float()).cpu()
+    return time.perf_counter() - t0
 
 
 def default(args: argparse.Namespace, tmp: Path) -> None:
@@ -576,6 +640,13 @@ def default(args: argparse.Namespace, tmp: Path) -> None:
     print(f"model only   {model:8.2f} s   {n / model:8.1f} img/s")
     print(f"overhead     {(end_to_end - model) / model * 100:7.1f} % of model time (target <= 25 % on CPU)")
     print(f"one image    {min(latencies) * 1000:8.0f} ms (best of 3, models loaded, no workers)")
+    if args.peer_dataloader:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        loop = dataloader_loop_s(files, clf, seg, batch, args.gate, device)
+        print(
+            f"plain DataLoader loop {loop:8.2f} s   {len(files) / loop:8.1f} img/s   ours / it: "
+            f"{loop / end_to_end:.2f}x (target >= 2x on a GPU)"
+        )
 
 
 if __name__ == "__main__":
