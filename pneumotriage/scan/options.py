@@ -62,7 +62,8 @@ class ScanOptions:
     device: str = _how("auto")
     resume: bool = _how(False)
     #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
-    #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device".
+    #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device". On the
+    #: device only an image the codec would not shrink for a model's input (see :func:`scan.read.read`).
     jpeg_decode: str = _how("auto")
     #: What runs the models on a CPU (:data:`pneumotriage.models.backends.BACKENDS`): "auto" (the fastest
     #: installed, measured once per model and machine), "torch", "onnxruntime" or "openvino".
@@ -249,7 +250,12 @@ def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores:
         # with fewer cores to spare, nvJPEG takes the decoding off them (docs/performance.md, GPU).
         on_device = gpu and workers < JPEG_WORKERS_OVER_DEVICE
     if gpu:
-        why += "; JPEG Baseline decoded " + ("on the GPU (nvJPEG)" if on_device else "in the workers")
+        why += "; JPEG Baseline decoded " + (
+            "on the GPU (nvJPEG) where a model's input is over half the image's side, else as training does, in the "
+            "workers"
+            if on_device
+            else "in the workers"
+        )
     return Plan(
         device=str(device),
         batch_size=batch,

@@ -8,6 +8,7 @@ true size comes from its pixel data, never from the header alone).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pneumotriage.dicom import (
     MIN_SIDE,
     DicomHeader,
     check_jpeg_size,
+    codec_reduces,
     inverse_presentation,
     jpeg_frame,
     open_image,
@@ -57,10 +59,13 @@ def _device_decodable(ds: Dataset, header: DicomHeader) -> bool:
     )
 
 
-def read(path: Path, *, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Source:
+def read(path: Path, *, want_jpeg: bool, accept: tuple[str, ...] = (), sizes: Sequence[int] = ()) -> Source:
     """Parse ``path`` (raises a :class:`~pneumotriage.errors.DicomError` naming the file and the remedy, or
     :class:`~pneumotriage.inputcheck.NotTriaged` where its header says it is not a frontal chest radiograph).
-    With ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked."""
+    With ``want_jpeg``, an image :func:`_device_decodable` comes back with its compressed frame, size-checked,
+    unless the codec would reduce it for one of the model inputs ``sizes``: training has the JPEG codec shrink
+    such an image as it decodes (DCT scaling), which a decode in full on the GPU and a resize do not make
+    (a demo classifier gave one negative 0.72 instead of 0.21), so it is decoded as training does."""
     ds, header, notes = open_image(path)
     if header.shape is not None and min(header.shape) < MIN_SIDE:
         rows, cols = header.shape
@@ -76,7 +81,8 @@ def read(path: Path, *, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Source
         exc.header = header
         raise
     source = Source(ds, header, notes, flip=flip, accept=accept)
-    if want_jpeg and flip == (False, False) and _device_decodable(ds, header):
+    reduced = bool(sizes) and codec_reduces(ds, header, min(sizes))
+    if want_jpeg and flip == (False, False) and _device_decodable(ds, header) and not reduced:
         check_jpeg_size(ds, header)
         source.jpeg = jpeg_frame(ds)
         source.invert = header.photometric == "MONOCHROME1"

@@ -126,7 +126,7 @@ def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -
     assert _ARENA is not None
     identity: dict[str, Any] = {}
     try:
-        source = read(found.path, want_jpeg=want_jpeg, accept=accept)
+        source = read(found.path, want_jpeg=want_jpeg, accept=accept, sizes=_ARENA.native_sizes)
         h = source.header
         identity = identity_of(h, found.key)
         decoded = Decoded("ok", identity=identity, spacing=h.pixel_spacing_mm, flip=source.flip)
