@@ -390,7 +390,7 @@ class _Scan:
             places = [arena.map(batch.items[i].slot).reshape(-1) for i in chosen]  # the windows go to the slots
             present, peak, windows = self.maps.run(x[chosen] if len(chosen) < n else x, places, bf16=self.bf16)
             for j, i in enumerate(chosen):
-                if not (math.isfinite(present[j]) and math.isfinite(peak[j])):
+                if not (math.isfinite(float(present[j])) and math.isfinite(float(peak[j]))):
                     untrusted[i] = _untrusted(batch.items[i].found, "segmenter", float(peak[j]))
                     continue
                 scores[i] = float(present[j]), windows[j]
