@@ -90,11 +90,13 @@ class SlotArena:
         flat = np.frombuffer(self._buffer, dtype=np.uint8, count=DISPLAY * DISPLAY, offset=start)
         return flat[: shape[0] * shape[1]].reshape(shape)
 
-    def batch(self, slots: Sequence[int], key: InputKey) -> torch.Tensor:
-        """The inputs ``key`` of ``slots`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused)."""
-        if len(slots) == 1:
-            return torch.from_numpy(self.image(slots[0], key).copy())[None, None]
-        return torch.from_numpy(np.stack([self.image(s, key) for s in slots]))[:, None]
+    def batch(self, slots: Sequence[int], key: InputKey, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs ``key`` of ``slots`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused), in
+        ``out`` (a CPU tensor of that shape, kept by the caller) where given."""
+        if out is None:
+            out = torch.empty(len(slots), 1, key.size, key.size)
+        np.stack([self.image(s, key) for s in slots], out=out.numpy()[:, 0])
+        return out
 
     def close(self) -> None:
         if self._shm is not None:

@@ -81,7 +81,7 @@ def read(path: Path, *, want_jpeg: bool, accept: tuple[str, ...] = (), sizes: Se
         exc.header = header
         raise
     source = Source(ds, header, notes, flip=flip, accept=accept)
-    reduced = bool(sizes) and codec_reduces(ds, header, min(sizes))
+    reduced = bool(sizes) and codec_reduces(ds, header, min(sizes)) if want_jpeg else False
     if want_jpeg and flip == (False, False) and _device_decodable(ds, header) and not reduced:
         check_jpeg_size(ds, header)
         source.jpeg = jpeg_frame(ds)

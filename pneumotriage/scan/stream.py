@@ -244,8 +244,7 @@ class Stream:
             held = self._gathered.get(key)
             if held is None:
                 held = self._gathered[key] = torch.empty(self.batch_size, 1, key.size, key.size)
-            part = held[: len(slots)]
-            np.stack([self.arena.image(s, key) for s in slots], out=part.numpy()[:, 0])
+            part = self.arena.batch(slots, key, out=held[: len(slots)])
             return part if self.device.type == "cpu" else part.to(self.device)
         turn = self._staging.setdefault(key, deque())
         if len(turn) < 2:
@@ -253,8 +252,7 @@ class Stream:
         buffer, copied = turn.popleft()
         if copied is not None:
             copied.synchronize()
-        part = buffer[: len(slots)]
-        np.stack([self.arena.image(s, key) for s in slots], out=part.numpy()[:, 0])
+        part = self.arena.batch(slots, key, out=buffer[: len(slots)])
         on_device = part.to(self.device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(self.device))
