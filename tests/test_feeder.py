@@ -118,6 +118,17 @@ def test_map_windows_give_segments_scores_and_maps_with_tta_a_head_and_nans() ->
             part = places[j][: window.height * window.width].reshape(window.height, window.width)
             inside = maps[j, window.top : window.top + window.height, window.left : window.left + window.width]
             np.testing.assert_array_equal(part, inside.numpy())
+        # A GPU's batch: the windows found from the maps where they were made, the parts read from their copy
+        # on the CPU (here both on the CPU, the copy a second tensor): the same windows and parts.
+        copied = [np.zeros(side * side, dtype=np.float32) for _ in range(n)]
+        from_copy: list[Any] = []
+        gpu_way = MapWindows(model, torch.device("cpu"), tta=True, floor=0.3)
+        gpu_way._hand_on(maps, copied, from_copy, host=maps.clone())
+        assert from_copy == windows
+        for j, window in enumerate(windows):
+            if window is not None:
+                size = window.height * window.width
+                np.testing.assert_array_equal(copied[j][:size], places[j][:size])
 
 
 def _square(x: int) -> int:
