@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from pneumotriage.errors import ExitCode, PneumotriageError
 from pneumotriage.io import printable, strict_json, terminal_safe
+
+if TYPE_CHECKING:
+    from pneumotriage.scan import ScanSummary
 
 err = Console(stderr=True)
 
@@ -74,7 +77,7 @@ def print_table(table: Table, console: Console | None = None) -> None:
     console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
-def print_worklist(summary: Any, limit: int = 20) -> None:
+def print_worklist(summary: ScanSummary, limit: int = 20) -> None:
     from pneumotriage.scan import reason_of
 
     table = plain_table(f"worklist: {shown(summary.out / 'worklist.csv')}")
@@ -96,7 +99,7 @@ def print_worklist(summary: Any, limit: int = 20) -> None:
         out.print(f"... {len(summary.results) - limit} more in worklist.csv", highlight=False)
 
 
-def print_plan(summary: Any) -> None:
+def print_plan(summary: ScanSummary) -> None:
     p, t = summary.plan, summary.timings
     err.print(
         f"ran on {p['device']}: batch {p['batch_size']}, {counted(p['workers'], 'worker')}, "
@@ -108,7 +111,7 @@ def print_plan(summary: Any) -> None:
         err.print(f"{role} run by {chosen['version']} ({chosen['why']})", highlight=False)
 
 
-def report_scan(summary: Any, *, as_json: bool, no_phi: bool, verbose: bool) -> None:
+def report_scan(summary: ScanSummary, *, as_json: bool, no_phi: bool, verbose: bool) -> None:
     """A finished scan's worklist (a table, or JSON on stdout), notes and counts."""
     from pneumotriage.scan import worklist_document, worklist_rows
 

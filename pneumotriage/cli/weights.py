@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -23,6 +23,9 @@ from pneumotriage.cli.options import (
 )
 from pneumotriage.errors import ExitCode, PneumotriageError, UsageError
 
+if TYPE_CHECKING:
+    from pneumotriage.weights import WeightCache, WeightSpec
+
 weights_app = typer.Typer(
     help="The weights registry (weights.toml) and the local cache: list, fetch, verify, import, path.",
     no_args_is_help=True,
@@ -31,13 +34,13 @@ weights_app = typer.Typer(
 _STATUS_STYLE = {"verified": "green", "cached": "yellow", "missing": "dim", "corrupt": "bold red"}
 
 
-def _cache() -> Any:
+def _cache() -> WeightCache:
     from pneumotriage.weights import WeightCache, load_registry
 
     return WeightCache(load_registry())
 
 
-def _specs(cache: Any, names: list[str] | None) -> list[Any]:
+def _specs(cache: WeightCache, names: list[str] | None) -> list[WeightSpec]:
     return [cache.registry.get_spec(n) for n in names] if names else list(cache.registry.values())
 
 
@@ -49,7 +52,7 @@ def weights_list(
 ) -> None:
     """Every weight in the registry with its cache status: verified, cached (not yet checked), missing, corrupt."""
     cache = _cache()
-    rows = []
+    rows: list[dict[str, Any]] = []  # as JSON shows them
     for spec in cache.registry.values():
         st = cache.status(spec, rehash=rehash)
         rows.append(
@@ -153,7 +156,7 @@ def weights_fetch(
         out.print(str(path), highlight=False, soft_wrap=True)
 
 
-def _rebuild(cache: Any, specs: list[Any], precision: str) -> None:
+def _rebuild(cache: WeightCache, specs: list[WeightSpec], precision: str) -> None:
     """``weights fetch --rebuild``: build the demo weights from their recipe, then say how each compares with the
     shipped file, bytes and validation figures."""
     from rich.progress import Progress

@@ -23,7 +23,14 @@ from pneumotriage.imports.sources import (
     source_state,
 )
 from pneumotriage.io import sha256_file
-from pneumotriage.models import CHECKPOINT_FORMAT, DEFAULT_THRESHOLDS, ModelSpec, build_model, save_checkpoint
+from pneumotriage.models import (
+    CHECKPOINT_FORMAT,
+    DEFAULT_THRESHOLDS,
+    ModelSpec,
+    build_model,
+    describe_module,
+    save_checkpoint,
+)
 from pneumotriage.pipelines import PIPELINES
 from pneumotriage.weights import WeightError, error_line
 
@@ -285,7 +292,7 @@ def convert_program(
         checked = check_contract(model, raw, input_size, given)
     except ValueError as exc:
         raise UsageError(f"{title} does not keep the contract given: {exc}", path=path) from None
-    model.spec = spec  # type: ignore[assignment]
+    describe_module(model, spec)
     labels = [label if i == output_index else f"output {i}" for i in range(spec.outputs)]
     chosen = float(gate) if gate is not None else 0.5
     thresholds = {"gate": chosen} if kind == "classifier" else dict(DEFAULT_THRESHOLDS["segmenter"])

@@ -27,7 +27,7 @@ from pneumotriage.models.encoders import ENCODERS
 from pneumotriage.models.foreign import RUNTIMES, ForeignProgram
 from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
 from pneumotriage.models.smp_unet import SMP_ARCHS
-from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
+from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec, describe_module, meta_of, spec_of
 from pneumotriage.version import __version__
 from pneumotriage.weights import WeightError, load_state_dict
 
@@ -41,10 +41,13 @@ __all__ = [
     "ModelSpec",
     "Segmenter",
     "build_model",
+    "describe_module",
     "imagenet_state",
     "load_model",
     "load_models",
+    "meta_of",
     "save_checkpoint",
+    "spec_of",
 ]
 
 CHECKPOINT_FORMAT = "pneumotriage-checkpoint"
@@ -107,9 +110,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
             model = SEGMENTERS[spec.arch](
                 spec.encoder, state, empty_head=spec.empty_head, normalisation=spec.normalisation
             )
-    model.spec = spec  # type: ignore[assignment]
-    model.thresholds = dict(DEFAULT_THRESHOLDS[spec.kind])  # type: ignore[assignment]
-    model.meta = {"pretrained": state is not None}  # type: ignore[assignment]
+    describe_module(model, spec, dict(DEFAULT_THRESHOLDS[spec.kind]), {"pretrained": state is not None})
     return model
 
 
@@ -146,7 +147,7 @@ def checkpoint_dict(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     bare = unwrap(model)
-    spec: ModelSpec = bare.spec  # type: ignore[assignment]
+    spec = spec_of(bare)
     state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
     return {
         "format": CHECKPOINT_FORMAT,
@@ -188,7 +189,7 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
 
     candidate = Path(name_or_path)
     if candidate.suffix.lower() == ".json" and candidate.is_file() and is_ensemble_file(candidate):
-        return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location))  # type: ignore[no-any-return]
+        return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location))
     if candidate.suffix.lower() == ".onnx" and candidate.is_file():  # written by export or quantize
         from pneumotriage.models.exported import load_onnx
 
@@ -250,8 +251,7 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise WeightError(f"weights do not fit a {spec.title}: {first}", path=path) from None
-    model.thresholds = thresholds  # type: ignore[assignment]
-    model.meta = meta  # type: ignore[assignment]
+    describe_module(model, thresholds=thresholds, meta=meta)
     model.to(map_location).eval()
     name = registry_spec.name if registry_spec is not None else None
     return LoadedModel(model, spec, thresholds, meta, path, sha256_file(path), name)
@@ -271,4 +271,4 @@ def load_models(names: str | list[str] | None, kind: str) -> LoadedModel | None:
         if model.spec.kind != kind:
             raise UsageError(f"--{kind} {name}: that is a {model.spec.kind}, not a {kind}")
         loaded.append(model)
-    return ensemble_of(loaded)  # type: ignore[no-any-return]
+    return ensemble_of(loaded)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch import nn
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
+from pneumotriage.models.spec import LoadedModel, describe_module
 from pneumotriage.pipelines import NATIVE
 from pneumotriage.weights import WeightError
 
@@ -92,19 +93,20 @@ def member_info(m: Any) -> dict[str, Any]:
     }
 
 
-def _short(m: Any) -> str:
+def _short(m: LoadedModel) -> str:
     """A member's name in a worklist row: its registry name, or its file with the folder it is in."""
     if m.name:
         return str(m.name)
     if m.path is not None:
         return "/".join(Path(m.path).parts[-2:])
-    return m.spec.title  # type: ignore[no-any-return]
+    return m.spec.title
 
 
-def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None = None, name: str | None = None) -> Any:
+def ensemble_of(
+    members: Sequence[LoadedModel], *, thresholds: dict[str, float] | None = None, name: str | None = None
+) -> LoadedModel:
     """One :class:`~pneumotriage.models.LoadedModel` running ``members`` (LoadedModels of one kind) together; a
     single member is returned as it is. Thresholds: ``thresholds``, else the first member's."""
-    from pneumotriage.models.spec import LoadedModel
 
     if len(members) == 1 and thresholds is None:
         return members[0]
@@ -138,8 +140,7 @@ def ensemble_of(members: Sequence[Any], *, thresholds: dict[str, float] | None =
     spec = replace(first.spec, input_size=size)
     label = name or f"ensemble of {len(members)} ({', '.join(_short(m) for m in members)})"
     loaded = LoadedModel(net, spec, chosen, meta, None, digest, label, list(members))
-    net.thresholds = chosen  # type: ignore[assignment]
-    net.meta = meta  # type: ignore[assignment]
+    describe_module(net, thresholds=chosen, meta=meta)
     if len(titles) > 1:
         loaded.meta["architectures"] = titles
     return loaded
@@ -161,7 +162,7 @@ _LOADING: list[str] = []
 MAX_NESTING = 8
 
 
-def load_ensemble(path: Path, load_member: Any) -> Any:
+def load_ensemble(path: Path, load_member: Callable[[str], LoadedModel]) -> LoadedModel:
     """The ensemble an ensemble file describes; each member is loaded with ``load_member(name_or_path)`` and its
     sha256 checked against the file's."""
     real = os.path.realpath(path)
@@ -177,7 +178,7 @@ def load_ensemble(path: Path, load_member: Any) -> Any:
         _LOADING.pop()
 
 
-def _load_ensemble(path: Path, load_member: Any) -> Any:
+def _load_ensemble(path: Path, load_member: Callable[[str], LoadedModel]) -> LoadedModel:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -200,7 +201,8 @@ def _load_ensemble(path: Path, load_member: Any) -> Any:
         want = entry.get("sha256")
         if want and member.sha256 != want:
             raise WeightError(
-                f"member {where} has sha256 {member.sha256[:12]}..., the ensemble file expects {str(want)[:12]}...",
+                f"member {where} has sha256 {(member.sha256 or 'none')[:12]}..., "
+                f"the ensemble file expects {str(want)[:12]}...",
                 path=path,
                 hint="the member changed since the ensemble was made: rebuild it (`pneumotriage tune`) or fix the file",
             )
@@ -221,7 +223,7 @@ def _load_ensemble(path: Path, load_member: Any) -> Any:
     return loaded
 
 
-def write_ensemble(path: Path, members: Sequence[Any], thresholds: dict[str, float], **extra: Any) -> Path:
+def write_ensemble(path: Path, members: Sequence[LoadedModel], thresholds: dict[str, float], **extra: Any) -> Path:
     """Write an ensemble file naming ``members`` (by path relative to ``path``'s folder where they are files, else
     by registry name) with their sha256 and ``thresholds``; atomically."""
     path = Path(path)

@@ -33,7 +33,7 @@ from torch import nn
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import sha256_file
-from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec
+from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec, describe_module
 from pneumotriage.version import __version__
 from pneumotriage.weights import WeightError
 
@@ -332,5 +332,5 @@ def load_onnx(path: Path) -> LoadedModel:
     meta["onnx"] = {k: v for k, v in info.items() if k not in ("meta", "spec", "thresholds")}
     runtime = "onnxruntime" if installed("onnxruntime") or not installed("openvino") else "openvino"
     net = OnnxNet(graph, spec.kind, names, runtime)
-    net.spec, net.thresholds, net.meta = spec, thresholds, meta  # type: ignore[assignment]
+    describe_module(net, spec, thresholds, meta)
     return LoadedModel(net, spec, thresholds, meta, path, sha256_file(path), None)

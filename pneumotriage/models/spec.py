@@ -113,6 +113,33 @@ def _check(name: str, registry: dict[str, Any], what: str) -> None:
         raise UsageError(f"unknown {what} {name!r}; valid: {', '.join(registry)}")
 
 
+def describe_module(
+    model: nn.Module,
+    spec: ModelSpec | None = None,
+    thresholds: dict[str, float] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Give the module itself what describes it (those given): a checkpoint written from it, its export and the
+    exported graph's metadata read them from the module (:func:`spec_of`, :func:`meta_of`)."""
+    for name, value in (("spec", spec), ("thresholds", thresholds), ("meta", meta)):
+        if value is not None:
+            setattr(model, name, value)
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec :func:`describe_module` gave ``model``."""
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"{type(model).__name__} was not built by pneumotriage: it has no ModelSpec")
+    return spec
+
+
+def meta_of(model: nn.Module) -> dict[str, Any]:
+    """The meta :func:`describe_module` gave ``model`` (empty where none)."""
+    meta = getattr(model, "meta", None)
+    return meta if isinstance(meta, dict) else {}
+
+
 @dataclass
 class LoadedModel:
     """A model rebuilt from a checkpoint or a registry weight, in eval mode, with what describes it."""
