@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ def main() -> None:
         one = write_study(root / "one", 1, positive_rate=1.0, size=(args.size, args.size), seed=1)
         many = write_study(root / "many", args.studies, positive_rate=0.3, size=(args.size, args.size), seed=2)
         pacs = Orthanc(root / "orthanc").start()
-        options = ScanOptions(device="cpu", precision=args.precision, tta=True)
+        options = ScanOptions.of(device="cpu", precision=args.precision, tta=True)
         listener = Listener(
             root / "node",
             classifier=classifier,
@@ -106,7 +105,7 @@ def main() -> None:
             listener.close()
             pacs.stop()
         t0 = time.monotonic()
-        same = dataclasses.replace(options, dicom_sr=True, dicom_seg=True)  # the node's work: rows, SR and SEG
+        same = options.but(dicom_sr=True, dicom_seg=True)  # the node's work: rows, SR and SEG
         run_scan([many.out], root / "scan", classifier=classifier, segmenter=segmenter, options=same)
         scan_s = time.monotonic() - t0
     print(

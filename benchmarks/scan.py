@@ -59,7 +59,7 @@ from torch import nn
 from pneumotriage.models import LoadedModel, ModelSpec, build_model, save_checkpoint
 from pneumotriage.pipelines import InputKey
 from pneumotriage.runtime import autocast_for, pick_device, usable_cores
-from pneumotriage.scan import Found, ScanOptions, Workers, decode_task, plan_for, prepare_models
+from pneumotriage.scan import Execution, Found, ScanOptions, Workers, decode_task, plan_for, prepare_models
 from pneumotriage.scan import run as scan
 from pneumotriage.synth import synth_workers, write_study
 
@@ -188,7 +188,7 @@ def _zero_cost(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path], L
 def ceiling(args: argparse.Namespace, tmp: Path) -> None:
     folder, files, clf, seg = _zero_cost(args, tmp)
     size = 512
-    auto = plan_for(ScanOptions(), torch.device("cpu"), size).workers
+    auto = plan_for(Execution(), torch.device("cpu"), size).workers
     print(
         f"{len(files)} files of {folder}; models at {size} px; {usable_cores()} cores (auto: {auto} worker"
         f"{'s' if auto != 1 else ''}); torch {torch.__version__}; JPEG decoding: {args.jpeg_decode}"
@@ -199,8 +199,8 @@ def ceiling(args: argparse.Namespace, tmp: Path) -> None:
         print(f"{workers} workers: decoding alone {len(files) / base:7.1f} img/s")
         for label, options in (
             # the constant 0.5 never reaches 1
-            ("nothing segmented", ScanOptions(gate=1.0, workers=workers, jpeg_decode=args.jpeg_decode)),
-            ("every image outlined", ScanOptions(segment_all=True, workers=workers, jpeg_decode=args.jpeg_decode)),
+            ("nothing segmented", ScanOptions.of(gate=1.0, workers=workers, jpeg_decode=args.jpeg_decode)),
+            ("every image outlined", ScanOptions.of(segment_all=True, workers=workers, jpeg_decode=args.jpeg_decode)),
         ):
             times = []
             for i in range(3):
@@ -250,7 +250,7 @@ def feeder(args: argparse.Namespace, tmp: Path) -> None:
         ("every image outlined", {"segment_all": True}, 0.5),
     ):
         common = {"workers": workers, "batch_size": batch, "finish_in_workers": True, "jpeg_decode": "workers"}
-        options = ScanOptions(**common, **extra)  # type: ignore[arg-type]
+        options = ScanOptions.of(**common, **extra)
         scan([folder], tmp / f"feeder-warm-{label[:4]}", classifier=clf, segmenter=seg, options=options)
         cpu: dict[int, float] = {}
         for source, n in ((folder, len(files)), (half, len(files) // 2)):
@@ -421,7 +421,7 @@ def _memory_child(folder: Path, out: Path, workers: int) -> None:
     """Scan ``folder`` and print this process's peak RSS and its largest child's, in MiB."""
     clf = _loaded(ModelSpec("classifier", "densenet121", input_size=64))
     seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=64))
-    summary = scan([folder], out, classifier=clf, segmenter=seg, options=ScanOptions(gate=0.0, workers=workers))
+    summary = scan([folder], out, classifier=clf, segmenter=seg, options=ScanOptions.of(gate=0.0, workers=workers))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"{summary.counts['decoded']} {own:.1f} {child:.1f}")
@@ -601,7 +601,7 @@ def default(args: argparse.Namespace, tmp: Path) -> None:
     folder = _folder(args, tmp)
     clf = _loaded(ModelSpec("classifier", "densenet121", input_size=args.classifier_size))
     seg = _loaded(ModelSpec("segmenter", "unet", "resnet34", input_size=args.segmenter_size))
-    options = ScanOptions(
+    options = ScanOptions.of(
         gate=args.gate,
         workers=_auto(args.workers),
         batch_size=args.batch_size,
@@ -619,7 +619,7 @@ def default(args: argparse.Namespace, tmp: Path) -> None:
     model = pure_model_s(clf, seg, n, summary.counts["segmented"], batch, device, args.compile)
 
     one = next(p for p in sorted(folder.rglob("*")) if p.is_file())
-    single_options = ScanOptions(gate=args.gate, workers=0, batch_size=1, device=str(device))
+    single_options = ScanOptions.of(gate=args.gate, workers=0, batch_size=1, device=str(device))
     latencies = []
     for i in range(3):
         t1 = time.perf_counter()

@@ -15,7 +15,6 @@ in ``weights.toml``.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -359,7 +358,7 @@ def run_demo(
         scan_dir,
         classifier=load_model(NAMES[0]),
         segmenter=load_model(NAMES[1]),
-        options=dataclasses.replace(options or ScanOptions(), tta=True),  # as the thresholds were tuned
+        options=(options or ScanOptions()).but(tta=True),  # as the thresholds were tuned
     )
     truth = {im.image_id: im.positive for im in study.images}
     urgent = [r.image_id for r in scan.results if r.tier == "urgent"]

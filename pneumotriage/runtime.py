@@ -9,7 +9,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -17,11 +17,24 @@ from pneumotriage.errors import UsageError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-#: What long jobs (training, scanning, tuning) report as they go: a dict whose "event" says what happened
-#: ("epoch_start", "stage", "image"...), with that event's figures beside it.
+#: What long jobs (training, scanning, tuning) report as they go: a dict whose "event" (an :data:`EventKind`) says
+#: what happened, with that event's figures beside it. Made by :func:`progress_event`.
 ProgressEvent = dict[str, Any]
 #: The callback those jobs take to report it.
 Progress = Callable[[ProgressEvent], None]
+#: Every kind of progress event: a scan's "start", "batch" and "done"; tune's "cached", "predicted" and "counted";
+#: training's "weights", "data", "epoch_start", "batch", "epoch_end" and "swa".
+EventKind = Literal["start", "batch", "done", "cached", "predicted", "counted", "weights", "data", "epoch_start",
+                    "epoch_end", "swa"]  # fmt: skip
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+
+def progress_event(kind: EventKind, **figures: Any) -> ProgressEvent:
+    """A progress event of ``kind`` with its figures (refused if ``kind`` is not an :data:`EventKind`, so a
+    listener never waits for an event that is spelt another way)."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"{kind!r} is not a progress event kind: {', '.join(EVENT_KINDS)}")
+    return {"event": kind, **figures}
 
 
 def usable_cores() -> int:

@@ -186,7 +186,7 @@ def test_images_whose_finishing_worker_dies_are_finished_here(
     rows = {}
     for workers in (1, 0):
         seg = LoadedModel(_OneRegion(), spec, {}, {"clinical": True}, None, "0" * 64, "one region")
-        options = ScanOptions(workers=workers, batch_size=8, segment_all=True, finish_in_workers=True)
+        options = ScanOptions.of(workers=workers, batch_size=8, segment_all=True, finish_in_workers=True)
         summary = within(
             120, run, [study.out], tmp_path / str(workers), classifier=None, segmenter=seg, options=options
         )

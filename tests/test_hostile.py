@@ -226,7 +226,7 @@ def test_the_library_checks_options_too(study: StudySummary, checkpoints: dict[s
 
     clf = load_model(checkpoints["classifier"])
     with pytest.raises(UsageError, match="--gate"):
-        run([study.out], tmp_path / "out", classifier=clf, segmenter=None, options=ScanOptions(gate=float("nan")))
+        run([study.out], tmp_path / "out", classifier=clf, segmenter=None, options=ScanOptions.of(gate=float("nan")))
     assert not (tmp_path / "out").exists()
 
 
@@ -291,7 +291,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_completes_it(
     import pneumotriage.scan.finish as finish_module
 
     clf, seg = load_model(checkpoints["classifier"]), load_model(checkpoints["segmenter"])
-    options = ScanOptions(workers=0, segment_all=True, top_score=0.2, min_area=50)
+    options = ScanOptions.of(workers=0, segment_all=True, top_score=0.2, min_area=50)
     clean = tmp_path / "clean"
     run([study.out], clean, classifier=clf, segmenter=seg, options=options)
 
@@ -309,7 +309,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_completes_it(
     with pytest.raises(OutputError, match="No space left on device.*--resume"):
         run([study.out], out, classifier=clf, segmenter=seg, options=options)
     monkeypatch.setattr(finish_module, "atomic_write_bytes", real_write)
-    resumed = ScanOptions(workers=0, segment_all=True, top_score=0.2, min_area=50, resume=True)
+    resumed = ScanOptions.of(workers=0, segment_all=True, top_score=0.2, min_area=50, resume=True)
     run([study.out], out, classifier=clf, segmenter=seg, options=resumed)
     for name in ("worklist.csv", "submission.csv"):
         assert (out / name).read_bytes() == (clean / name).read_bytes()

@@ -192,7 +192,7 @@ def test_no_module_is_over_500_lines_without_a_reason() -> None:
 
 
 def test_the_threshold_names_have_one_definition() -> None:
-    """The thresholds are ``Thresholds.ALL``: the scan's options, their checks, the checkpoints' defaults, the scan
+    """The thresholds are ``Thresholds.ALL``: the scan's decisions, their checks, the checkpoints' defaults, the scan
     command's options and tune's grid all follow it."""
     import inspect
     from dataclasses import fields
@@ -200,12 +200,12 @@ def test_the_threshold_names_have_one_definition() -> None:
     from pneumotriage.cli.scan import scan
     from pneumotriage.models.spec import DEFAULT_THRESHOLDS
     from pneumotriage.postprocess import Thresholds
-    from pneumotriage.scan import ScanOptions
+    from pneumotriage.scan import Decisions
     from pneumotriage.scan.options import _THRESHOLD_CHECKS
     from pneumotriage.tune import Grid
 
     names = set(Thresholds.ALL)
-    assert names <= {f.name for f in fields(ScanOptions)}
+    assert names <= {f.name for f in fields(Decisions)}
     assert set(_THRESHOLD_CHECKS) == names
     assert set(DEFAULT_THRESHOLDS["classifier"]) | set(DEFAULT_THRESHOLDS["segmenter"]) <= names
     assert names <= set(inspect.signature(scan).parameters)
@@ -225,3 +225,35 @@ def test_the_train_commands_options_are_the_training_configs_fields() -> None:
     for command in (train_classifier, train_segmenter):
         options = set(inspect.signature(command).parameters) - {"resume", "progress"}
         assert options <= config, f"{command.__name__}: {sorted(options - config)} are not TrainConfig fields"
+
+
+def test_progress_event_kinds_have_one_list_and_every_listener_follows_it() -> None:
+    """Every progress event is made by ``progress_event`` from :data:`EVENT_KINDS`; an unknown kind is refused, and
+    the training display has a handler for each kind training emits as it goes (SWA's figures are in the closing
+    summary)."""
+    import pytest
+
+    from pneumotriage.cli.train import _TrainingProgress
+    from pneumotriage.runtime import EVENT_KINDS, progress_event
+
+    assert progress_event("batch", done=1) == {"event": "batch", "done": 1}
+    with pytest.raises(ValueError, match="not a progress event kind"):
+        progress_event("epoch-start")  # type: ignore[arg-type]
+    made = set()
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert '"event": "' not in text.replace('{"event": kind', ""), f"{path} makes an event by hand"
+        made |= {node.args[0].value for node in ast.walk(ast.parse(text)) if _is_event_call(node)}
+    assert made == set(EVENT_KINDS)
+    training = {"weights", "data", "epoch_start", "batch", "epoch_end"}
+    assert all(callable(getattr(_TrainingProgress, "_" + kind, None)) for kind in training)
+
+
+def _is_event_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "progress_event"
+        and bool(node.args)
+        and isinstance(node.args[0], ast.Constant)
+    )

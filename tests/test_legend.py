@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.scan.options import ScanOptions
+from pneumotriage.scan import Decisions
 from pneumotriage.scan.outputs import summarise
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.tiers import legend_items, tier_of
@@ -76,7 +76,7 @@ def test_a_gate_above_the_urgent_probability_leaves_no_review_by_probability_and
     legend = _legend(summary)
     assert "no image is review by its probability" in legend["review"]
     assert legend["routine"] == "probability below 0.9"
-    options = ScanOptions(urgent_probability=0.9)
+    options = Decisions(urgent_probability=0.9)
     tiers = {
         p: tier_of(
             ImageResult(image_id=str(p), path=f"{p}.dcm", status="ok", probability=p),

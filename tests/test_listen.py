@@ -66,7 +66,7 @@ def listening(out: Path, models: dict[str, Path] | dict[str, str], **node: Any) 
     send_to = node.pop("send_to", None)
     idle = node.pop("idle", 0.5)
     kos = node.pop("kos", False)
-    scan = node.pop("scan", ScanOptions(device="cpu"))
+    scan = node.pop("scan", ScanOptions.of(device="cpu"))
     lines: list[str] = []
     listener = Listener(
         out,
@@ -371,7 +371,7 @@ def test_a_key_object_selection_marks_the_urgent_images(pacs: Orthanc, tmp_path:
     files = _one_study(study, tmp_path / "one")
     to = Destination(pacs.ae_title, "127.0.0.1", pacs.dicom_port)
     demo = {"classifier": NAMES[0], "segmenter": NAMES[1]}
-    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions(device="cpu", tta=True)) as node:
+    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions.of(device="cpu", tta=True)) as node:
         assert push(files, node.node.port) == [0] * 6
         _until(lambda: all(s.time_to_result_s is not None for s in node.inbox.states()), "results sent")
     worklist = list(csv.DictReader(open(tmp_path / "node" / "worklist.csv", newline="")))
@@ -380,7 +380,7 @@ def test_a_key_object_selection_marks_the_urgent_images(pacs: Orthanc, tmp_path:
     masks = {r["mask_file"] for r in worklist if r["mask_file"]}
     assert masks and all(m.startswith("batches/") and (tmp_path / "node" / m).is_file() for m in masks)
     # A restart reads every study's rows back (outlined ones included) and writes the same worklist.
-    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions(device="cpu", tta=True)):
+    with listening(tmp_path / "node", demo, send_to=to, kos=True, scan=ScanOptions.of(device="cpu", tta=True)):
         time.sleep(1.0)
     again = list(csv.DictReader(open(tmp_path / "node" / "worklist.csv", newline="")))
     assert [(r["image_id"], r["tier"], r["mask_file"]) for r in again] == [

@@ -43,7 +43,7 @@ def scanned(study: StudySummary, tmp_path_factory: pytest.TempPathFactory) -> di
     outs = {}
     for label, no_phi in (("plain", False), ("no-phi", True)):
         out = tmp_path_factory.mktemp(label)
-        options = ScanOptions(workers=1, segment_all=True, dicom_seg=True, dicom_sr=True, no_phi=no_phi)
+        options = ScanOptions.of(workers=1, segment_all=True, dicom_seg=True, dicom_sr=True, no_phi=no_phi)
         summary = run([study.out], out, classifier=clf, segmenter=seg, options=options)
         assert not any("DICOM SEG/SR" in n for n in summary.notes), summary.notes
         outs[label] = out

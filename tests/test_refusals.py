@@ -346,7 +346,7 @@ def _library_scan(inputs: list[Path], out: Path, models: dict[str, Path], **opti
     progress = options.pop("progress", None)
     files = options.pop("files", None)
     options = {"workers": 0, "batch_size": 1, **options}
-    opts = ScanOptions(segment_all=True, **options)
+    opts = ScanOptions.of(segment_all=True, **options)
     return run(
         inputs,
         out,

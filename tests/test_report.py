@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pneumotriage.cli import app
-from pneumotriage.scan import ImageResult, ScanOptions
+from pneumotriage.scan import Decisions, ImageResult
 from pneumotriage.scan.tiers import rank, tier_of
 from pneumotriage.synth import write_study
 
@@ -57,7 +57,7 @@ def _reading_list(out: Path, n: int = 30) -> list[ImageResult]:
     rows.append(ImageResult("head", "/data/head.dcm", "not triaged", error="/data/head.dcm: not triaged: modality CT"))
     for i, r in enumerate(rows):
         r.seq = i
-        r.tier = tier_of(r, thresholds, ScanOptions(), True)
+        r.tier = tier_of(r, thresholds, Decisions(), True)
     ranked = rank(rows)
     summary = summarise(
         out, ranked, counts={}, models=[], thresholds=thresholds, no_segment=False, plan={}, skipped=[], timings={}
@@ -185,7 +185,7 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     ]
     for i, r in enumerate(rows):
         r.file_stem, r.seq = r.image_id, i
-        r.tier = tier_of(r, Thresholds(), ScanOptions(), True)
+        r.tier = tier_of(r, Thresholds(), Decisions(), True)
     assert [r.tier for r in rows] == ["review", "urgent", "routine"]
     thresholds = Thresholds()  # the defaults: gate 0.5 and the winners' triplet
     summary = summarise(

@@ -24,10 +24,10 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from PIL import Image
 
 from pneumotriage.dicom import MAX_SIDE, jpeg_frame_size, read_dicom
-from pneumotriage.errors import CorruptPixelDataError
+from pneumotriage.errors import CorruptPixelDataError, UsageError
 from pneumotriage.models import LoadedModel, ModelSpec, build_model
 from pneumotriage.postprocess import outline, resize_full, resize_window
-from pneumotriage.scan import ScanOptions, run
+from pneumotriage.scan import Execution, ScanOptions, run
 from pneumotriage.scan.decode import decode_jpegs_on_device
 from pneumotriage.scan.discover import Found, found_files
 from pneumotriage.scan.infer import FixedBatch, prepare_models
@@ -81,7 +81,9 @@ def test_scan_gives_an_error_row_never_a_mask_of_the_headers_size(
     ds.Rows = 200
     ds.save_as(folder / "lying.dcm")
     clf, seg = tiny_models
-    summary = run([folder], tmp_path / "out", classifier=clf, segmenter=seg, options=ScanOptions(workers=0, gate=0.0))
+    summary = run(
+        [folder], tmp_path / "out", classifier=clf, segmenter=seg, options=ScanOptions.of(workers=0, gate=0.0)
+    )
     rows = {Path(r.path).name: r for r in summary.results}
     assert rows["lying.dcm"].status == "error" and "200 x 128 px" in (rows["lying.dcm"].error or "")
     assert rows["lying.dcm"].mask_file is None and rows["lying.dcm"].rle == "-1"
@@ -153,7 +155,7 @@ def test_first_batch_is_classified_before_discovery_ends(
         tmp_path / "out",
         classifier=clf,
         segmenter=seg,
-        options=ScanOptions(workers=1, batch_size=4),
+        options=ScanOptions.of(workers=1, batch_size=4),
         progress=progress,
         files=slow_walk(),
     )
@@ -303,15 +305,37 @@ def test_gpu_plan_decodes_jpeg_in_the_workers_when_there_are_enough() -> None:
     (faster on an H100 host with 14), on the GPU with fewer; a CPU always decodes in the workers; the choice
     is said in the plan, and the user's choice wins."""
     cuda = torch.device("cuda")
-    many = plan_for(ScanOptions(), cuda, 512, cores=JPEG_WORKERS_OVER_DEVICE + 1)
-    few = plan_for(ScanOptions(), cuda, 512, cores=4)
+    many = plan_for(Execution(), cuda, 512, cores=JPEG_WORKERS_OVER_DEVICE + 1)
+    few = plan_for(Execution(), cuda, 512, cores=4)
     assert many.workers == JPEG_WORKERS_OVER_DEVICE and not many.jpeg_on_device and "in the workers" in many.why
     assert few.workers == 3 and few.jpeg_on_device and "nvJPEG" in few.why
-    assert plan_for(ScanOptions(jpeg_decode="device"), cuda, 512, cores=16).jpeg_on_device
-    assert not plan_for(ScanOptions(jpeg_decode="workers"), cuda, 512, cores=4).jpeg_on_device
-    assert not plan_for(ScanOptions(), torch.device("cpu"), 512, cores=16).jpeg_on_device
+    assert plan_for(Execution(jpeg_decode="device"), cuda, 512, cores=16).jpeg_on_device
+    assert not plan_for(Execution(jpeg_decode="workers"), cuda, 512, cores=4).jpeg_on_device
+    assert not plan_for(Execution(), torch.device("cpu"), 512, cores=16).jpeg_on_device
     # How the models run is no part of what a scan writes: a resume may change it.
-    assert ScanOptions(compile=True).signature() == ScanOptions().signature()
+    assert ScanOptions.of(compile=True).signature() == ScanOptions().signature()
+
+
+def test_scan_options_are_three_parts_checked_when_made_with_the_journals_flat_signature() -> None:
+    """Flat options go to their part; a value that cannot be meant is refused as it is made (so every ScanOptions
+    is valid); the signature stays the flat list journals were written with, so they still resume."""
+    o = ScanOptions.of(gate=0.3, no_phi=True, workers=0, submission=False)
+    assert (o.decide.gate, o.write.no_phi, o.run.workers, o.write.submission) == (0.3, True, 0, False)
+    changed = o.but(resume=True, tta=True)
+    assert changed.run.resume and changed.decide.tta and changed.decide.gate == 0.3 and not o.run.resume
+    for bad in ({"gate": float("nan")}, {"min_area": -1}, {"workers": -1}, {"backend": "tpu"}, {"precision": "fp8"}):
+        with pytest.raises(UsageError):
+            ScanOptions.of(**bad)
+    with pytest.raises(UsageError, match="--compile"):
+        ScanOptions.of(compile=True, backend="onnxruntime")
+    with pytest.raises(TypeError, match="no option 'gates'"):
+        ScanOptions.of(gates=0.5)
+    assert list(ScanOptions().signature()) == [
+        "gate", "top_score", "min_area", "bottom_score", "min_component", "review", "segment_all", "no_segment",
+        "tta", "urgent_probability", "precision", "accept", "rle_relative", "no_phi", "overlays", "dicom_seg",
+        "dicom_sr", "report_thumbnails",
+    ]  # fmt: skip
+    assert ScanOptions.of(**o.signature()).signature() == o.signature()  # a merge rebuilds them from a journal
 
 
 def test_jpeg_decoded_on_the_device_path_matches_the_workers(study: StudySummary) -> None:
@@ -357,7 +381,7 @@ def test_scan_with_jpeg_on_the_device_path_agrees(
             tmp_path / where,
             classifier=clf,
             segmenter=seg,
-            options=ScanOptions(workers=1, jpeg_decode=where, segment_all=True),
+            options=ScanOptions.of(workers=1, jpeg_decode=where, segment_all=True),
         )
         results[where] = {r.image_id: r for r in summary.results}
     assert sum(on_device) == (12 if size == 128 else 0)  # the study's images are 128 px
@@ -406,7 +430,7 @@ def test_finishing_here_or_in_a_worker_gives_the_same_outputs(
             out,
             classifier=clf,
             segmenter=seg,
-            options=ScanOptions(workers=workers, batch_size=1, segment_all=True),
+            options=ScanOptions.of(workers=workers, batch_size=1, segment_all=True),
         )
         rows[label] = [{k: v for k, v in asdict(r).items() if k != "key"} for r in summary.results]
         outlined = [r for r in summary.results if r.mask_file]
@@ -452,14 +476,14 @@ def test_classifier_only_scan_writes_no_all_empty_submission_unless_asked(
 ) -> None:
     """With --no-segment every mask is empty: no submission.csv (every row would be -1) unless asked for."""
     clf, seg = tiny_models
-    plain = run([study.out], tmp_path / "a", classifier=clf, segmenter=seg, options=ScanOptions(no_segment=True))
+    plain = run([study.out], tmp_path / "a", classifier=clf, segmenter=seg, options=ScanOptions.of(no_segment=True))
     assert (plain.out / "worklist.csv").is_file() and not (plain.out / "submission.csv").exists()
     assert not any((plain.out / "masks").iterdir())
-    asked = ScanOptions(no_segment=True, submission=True)
+    asked = ScanOptions.of(no_segment=True, submission=True)
     wanted = run([study.out], tmp_path / "b", classifier=clf, segmenter=seg, options=asked)
     rows = (wanted.out / "submission.csv").read_text().splitlines()[1:]
     assert len(rows) == 12 and all(r.endswith(",-1") for r in rows)
-    with_masks = run([study.out], tmp_path / "c", classifier=clf, segmenter=seg, options=ScanOptions(workers=0))
+    with_masks = run([study.out], tmp_path / "c", classifier=clf, segmenter=seg, options=ScanOptions.of(workers=0))
     assert (with_masks.out / "submission.csv").is_file()
 
 

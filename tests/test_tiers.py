@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.scan import ImageResult, ScanOptions
+from pneumotriage.scan import Decisions, ImageResult
 from pneumotriage.scan.tiers import rank, tier_of
 
 
 def test_tier_rules_and_ranking() -> None:
-    o = ScanOptions(urgent_probability=0.9)
+    o = Decisions(urgent_probability=0.9)
     r = ImageResult(image_id="a", path="a", status="ok", probability=0.7, area_px=10)
     assert tier_of(r, Thresholds(gate=0.5), o, segmented_run=True) == "urgent"
     r.area_px = 0
@@ -31,7 +31,7 @@ def test_tier_rules_and_ranking() -> None:
 def test_the_gate_and_the_review_threshold_are_two_decisions() -> None:
     """The gate only sends images to the segmenter; an image with nothing outlined is review from the review
     threshold up, whatever the gate; an outline is urgent whatever the probability."""
-    o = ScanOptions(urgent_probability=0.9)
+    o = Decisions(urgent_probability=0.9)
     t = Thresholds(gate=0.02, review=0.3)
     assert t.as_dict()["review"] == 0.3 and Thresholds(gate=0.02).review == 0.02  # unset: the gate, as before
     tiers = {
@@ -56,7 +56,7 @@ def test_each_row_says_why_in_plain_words_and_its_own_units() -> None:
 
     def row(**kw: object) -> ImageResult:
         r = ImageResult(image_id="a", path="/in/a.dcm", status="ok", **kw)  # type: ignore[arg-type]
-        r.tier = tier_of(r, t, ScanOptions(urgent_probability=0.9), segmented_run=True)
+        r.tier = tier_of(r, t, Decisions(urgent_probability=0.9), segmented_run=True)
         return r
 
     outlined = row(probability=0.97, segmented=True, area_px=900, area_cm2=8.25, side="left")

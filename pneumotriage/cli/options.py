@@ -4,11 +4,14 @@ library takes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pneumotriage.errors import UsageError
+
+if TYPE_CHECKING:
+    from pneumotriage.scan import ScanOptions
 
 
 def default_list(values: list[str] | None, kind: str) -> list[str] | None:
@@ -122,15 +125,14 @@ CacheDir = Annotated[Path | None, typer.Option(help="Folder for resized arrays, 
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: best.pt, last.pt, metrics.jsonl, config.json.")]
 
 
-def scan_options(batch_size: str, workers: str, **options: Any) -> Any:
+def scan_options(batch_size: str, workers: str, **options: Any) -> ScanOptions:
     """:class:`pneumotriage.scan.ScanOptions` from the options scan, submit, evaluate and demo share."""
     from pneumotriage.scan import ScanOptions
 
-    scan_options = ScanOptions(
+    # checked as it is made: before any model is loaded or file written
+    return ScanOptions.of(
         batch_size=auto_int(batch_size, "--batch-size"), workers=auto_int(workers, "--workers"), **options
     )
-    scan_options.check()  # before any model is loaded or file written
-    return scan_options
 
 
 def auto_int(value: str, option: str) -> int | None:

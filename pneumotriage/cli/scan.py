@@ -33,7 +33,7 @@ from pneumotriage.cli.progress import with_progress
 from pneumotriage.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
-    pass
+    from pneumotriage.listen.sender import Destination, StowDestination
 
 
 @reports_errors
@@ -227,7 +227,7 @@ def scan(
         raise typer.Exit(ExitCode.INPUTS_FAILED)
 
 
-def _destination(send_to: str | None, stow: str | None) -> Any:
+def _destination(send_to: str | None, stow: str | None) -> Destination | StowDestination | None:
     """Where ``--send-to`` or ``--stow`` sends the DICOM objects (None for neither)."""
     if send_to is None and stow is None:
         return None
@@ -266,7 +266,7 @@ def merge(
     from pneumotriage.scan import ShardsMissing, merge_shards
 
     merged = merge_shards(out_dir)
-    report_scan(merged.summary, as_json=as_json, no_phi=merged.options.no_phi, verbose=verbose)
+    report_scan(merged.summary, as_json=as_json, no_phi=merged.options.write.no_phi, verbose=verbose)
     if merged.missing:
         raise ShardsMissing(
             f"shard{'s' if len(merged.missing) > 1 else ''} {', '.join(merged.missing)} missing",

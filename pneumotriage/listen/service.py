@@ -121,7 +121,7 @@ class Listener:
         self.out, self.options, self.log = Path(out), options, log
         self.classifier, self.segmenter = classifier, segmenter
         # With the SR and SEG the results are made of.
-        self.scan_options = dataclasses.replace(scan_options, dicom_sr=True, dicom_seg=True)
+        self.scan_options = scan_options.but(dicom_sr=True, dicom_seg=True)
         self.inbox = Inbox(self.out)
         self._wake = threading.Event()
         self._send_wake = threading.Event()
@@ -193,7 +193,7 @@ class Listener:
         started = time.monotonic()
         # A few images are scanned in this process; a queue of them in worker processes too (their start-up
         # costs about a second, which a batch of a dozen images repays).
-        workers = 0 if len(files) < BATCH_WORKERS_FROM else self.scan_options.workers
+        workers = 0 if len(files) < BATCH_WORKERS_FROM else self.scan_options.run.workers
         study_of = {str(f): f.parent.parent.name for f in files}
         try:
             if not files:
@@ -203,7 +203,7 @@ class Listener:
                 folder,
                 classifier=self.classifier,
                 segmenter=self.segmenter,
-                options=dataclasses.replace(self.scan_options, resume=resume, workers=workers),
+                options=self.scan_options.but(resume=resume, workers=workers),
             )
         except PneumotriageError as exc:
             for study in sorted(set(study_of.values())):
@@ -276,7 +276,7 @@ class Listener:
 
         path = folder / "dicom" / f"{study}-kos.dcm"
         rows = [r for _, r in self._results.get(study, [])]
-        uid = write_kos(rows, path, models, no_phi=self.scan_options.no_phi)
+        uid = write_kos(rows, path, models, no_phi=self.scan_options.write.no_phi)
         if uid is not None:
             self._file(study, [], [(path, uid)])
 
@@ -370,14 +370,14 @@ class Listener:
                 counts={},
                 models=self._about.get("models", []),
                 thresholds=thresholds,
-                no_segment=self.scan_options.no_segment,
+                no_segment=self.scan_options.decide.no_segment,
                 plan={},
                 skipped=[],
                 timings={},
                 notes=notes,
-                urgent_probability=self.scan_options.urgent_probability,
+                urgent_probability=self.scan_options.decide.urgent_probability,
             )
-            write_outputs(summary, submission=False, no_phi=self.scan_options.no_phi)
+            write_outputs(summary, submission=False, no_phi=self.scan_options.write.no_phi)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(STUDY_FIELDS)

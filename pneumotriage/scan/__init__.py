@@ -28,7 +28,16 @@ from pneumotriage.scan.discover import Found
 from pneumotriage.scan.engine import run
 from pneumotriage.scan.infer import choose_backends, classify, prepare_models, segment
 from pneumotriage.scan.merge import ShardsMissing, merge_shards
-from pneumotriage.scan.options import Plan, ScanOptions, cpu_batch, plan_for, scan_thresholds
+from pneumotriage.scan.options import (
+    Decisions,
+    Execution,
+    Outputs,
+    Plan,
+    ScanOptions,
+    cpu_batch,
+    plan_for,
+    scan_thresholds,
+)
 from pneumotriage.scan.outdir import journaled
 from pneumotriage.scan.outputs import (
     absolute_rle,
@@ -52,6 +61,9 @@ __all__ = [
     "ImageResult",
     "Plan",
     "ScanOptions",
+    "Decisions",
+    "Execution",
+    "Outputs",
     "ScanSummary",
     "Shard",
     "ShardsMissing",

@@ -34,14 +34,14 @@ from pneumotriage.models import LoadedModel
 from pneumotriage.outlayout import OutLayout
 from pneumotriage.pipelines import NATIVE
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.runtime import Progress, pick_device, use_bf16
+from pneumotriage.runtime import Progress, pick_device, progress_event, use_bf16
 from pneumotriage.scan import outdir
 from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import FinishJob, MapWindow, finish
 from pneumotriage.scan.gate import to_segment
 from pneumotriage.scan.infer import MapWindows, classify, model_info, ready_for_scan
 from pneumotriage.scan.journal import JOURNAL_VERSION, Journal
-from pneumotriage.scan.options import Plan, ScanOptions, plan_for, scan_thresholds
+from pneumotriage.scan.options import Outputs, Plan, ScanOptions, plan_for, scan_thresholds
 from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
@@ -115,12 +115,11 @@ def _run(
     shard: Shard | None = None,
 ) -> ScanSummary:
     emit = progress or (lambda event: None)
-    options.check()  # once, before anything is read or written
     segmenter = _models_asked(classifier, segmenter, options)
     roots = _roots(inputs, options)
-    thresholds = scan_thresholds(classifier, segmenter, options)
-    device = pick_device(options.device)
-    plan = plan_for(options, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
+    thresholds = scan_thresholds(classifier, segmenter, options.decide)
+    device = pick_device(options.run.device)
+    plan = plan_for(options.run, device, max(m.spec.input_size for m in (classifier, segmenter) if m is not None))
     models = [m for m in (model_info(classifier, "classifier"), model_info(segmenter, "segmenter")) if m]
     signature = _signature(models, thresholds, options, roots, shard)
     t_start = time.perf_counter()
@@ -128,7 +127,7 @@ def _run(
     journal: Journal | None = None
     threads_before = torch.get_num_threads()
     try:
-        journal = Journal(folder, signature, options.resume, no_phi=options.no_phi, out=out)
+        journal = Journal(folder, signature, options.run.resume, no_phi=options.write.no_phi, out=out)
         if shard is not None:
             shard_started(folder)  # a merge meanwhile counts this shard as unfinished
         resumed = len(journal.done)
@@ -139,7 +138,7 @@ def _run(
         map_size = segmenter.spec.input_size if segmenter is not None else None
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
-        (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options, plan)
+        (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options.run, plan)
         nice = WORKER_NICE if device.type == "cpu" else 0
         with Workers(
             plan.workers, slots=slots_for(plan, finishing=True), keys=keys, map_size=map_size, nice=nice
@@ -155,18 +154,18 @@ def _run(
                 jpeg_on_device=plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys),
                 done_before=scan.seen_or_done,
                 on_wait=scan.drain,
-                accept=options.accept,
+                accept=options.decide.accept,
             )
             scan.stream = stream
-            emit({"event": "start", "resumed": resumed, "plan": plan.as_dict()})
+            emit(progress_event("start", resumed=resumed, plan=plan.as_dict()))
             for batch in stream:
                 scan.take(batch)
             ranked = scan.conclude(keep_empty=shard is not None, roots=roots)
             dicom_notes: list[str] = []
-            if options.dicom_seg or options.dicom_sr:
+            if options.write.dicom_seg or options.write.dicom_sr:
                 from pneumotriage.scan.pacs import write_dicom
 
-                dicom_notes = write_dicom(workers, out, ranked, models, options)
+                dicom_notes = write_dicom(workers, out, ranked, models, options.write)
     finally:
         torch.set_num_threads(threads_before)
         if journal is not None:
@@ -176,9 +175,12 @@ def _run(
         write_shard(folder, summary, signature)
     else:
         write_outputs(
-            summary, rle_relative=options.rle_relative, no_phi=options.no_phi, submission=options.writes_submission()
+            summary,
+            rle_relative=options.write.rle_relative,
+            no_phi=options.write.no_phi,
+            submission=options.writes_submission(),
         )
-    emit({"event": "done", **summary.counts})
+    emit(progress_event("done", **summary.counts))
     return summary
 
 
@@ -189,7 +191,7 @@ def _roots(inputs: Iterable[str | Path], options: ScanOptions) -> list[Path]:
     for p in roots:
         if not p.exists():
             raise UsageError("no such file or folder", path=p)
-    if options.dicom_seg or options.dicom_sr:
+    if options.write.dicom_seg or options.write.dicom_sr:
         from pneumotriage.scan.pacs import require
 
         require()
@@ -218,7 +220,7 @@ def _models_asked(
     """The segmenter the scan runs (none with ``--no-segment``); refuses a scan without the models it needs."""
     if classifier is None and segmenter is None:
         raise UsageError("a scan needs a classifier, a segmenter, or both")
-    if options.no_segment:
+    if options.decide.no_segment:
         if classifier is None:
             raise UsageError("--no-segment triages on the classifier alone: give --classifier")
         return None
@@ -264,7 +266,7 @@ class _Scan:
         self.thresholds = thresholds
         self.options = options
         self.device = device
-        self.bf16 = use_bf16(device, options.precision)
+        self.bf16 = use_bf16(device, options.decide.precision)
         self.journal = journal
         self.workers = workers
         self.emit = emit
@@ -273,16 +275,16 @@ class _Scan:
         self.skipped_rows: list[ImageResult] = []
         self.finishing: deque[_Finishing] = deque()  # in the order found
         self.to_workers: list[_Finishing] = []  # this batch's images a worker finishes, handed over together
-        self.thumbs = ReportThumbnails(options.report_thumbnails)
+        self.thumbs = ReportThumbnails(options.write.report_thumbnails)
         self.synced = time.perf_counter()  # the journal's last fsync: one a second, not one a batch (~1 ms each)
         self.model_s = 0.0
         # On a CPU the models' process would only wait while decoding lags, so it finishes images itself then; on
         # a GPU it is the feeder, and every millisecond it spends finishing the GPU waits.
-        self.finish_here = device.type == "cpu" and not options.finish_in_workers
+        self.finish_here = device.type == "cpu" and not options.run.finish_in_workers
         self.maps: MapWindows | None = None
         if self.segmenter is not None:
             floor = min(thresholds.top_score, thresholds.bottom_score)
-            self.maps = MapWindows(self.segmenter, device, tta=options.tta, floor=floor)
+            self.maps = MapWindows(self.segmenter, device, tta=options.decide.tta, floor=floor)
 
     def seen_or_done(self, found: Found) -> bool:
         """Note ``found`` as part of this scan; True when an earlier run finished it (it is not scanned again)."""
@@ -318,7 +320,7 @@ class _Scan:
             # An outlined image's thumbnail is its own (or, with an overlay, cut from it at the end), never the grey.
             thumb = outlined if result.mask_file else head.grey
             if thumb is not None:
-                result.tier = tier_of(result, self.thresholds, self.options, self.segmenter is not None)
+                result.tier = tier_of(result, self.thresholds, self.options.decide, self.segmenter is not None)
                 self.thumbs.offer(result, thumb)
             any_done = True
         if time.perf_counter() - self.synced > 1.0:  # durable against a power cut at least every second
@@ -345,21 +347,21 @@ class _Scan:
                     continue
                 score, window = scores.get(i, (None, None))
                 probability = float(probs[i]) if probs is not None else score
-                job = _finish_job(item, probability, i in scores, window, self.thresholds, self.options, self.out)
+                job = _finish_job(item, probability, i in scores, window, self.thresholds, self.options.write, self.out)
                 self._finish(item, job)
             self._hand_over()
         self.drain(False)
         discovery = self.stream.files
         self.emit(
-            {
-                "event": "batch",
-                "discovered": discovery.found,
-                "walk_done": discovery.walk_done,
-                "walked": discovery.walked,
-                "skipped": len(self.skipped_rows),
-                "resumed": self.stream.resumed,
+            progress_event(
+                "batch",
+                discovered=discovery.found,
+                walk_done=discovery.walk_done,
+                walked=discovery.walked,
+                skipped=len(self.skipped_rows),
+                resumed=self.stream.resumed,
                 **self.counts,
-            }
+            )
         )
 
     def _score(
@@ -381,7 +383,7 @@ class _Scan:
                 untrusted[i] = _untrusted(batch.items[i].found, "classifier", float(probs[i]))
         chosen = []
         if self.segmenter is not None:
-            gated = to_segment(probs, n, self.thresholds.gate, segment_all=self.options.segment_all)
+            gated = to_segment(probs, n, self.thresholds.gate, segment_all=self.options.decide.segment_all)
             chosen = [i for i in gated if i not in untrusted]
         scores: dict[int, tuple[float, MapWindow | None]] = {}
         if chosen and self.segmenter is not None and self.maps is not None:
@@ -444,7 +446,7 @@ class _Scan:
         if not results and not keep_empty:
             hint = f"{len(self.skipped_rows)} files found, none of them DICOM" if self.skipped_rows else None
             raise NothingToScan("no DICOM files found", path=roots[0] if roots else None, hint=hint)
-        ranked = tiered(results, self.thresholds, self.options, self.segmenter is not None)
+        ranked = tiered(results, self.thresholds, self.options.decide, self.segmenter is not None)
         # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
         self.thumbs.write(self.out, ranked, lambda rows: self.workers.thumbnails(self.out, rows))
         return ranked
@@ -459,8 +461,8 @@ class _Scan:
             counts={**self.counts, "resumed": self.stream.resumed},
             models=models,
             thresholds=self.thresholds,
-            no_segment=self.options.no_segment,
-            urgent_probability=self.options.urgent_probability,
+            no_segment=self.options.decide.no_segment,
+            urgent_probability=self.options.decide.urgent_probability,
             plan=plan.as_dict(),
             skipped=self.skipped_rows,
             timings={"model_s": self.model_s, "total_s": total_s},
@@ -474,7 +476,7 @@ def _finish_job(
     segmented: bool,
     window: MapWindow | None,
     thresholds: Thresholds,
-    options: ScanOptions,
+    outputs: Outputs,
     out: Path,
 ) -> FinishJob:
     d = item.decoded
@@ -487,7 +489,7 @@ def _finish_job(
         probability=probability,
         segmented=segmented,
         thresholds=thresholds,
-        overlays=options.overlays,
+        overlays=outputs.overlays,
         out=out,
         flip=d.flip,
         window=window,

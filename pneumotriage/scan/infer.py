@@ -19,12 +19,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pneumotriage.errors import UsageError
 from pneumotriage.models import LoadedModel
 from pneumotriage.models.backends import BackendChoice, choose
 from pneumotriage.runtime import autocast_for, one_thread
 from pneumotriage.scan.finish import MapWindow
-from pneumotriage.scan.options import Plan, ScanOptions
+from pneumotriage.scan.options import Execution, Plan
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
@@ -132,20 +131,18 @@ def ready_for_scan(
     device: torch.device,
     classifier: LoadedModel | None,
     segmenter: LoadedModel | None,
-    options: ScanOptions,
+    run: Execution,
     plan: Plan,
 ) -> tuple[tuple[LoadedModel | None, LoadedModel | None], Plan]:
     """A scan's models set up for inference on ``device`` and run by the backend chosen for each (compiled with
     ``--compile``); the plan says which."""
-    if options.compile and options.backend not in ("auto", "torch"):
-        raise UsageError(f"--compile compiles torch's models: it does not go with --backend {options.backend}")
     loaded = (classifier, segmenter)
-    ready = prepare_models(device, classifier, segmenter, compile_batch=plan.batch_size if options.compile else None)
+    ready = prepare_models(device, classifier, segmenter, compile_batch=plan.batch_size if run.compile else None)
     models, choices = choose_backends(
         device,
         (loaded[0], ready[0]),
         (loaded[1], ready[1]),
-        backend="torch" if options.compile else options.backend,  # a compiled scan is torch's
+        backend="torch" if run.compile else run.backend,  # a compiled scan is torch's
         batch=plan.batch_size,
         threads=plan.torch_threads,
     )

@@ -16,7 +16,7 @@ from pneumotriage.postprocess import Thresholds
 from pneumotriage.scan.journal import OutLock
 from pneumotriage.scan.options import ScanOptions
 from pneumotriage.scan.outputs import summarise, write_outputs
-from pneumotriage.scan.records import ImageResult, row_from
+from pneumotriage.scan.records import ImageResult, ScanSummary, row_from
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import Shard, layout_of
 from pneumotriage.scan.tiers import tiered
@@ -33,7 +33,7 @@ class ShardsMissing(PneumotriageError):
 class Merged:
     """A merge: the summary of the shards merged (its outputs are written) and the shards still missing."""
 
-    summary: Any
+    summary: ScanSummary
     #: The options the shards were scanned with.
     options: ScanOptions
     missing: list[str] = field(default_factory=list)
@@ -57,6 +57,54 @@ def merge_shards(out: str | Path) -> Merged:
 
 def _merge(out: Path, count: int) -> Merged:
     t0 = time.perf_counter()
+    done, missing = _finished(out, count)
+    first = min(done)
+    signature = done[first]["signature"]
+    rows, skipped = _rows(out, count, done)
+    o = ScanOptions.of(**signature["options"])
+    t = Thresholds.from_mapping(signature["thresholds"])
+    segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
+    ranked = tiered(rows, t, o.decide, segmented_run)
+
+    def make_thumbnails(need: list[ImageResult]) -> None:
+        """The report's thumbnails no shard wrote (each wrote those of its own first rows)."""
+        for r in need:
+            thumbnail_task(r.path, out, r.file_stem or "", r.mask_file, r.overlay_file)
+
+    ReportThumbnails(o.write.report_thumbnails).write(out, ranked, make_thumbnails)
+    counts: dict[str, int] = {}
+    for record in done.values():
+        for key, value in record["counts"].items():
+            counts[key] = counts.get(key, 0) + value
+    plan = dict(done[first]["plan"])
+    plan["why"] = f"{count} shards; shard {first}/{count}: {plan.get('why', '')}"
+    plan["shards"] = count
+    notes: tuple[str, ...] = ()
+    if missing:
+        notes = (f"incomplete: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} not merged yet",)
+    summary = summarise(
+        out,
+        ranked,
+        counts=counts,
+        models=signature["models"],
+        thresholds=t,
+        no_segment=o.decide.no_segment,
+        urgent_probability=o.decide.urgent_probability,
+        plan=plan,
+        skipped=skipped,
+        timings={
+            "model_s": sum(r["timings"].get("model_s", 0.0) for r in done.values()),
+            "total_s": max(r["timings"].get("total_s", 0.0) for r in done.values()),
+            "merge_s": time.perf_counter() - t0,
+        },
+        notes=notes,
+    )
+    write_outputs(summary, rle_relative=o.write.rle_relative, no_phi=o.write.no_phi, submission=o.writes_submission())
+    return Merged(summary, o, missing)
+
+
+def _finished(out: Path, count: int) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """The completion records of the shards finished (by shard number), all scanned alike, and the others."""
     done: dict[int, dict[str, Any]] = {}
     missing: list[str] = []
     for k in range(count):
@@ -86,7 +134,11 @@ def _merge(out: Path, count: int) -> Merged:
                 path=Shard(k, count).folder(out),
                 hint=f"rescan shard {k}/{count} with the same inputs and options, into a new --out if need be",
             )
+    return done, missing
 
+
+def _rows(out: Path, count: int, done: dict[int, dict[str, Any]]) -> tuple[list[ImageResult], list[ImageResult]]:
+    """The finished shards' rows and skipped files, in walk order, as one process finds them."""
     rows: list[ImageResult] = []
     skipped: list[ImageResult] = []
     stems: dict[str, str] = {}
@@ -109,44 +161,4 @@ def _merge(out: Path, count: int) -> Merged:
         skipped += [row_from(r, f"{folder / 'done.json'}") for r in done[k]["skipped"]]
     rows.sort(key=lambda r: r.seq)  # walk order, as one process finds them
     skipped.sort(key=lambda r: r.seq)
-
-    o = ScanOptions(**signature["options"])
-    t = Thresholds.from_mapping(signature["thresholds"])
-    segmented_run = any(m["role"] == "segmenter" for m in signature["models"])
-    ranked = tiered(rows, t, o, segmented_run)
-
-    def make_thumbnails(need: list[ImageResult]) -> None:
-        """The report's thumbnails no shard wrote (each wrote those of its own first rows)."""
-        for r in need:
-            thumbnail_task(r.path, out, r.file_stem or "", r.mask_file, r.overlay_file)
-
-    ReportThumbnails(o.report_thumbnails).write(out, ranked, make_thumbnails)
-    counts: dict[str, int] = {}
-    for record in done.values():
-        for key, value in record["counts"].items():
-            counts[key] = counts.get(key, 0) + value
-    plan = dict(done[first]["plan"])
-    plan["why"] = f"{count} shards; shard {first}/{count}: {plan.get('why', '')}"
-    plan["shards"] = count
-    notes: tuple[str, ...] = ()
-    if missing:
-        notes = (f"incomplete: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} not merged yet",)
-    summary = summarise(
-        out,
-        ranked,
-        counts=counts,
-        models=signature["models"],
-        thresholds=t,
-        no_segment=o.no_segment,
-        urgent_probability=o.urgent_probability,
-        plan=plan,
-        skipped=skipped,
-        timings={
-            "model_s": sum(r["timings"].get("model_s", 0.0) for r in done.values()),
-            "total_s": max(r["timings"].get("total_s", 0.0) for r in done.values()),
-            "merge_s": time.perf_counter() - t0,
-        },
-        notes=notes,
-    )
-    write_outputs(summary, rle_relative=o.rle_relative, no_phi=o.no_phi, submission=o.writes_submission())
-    return Merged(summary, o, missing)
+    return rows, skipped

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from pneumotriage.errors import UsageError
 from pneumotriage.models import DEFAULT_THRESHOLDS, LoadedModel
 from pneumotriage.postprocess import Thresholds
-from pneumotriage.runtime import usable_cores
+from pneumotriage.runtime import PRECISIONS, usable_cores
 
 
 def _how(default: Any) -> Any:
@@ -20,13 +20,11 @@ def _how(default: Any) -> Any:
     return field(default=default, metadata={"how": True})
 
 
-@dataclass
-class ScanOptions:
-    """How to scan, by what each part is for. Threshold fields left at None come from the checkpoints;
-    ``batch_size`` and ``workers`` left at None are chosen for the device (see :func:`plan_for`). Validated once
-    by :meth:`check`, where a scan (or tune) starts."""
+@dataclass(frozen=True)
+class Decisions:
+    """What each image is judged by: thresholds (None: the checkpoints'), which images go to which model, the
+    models' precision and the input check's rules. Checked when made."""
 
-    # The decisions: thresholds (None: the checkpoints') and which images go to which model.
     gate: float | None = None
     top_score: float | None = None
     min_area: float | None = None
@@ -42,7 +40,23 @@ class ScanOptions:
     #: Input-check rules widened (:data:`pneumotriage.inputcheck.RULES`): images they would refuse are triaged.
     accept: tuple[str, ...] = ()
 
-    # The outputs.
+    def __post_init__(self) -> None:
+        """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
+        scan writes anything: a gate of 2 or NaN would silently make every image routine."""
+        for name in Thresholds.ALL:
+            _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
+        _check_probability("--urgent-probability", self.urgent_probability)
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
+        from pneumotriage.inputcheck import check_accept
+
+        object.__setattr__(self, "accept", check_accept(self.accept))
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a scan writes besides the worklist."""
+
     rle_relative: bool = True
     no_phi: bool = False
     overlays: bool = True
@@ -52,61 +66,104 @@ class ScanOptions:
     dicom_sr: bool = False
     #: Rows of the report (beyond the outlined ones) that get a thumbnail, made after ranking.
     report_thumbnails: int = 100
-    #: Write submission.csv: None (auto) writes it unless ``no_segment``, where every row would be "-1". Written
-    #: at the end from the journaled rows, which it does not change.
+    #: Write submission.csv: None (auto) writes it unless the scan has no segmenter, where every row would be
+    #: "-1". Written at the end from the journaled rows, which it does not change.
     submission: bool | None = _how(None)
 
-    # How the scan runs.
-    batch_size: int | None = _how(None)
-    workers: int | None = _how(None)
-    device: str = _how("auto")
-    resume: bool = _how(False)
+    def __post_init__(self) -> None:
+        if self.report_thumbnails < 0:
+            raise UsageError(f"report_thumbnails {self.report_thumbnails}: give 0 or more")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the scan runs: none of it changes what it writes beyond the last float digits, so a resume may change
+    it. ``batch_size`` and ``workers`` left at None are chosen for the device (see :func:`plan_for`)."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    resume: bool = False
     #: Where JPEG Baseline pixel data is decoded: "auto" (on the model's GPU when there is one and fewer than
     #: :data:`JPEG_WORKERS_OVER_DEVICE` workers, else in the worker processes), "workers" or "device". On the
     #: device only an image the codec would not shrink for a model's input (see :func:`scan.read.read`).
-    jpeg_decode: str = _how("auto")
+    jpeg_decode: str = "auto"
     #: What runs the models on a CPU (:data:`pneumotriage.models.backends.BACKENDS`): "auto" (the fastest
     #: installed, measured once per model and machine), "torch", "onnxruntime" or "openvino".
-    backend: str = _how("auto")
+    backend: str = "auto"
     #: Compile the models (``torch.compile``) for one batch shape; worth it on a GPU for large folders (the
     #: first batch waits for compilation; docs/performance.md has the figures).
-    compile: bool = _how(False)
+    compile: bool = False
     #: Where segmented images are finished (post-processed, encoded, written): None (auto: on a GPU in the
     #: workers; on a CPU in this process too whenever the models would wait for decoding), or True: always in
     #: the workers, as on a GPU (``benchmarks/scan.py --feeder`` measures the feeding process so).
-    finish_in_workers: bool | None = _how(None)
+    finish_in_workers: bool | None = None
 
-    def check(self) -> None:
-        """Refuse a value that cannot be meant (out of range, not finite, not a number) with one line, before a
-        scan writes anything: a gate of 2 or NaN would silently make every image routine."""
-        for name in Thresholds.ALL:
-            _THRESHOLD_CHECKS[name]("--" + name.replace("_", "-"), getattr(self, name))
-        _check_probability("--urgent-probability", self.urgent_probability)
+    def __post_init__(self) -> None:
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH:
             raise UsageError(f"--batch-size {self.batch_size}: give 1 to {MAX_BATCH}, or auto")
         most = max_workers()
         if self.workers is not None and not 0 <= self.workers <= most:
             raise UsageError(f"--workers {self.workers}: give 0 to {most} (4 per core here), or auto")
-        if self.report_thumbnails < 0:
-            raise UsageError(f"report_thumbnails {self.report_thumbnails}: give 0 or more")
-        from pneumotriage.inputcheck import check_accept
-
-        self.accept = check_accept(self.accept)
         if self.jpeg_decode not in ("auto", "workers", "device"):
             raise UsageError(f"jpeg_decode {self.jpeg_decode!r}: choose auto, workers or device")
         from pneumotriage.models.backends import BACKENDS
 
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r}: choose {', '.join(BACKENDS)}")
+        if self.compile and self.backend not in ("auto", "torch"):
+            raise UsageError(f"--compile compiles torch's models: it does not go with --backend {self.backend}")
+
+
+#: Each part's fields, by name: :meth:`ScanOptions.of` routes a flat option to its part.
+_PARTS = {"decide": Decisions, "write": Outputs, "run": Execution}
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How to scan, in three parts by what each is for: ``decide`` (what each image is judged by), ``write``
+    (what is written besides the worklist) and ``run`` (how the scan runs). Each part checks its values when
+    made, so a ScanOptions that exists is valid. :meth:`of` builds one from flat options, as the CLI has them."""
+
+    decide: Decisions = field(default_factory=Decisions)
+    write: Outputs = field(default_factory=Outputs)
+    run: Execution = field(default_factory=Execution)
+
+    @classmethod
+    def of(cls, **flat: Any) -> ScanOptions:
+        """ScanOptions from flat options (``gate=0.5, workers=0``), each given to the part it belongs to."""
+        return cls().but(**flat)
+
+    def but(self, **flat: Any) -> ScanOptions:
+        """These options with the flat ones given changed (checked as they are made)."""
+        by_part: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
+        for name, value in flat.items():
+            by_part[_part_of(name)][name] = value
+        return ScanOptions(**{part: replace(getattr(self, part), **changes) for part, changes in by_part.items()})
 
     def writes_submission(self) -> bool:
-        return self.submission if self.submission is not None else not self.no_segment
+        return self.write.submission if self.write.submission is not None else not self.decide.no_segment
 
     def signature(self) -> dict[str, Any]:
-        """The options that change what a scan writes (a resume must use the same): all but those that say how
-        it runs."""
-        how = {f.name for f in fields(self) if f.metadata.get("how")}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in how}
+        """The options that change what a scan writes (a resume must use the same), flat: the decisions and the
+        outputs, but for those that say how the scan runs."""
+        flat: dict[str, Any] = {}
+        for part in (self.decide, self.write):
+            for f in fields(part):
+                if not f.metadata.get("how"):
+                    value = getattr(part, f.name)
+                    flat[f.name] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+
+def _part_of(name: str) -> str:
+    for part, kind in _PARTS.items():
+        if name in _FIELDS[kind]:
+            return part
+    raise TypeError(f"ScanOptions has no option {name!r}")
+
+
+_FIELDS = {kind: {f.name for f in fields(kind)} for kind in _PARTS.values()}
 
 
 #: The largest batch a scan takes: 64 fills an H100; 4,096 images of 512 px are 4 GB of input alone.
@@ -116,8 +173,6 @@ MAX_BATCH = 4096
 def max_workers() -> int:
     """The most worker processes a scan starts: 4 per usable core (at least 8), enough to hide slow storage; more
     only cost memory (each holds a copy of the decoders)."""
-    from pneumotriage.runtime import usable_cores
-
     return max(8, 4 * usable_cores())
 
 
@@ -161,9 +216,9 @@ def _from_checkpoint(model: LoadedModel, name: str, default: float) -> float:
     return float(value)
 
 
-def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: ScanOptions) -> Thresholds:
+def scan_thresholds(classifier: LoadedModel | None, segmenter: LoadedModel | None, o: Decisions) -> Thresholds:
     """The thresholds a scan uses: the defaults, then the checkpoints', then ``o``'s. Every value is checked
-    (``o``'s by :meth:`ScanOptions.check`, which the caller runs; a checkpoint's by :func:`_from_checkpoint`).
+    (``o``'s when it was made; a checkpoint's by :func:`_from_checkpoint`).
 
     The gate and the review threshold are decisions on the classifier's probability: each comes from the
     classifier's checkpoint, or from the segmenter's where `pneumotriage tune` chose it with this classifier (same
@@ -220,7 +275,7 @@ def cpu_batch(input_size: int) -> int:
     return 1 if input_size >= 384 else 4 if input_size >= 192 else 8
 
 
-def plan_for(o: ScanOptions, device: torch.device, input_size: int = 512, cores: int | None = None) -> Plan:
+def plan_for(o: Execution, device: torch.device, input_size: int = 512, cores: int | None = None) -> Plan:
     """Resolve ``auto`` batch size and workers for ``device`` and models whose largest input is ``input_size``.
 
     On a CPU the models take ~95 % of a scan and are fastest with small batches (:func:`cpu_batch`: 1 image at

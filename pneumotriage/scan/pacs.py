@@ -36,7 +36,9 @@ from pneumotriage.scan.records import ImageResult
 from pneumotriage.version import __version__
 
 if TYPE_CHECKING:
-    from pneumotriage.scan.options import ScanOptions
+    from pydicom.dataset import Dataset
+
+    from pneumotriage.scan.options import Outputs
     from pneumotriage.scan.workers import Workers
 
 SEG_SERIES_NUMBER = 9901
@@ -101,7 +103,7 @@ def _identity(ds: Any, kind: str, models: list[dict[str, Any]], source: str = ""
     }
 
 
-def _who(ds: Any) -> str:
+def _who(ds: Dataset) -> str:
     """The source image's patient, study and series: what tells apart two images that share a SOP Instance UID."""
     return "|".join(str(ds.get(k, "")) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"))
 
@@ -380,7 +382,7 @@ def dicom_task(
 
 
 def write_dicom(
-    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], options: ScanOptions
+    workers: Workers, out: Path, ranked: Sequence[ImageResult], models: list[dict[str, Any]], outputs: Outputs
 ) -> list[str]:
     """The DICOM SEG and SR objects of every readable image, made in the workers once the tiers are known;
     returns a note for the images whose objects could not be made (their rows stand)."""
@@ -394,9 +396,9 @@ def write_dicom(
             rows,
             [out] * n,
             [models] * n,
-            [options.dicom_seg] * n,
-            [options.dicom_sr] * n,
-            [options.no_phi] * n,
+            [outputs.dicom_seg] * n,
+            [outputs.dicom_sr] * n,
+            [outputs.no_phi] * n,
         )
         if e
     ]

@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from pneumotriage.postprocess import Thresholds, shown
-from pneumotriage.scan.options import ScanOptions
+from pneumotriage.scan.options import Decisions
 from pneumotriage.scan.records import TIERS, ImageResult, ScanSummary, Tier
 
 #: The urgent probability of a scan by the classifier alone, unless given.
-_URGENT = ScanOptions.urgent_probability
+_URGENT = Decisions.urgent_probability
 
 
-def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, segmented_run: bool) -> Tier:
+def tier_of(result: ImageResult, thresholds: Thresholds, decide: Decisions, segmented_run: bool) -> Tier:
     """Priority rules (documented in the README):
 
     - with segmentation: ``urgent`` when the segmenter outlined a pneumothorax; ``review`` when nothing was
@@ -28,7 +28,7 @@ def tier_of(result: ImageResult, thresholds: Thresholds, options: ScanOptions, s
         return "review"
     if segmented_run and result.area_px:
         return "review" if result.flag else "urgent"
-    if not segmented_run and result.probability >= options.urgent_probability:
+    if not segmented_run and result.probability >= decide.urgent_probability:
         return "urgent"
     return "review" if result.probability >= thresholds.review_at else "routine"
 
@@ -54,12 +54,12 @@ def rank(results: list[ImageResult]) -> list[ImageResult]:
 
 
 def tiered(
-    rows: list[ImageResult], thresholds: Thresholds, options: ScanOptions, segmented_run: bool
+    rows: list[ImageResult], thresholds: Thresholds, decide: Decisions, segmented_run: bool
 ) -> list[ImageResult]:
     """Each row's tier (:func:`tier_of`), then the worklist's order (:func:`rank`): how a scan, and a merge of a
     sharded scan, ends."""
     for r in rows:
-        r.tier = tier_of(r, thresholds, options, segmented_run)
+        r.tier = tier_of(r, thresholds, decide, segmented_run)
     return rank(rows)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pneumotriage.distributed import Ranks, joined
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import Progress
+from pneumotriage.runtime import Progress, progress_event
 from pneumotriage.scan.engine import run
 from pneumotriage.scan.merge import merge_shards
 from pneumotriage.scan.options import ScanOptions
@@ -57,7 +57,7 @@ class Relay:
         """A progress event for the whole job: every rank's counts; ``found`` files in all (each rank walks all
         the inputs, so rank 0's walk counts every rank's files)."""
         counts = {key: int(self.ranks.store.add(key, 0)) for key in COUNTERS}
-        return {"event": "batch", "discovered": found, "walk_done": walk_done, **counts}
+        return progress_event("batch", discovered=found, walk_done=walk_done, **counts)
 
 
 def run_ranks(
@@ -118,9 +118,9 @@ def scan_launched(
     shard (resuming it after torchrun restarted the job), and on rank 0 merge. ``shown(rank0, job)`` runs ``job``
     with a progress callback (the caller's bars, shown on rank 0 alone). Returns the merged summary on rank 0,
     None on the others."""
-    with joined(options.device) as ranks:
-        options.device = str(ranks.device)
-        options.resume = options.resume or ranks.restart > 0  # a restarted rank goes on from its journal
+    with joined(options.run.device) as ranks:
+        # a restarted rank goes on from its journal
+        options = options.but(device=str(ranks.device), resume=options.run.resume or ranks.restart > 0)
         return shown(
             ranks.rank == 0,
             lambda on_event: run_ranks(

@@ -20,8 +20,8 @@ from pneumotriage.folds import index_dataset
 from pneumotriage.io import atomic_write_bytes, atomic_write_text, strict_json
 from pneumotriage.labels import read_rle_csv
 from pneumotriage.losses import parse_loss
-from pneumotriage.models import DEFAULT_THRESHOLDS, build_model, provenance, save_checkpoint, unwrap
-from pneumotriage.runtime import Progress, autocast_for, use_bf16
+from pneumotriage.models import DEFAULT_THRESHOLDS, build_model, meta_of, provenance, save_checkpoint, unwrap
+from pneumotriage.runtime import Progress, autocast_for, progress_event, use_bf16
 from pneumotriage.train.config import SELECTION_METRIC, SELECTION_RULE, TrainConfig, TrainResult
 from pneumotriage.train.data import data_fingerprint, loader, split_records, write_oof
 from pneumotriage.train.dist import Dist, broadcast_int, distributed, record_rank_checksums
@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Progress | None =
         np.random.seed(cfg.seed % 2**32)
         data = _Data(cfg, dist, device)
         if start is not None:
-            emit({"event": "weights", "start": start})
+            emit(progress_event("weights", start=start))
         emit(data.event(device, dist))
         run = _Run(cfg, run_dir, data, dist, device, state, emit)
         run.epochs()
@@ -217,16 +217,16 @@ class _Data:
         self.val_loader = loader(val_set, per_rank_batch, cfg.workers, None, device, cfg.seed)
 
     def event(self, device: torch.device, dist: Dist) -> dict[str, Any]:
-        return {
-            "event": "data",
-            "train": len(self.train_records),
-            "train_positive": self.n_pos,
-            "val": len(self.val_records),
-            "val_positive": sum(r.positive for r in self.val_records),
-            "skipped": len(self.index.skipped),
-            "device": str(device),
-            "world_size": dist.world_size,
-        }
+        return progress_event(
+            "data",
+            train=len(self.train_records),
+            train_positive=self.n_pos,
+            val=len(self.val_records),
+            val_positive=sum(r.positive for r in self.val_records),
+            skipped=len(self.index.skipped),
+            device=str(device),
+            world_size=dist.world_size,
+        )
 
 
 class _Run:
@@ -246,7 +246,7 @@ class _Run:
         self.cfg, self.run_dir, self.data, self.dist, self.device, self.emit = cfg, run_dir, data, dist, device, emit
         self.best_path, self.metrics_path = run_dir / "best.pt", run_dir / "metrics.jsonl"
         self.model = build_model(cfg.spec(), pretrained=cfg.pretrained)
-        self.pretrained_used = bool(self.model.meta["pretrained"])  # type: ignore[index]
+        self.pretrained_used = bool(meta_of(self.model)["pretrained"])
         # What it learns from: a model that saw synthetic phantoms is never clinical, in any output.
         train_records = data.train_records
         self.trained_on = provenance(sum(r.synthetic for r in train_records) / max(1, len(train_records)))
@@ -312,7 +312,7 @@ class _Run:
             if self.dist.main:
                 row = self._validate(epoch, seen, loss_sum, train_time)
             self.stale = broadcast_int(self.stale, self.dist, self.device)
-            self.emit({"event": "epoch_end", "epoch": epoch, "metrics": row, "selection": self.selection})
+            self.emit(progress_event("epoch_end", epoch=epoch, metrics=row, selection=self.selection))
 
     def _train_epoch(self, epoch: int) -> tuple[int, float, float]:
         """One pass over the epoch's training images: the images seen, their summed loss and the seconds taken."""
@@ -321,15 +321,13 @@ class _Run:
         data.train_loader.generator.manual_seed(self.cfg.seed * 1000 + epoch)
         self.net.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        self.emit(
-            {"event": "epoch_start", "epoch": epoch, "epochs": self.cfg.epochs, "batches": len(data.train_loader)}
-        )
+        self.emit(progress_event("epoch_start", epoch=epoch, epochs=self.cfg.epochs, batches=len(data.train_loader)))
         for i, batch in enumerate(data.train_loader):
             loss = train_step(self.net, self.objective, self.optimizer, batch, self.device, self.bf16)
             n = int(batch["image"].shape[0])
             seen += n
             loss_sum += float(loss) * n
-            self.emit({"event": "batch", "epoch": epoch, "batch": i + 1, "loss": loss_sum / seen})
+            self.emit(progress_event("batch", epoch=epoch, batch=i + 1, loss=loss_sum / seen))
         self.scheduler.step()
         return seen, loss_sum, time.perf_counter() - t0
 
@@ -448,6 +446,6 @@ class _Run:
             },
         )
         self.emit(
-            {"event": "swa", "metrics": swa_metrics, "averaged": int(self.swa.n_averaged), "selection": self.selection}
+            progress_event("swa", metrics=swa_metrics, averaged=int(self.swa.n_averaged), selection=self.selection)
         )
         return swa_metrics

@@ -19,7 +19,7 @@ from pneumotriage.labels import RleLabels, read_rle_csv
 from pneumotriage.metrics import threshold_for_sensitivity
 from pneumotriage.models import LoadedModel, save_checkpoint
 from pneumotriage.runtime import Progress
-from pneumotriage.scan import ScanOptions, scan_thresholds
+from pneumotriage.scan import Decisions, scan_thresholds
 from pneumotriage.tune.oof import Group, joined, oof_groups
 from pneumotriage.tune.predictions import predict_once
 from pneumotriage.tune.records import Counts, Grid, Predictions, TuneResult
@@ -72,7 +72,7 @@ def tune(
         raise UsageError("no labelled DICOM found: the label file's ImageIds must be the file names", path=data)
     labels = read_rle_csv(labels_csv)
     # The thresholds the scan would use with these checkpoints: the baseline the chosen setting must beat.
-    current = scan_thresholds(classifier, segmenter, ScanOptions()).as_dict()
+    current = scan_thresholds(classifier, segmenter, Decisions()).as_dict()
     if classifier is None:
         current["gate"] = 0.0  # without a classifier the scan segments every image
     grid = (grid or Grid()).with_values(current)

@@ -16,8 +16,8 @@ import numpy as np
 from pneumotriage.folds import ImageRecord
 from pneumotriage.io import file_key
 from pneumotriage.models import LoadedModel
-from pneumotriage.runtime import Progress
-from pneumotriage.scan import ScanOptions
+from pneumotriage.runtime import Progress, progress_event
+from pneumotriage.scan import Execution
 from pneumotriage.tune.records import CACHE_VERSION, Predictions
 
 
@@ -79,14 +79,14 @@ def predict_once(
     if folder is not None and folder.is_dir():
         cached = _load_cached(folder, ids)
         if cached is not None:
-            emit({"event": "cached", "path": str(folder)})
+            emit(progress_event("cached", path=str(folder)))
             return cached, folder
 
     torch_device = pick_device(device)
-    options = ScanOptions(batch_size=batch_size, workers=workers, device=device, backend=backend)
-    options.check()
     plan = plan_for(
-        options, torch_device, max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else []))
+        Execution(batch_size=batch_size, workers=workers, device=device, backend=backend),
+        torch_device,
+        max([segmenter.spec.input_size] + ([classifier.spec.input_size] if classifier else [])),
     )
     size = segmenter.spec.input_size
     keys = [segmenter.spec.input_key] + ([classifier.spec.input_key] if classifier is not None else [])
@@ -137,7 +137,7 @@ def predict_once(
                     for item, good in zip(batch.items, finite.tolist(), strict=True)
                     if not good
                 ]
-            emit({"event": "predicted", "done": done, "total": n})
+            emit(progress_event("predicted", done=done, total=n))
     keep = np.flatnonzero(ok)
     for j, i in enumerate(keep):  # readable images first, in order (in place: j <= i)
         if i != j:

@@ -14,7 +14,7 @@ from scipy import ndimage
 from pneumotriage.labels import RleLabels
 from pneumotriage.metrics import binary_metrics, dice_from_counts
 from pneumotriage.postprocess import EIGHT_CONNECTED, min_confident, resize_window, scaled_area
-from pneumotriage.runtime import Progress
+from pneumotriage.runtime import Progress, progress_event
 from pneumotriage.tune.records import Counts, Grid, Predictions
 
 
@@ -29,7 +29,7 @@ def count(predictions: Predictions, labels: RleLabels, grid: Grid, progress: Pro
     inter = np.zeros((n, b_n, m_n), dtype=np.int64)
     for i, image_id in enumerate(predictions.image_ids):
         if i % 16 == 0:
-            emit({"event": "counted", "done": i, "total": n})
+            emit(progress_event("counted", done=i, total=n))
         p = torch.from_numpy(np.array(predictions.maps[i], dtype=np.float32))
         confident[i] = (p[None] > tops[:, None, None]).flatten(1).sum(1).numpy()
         rows, cols = (int(v) for v in predictions.shapes[i])
@@ -54,7 +54,7 @@ def count(predictions: Predictions, labels: RleLabels, grid: Grid, progress: Pro
                 kept = sizes >= scaled_area(smallest, (rows, cols)) if smallest > 0 else sizes > 0
                 area[i, bi, mi] = sizes[kept].sum()
                 inter[i, bi, mi] = hits[kept].sum()
-    emit({"event": "counted", "done": n, "total": n})
+    emit(progress_event("counted", done=n, total=n))
     size = tuple(predictions.maps.shape[1:3])
     return Counts(true_area, confident, area, inter, (int(size[0]), int(size[1])))
 
