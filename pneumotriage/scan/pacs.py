@@ -112,7 +112,7 @@ class SourceChanged(Exception):
     """The source file is no longer the file that was scanned."""
 
 
-def _source(result: ImageResult, no_phi: bool) -> tuple[Any, str]:
+def _source(result: ImageResult, no_phi: bool) -> tuple[Dataset, str]:
     """The source image's header, with the Type 2 attributes a derived object copies present (empty when
     missing), and without patient identifiers under ``no_phi``; and who it is (:func:`_who`, read before they
     go). Raises :class:`SourceChanged` where the file is not the one scanned (its identity key, or its UIDs)."""
@@ -282,7 +282,7 @@ def write_sr(ds: Any, result: ImageResult, out: Path, models: list[dict[str, Any
 SR_SERIES_DESCRIPTION = "AI triage (pneumotriage), unverified: not a diagnosis"
 
 
-def _as_ai_result(dataset: Any) -> None:
+def _as_ai_result(dataset: Dataset) -> None:
     """What the IHE AI Results profile asks of an object an algorithm made, beyond what highdicom writes: the
     algorithm as Contributing Equipment with the purpose "Processing Equipment" (DCM 109102) and a description
     saying it is unverified, and the declaration of this tool's private coding scheme (PS3.3 C.12.1.1.2: a
@@ -349,7 +349,7 @@ def write_kos(results: list[ImageResult], out: Path, models: list[dict[str, Any]
     return str(kos.SOPInstanceUID)
 
 
-def _save(dataset: Any, out: Path) -> None:
+def _save(dataset: Dataset, out: Path) -> None:
     import io
 
     buffer = io.BytesIO()

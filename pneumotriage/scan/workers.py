@@ -332,13 +332,13 @@ class Workers:
         self._start_pool()
         return True
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         if self._pool is None:
             return done_future(fn(*args))
         try:
             return self._pool.submit(fn, *args)
         except BrokenProcessPool as exc:  # a worker died since the last task: the caller's future says so
-            failed: Future[Any] = Future()
+            failed: Future[T] = Future()
             failed.set_exception(exc)
             return failed
 
@@ -353,7 +353,7 @@ class Workers:
             parts += [Part(future, i) for i in range(len(some))]
         return parts
 
-    def map(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
+    def map(self, fn: Callable[..., T], *iterables: Sequence[Any]) -> list[T]:
         """``fn`` over the arguments in the workers; if a worker dies meanwhile, the pool is started again and
         the whole map is done here instead (its tasks are written to be done again: each writes one file)."""
         if self._pool is None:
