@@ -118,11 +118,58 @@ def xrv_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | 
     side = min(rows, cols)
     top, left = rows // 2 - side // 2, cols // 2 - side // 2
     img = img[top : top + side, left : left + side]
+    if side >= size:
+        return xrv_resize(img, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         resized = resize(img[None], (1, size, size), mode="constant", preserve_range=True)  # type: ignore[no-untyped-call]
         out = np.asarray(resized, dtype=np.float32)
     return np.ascontiguousarray(out[0])
+
+
+def xrv_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """``skimage.transform.resize(img[None], (1, size, size), mode="constant", preserve_range=True)[0]`` of a
+    float32 image no smaller than ``size`` on either side, bit for bit, in about a third of its time.
+
+    skimage smooths with ``scipy.ndimage.gaussian_filter`` (sigma ``(factor - 1) / 2`` on each axis, truncated at
+    4 sigma, zeros outside) and then zooms with ``scipy.ndimage.zoom`` (order 1, grid mode). Here the smoothing
+    down the columns is done with numpy over whole rows at once, where scipy walks each column with a stride (7x
+    slower): the same products and sums in float64, in scipy's order (the centre tap, then the pairs of taps from
+    the outermost in), rounded to float32 where scipy rounds. The rest is scipy's own call, on the 2-D image
+    (skimage's third axis of one only adds zeros). tests/test_imports.py holds it to skimage's output."""
+    from scipy import ndimage
+
+    rows, cols = img.shape
+    a = np.ascontiguousarray(img, dtype=np.float32)
+    sigma_rows, sigma_cols = (max(0.0, (n / size - 1) / 2) for n in (rows, cols))
+    if sigma_rows > 1e-15:  # gaussian_filter's own test for an axis to smooth
+        a = _smooth_columns(a, sigma_rows)
+    if sigma_cols > 1e-15:
+        a = ndimage.gaussian_filter1d(a, sigma_cols, axis=1, mode="constant", cval=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy suggests grid-constant; skimage passes constant
+        out = ndimage.zoom(a, (1 / (rows / size), 1 / (cols / size)), order=1, mode="constant", grid_mode=True)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _smooth_columns(a: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter1d(a, sigma, axis=0, mode="constant")`` of a float32 image (see
+    :func:`xrv_resize`): the kernel as scipy makes it, each output ``x[i] * w[0] + (x[i-r] + x[i+r]) * w[r] + ...``
+    down to ``r = 1``, in float64."""
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 / (sigma * sigma) * taps**2)
+    kernel = kernel / kernel.sum()
+    n = a.shape[0]
+    padded = np.zeros((n + 2 * radius, a.shape[1]), dtype=np.float64)
+    padded[radius : radius + n] = a
+    out: np.ndarray = padded[radius : radius + n] * kernel[radius]
+    pair = np.empty_like(out)
+    for k in range(radius, 0, -1):
+        np.add(padded[radius - k : radius - k + n], padded[radius + k : radius + k + n], out=pair)
+        pair *= kernel[radius - k]
+        out += pair
+    return out.astype(np.float32)
 
 
 def _grey8(ds: Dataset, header: DicomHeader, stored: np.ndarray | None) -> np.ndarray:

@@ -199,6 +199,24 @@ def test_the_xrv_pipeline_gives_torchxrayvisions_own_pixels(real_data: Path, siz
         assert ours.shape == (size, size) and float(np.abs(ours - theirs[0]).max()) <= 2048 * 1e-3, path.name
 
 
+@pytest.mark.parametrize(("side", "size"), [(1024, 512), (1024, 224), (1000, 320), (2048, 512), (513, 512), (512, 512)])
+def test_the_xrv_resize_is_skimages_bit_for_bit(side: int, size: int) -> None:
+    """xrv_resize does skimage's resize (smoothing, then zoom) with numpy where scipy is slow: the same values to
+    the last bit, at SIIM's 1,024 px to both of TorchXRayVision's sizes, odd factors, a factor under 1.002 and none."""
+    from skimage.transform import resize
+
+    from pneumotriage.pipelines import xrv_resize
+
+    rng = np.random.default_rng(side + size)
+    img = (rng.random((side, side), dtype=np.float32) * 2048 - 1024).astype(np.float32)
+    img[: side // 4, : side // 4] = -1024.0  # flat black: sums of equal values, exact zeros nearby
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = np.asarray(resize(img[None], (1, size, size), mode="constant", preserve_range=True), np.float32)[0]
+    ours = xrv_resize(img, size)
+    assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+
+
 def _png8_reference(path: Path, size: int) -> np.ndarray:
     """What CheXNet's dataset code makes of the same image saved as an 8-bit PNG: PIL, RGB, Resize(size),
     ToTensor (one channel of three identical ones), then the centred square."""
