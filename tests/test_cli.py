@@ -29,6 +29,21 @@ def test_python_dash_m_entry_point() -> None:
     assert done.returncode == 0 and __version__ in done.stdout
 
 
+def test_help_and_inspect_start_without_torch() -> None:
+    """Commands that run no model (help, inspect, weights list) start without importing torch (~1.7 s of a
+    2-core machine's start): nothing on the command line's import path imports it at module level."""
+    code = (
+        "import sys\n"
+        "from pneumotriage.cli import app\n"
+        "for args in (['--help'], ['scan', '--help'], ['inspect', '--help']):\n"
+        "    app(args, standalone_mode=False)\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_inspect_json_and_exit_codes(study) -> None:  # type: ignore[no-untyped-def]
     result = runner.invoke(app, ["inspect", "--json", str(study.out)])
     assert result.exit_code == 4  # manifest.json and the two CSVs are not DICOM
