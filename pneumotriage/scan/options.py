@@ -139,7 +139,10 @@ class ScanOptions:
         by_part: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
         for name, value in flat.items():
             by_part[_part_of(name)][name] = value
-        return ScanOptions(**{part: replace(getattr(self, part), **changes) for part, changes in by_part.items()})
+        return ScanOptions(
+            **{part: replace(getattr(self, part), **changes) if changes else getattr(self, part)
+               for part, changes in by_part.items()}
+        )  # fmt: skip
 
     def writes_submission(self) -> bool:
         return self.write.submission if self.write.submission is not None else not self.decide.no_segment
