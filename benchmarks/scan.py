@@ -172,7 +172,7 @@ def decode_alone_s(files: list[Path], workers: int, size: int) -> float:
                 future.result()
                 free.append(slot)
             slot = free.popleft()
-            pending.append((slot, pool.submit(decode_task, Found(path, path.stem, str(i)), slot, False)))
+            pending.append((slot, pool.submit(decode_task, Found(path, path.stem, str(i)), slot, slot, False)))
         for _, future in pending:
             future.result()
         return time.perf_counter() - t0

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -114,6 +114,13 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
     partial file, but a power cut may lose it. For many small files whose loss a journal can detect."""
     with _atomic(path, "wb", durable=durable) as fh:
         fh.write(data)
+
+
+def store_files(paths: Sequence[Path], contents: Sequence[bytes]) -> None:
+    """Write small files that a journal or a later run can make again: each atomic (:func:`atomic_write_bytes`),
+    none synced."""
+    for path, data in zip(paths, contents, strict=True):
+        atomic_write_bytes(path, data, durable=False)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

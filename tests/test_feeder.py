@@ -196,3 +196,50 @@ def test_images_whose_finishing_worker_dies_are_finished_here(
     assert rows[1] == rows[0]
     for r in rows[0]:
         assert (tmp_path / "1" / r["mask_file"]).read_bytes() == (tmp_path / "0" / r["mask_file"]).read_bytes()
+
+
+def test_cpu_batches_are_the_arenas_rows_with_no_copy_and_a_copy_after_a_bad_file(
+    study: StudySummary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU a batch whose rows follow one another is the arena's own memory, with no gather; a bad file
+    shifts the rows, so that a batch wraps around the ring's end and is copied instead. Either way each batch
+    holds the input the scan makes of each of its files, still after the workers have decoded the next files
+    (a row is not handed out again while its batch is in use)."""
+    import time
+
+    from pneumotriage.pipelines import InputKey
+    from pneumotriage.scan import Execution, decoded_batches, model_inputs, plan_for
+    from pneumotriage.scan.decode import SlotArena
+
+    gathers: list[int] = []
+    gather = SlotArena.batch
+
+    def counted(self: SlotArena, rows: list[int], key: InputKey, out: torch.Tensor | None = None) -> torch.Tensor:
+        gathers.append(len(rows))
+        return gather(self, rows, key, out)
+
+    monkeypatch.setattr(SlotArena, "batch", counted)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a DICOM file")
+    paths = [study.out / img.path for img in study.images]
+    files = [(p, p.stem) for p in paths[:5]] + [(bad, "bad")] + [(p, p.stem) for p in paths[5:] * 3]
+    key = InputKey(64)
+    expected = {i: x for i, x, _ in model_inputs([p for p, _ in files], key)}
+    assert 5 not in expected and len(expected) == len(files) - 1
+    plan = plan_for(Execution(batch_size=4, workers=1), torch.device("cpu"), 64)
+    batches_seen, seen = 0, []
+    with decoded_batches(files, [key], plan, torch.device("cpu")) as batches:
+        for index, batch in batches:
+            if not index:
+                continue
+            batches_seen += 1
+            time.sleep(0.2)  # the worker decodes the files after this batch meanwhile, into other rows
+            x = batch.inputs[key]
+            for j, i in enumerate(index):
+                np.testing.assert_array_equal(x[j, 0].numpy(), expected[i])
+            seen += index
+    assert seen == sorted(expected)
+    # 26 files in batches of 4 (the last of 2), rows in a ring of 12: after the bad sixth file, two batches of
+    # each three are copied (one spans its hole, one wraps around); the rest are the arena's own memory.
+    assert batches_seen == 7
+    assert 2 <= len(gathers) <= 4 and len(gathers) < batches_seen

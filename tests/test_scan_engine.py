@@ -500,7 +500,7 @@ def test_a_scan_feeds_a_model_the_pixels_training_gave_it(tmp_path: Path, side: 
     study = write_study(tmp_path / "s", 1, positive_rate=1.0, size=(side, side), seed=3)
     path = study.out / study.images[0].path
     arena = SlotArena(1, (InputKey(size), InputKey(64)), None, inherited=True)
-    decode_into(read(path, want_jpeg=False), arena, 0)
+    decode_into(read(path, want_jpeg=False), arena, 0, 0)
     for s in (size, 64):
         trained_on = square(read_dicom(path, reduce_to=s).pixels, s)[0].numpy()
         np.testing.assert_array_equal(arena.image(0, InputKey(s)), trained_on)

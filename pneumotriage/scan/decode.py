@@ -33,69 +33,91 @@ DISPLAY = 512
 
 
 class SlotArena:
-    """``count`` slots, each holding one image as every model's input (:class:`~pneumotriage.pipelines.InputKey`:
-    a size by a pipeline), a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``, room for
-    one probability map (a scan writes there only the map's window, flat: :class:`~pneumotriage.scan.finish.
-    MapWindow`): arrays in memory shared with the worker processes.
+    """Shared memory for the images on their way through a scan, in two kinds of place:
+
+    - ``rows`` input rows, each holding one image as every model's input (:class:`~pneumotriage.pipelines.
+      InputKey`: a size by a pipeline). Each input's rows lie one after another, so the rows of a batch taken in
+      ring order are one (B, 1, S, S) tensor with no copy (:meth:`batch`). A row is needed only until the models
+      have run on it.
+    - ``count`` slots, each holding a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``,
+      room for one probability map (a scan writes there only the map's window, flat: :class:`~pneumotriage.scan.
+      finish.MapWindow`). A slot is needed until its image is finished.
 
     With the ``fork`` start method the arena is an anonymous shared mapping the workers inherit (it does not
     count against a container's small ``/dev/shm``); otherwise a named shared-memory block they attach to."""
 
     def __init__(
-        self, count: int, keys: Sequence[InputKey], map_size: int | None, *, inherited: bool, name: str | None = None
+        self,
+        count: int,
+        keys: Sequence[InputKey],
+        map_size: int | None,
+        *,
+        rows: int | None = None,
+        inherited: bool,
+        name: str | None = None,
     ) -> None:
-        """A new arena, or (``name``) the one another process made."""
+        """A new arena, or (``name``) the one another process made; ``rows`` defaults to ``count``."""
         self.count = count
+        self.rows = count if rows is None else rows
         self.keys = tuple(sorted(set(keys)))
         self.map_size = map_size
-        self._offsets: dict[object, int] = {}
+        # Each part: where its first place starts, and the bytes of one place.
+        self._parts: dict[object, tuple[int, int]] = {}
         offset = 0
         for key in self.keys:
-            self._offsets[key] = offset
-            offset += key.size * key.size * 4
+            self._parts[key] = (offset, key.size * key.size * 4)
+            offset += self.rows * key.size * key.size * 4
         if map_size:
-            self._offsets["map"] = offset
-            offset += map_size * map_size * 4
-        self._offsets["display"] = offset
-        offset += DISPLAY * DISPLAY
-        self.slot_bytes = offset
+            self._parts["map"] = (offset, map_size * map_size * 4)
+            offset += count * map_size * map_size * 4
+        self._parts["display"] = (offset, DISPLAY * DISPLAY)
+        offset += count * DISPLAY * DISPLAY
+        self.layout = (count, self.keys, map_size, self.rows)
         self._owner = name is None
         self._shm: shared_memory.SharedMemory | None = None
         if inherited:
-            self._buffer: mmap.mmap | memoryview = mmap.mmap(-1, max(1, count * offset))
+            self._buffer: mmap.mmap | memoryview = mmap.mmap(-1, max(1, offset))
         else:
-            self._shm = shared_memory.SharedMemory(name=name, create=name is None, size=max(1, count * offset))
+            self._shm = shared_memory.SharedMemory(name=name, create=name is None, size=max(1, offset))
             assert self._shm.buf is not None
             self._buffer = self._shm.buf
         self.name = self._shm.name if self._shm is not None else None
 
-    def _array(self, slot: int, part: object, side: int) -> np.ndarray:
-        start = slot * self.slot_bytes + self._offsets[part]
-        return np.frombuffer(self._buffer, dtype=np.float32, count=side * side, offset=start).reshape(side, side)
+    def _array(self, part: object, place: int, side: int, n: int = 1) -> np.ndarray:
+        start, step = self._parts[part]
+        return np.frombuffer(self._buffer, dtype=np.float32, count=n * side * side, offset=start + place * step)
 
     @property
     def native_sizes(self) -> tuple[int, ...]:
         """The sizes of the inputs made by the tool's own pipeline (the only ones nvJPEG's path can make)."""
         return tuple(k.size for k in self.keys if k.pipeline == NATIVE)
 
-    def image(self, slot: int, key: InputKey) -> np.ndarray:
-        return self._array(slot, key, key.size)
+    def image(self, row: int, key: InputKey) -> np.ndarray:
+        return self._array(key, row, key.size).reshape(key.size, key.size)
 
     def map(self, slot: int) -> np.ndarray:
         assert self.map_size is not None
-        return self._array(slot, "map", self.map_size)
+        return self._array("map", slot, self.map_size).reshape(self.map_size, self.map_size)
 
     def display(self, slot: int, shape: tuple[int, int]) -> np.ndarray:
-        start = slot * self.slot_bytes + self._offsets["display"]
-        flat = np.frombuffer(self._buffer, dtype=np.uint8, count=DISPLAY * DISPLAY, offset=start)
+        start, step = self._parts["display"]
+        flat = np.frombuffer(self._buffer, dtype=np.uint8, count=DISPLAY * DISPLAY, offset=start + slot * step)
         return flat[: shape[0] * shape[1]].reshape(shape)
 
-    def batch(self, slots: Sequence[int], key: InputKey, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The inputs ``key`` of ``slots`` as one (B, 1, S, S) tensor (a copy, so the slots can be reused), in
-        ``out`` (a CPU tensor of that shape, kept by the caller) where given."""
+    def view(self, rows: Sequence[int], key: InputKey) -> torch.Tensor | None:
+        """The inputs ``key`` of ``rows`` as one (B, 1, S, S) tensor in the arena's own memory, with no copy, where
+        the rows follow one another (valid while they are held: use it before handing them back); else None."""
+        if not rows or list(rows) != list(range(rows[0], rows[0] + len(rows))):
+            return None
+        size = key.size
+        return torch.from_numpy(self._array(key, rows[0], size, len(rows))).view(len(rows), 1, size, size)
+
+    def batch(self, rows: Sequence[int], key: InputKey, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs ``key`` of ``rows`` as one (B, 1, S, S) tensor, a copy (the rows can be reused), in ``out``
+        (a CPU tensor of that shape, kept by the caller) where given."""
         if out is None:
-            out = torch.empty(len(slots), 1, key.size, key.size)
-        np.stack([self.image(s, key) for s in slots], out=out.numpy()[:, 0])
+            out = torch.empty(len(rows), 1, key.size, key.size)
+        np.stack([self.image(r, key) for r in rows], out=out.numpy()[:, 0])
         return out
 
     def close(self) -> None:
@@ -134,9 +156,9 @@ def make_display(pixels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
-    """Decode ``source`` on the CPU into ``slot`` as every input of the arena and as a display copy of
-    :func:`display_shape`; returns the image's true size. An imported model's input is made by its own pipeline
+def decode_into(source: Source, arena: SlotArena, slot: int, row: int) -> tuple[int, int]:
+    """Decode ``source`` on the CPU into input ``row`` as every input of the arena and into ``slot`` as a display
+    copy of :func:`display_shape`; returns the image's true size. An imported model's input is made by its own pipeline
     from the stored pixels (:func:`pneumotriage.pipelines.make_input`)."""
     top = max((*arena.native_sizes, DISPLAY))
     image = decode_pixels(source.ds, source.header, source.notes, reduce_to=top)
@@ -148,7 +170,7 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
     stored = stored_pixels(source.ds, source.header) if foreign and grey else None
     for key in arena.keys:
         if key.pipeline != NATIVE:
-            arena.image(slot, key)[...] = make_input(source.ds, source.header, key, stored)
+            arena.image(row, key)[...] = make_input(source.ds, source.header, key, stored)
             continue
         size = key.size
         pixels = image.pixels
@@ -157,11 +179,11 @@ def decode_into(source: Source, arena: SlotArena, slot: int) -> tuple[int, int]:
             # the model's size is not the image reduced to the display size and then resized, and a model should
             # see in a scan the pixels it was trained on (a demo classifier gave a negative 0.72 instead of 0.21).
             pixels = decode_pixels(source.ds, source.header, [], reduce_to=size, again=image).pixels
-        arena.image(slot, key)[...] = square(pixels, size)[0].numpy()
+        arena.image(row, key)[...] = square(pixels, size)[0].numpy()
     if any(source.flip):
         # Upright for the models (the engine turns their maps back: masks and overlays keep the stored grid).
         for key in arena.keys:
-            x = arena.image(slot, key)
+            x = arena.image(row, key)
             x[...] = turned(x, source.flip).copy()
     shown = display_shape(image.original_shape)
     arena.display(slot, shown)[...] = make_display(torch.from_numpy(image.pixels), shown).numpy()

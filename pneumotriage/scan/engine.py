@@ -46,7 +46,7 @@ from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import Shard, shard_started, write_shard
-from pneumotriage.scan.stream import MAX_CHUNK, Batch, Item, Stream, slots_for, window_for
+from pneumotriage.scan.stream import MAX_CHUNK, Batch, Item, Stream, rows_for, slots_for, window_for
 from pneumotriage.scan.tiers import tier_of, tiered
 from pneumotriage.scan.workers import Part, Workers, error_row, finish_task
 
@@ -140,9 +140,8 @@ def _run(
             torch.set_num_threads(plan.torch_threads)
         (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options.run, plan)
         nice = WORKER_NICE if device.type == "cpu" else 0
-        with Workers(
-            plan.workers, slots=slots_for(plan, finishing=True), keys=keys, map_size=map_size, nice=nice
-        ) as workers:
+        slots, rows = slots_for(plan, finishing=True), rows_for(plan)
+        with Workers(plan.workers, slots=slots, keys=keys, map_size=map_size, rows=rows, nice=nice) as workers:
             scan = _Scan(out, (classifier, segmenter), thresholds, options, device, journal, workers, emit)
             stream = Stream(
                 Discovery(roots, files, exclude=[out], shard=shard),  # never its own outputs; a shard's files only
@@ -448,7 +447,7 @@ class _Scan:
             raise NothingToScan("no DICOM files found", path=roots[0] if roots else None, hint=hint)
         ranked = tiered(results, self.thresholds, self.options.decide, self.segmenter is not None)
         # A shard writes the thumbnails of its own first rows: the merged worklist's first rows are among them.
-        self.thumbs.write(self.out, ranked, lambda rows: self.workers.thumbnails(self.out, rows))
+        self.thumbs.write(self.out, ranked, lambda rows: self.workers.thumbnails(self.out, rows), self.workers.store)
         return ranked
 
     def summary(

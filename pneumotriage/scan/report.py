@@ -24,7 +24,7 @@ from typing import Any
 from jinja2 import Environment, Template
 from markupsafe import Markup
 
-from pneumotriage.io import atomic_open_text, atomic_write_bytes, printable
+from pneumotriage.io import atomic_open_text, printable, store_files
 from pneumotriage.outlayout import REPORT, OutLayout
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.records import ImageResult, ScanSummary
@@ -65,16 +65,21 @@ class ReportThumbnails:
             self._kept.sort(key=lambda kept: kept[0])
             del self._kept[self.limit :]
 
-    def write(self, out: Path, ranked: Sequence[ImageResult], missing: Callable[[list[ImageResult]], None]) -> None:
-        """Write the thumbnails of the first rows that have none; ``missing`` makes those not kept."""
+    def write(
+        self,
+        out: Path,
+        ranked: Sequence[ImageResult],
+        missing: Callable[[list[ImageResult]], None],
+        store: Callable[[list[Path], list[bytes]], None] | None = None,
+    ) -> None:
+        """Write the thumbnails of the first rows that have none: ``store`` writes the files of those kept
+        (:func:`store_files` where not given), ``missing`` makes those not kept."""
         kept = {stem: thumb for _, stem, thumb in self._kept}
-        without = (
-            r for r in ranked if r.status == "ok" and r.file_stem and not OutLayout(out).thumbnail(r.file_stem).exists()
-        )
+        layout = OutLayout(out)
+        without = (r for r in ranked if r.status == "ok" and r.file_stem and not layout.thumbnail(r.file_stem).exists())
         wanted = list(itertools.islice(without, self.limit))  # the files of the rows after those are not looked at
-        for r in wanted:
-            if r.file_stem in kept:
-                atomic_write_bytes(OutLayout(out).thumbnail(r.file_stem), kept[r.file_stem], durable=False)
+        have = [r.file_stem for r in wanted if r.file_stem in kept]
+        (store or store_files)([layout.thumbnail(stem) for stem in have], [kept[stem] for stem in have])
         missing([r for r in wanted if r.file_stem not in kept])
 
 

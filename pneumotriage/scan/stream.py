@@ -3,8 +3,8 @@
 :class:`Stream` keeps a window of files decoding in the worker processes and hands out batches in the order the
 files were found; :func:`decoded_batches` is the same for a list of files (``tune`` and the benchmarks use it),
 with the slots of a batch handed back when the next one is asked for. :func:`window_for` and
-:func:`slots_for` are the one sizing rule for both. :func:`model_inputs` is one file at a time, inline, as the scan
-reads and decodes it (what ``export`` checks parity on).
+:func:`slots_for` and :func:`rows_for` are the one sizing rule for both. :func:`model_inputs` is one file at a
+time, inline, as the scan reads and decodes it (what ``export`` checks parity on).
 """
 
 from __future__ import annotations
@@ -44,9 +44,17 @@ def slots_for(plan: Plan, *, finishing: bool) -> int:
     """Slots of the arena. A slot is held while its file decodes and while the models run on it; a scan also holds
     an outlined image's slot until it is finished: a batch's worth more, and the stream waits for the finish
     stage when they are all in use. No more than that: each slot's memory costs page faults the first time it
-    is used (a slot at 512 px is ~2.3 MB) and more slots are used once each in a short scan."""
+    is used (a slot with a map at 512 px is ~1.25 MB) and more slots are used once each in a short scan."""
     window = window_for(plan)
     return window + (2 if finishing else 1) * plan.batch_size
+
+
+def rows_for(plan: Plan) -> int:
+    """Input rows of the arena. A row is held while its file decodes and until its batch's models have run: the
+    window and a batch at most. Rounded up to whole batches, so that batches, taken in ring order, never wrap
+    around its end and each is the arena's own memory (:meth:`SlotArena.view`), unless a file failed or a
+    smaller batch went ahead."""
+    return -(-(window_for(plan) + plan.batch_size) // plan.batch_size) * plan.batch_size
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Item:
 
     found: Found
     slot: int
+    row: int
     decoded: Decoded
 
 
@@ -72,7 +81,8 @@ class Batch:
 class Stream:
     """Decoded batches from a stream of files: keeps ``window`` files decoding in the workers, hands out batches
     of ``batch_size`` in the order files were found (a smaller batch whenever the workers would otherwise wait
-    for discovery), and takes slots back through :meth:`release`.
+    for discovery), and takes slots back through :meth:`release`. Input rows it hands out in ring order and takes
+    back itself: a failed file's at once, a batch's when the next batch is asked for.
 
     ``on_wait`` is called, blocking or not, whenever the stream has to wait (for a slot, a decoded file or
     discovery), so the consumer can drain its own queue (the finish stage) meanwhile."""
@@ -94,6 +104,8 @@ class Stream:
         self.workers = workers
         self.arena = workers.arena
         self.free: deque[int] = deque(range(self.arena.count))
+        self._busy = [False] * self.arena.rows  # input rows held
+        self._cursor = 0  # the next row handed out
         self.batch_size = batch_size
         self.window = window
         self.device = device
@@ -101,7 +113,7 @@ class Stream:
         self.done_before = done_before
         self.on_wait = on_wait
         self.accept = accept
-        self.decoding: deque[tuple[Found, int, Part[Decoded]]] = deque()
+        self.decoding: deque[tuple[Found, int, int, Part[Decoded]]] = deque()  # found, slot, row, answer
         # Files handed to a worker in one task: a few a worker at a time, so the window stays spread over them.
         self.chunk = max(1, min(MAX_CHUNK, window // (2 * max(workers.count, 1))))
         self.resumed = 0  # files done by an earlier run, passed over
@@ -113,34 +125,51 @@ class Stream:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    def _rows_free(self, most: int) -> int:
+        """How many rows, up to ``most``, can be handed out in ring order now."""
+        n = 0
+        while n < most and not self._busy[(self._cursor + n) % len(self._busy)]:
+            n += 1
+        return n
+
+    def _take_row(self) -> int:
+        row = self._cursor
+        self._busy[row] = True
+        self._cursor = (row + 1) % len(self._busy)
+        return row
+
+    def _give_row(self, row: int) -> None:
+        if row >= 0:
+            self._busy[row] = False
+
     def starved(self) -> bool:
         """Whether the next file is still decoding (or not yet found): the models would wait for it."""
-        return not (self.decoding and self.decoding[0][2].done())
+        return not (self.decoding and self.decoding[0][3].done())
 
     def _feed(self, may_wait: bool = False) -> None:
         """Start decoding files until the window is full, up to :attr:`chunk` files a task (fewer when discovery
         has not found more yet); with ``may_wait`` and nothing decoding, wait briefly for discovery to find one."""
         while not self.files.finished:
-            room = min(len(self.free), self.window - len(self.decoding))
+            room = self._rows_free(min(len(self.free), self.window - len(self.decoding)))
             if room <= 0 or (room < self.chunk and len(self.decoding) >= self.chunk):
                 return  # later, with room for a whole task's worth
             got = self.files.poll(min(room, self.chunk), timeout=0.05 if may_wait and not self.decoding else 0.0)
             if not got:
                 return
-            entries: list[tuple[Found, int]] = []  # in the order found; slot -1: answered here
+            entries: list[tuple[Found, int, int]] = []  # in the order found; slot and row -1: answered here
             answered: dict[int, Decoded] = {}
             for found in got:
                 if found.passed is not None:  # passed over by the walk, never opened: its skipped.csv row
                     answered[len(entries)] = Decoded("skipped", error=f"{printable(str(found.path))}: {found.passed}")
-                    entries.append((found, -1))
+                    entries.append((found, -1, -1))
                 elif self.done_before(found):
                     self.resumed += 1
                 else:
-                    entries.append((found, self.free.popleft()))
-            calls = [(found, slot, self.jpeg_on_device, self.accept) for found, slot in entries if slot >= 0]
+                    entries.append((found, self.free.popleft(), self._take_row()))
+            calls = [(f, slot, row, self.jpeg_on_device, self.accept) for f, slot, row in entries if slot >= 0]
             parts = iter(self.workers.submit_each(decode_task, calls, self.chunk))
-            for i, (found, slot) in enumerate(entries):
-                self.decoding.append((found, slot, Part.ready(answered[i]) if slot < 0 else next(parts)))
+            for i, (found, slot, row) in enumerate(entries):
+                self.decoding.append((found, slot, row, Part.ready(answered[i]) if slot < 0 else next(parts)))
 
     def __iter__(self) -> Iterator[Batch]:
         items: list[Item] = []
@@ -148,25 +177,28 @@ class Stream:
         while True:
             self._feed(may_wait=not items)
             progressed = False
-            while self.decoding and self.decoding[0][2].done() and len(items) < self.batch_size:
-                found, slot, part = self.decoding.popleft()
+            while self.decoding and self.decoding[0][3].done() and len(items) < self.batch_size:
+                found, slot, row, part = self.decoding.popleft()
                 try:
                     decoded = part.result()
                 except BrokenProcessPool:
-                    self.decoding.appendleft((found, slot, part))
+                    self.decoding.appendleft((found, slot, row, part))
                     self._recover()
                     continue
                 progressed = True
                 if decoded.status == "ok":
-                    items.append(Item(found, slot, decoded))
+                    items.append(Item(found, slot, row, decoded))
                 else:
                     failed.append((found, decoded))
                     if slot >= 0:
                         self.release(slot)
+                    self._give_row(row)
                 self._feed()
             idle = not self.decoding
             if items and (len(items) >= self.batch_size or idle):
                 yield self._batch(items, failed)
+                for item in items:  # the models are done with the batch's inputs
+                    self._give_row(item.row)
                 items, failed = [], []
                 continue
             if idle and self.files.finished:
@@ -176,26 +208,26 @@ class Stream:
             if progressed:
                 continue
             # Nothing ready: let the consumer drain, then wait for the next decoded file, a slot or discovery.
-            if not self.free:
+            if not self.free or not self._rows_free(1):
                 if not self.on_wait(True) and self.decoding:
-                    wait([self.decoding[0][2].future], return_when=FIRST_COMPLETED)
+                    wait([self.decoding[0][3].future], return_when=FIRST_COMPLETED)
                 continue
             self.on_wait(False)
             if self.decoding:
-                wait([self.decoding[0][2].future], timeout=None if self.files.finished else 0.05)
+                wait([self.decoding[0][3].future], timeout=None if self.files.finished else 0.05)
 
     def _recover(self) -> None:
         """A worker died (killed by a signal or the OOM killer: a bomb of a file, an operator) and took every task
         in flight with it. Start the pool again and redo those files one at a time: a file that kills its worker
         again is an error row naming it, and the others are read as if nothing had happened."""
         self.workers.revive()
-        redone: deque[tuple[Found, int, Part[Decoded]]] = deque()
-        for found, slot, part in self.decoding:
+        redone: deque[tuple[Found, int, int, Part[Decoded]]] = deque()
+        for found, slot, row, part in self.decoding:
             future = part.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                redone.append((found, slot, part))
+                redone.append((found, slot, row, part))
                 continue
-            again = self.workers.submit(decode_task, found, slot, self.jpeg_on_device, self.accept)
+            again = self.workers.submit(decode_task, found, slot, row, self.jpeg_on_device, self.accept)
             try:
                 decoded = again.result()
             except BrokenProcessPool:
@@ -205,7 +237,7 @@ class Stream:
                     error=f"{printable(str(found.path))}: the worker reading it died (killed by a signal, or out of "
                     "memory): not triaged; check the file with `pneumotriage inspect --decode`",
                 )
-            redone.append((found, slot, Part.ready(decoded)))
+            redone.append((found, slot, row, Part.ready(decoded)))
         self.decoding = redone
 
     def _batch(self, items: list[Item], failed: list[tuple[Found, Decoded]]) -> Batch:
@@ -222,29 +254,32 @@ class Stream:
         in_slots = [it for it in items if it.decoded.jpeg is None]
         for key in self.arena.keys:
             if not on_device:
-                inputs[key] = self._to_device([it.slot for it in items], key)
+                inputs[key] = self._to_device([it.row for it in items], key)
                 continue
             size = key.size
             x = torch.empty(len(items), 1, size, size, device=self.device)
             x[[rows[id(it)] for it in on_device]] = decoded[size]
             if in_slots:
-                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.slot for it in in_slots], key).to(
+                x[[rows[id(it)] for it in in_slots]] = self.arena.batch([it.row for it in in_slots], key).to(
                     self.device
                 )
             inputs[key] = x
         return Batch(items, inputs, failed)
 
-    def _to_device(self, slots: list[int], key: InputKey) -> torch.Tensor:
-        """The images of ``slots`` at ``size`` as one (B, 1, S, S) tensor on the device. On CUDA they are gathered
-        straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable memory);
-        a buffer is refilled only once its previous copy is done."""
+    def _to_device(self, rows: list[int], key: InputKey) -> torch.Tensor:
+        """The images of ``rows`` at ``size`` as one (B, 1, S, S) tensor on the device. On a CPU it is the arena's
+        own memory where the rows follow one another (as the ring hands them out), else a copy. On CUDA they are
+        gathered straight into a pinned buffer, whose copy runs asynchronously (one copy fewer than from pageable
+        memory); a buffer is refilled only once its previous copy is done."""
         if self.device.type != "cuda":
-            # One kept buffer per input (fresh memory costs a page fault every 4 kB): the batch is used before
-            # the next one is asked for.
-            held = self._gathered.get(key)
-            if held is None:
-                held = self._gathered[key] = torch.empty(self.batch_size, 1, key.size, key.size)
-            part = self.arena.batch(slots, key, out=held[: len(slots)])
+            # The batch is used before the next one is asked for, and so before its rows are handed out again.
+            part = self.arena.view(rows, key) if self.device.type == "cpu" else None
+            if part is None:
+                # One kept buffer per input (fresh memory costs a page fault every 4 kB).
+                held = self._gathered.get(key)
+                if held is None:
+                    held = self._gathered[key] = torch.empty(self.batch_size, 1, key.size, key.size)
+                part = self.arena.batch(rows, key, out=held[: len(rows)])
             return part if self.device.type == "cpu" else part.to(self.device)
         turn = self._staging.setdefault(key, deque())
         if len(turn) < 2:
@@ -252,7 +287,7 @@ class Stream:
         buffer, copied = turn.popleft()
         if copied is not None:
             copied.synchronize()
-        part = self.arena.batch(slots, key, out=buffer[: len(slots)])
+        part = self.arena.batch(rows, key, out=buffer[: len(rows)])
         on_device = part.to(self.device, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(self.device))
@@ -312,7 +347,8 @@ def decoded_batches(
     handed back when the next batch is asked for: use its inputs before that."""
     found = iter([Found(Path(path), image_id, str(i)) for i, (path, image_id) in enumerate(files)])
     jpeg_on_device = plan.jpeg_on_device and all(k.pipeline == NATIVE for k in keys)
-    with Workers(plan.workers, slots=slots_for(plan, finishing=False), keys=list(keys), map_size=None) as pool:
+    slots, rows = slots_for(plan, finishing=False), rows_for(plan)
+    with Workers(plan.workers, slots=slots, keys=list(keys), map_size=None, rows=rows) as pool:
         stream = Stream(
             Discovery([], found),
             pool,
@@ -340,7 +376,7 @@ def model_inputs(paths: Sequence[Path], key: InputKey) -> Iterator[tuple[int, np
         for i, path in enumerate(paths):
             try:
                 source = read(Path(path), want_jpeg=False)
-                decode_into(source, arena, 0)
+                decode_into(source, arena, 0, 0)
             except (PneumotriageError, NotTriaged):
                 continue
             yield i, arena.image(0, key).copy(), source.flip

@@ -26,7 +26,7 @@ import torch
 from pneumotriage.dicom import ROW_IDENTITY, DicomHeader, read_dicom
 from pneumotriage.errors import DicomError, NotDicomError
 from pneumotriage.inputcheck import NotTriaged
-from pneumotriage.io import printable
+from pneumotriage.io import printable, store_files
 from pneumotriage.pipelines import InputKey
 from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display, turned
 from pneumotriage.scan.discover import Found
@@ -97,9 +97,9 @@ def identity_of(h: DicomHeader, key: str) -> dict[str, Any]:
     return {**row, "path": str(h.path), "key": key}
 
 
-def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Decoded:
-    """Read one file and decode it into ``slot`` (or keep its JPEG frame for the device). Never raises for a bad
-    file: the answer says what is wrong, naming the file."""
+def decode_task(found: Found, slot: int, row: int, want_jpeg: bool, accept: tuple[str, ...] = ()) -> Decoded:
+    """Read one file and decode it into input ``row`` and ``slot`` (or keep its JPEG frame for the device).
+    Never raises for a bad file: the answer says what is wrong, naming the file."""
     assert _ARENA is not None
     # In a worker its handler is installed once; inline (``--workers 0``) only on the main thread, for this file.
     inline = not _IN_WORKER and threading.current_thread() is threading.main_thread()
@@ -108,7 +108,7 @@ def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...
     if timed:
         signal.setitimer(signal.ITIMER_REAL, FILE_TIME_LIMIT_S)
     try:
-        return _decode(found, slot, want_jpeg, accept)
+        return _decode(found, slot, row, want_jpeg, accept)
     except _TimeUp:
         return Decoded(
             "error",
@@ -122,7 +122,7 @@ def decode_task(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...
             signal.signal(signal.SIGALRM, before)
 
 
-def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -> Decoded:
+def _decode(found: Found, slot: int, row: int, want_jpeg: bool, accept: tuple[str, ...]) -> Decoded:
     assert _ARENA is not None
     identity: dict[str, Any] = {}
     try:
@@ -134,7 +134,7 @@ def _decode(found: Found, slot: int, want_jpeg: bool, accept: tuple[str, ...]) -
             decoded.jpeg, decoded.invert = source.jpeg, source.invert
             decoded.shape = h.shape or (0, 0)
         else:
-            decoded.shape = decode_into(source, _ARENA, slot)
+            decoded.shape = decode_into(source, _ARENA, slot, row)
             decoded.thumb = grey_thumbnail(_ARENA.display(slot, decoded.display_shape))
         decoded.notes = "; ".join(dict.fromkeys(source.notes)) or None
         return decoded
@@ -166,6 +166,10 @@ def finish_task(job: FinishJob, slot: int) -> tuple[ImageResult, bytes | None]:
         if any(job.flip):  # the map of an image turned upright for the models, turned back to the stored grid
             probs = np.ascontiguousarray(turned(probs, job.flip))
     return finish(job, probs, _ARENA.display(slot, job.display_shape))
+
+
+def _store(paths: list[Path], contents: list[bytes]) -> None:
+    store_files(paths, contents)
 
 
 def thumbnail_task(path: str, out: Path, name: str, mask_file: str | None, overlay_file: str | None) -> bool:
@@ -244,7 +248,8 @@ def _start(arena_name: str | None, layout: tuple[Any, ...], nice: int, parent: i
         except OSError:
             pass
     if arena_name is not None:
-        _ARENA = SlotArena(*layout, inherited=False, name=arena_name)
+        count, keys, map_size, rows = layout
+        _ARENA = SlotArena(count, keys, map_size, rows=rows, inherited=False, name=arena_name)
 
 
 def done_future(value: T) -> Future[T]:
@@ -283,7 +288,14 @@ class Workers:
     """The pool and the arena, for one scan; a context manager that stops both."""
 
     def __init__(
-        self, count: int, *, slots: int, keys: Sequence[InputKey], map_size: int | None, nice: int = 0
+        self,
+        count: int,
+        *,
+        slots: int,
+        keys: Sequence[InputKey],
+        map_size: int | None,
+        rows: int | None = None,
+        nice: int = 0,
     ) -> None:
         global _ARENA
         self.count = count
@@ -291,11 +303,10 @@ class Workers:
         # on macOS and absent on Windows), with the arena attached by name.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         inherited = method == "fork" or count == 0
-        self.arena = SlotArena(slots, keys, map_size, inherited=inherited)
+        self.arena = SlotArena(slots, keys, map_size, rows=rows, inherited=inherited)
         _ARENA = self.arena
         self._pool: ProcessPoolExecutor | None = None
         self._method = method
-        self._layout = (slots, keys, map_size)
         self._nice = nice
         #: How many times the pool was started again after a worker died (:meth:`revive`).
         self.restarts = 0
@@ -308,7 +319,7 @@ class Workers:
             max_workers=self.count,
             mp_context=multiprocessing.get_context(self._method),
             initializer=_start,
-            initargs=(self.arena.name, self._layout, self._nice, os.getpid()),
+            initargs=(self.arena.name, self.arena.layout, self._nice, os.getpid()),
         )
         # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
         # started is not safe (a restart after a worker died is the exception: see revive).
@@ -363,6 +374,16 @@ class Workers:
         except BrokenProcessPool:
             self.revive()
             return [fn(*a) for a in zip(*iterables, strict=True)]
+
+    def store(self, paths: Sequence[Path], contents: Sequence[bytes]) -> None:
+        """Write small files (:func:`~pneumotriage.io.store_files`) in the workers, a few to a task: each
+        file made costs the process that makes it a fraction of a millisecond of system time."""
+        if paths:
+            self.map(
+                _store,
+                [list(paths[i : i + 16]) for i in range(0, len(paths), 16)],
+                [list(contents[i : i + 16]) for i in range(0, len(contents), 16)],
+            )
 
     def thumbnails(self, out: Path, rows: Sequence[ImageResult]) -> None:
         """Report thumbnails of ``rows`` not kept while scanning (outlined images with an overlay, images done
