@@ -346,7 +346,7 @@ def peer(args: argparse.Namespace, tmp: Path) -> None:
     peer_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.peer_site), env.get("PYTHONPATH")]))}
     n = len(list(folder.rglob("*.dcm")))
     peer_cmd = [sys.executable, "-c", _PEER_LOOP, str(folder), str(cache)]
-    extra = ["--device", args.device, "--backend", args.backend]
+    extra = ["--device", args.device, "--backend", args.backend, "--precision", args.precision]
     extra += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     scan_cmd = [*ours, "scan", str(folder), "--classifier", "xrv-resnet50-res512-all", "--no-segment", "--no-progress"]
     # A first scan, not timed, makes what later scans find ready: with --backend auto it measures the backends
@@ -505,6 +505,9 @@ def main() -> int:
         "--repeat", type=int, default=3, help="--peer: paired runs (the median counts); --ranks: runs (the best)"
     )
     parser.add_argument("--backend", default="auto", help="--peer: our scan's --backend")
+    parser.add_argument(
+        "--precision", default="auto", help="--peer: our scan's --precision (bf16: on a CPU with native bf16 only)"
+    )
     parser.add_argument(
         "--load", action="store_true", help="--peer: the pairs again while a second CPU-bound process runs"
     )

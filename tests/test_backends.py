@@ -265,3 +265,42 @@ def test_openvino_leaves_the_threads_signal_stack_as_it_was(tmp_path: Path) -> N
     with torch.inference_mode():
         net(torch.rand(1, 1, loaded.spec.input_size, loaded.spec.input_size))
     assert current() == before
+
+
+def test_bf16_asked_for_runs_openvino_in_bf16_and_never_onnx_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--precision bf16 on a CPU: ONNX Runtime (float32 only there) is refused when named and left out of auto;
+    auto weighs torch under bf16 autocast against OpenVINO in bf16, caches that choice apart from float32's, and
+    says bf16 where it records the backend."""
+    from pneumotriage.runtime import cpu_has_bf16
+
+    cpu = torch.device("cpu")
+    loaded = load_model("demo-classifier")
+    with pytest.raises(UsageError, match="computes in float32") as refused:
+        backends.choose(loaded, loaded.model, "onnxruntime", cpu, batch=1, threads=1, home=tmp_path, bf16=True)
+    assert "openvino" in (refused.value.hint or "")
+    monkeypatch.setattr(backends, "SMALL_MS", 0.0)  # the demo model is small: measure it all the same
+    net, chosen = backends.choose(loaded, loaded.model, "auto", cpu, batch=1, threads=1, home=tmp_path, bf16=True)
+    assert set(chosen.timings_ms) == {"torch", "openvino"}
+    assert chosen.version.endswith("(bf16)") and "bf16" in chosen.why
+    if chosen.backend == "openvino":
+        assert isinstance(net, OnnxNet) and net.precision == "bf16"
+    ov_net, named = backends.choose(loaded, loaded.model, "openvino", cpu, batch=1, threads=1, home=tmp_path, bf16=True)
+    assert isinstance(ov_net, OnnxNet) and named.version.endswith("(bf16)")
+    x = torch.rand(1, 1, loaded.spec.input_size, loaded.spec.input_size)
+    ov_net(x)
+    if cpu_has_bf16():  # elsewhere OpenVINO takes the hint as float32 (it does not emulate bf16)
+        assert ov_net._session.precision == "bf16"
+    fp32_net, _ = backends.choose(loaded, loaded.model, "openvino", cpu, batch=1, threads=1, home=tmp_path)
+    fp32_net(x)
+    assert fp32_net is not ov_net and fp32_net._session.precision == "f32"
+
+    def no_more_timing(*args: object) -> float:
+        raise AssertionError("auto measured again")
+
+    monkeypatch.setattr(backends, "_time_ms", no_more_timing)
+    _, again = backends.choose(loaded, loaded.model, "auto", cpu, batch=1, threads=1, home=tmp_path, bf16=True)
+    assert again.backend == chosen.backend
+    with pytest.raises(AssertionError, match="measured again"):  # float32's choice is its own
+        backends.choose(loaded, loaded.model, "auto", cpu, batch=1, threads=1, home=tmp_path)

@@ -29,6 +29,7 @@ from torch import nn
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.models.exported import (
+    BF16_RUNTIMES,
     OPSET,
     RUNTIMES,
     OnnxNet,
@@ -65,14 +66,20 @@ class BackendChoice:
         return asdict(self)
 
 
-def check_backend(name: str, device: torch.device) -> None:
-    """Raise a UsageError for a backend that is unknown, missing, or asked for off the CPU."""
+def check_backend(name: str, device: torch.device, bf16: bool = False) -> None:
+    """Raise a UsageError for a backend that is unknown, missing, asked for off the CPU, or asked for bf16 that
+    it cannot compute in."""
     if name not in BACKENDS:
         raise UsageError(f"--backend {name!r}: choose {', '.join(BACKENDS)}")
     if name in RUNTIMES:
         require(name)
         if device.type != "cpu":
             raise UsageError(f"--backend {name} runs on the CPU: add --device cpu, or use --backend torch on a GPU")
+        if bf16 and name not in BF16_RUNTIMES:
+            raise UsageError(
+                f"--backend {name} with --precision bf16: {RUNTIMES[name][2]} computes in float32 on a CPU",
+                hint=f"--precision fp32, or --backend {' or '.join((*BF16_RUNTIMES, 'torch'))} for bf16",
+            )
 
 
 def cpu_name() -> str:
@@ -110,30 +117,35 @@ def model_key(loaded: LoadedModel) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None) -> nn.Module:
-    """``loaded``'s network run by ``runtime`` (an ensemble: each member's graph, averaged as before). The same
-    model asked for again (a node scanning batch after batch) gets the network made before, session and all."""
+def runtime_net(
+    loaded: LoadedModel, runtime: str, threads: int, home: Path | None, precision: str = "fp32"
+) -> nn.Module:
+    """``loaded``'s network run by ``runtime`` in ``precision`` (an ensemble: each member's graph, averaged as
+    before). The same model asked for again (a node scanning batch after batch) gets the network made before,
+    session and all."""
     kept = _RUNTIME_NETS.setdefault(loaded.model, {})
-    key = (runtime, threads, str(home))
+    key = (runtime, threads, str(home), precision)
     if key not in kept:
-        kept[key] = _runtime_net(loaded, runtime, threads, home)
+        kept[key] = _runtime_net(loaded, runtime, threads, home, precision)
     return kept[key]
 
 
 #: Networks made for a runtime, by the loaded model's network (forgotten with it).
-_RUNTIME_NETS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, str], nn.Module]] = weakref.WeakKeyDictionary()
+_RUNTIME_NETS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, str, str], nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None) -> nn.Module:
+def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None, precision: str) -> nn.Module:
     from pneumotriage.models.ensemble import EnsembleNet
 
     if loaded.members:
-        members = [runtime_net(m, runtime, threads, home) for m in loaded.members]
+        members = [runtime_net(m, runtime, threads, home, precision) for m in loaded.members]
         return EnsembleNet(members, [m.spec.input_size for m in loaded.members], loaded.spec.kind)
     if isinstance(loaded.model, OnnxNet):
-        return loaded.model.on(runtime, threads)
+        return loaded.model.on(runtime, threads, precision)
     names = output_names(loaded.model, loaded.spec.kind)
-    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, names, runtime, threads)
+    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, names, runtime, threads, precision)
 
 
 def probabilities(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,13 +156,15 @@ def probabilities(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(out.float())
 
 
-def _time_ms(net: nn.Module, x: torch.Tensor) -> float:
-    probabilities(net, x)  # warm-up: a runtime builds its session, torch its kernels' plans
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        probabilities(net, x)
-        times.append((time.perf_counter() - start) * 1000)
+def _time_ms(net: nn.Module, x: torch.Tensor, bf16: bool = False) -> float:
+    """A network's median time for ``x``, in ms; with ``bf16`` under bf16 autocast, as the scan runs torch then."""
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        probabilities(net, x)  # warm-up: a runtime builds its session, torch its kernels' plans
+        times = []
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            probabilities(net, x)
+            times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 2)
 
 
@@ -178,10 +192,13 @@ def choose(
     batch: int,
     threads: int,
     home: Path | None,
+    bf16: bool = False,
 ) -> tuple[nn.Module, BackendChoice]:
     """The network to run ``loaded`` with (``prepared``: its torch network made ready for ``device``) and the
-    choice made. See the module docstring for ``auto``."""
-    check_backend(backend, device)
+    choice made. See the module docstring for ``auto``. With ``bf16`` (``--precision bf16``; torch runs under
+    bf16 autocast) a runtime computes in bf16 too, and ``auto`` weighs only those that can."""
+    check_backend(backend, device, bf16)
+    precision, note = ("bf16", " (bf16)") if bf16 else ("fp32", "")
     is_graph = isinstance(loaded.model, OnnxNet) or any(isinstance(m.model, OnnxNet) for m in loaded.members)
     if backend == "torch" and is_graph:
         raise UsageError(
@@ -190,24 +207,28 @@ def choose(
         )
     if backend == "torch" or (backend == "auto" and device.type != "cpu"):
         why = "asked for" if backend == "torch" else f"{device.type}: torch"
-        return prepared, BackendChoice("torch", f"torch {torch.__version__}", why)
+        return prepared, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
     if backend in RUNTIMES:
-        net = runtime_net(loaded, backend, threads, home)
-        return net, BackendChoice(backend, runtime_version(backend), "asked for")
+        net = runtime_net(loaded, backend, threads, home, precision)
+        return net, BackendChoice(backend, f"{runtime_version(backend)}{note}", "asked for")
     # auto on a CPU
-    candidates = [r for r in RUNTIMES if installed(r)]
+    candidates = [r for r in RUNTIMES if installed(r) and (not bf16 or r in BF16_RUNTIMES)]
     if not candidates and is_graph:
-        require("onnxruntime")
+        require(BF16_RUNTIMES[0] if bf16 else "onnxruntime")
     versions = [runtime_version(r) for r in candidates]
     key = "|".join([model_key(loaded), cpu_name(), f"threads {threads}", f"batch {batch}", *versions])
+    key += "|bf16" if bf16 else ""  # float32's choices keep their keys
     from_files = loaded.path is not None or bool(loaded.members and all(m.path for m in loaded.members))
     if not from_files and not is_graph:
         # Built in memory: no file to key a measurement or an exported graph by, and a choice measured afresh in
         # every process could differ between two scans of the same folder.
-        return prepared, BackendChoice("torch", f"torch {torch.__version__}", "auto: a model not read from a file")
+        why = "auto: a model not read from a file"
+        return prepared, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
     cache = home / "backends.json" if home is not None else None
     with _measuring(cache):  # processes started together (torchrun ranks) measure once, and agree
-        return _auto(loaded, prepared, candidates, is_graph, key, cache, batch=batch, threads=threads, home=home)
+        return _auto(
+            loaded, prepared, candidates, is_graph, key, cache, batch=batch, threads=threads, home=home, bf16=bf16
+        )
 
 
 @contextlib.contextmanager
@@ -241,22 +262,26 @@ def _auto(
     batch: int,
     threads: int,
     home: Path | None,
+    bf16: bool,
 ) -> tuple[nn.Module, BackendChoice]:
+    precision = "bf16" if bf16 else "fp32"
     known = _load_choices(cache).get(key)
     if isinstance(known, dict) and known.get("backend") in ("torch", *candidates):
         chosen = BackendChoice(**known)
         chosen.why = f"fastest when measured on this machine before ({chosen.why})"
-        return _net_for(chosen.backend, loaded, prepared, threads, home), chosen
-    chosen = _measure(loaded, prepared, candidates, is_graph, batch=batch, threads=threads, home=home)
+        return _net_for(chosen.backend, loaded, prepared, threads, home, precision), chosen
+    chosen = _measure(loaded, prepared, candidates, is_graph, batch=batch, threads=threads, home=home, bf16=bf16)
     if cache is not None:  # whatever was chosen, small model included: every later process agrees
         saved = _load_choices(cache)
         saved[key] = chosen.as_dict()
         atomic_write_text(cache, json.dumps(saved, indent=1, sort_keys=True))
-    return _net_for(chosen.backend, loaded, prepared, threads, home), chosen
+    return _net_for(chosen.backend, loaded, prepared, threads, home, precision), chosen
 
 
-def _net_for(backend: str, loaded: LoadedModel, prepared: nn.Module, threads: int, home: Path | None) -> nn.Module:
-    return prepared if backend == "torch" else runtime_net(loaded, backend, threads, home)
+def _net_for(
+    backend: str, loaded: LoadedModel, prepared: nn.Module, threads: int, home: Path | None, precision: str
+) -> nn.Module:
+    return prepared if backend == "torch" else runtime_net(loaded, backend, threads, home, precision)
 
 
 def _measure(
@@ -268,18 +293,21 @@ def _measure(
     batch: int,
     threads: int,
     home: Path | None,
+    bf16: bool = False,
 ) -> BackendChoice:
     size = loaded.spec.input_size
     x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
     timings: dict[str, float] = {}
     nets: dict[str, nn.Module] = {}
+    notes: list[str] = []
+    note = " (bf16)" if bf16 else ""
     if not is_graph:
-        timings["torch"] = _time_ms(prepared, x.contiguous(memory_format=torch.channels_last))
+        timings["torch"] = _time_ms(prepared, x.contiguous(memory_format=torch.channels_last), bf16)
         nets["torch"] = prepared
         if not candidates or timings["torch"] < SMALL_MS * batch:
             small = f"under {SMALL_MS:g} ms an image: not worth exporting"
-            why = "no ONNX runtime installed" if not candidates else small
-            return BackendChoice("torch", f"torch {torch.__version__}", f"auto: {why}", timings)
+            why = f"no ONNX runtime installed{' that computes in bf16' if bf16 else ''}" if not candidates else small
+            return BackendChoice("torch", f"torch {torch.__version__}{note}", f"auto: {why}", timings)
     for runtime in candidates:
         try:
             net = runtime_net(loaded, runtime, threads, home)
@@ -287,18 +315,25 @@ def _measure(
             timings[f"{runtime} (not exportable: {exc.message})"] = float("nan")
             continue
         if not is_graph:
+            # The graph is checked in float32, where it must give torch's answers; bf16 moves them, as it does
+            # torch's own under autocast.
             gap = parity(prepared, net, x)
             if gap > PARITY:  # never run a graph that does not give torch's answers
                 timings[f"{runtime} (refused: differs by {gap:.1e})"] = float("nan")
                 continue
+        if bf16:
+            float32, net = net, runtime_net(loaded, runtime, threads, home, "bf16")
+            notes.append(f"{runtime} in bf16 differs from its float32 by up to {parity(float32, net, x):.1e}")
         timings[runtime] = _time_ms(net, x)
         nets[runtime] = net
     refused = [name for name in timings if name not in nets]
     best = min((t, name) for name, t in timings.items() if name in nets)[1]
     figures = ", ".join(f"{name} {t:g} ms" for name, t in timings.items() if name in nets)
+    precision = ", bf16" if bf16 else ""
     return BackendChoice(
         best,
-        f"torch {torch.__version__}" if best == "torch" else runtime_version(best),
-        f"auto: fastest at batch {batch}, {threads} threads ({figures})" + "".join(f"; {r}" for r in refused),
+        (f"torch {torch.__version__}" if best == "torch" else runtime_version(best)) + note,
+        f"auto: fastest at batch {batch}, {threads} threads{precision} ({figures})"
+        + "".join(f"; {r}" for r in (*refused, *notes)),
         {k: v for k, v in timings.items() if k in nets},
     )

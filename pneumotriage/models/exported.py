@@ -48,6 +48,8 @@ RUNTIMES = {
     "onnxruntime": ("onnxruntime", "onnx", "ONNX Runtime"),
     "openvino": ("openvino", "openvino", "OpenVINO"),
 }
+#: The runtimes that compute in bf16 on a CPU (ONNX Runtime's CPU provider has no bf16 convolutions).
+BF16_RUNTIMES = ("openvino",)
 
 
 def installed(runtime: str) -> bool:
@@ -205,26 +207,42 @@ def _metadata_by_runtime(graph: bytes) -> dict[str, str]:
 class OnnxNet(nn.Module):
     """An exported graph run by ONNX Runtime or OpenVINO on the CPU, behind the project's model contract: a
     classifier's logit ``(B,)``, a segmenter's ``{"mask": ..., ["present": ...]}``. The session is built on the
-    first batch and never copied (a copy builds its own)."""
+    first batch and never copied (a copy builds its own).
 
-    def __init__(self, graph: bytes, kind: str, names: list[str], runtime: str = "onnxruntime", threads: int = 0):
+    ``precision`` is what the runtime computes in: ``fp32`` (forced: OpenVINO's default on a CPU with native bf16
+    is bf16), or ``bf16``, OpenVINO's only (:data:`BF16_RUNTIMES`), asked for with ``--precision bf16``."""
+
+    def __init__(
+        self,
+        graph: bytes,
+        kind: str,
+        names: list[str],
+        runtime: str = "onnxruntime",
+        threads: int = 0,
+        precision: str = "fp32",
+    ):
         super().__init__()
         if runtime not in RUNTIMES:
             raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        if precision == "bf16" and runtime not in BF16_RUNTIMES:
+            raise UsageError(
+                f"{RUNTIMES[runtime][2]} computes in float32 on a CPU",
+                hint="--precision fp32, or --backend openvino or torch for bf16",
+            )
         self.graph, self.kind, self.names = graph, kind, list(names)
-        self.runtime, self.threads = runtime, threads
+        self.runtime, self.threads, self.precision = runtime, threads, precision
         self._session: Any = None
 
-    def on(self, runtime: str, threads: int) -> OnnxNet:
-        """The same graph for ``runtime`` with ``threads`` (0: the runtime's own choice)."""
-        net = OnnxNet(self.graph, self.kind, self.names, runtime, threads)
+    def on(self, runtime: str, threads: int, precision: str = "fp32") -> OnnxNet:
+        """The same graph for ``runtime`` with ``threads`` (0: the runtime's own choice), in ``precision``."""
+        net = OnnxNet(self.graph, self.kind, self.names, runtime, threads, precision)
         for key in ("spec", "thresholds", "meta"):
             if hasattr(self, key):
                 setattr(net, key, getattr(self, key))
         return net
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OnnxNet:
-        return self.on(self.runtime, self.threads)
+        return self.on(self.runtime, self.threads, self.precision)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_session": None}
@@ -232,7 +250,7 @@ class OnnxNet(nn.Module):
     def _run(self, data: np.ndarray) -> list[np.ndarray]:
         with _signal_stack_kept():
             if self._session is None:
-                self._session = _session(self.graph, self.runtime, self.threads)
+                self._session = _session(self.graph, self.runtime, self.threads, self.precision)
             if self.runtime == "onnxruntime":
                 return [np.asarray(a) for a in self._session.run(self.names, {"image": data})]
             result = self._session.infer({0: data})
@@ -275,17 +293,18 @@ def _signal_stack_kept() -> Iterator[None]:
 
 
 class _OpenVinoRequest:
-    """One OpenVINO infer request with the compiled model's outputs at hand."""
+    """One OpenVINO infer request with the compiled model's outputs at hand, and the precision it computes in."""
 
     def __init__(self, compiled: Any) -> None:
         self.request = compiled.create_infer_request()
         self.model_outputs = list(compiled.outputs)
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
 
     def infer(self, inputs: dict[int, np.ndarray]) -> Any:
         return self.request.infer(inputs)
 
 
-def _session(graph: bytes, runtime: str, threads: int) -> Any:
+def _session(graph: bytes, runtime: str, threads: int, precision: str = "fp32") -> Any:
     require(runtime)
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -300,10 +319,12 @@ def _session(graph: bytes, runtime: str, threads: int) -> Any:
     import openvino as ov
 
     core = ov.Core()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    # f32 unless bf16 was asked for: on a CPU with native bf16 OpenVINO's default precision is bf16, which moves
+    # probabilities.
+    hint = "bf16" if precision == "bf16" else "f32"
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    # f32 forced: on a CPU with native bf16 OpenVINO's default precision is bf16, which moves probabilities.
     return _OpenVinoRequest(core.compile_model(core.read_model(graph), "CPU", config))
 
 

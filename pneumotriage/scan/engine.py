@@ -138,7 +138,8 @@ def _run(
         map_size = segmenter.spec.input_size if segmenter is not None else None
         if device.type == "cpu":
             torch.set_num_threads(plan.torch_threads)
-        (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options.run, plan)
+        bf16 = use_bf16(device, options.decide.precision)
+        (classifier, segmenter), plan = ready_for_scan(device, classifier, segmenter, options.run, plan, bf16=bf16)
         nice = WORKER_NICE if device.type == "cpu" else 0
         slots, rows = slots_for(plan, finishing=True), rows_for(plan)
         with Workers(plan.workers, slots=slots, keys=keys, map_size=map_size, rows=rows, nice=nice) as workers:

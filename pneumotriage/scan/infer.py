@@ -108,9 +108,11 @@ def choose_backends(
     backend: str = "auto",
     batch: int = 1,
     threads: int = 1,
+    bf16: bool = False,
 ) -> tuple[list[LoadedModel | None], list[BackendChoice | None]]:
     """For each (model as loaded, as :func:`prepare_models` made it), the model to run and what runs it
-    (:func:`pneumotriage.models.backends.choose`; exported graphs cached under the weights cache's home)."""
+    (:func:`pneumotriage.models.backends.choose`, in bf16 where ``bf16``; exported graphs cached under the
+    weights cache's home)."""
     from pneumotriage.weights import default_home
 
     home = default_home()
@@ -121,7 +123,9 @@ def choose_backends(
             ready.append(None)
             choices.append(None)
             continue
-        net, chosen = choose(loaded, prepared.model, backend, device, batch=batch, threads=threads, home=home)
+        net, chosen = choose(
+            loaded, prepared.model, backend, device, batch=batch, threads=threads, home=home, bf16=bf16
+        )
         ready.append(replace(prepared, model=net))
         choices.append(chosen)
     return ready, choices
@@ -133,9 +137,11 @@ def ready_for_scan(
     segmenter: LoadedModel | None,
     run: Execution,
     plan: Plan,
+    *,
+    bf16: bool = False,
 ) -> tuple[tuple[LoadedModel | None, LoadedModel | None], Plan]:
     """A scan's models set up for inference on ``device`` and run by the backend chosen for each (compiled with
-    ``--compile``); the plan says which."""
+    ``--compile``), in bf16 where ``bf16`` (:func:`pneumotriage.runtime.use_bf16`); the plan says which."""
     loaded = (classifier, segmenter)
     ready = prepare_models(device, classifier, segmenter, compile_batch=plan.batch_size if run.compile else None)
     models, choices = choose_backends(
@@ -145,6 +151,7 @@ def ready_for_scan(
         backend="torch" if run.compile else run.backend,  # a compiled scan is torch's
         batch=plan.batch_size,
         threads=plan.torch_threads,
+        bf16=bf16,
     )
     backends = {k: c.as_dict() for k, c in zip(("classifier", "segmenter"), choices, strict=True) if c}
     return (models[0], models[1]), replace(plan, backends=backends)
