@@ -243,3 +243,25 @@ def test_cpu_batches_are_the_arenas_rows_with_no_copy_and_a_copy_after_a_bad_fil
     # each three are copied (one spans its hole, one wraps around); the rest are the arena's own memory.
     assert batches_seen == 7
     assert 2 <= len(gathers) <= 4 and len(gathers) < batches_seen
+
+
+@pytest.mark.parametrize("inherited", [True, False], ids=["fork: anonymous map", "spawn: named block"])
+def test_an_arena_closes_while_a_batch_of_its_rows_is_still_held(inherited: bool) -> None:
+    """A batch is a view of the arena: the scan may end (and close the arena) while one is still referenced."""
+    from pneumotriage.pipelines import InputKey
+    from pneumotriage.scan.decode import SlotArena
+
+    key = InputKey(32)
+    arena = SlotArena(2, [key], 32, rows=4, inherited=inherited)
+    batch = arena.view([1, 2], key)
+    assert batch is not None and arena.view([2, 1], key) is None  # rows out of order: no view
+    batch[:] = 1.0
+    assert float(arena.image(2, key).sum()) == 32 * 32  # the same memory
+    name = arena.name
+    arena.close()
+    assert float(batch.sum()) == 2 * 32 * 32  # still readable
+    if name is not None:
+        from multiprocessing import shared_memory
+
+        with pytest.raises(FileNotFoundError):  # the name is gone at once
+            shared_memory.SharedMemory(name=name)

@@ -13,6 +13,7 @@ On CUDA, JPEG Baseline frames travel compressed and are decoded together with nv
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,11 @@ from pneumotriage.scan.read import Source
 
 #: Longest side of the display copy each slot keeps for overlays and thumbnails.
 DISPLAY = 512
+
+
+#: Named shared-memory blocks whose memory a view still held when their arena closed (a block dropped then would
+#: complain that it cannot close, for each one).
+_LINGERING: list[shared_memory.SharedMemory] = []
 
 
 class SlotArena:
@@ -121,16 +127,19 @@ class SlotArena:
         return out
 
     def close(self) -> None:
+        """Let the memory go. A view still held (the last batch, or an exception's traceback) keeps its mapping
+        until it goes itself; a named block's name goes at once."""
         if self._shm is not None:
-            self._shm.close()
+            try:
+                self._shm.close()
+            except BufferError:
+                _LINGERING.append(self._shm)  # closed by nobody: its views keep the mapping alive
             if self._owner:
                 self._shm.unlink()
             self._shm = None
         elif isinstance(self._buffer, mmap.mmap):
-            try:
+            with contextlib.suppress(BufferError):
                 self._buffer.close()
-            except BufferError:
-                pass  # a view still held (by an exception's traceback): the map goes when the last view does
 
 
 def turned(array: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
