@@ -265,3 +265,10 @@ def test_an_arena_closes_while_a_batch_of_its_rows_is_still_held(inherited: bool
 
         with pytest.raises(FileNotFoundError):  # the name is gone at once
             shared_memory.SharedMemory(name=name)
+        from pneumotriage.scan import decode
+
+        lingering = [block for block in decode._LINGERING if block.name == name]
+        assert lingering
+        del batch  # its memory goes when the next arena closes
+        SlotArena(1, [key], None, inherited=False).close()
+        assert all(block.name != name for block in decode._LINGERING)

@@ -34,8 +34,16 @@ DISPLAY = 512
 
 
 #: Named shared-memory blocks whose memory a view still held when their arena closed (a block dropped then would
-#: complain that it cannot close, for each one).
+#: complain that it cannot close): closed by the next arena to close, once their views are gone.
 _LINGERING: list[shared_memory.SharedMemory] = []
+
+
+def _closed(block: shared_memory.SharedMemory) -> bool:
+    try:
+        block.close()
+        return True
+    except BufferError:
+        return False
 
 
 class SlotArena:
@@ -43,7 +51,7 @@ class SlotArena:
 
     - ``rows`` input rows, each holding one image as every model's input (:class:`~pneumotriage.pipelines.
       InputKey`: a size by a pipeline). Each input's rows lie one after another, so the rows of a batch taken in
-      ring order are one (B, 1, S, S) tensor with no copy (:meth:`batch`). A row is needed only until the models
+      ring order are one (B, 1, S, S) tensor with no copy (:meth:`view`). A row is needed only until the models
       have run on it.
     - ``count`` slots, each holding a display copy (uint8, longest side :data:`DISPLAY`) and, with ``map_size``,
       room for one probability map (a scan writes there only the map's window, flat: :class:`~pneumotriage.scan.
@@ -129,11 +137,10 @@ class SlotArena:
     def close(self) -> None:
         """Let the memory go. A view still held (the last batch, or an exception's traceback) keeps its mapping
         until it goes itself; a named block's name goes at once."""
+        _LINGERING[:] = [block for block in _LINGERING if not _closed(block)]
         if self._shm is not None:
-            try:
-                self._shm.close()
-            except BufferError:
-                _LINGERING.append(self._shm)  # closed by nobody: its views keep the mapping alive
+            if not _closed(self._shm):
+                _LINGERING.append(self._shm)  # its views keep the mapping until they go
             if self._owner:
                 self._shm.unlink()
             self._shm = None
