@@ -29,6 +29,7 @@ from torch import nn
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes, atomic_write_text
 from pneumotriage.models.exported import (
+    BF16_HINT,
     BF16_RUNTIMES,
     OPSET,
     RUNTIMES,
@@ -51,6 +52,8 @@ SMALL_MS = 10.0
 PARITY = 1e-4
 #: Timed runs per backend (after one warm-up), the median kept.
 RUNS = 3
+#: What a backend's version says when it computes in bf16 (``--precision bf16``).
+_BF16_NOTE = " (bf16)"
 
 
 @dataclass
@@ -78,7 +81,7 @@ def check_backend(name: str, device: torch.device, bf16: bool = False) -> None:
         if bf16 and name not in BF16_RUNTIMES:
             raise UsageError(
                 f"--backend {name} with --precision bf16: {RUNTIMES[name][2]} computes in float32 on a CPU",
-                hint=f"--precision fp32, or --backend {' or '.join((*BF16_RUNTIMES, 'torch'))} for bf16",
+                hint=BF16_HINT,
             )
 
 
@@ -198,7 +201,7 @@ def choose(
     choice made. See the module docstring for ``auto``. With ``bf16`` (``--precision bf16``; torch runs under
     bf16 autocast) a runtime computes in bf16 too, and ``auto`` weighs only those that can."""
     check_backend(backend, device, bf16)
-    precision, note = ("bf16", " (bf16)") if bf16 else ("fp32", "")
+    precision, note = ("bf16", _BF16_NOTE) if bf16 else ("fp32", "")
     is_graph = isinstance(loaded.model, OnnxNet) or any(isinstance(m.model, OnnxNet) for m in loaded.members)
     if backend == "torch" and is_graph:
         raise UsageError(
@@ -300,7 +303,7 @@ def _measure(
     timings: dict[str, float] = {}
     nets: dict[str, nn.Module] = {}
     notes: list[str] = []
-    note = " (bf16)" if bf16 else ""
+    note = _BF16_NOTE if bf16 else ""
     if not is_graph:
         timings["torch"] = _time_ms(prepared, x.contiguous(memory_format=torch.channels_last), bf16)
         nets["torch"] = prepared

@@ -50,6 +50,8 @@ RUNTIMES = {
 }
 #: The runtimes that compute in bf16 on a CPU (ONNX Runtime's CPU provider has no bf16 convolutions).
 BF16_RUNTIMES = ("openvino",)
+#: What to do instead when bf16 is asked of a runtime that computes in float32 only.
+BF16_HINT = f"--precision fp32, or --backend {' or '.join((*BF16_RUNTIMES, 'torch'))} for bf16"
 
 
 def installed(runtime: str) -> bool:
@@ -227,7 +229,7 @@ class OnnxNet(nn.Module):
         if precision == "bf16" and runtime not in BF16_RUNTIMES:
             raise UsageError(
                 f"{RUNTIMES[runtime][2]} computes in float32 on a CPU",
-                hint="--precision fp32, or --backend openvino or torch for bf16",
+                hint=BF16_HINT,
             )
         self.graph, self.kind, self.names = graph, kind, list(names)
         self.runtime, self.threads, self.precision = runtime, threads, precision

@@ -143,7 +143,7 @@ def _run(
         nice = WORKER_NICE if device.type == "cpu" else 0
         slots, rows = slots_for(plan, finishing=True), rows_for(plan)
         with Workers(plan.workers, slots=slots, keys=keys, map_size=map_size, rows=rows, nice=nice) as workers:
-            scan = _Scan(out, (classifier, segmenter), thresholds, options, device, journal, workers, emit)
+            scan = _Scan(out, (classifier, segmenter), thresholds, options, device, journal, workers, emit, bf16=bf16)
             stream = Stream(
                 Discovery(roots, files, exclude=[out], shard=shard),  # never its own outputs; a shard's files only
                 workers,
@@ -260,13 +260,15 @@ class _Scan:
         journal: Journal,
         workers: Workers,
         emit: Progress,
+        *,
+        bf16: bool,
     ) -> None:
+        """``bf16``: whether the models run in bf16 on ``device`` (:func:`~pneumotriage.runtime.use_bf16`)."""
         self.out = out
         self.classifier, self.segmenter = models
         self.thresholds = thresholds
         self.options = options
-        self.device = device
-        self.bf16 = use_bf16(device, options.decide.precision)
+        self.device, self.bf16 = device, bf16
         self.journal = journal
         self.workers = workers
         self.emit = emit
