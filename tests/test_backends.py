@@ -164,6 +164,93 @@ def test_auto_measures_once_keeps_the_fastest_and_caches_the_choice(
         backends.choose(loaded, prepared, "auto", cpu, batch=3, threads=1, home=tmp_path)
 
 
+def test_a_choice_made_before_runs_its_graph_with_no_torch_network_built_nor_torchvision_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan whose model was measured and exported before (on this machine, by this torch) runs the kept graph:
+    the torch network is never built, so a new process never imports torchvision (~1.3 s of a 2-core CPU's
+    start), and OpenVINO compiles the graph's file through its cache of compiled models."""
+    import subprocess
+    import sys
+
+    from pneumotriage.scan.infer import prepare_models
+
+    monkeypatch.setattr(backends, "SMALL_MS", 0.0)
+    # OpenVINO made the fastest, whatever the machine: the choice this test is about is a runtime's
+    fake = {"OnnxNet": 1.0}
+    monkeypatch.setattr(backends, "_time_ms", lambda net, x, bf16=False: fake.get(type(net).__name__, 5.0))
+    cpu = torch.device("cpu")
+    first = load_model("demo-classifier", deferred=True)
+    assert not first.built
+    _, chosen = backends.choose(first, prepare_models(cpu, first)[0], "auto", cpu, batch=1, threads=1, home=tmp_path)
+    assert chosen.backend in ("onnxruntime", "openvino") and first.built  # measured: built, exported
+
+    again = load_model("demo-classifier", deferred=True)
+    prepared = prepare_models(cpu, again)[0]
+    assert prepared is not None
+    net, chosen = backends.choose(again, prepared, "openvino", cpu, batch=1, threads=1, home=tmp_path)
+    x = torch.rand(2, 1, again.spec.input_size, again.spec.input_size, generator=torch.Generator().manual_seed(3))
+    assert not again.built and not prepared.built  # the graph runs; no torch network was made for it
+    assert isinstance(net, OnnxNet) and isinstance(net._graph, Path)
+    gap = float((backends.probabilities(net, x) - backends.probabilities(first.model, x)).abs().max())
+    assert gap < backends.PARITY
+    assert list((tmp_path / "exported" / "openvino-compiled").iterdir())  # compiled once, kept
+    cached = backends.probabilities(
+        backends.choose(again, prepared, "openvino", cpu, batch=1, threads=2, home=tmp_path)[0], x
+    )
+    assert float((cached - backends.probabilities(net, x)).abs().max()) < backends.PARITY
+    assert again.model is again.model  # read at last: built once
+
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from pneumotriage.models import backends, load_model\n"
+        "from pneumotriage.scan.infer import prepare_models\n"
+        "cpu = torch.device('cpu')\n"
+        "loaded = load_model('demo-classifier', deferred=True)\n"
+        "net, chosen = backends.choose(loaded, prepare_models(cpu, loaded)[0], 'auto', cpu, batch=1, threads=1,"
+        " home=Path(sys.argv[1]))\n"
+        "backends.probabilities(net, torch.rand(1, 1, loaded.spec.input_size, loaded.spec.input_size))\n"
+        "print(chosen.backend, loaded.built, 'torchvision' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    backend, built, torchvision = done.stdout.split()
+    assert backend in ("onnxruntime", "openvino") and (built, torchvision) == ("False", "False")
+
+
+def test_a_deferred_network_whose_weights_do_not_fit_fails_when_built_naming_the_file(tmp_path: Path) -> None:
+    from pneumotriage.weights import WeightError
+
+    wrong = ModelSpec(kind="classifier", arch="densenet_mini", input_size=64)
+    path = save_checkpoint(tmp_path / "wrong.pt", build_model(wrong))
+    data = torch.load(path, weights_only=True)
+    data["arch"] = "resnet34"  # says it is another network than its weights are
+    torch.save(data, path)
+    loaded = load_model(path, deferred=True)  # the description alone is read now
+    with pytest.raises(WeightError, match="do not fit a .*resnet34") as caught:
+        _ = loaded.model
+    assert "wrong.pt" in str(caught.value)
+    with pytest.raises(WeightError, match="do not fit"):
+        load_model(path)  # not deferred: at once, as before
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(tmp_path),
+            "--classifier",
+            str(path),
+            "--no-segment",
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "torch",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code != 0 and "do not fit" in result.output and "Traceback" not in result.output
+
+
 def test_auto_keeps_torch_for_a_small_model_and_on_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # "small" made independent of how busy the machine is (the demo model takes a few ms an image when quiet)
     monkeypatch.setattr(backends, "SMALL_MS", 1e6)

@@ -171,8 +171,10 @@ def scan(
     one_shard = Shard.parse(shard) if shard is not None else None
     if one_shard is not None and launched():
         raise UsageError("--shard under torchrun: each rank takes its own shard; leave --shard out")
-    loaded_cls = load_models(classifier, "classifier")
-    loaded_seg = load_models(segmenter, "segmenter")
+    # Built when first used: a scan run by a graph exported before never builds (nor imports torchvision for)
+    # the torch networks.
+    loaded_cls = load_models(classifier, "classifier", deferred=True)
+    loaded_seg = load_models(segmenter, "segmenter", deferred=True)
     if launched():
         merged = torchrun.scan_launched(
             paths,
@@ -303,13 +305,13 @@ def submit(
     relative = relative_rle(rle)
     if segmenter is None:
         raise UsageError("a submission needs masks: pass --segmenter (and usually --classifier)")
-    loaded_seg = load_models(segmenter, "segmenter")
+    loaded_seg = load_models(segmenter, "segmenter", deferred=True)  # built when first used, as scan's
     assert loaded_seg is not None  # names were given
     done = write_submission(
         test_dir,
         sample_submission,
         out_file,
-        classifier=load_models(classifier, "classifier"),
+        classifier=load_models(classifier, "classifier", deferred=True),
         segmenter=loaded_seg,
         options=scan_options(
             batch_size,

@@ -27,7 +27,15 @@ from pneumotriage.models.encoders import ENCODERS
 from pneumotriage.models.foreign import RUNTIMES, ForeignProgram
 from pneumotriage.models.segmenters import SEGMENTERS, Segmenter
 from pneumotriage.models.smp_unet import SMP_ARCHS
-from pneumotriage.models.spec import DEFAULT_THRESHOLDS, LoadedModel, ModelSpec, describe_module, meta_of, spec_of
+from pneumotriage.models.spec import (
+    DEFAULT_THRESHOLDS,
+    Deferred,
+    LoadedModel,
+    ModelSpec,
+    describe_module,
+    meta_of,
+    spec_of,
+)
 from pneumotriage.version import __version__
 from pneumotriage.weights import WeightError, load_state_dict
 
@@ -37,6 +45,7 @@ __all__ = [
     "ENCODERS",
     "SEGMENTERS",
     "Classifier",
+    "Deferred",
     "LoadedModel",
     "ModelSpec",
     "Segmenter",
@@ -180,16 +189,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, **fields: Any) -> Path:
 _SPEC_FIELDS = tuple(ModelSpec.__dataclass_fields__)
 
 
-def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    name_or_path: str | Path, *, map_location: str | torch.device = "cpu", deferred: bool = False
+) -> LoadedModel:
     """Rebuild a model from a pneumotriage checkpoint, or from a registry weight (name or file) holding a plain
     state dict, such as TorchXRayVision's ResNet50, or an ensemble file (:mod:`pneumotriage.models.ensemble`).
-    Loading is ``weights_only``: a file cannot run code."""
+    Loading is ``weights_only``: a file cannot run code.
+
+    ``deferred``: the network is built (and the weights checked against it) when it is first used, not now: a
+    scan whose backend runs the graph exported from these same bytes before never builds it."""
     from pneumotriage.models.ensemble import is_ensemble_file, load_ensemble
     from pneumotriage.weights import resolve
 
     candidate = Path(name_or_path)
     if candidate.suffix.lower() == ".json" and candidate.is_file() and is_ensemble_file(candidate):
-        return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location))
+        return load_ensemble(candidate, lambda member: load_model(member, map_location=map_location, deferred=deferred))
     if candidate.suffix.lower() == ".onnx" and candidate.is_file():  # written by export or quantize
         from pneumotriage.models.exported import load_onnx
 
@@ -244,30 +258,34 @@ def load_model(name_or_path: str | Path, *, map_location: str | torch.device = "
         # A file that says it is not clinical (trained on synthetic images) stays so whatever the registry says.
         clinical = registry_spec.clinical and bool(meta.get("clinical", True))
         meta.update(registry=registry_spec.name, licence=registry_spec.licence, clinical=clinical)
-    model = build_model(spec)
-    target = model.get_submodule("backbone") if spec.kind == "classifier" and "format" not in data else model
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise WeightError(f"weights do not fit a {spec.title}: {first}", path=path) from None
-    describe_module(model, thresholds=thresholds, meta=meta)
-    model.to(map_location).eval()
+
+    def build() -> nn.Module:
+        model = build_model(spec)
+        target = model.get_submodule("backbone") if spec.kind == "classifier" and "format" not in data else model
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise WeightError(f"weights do not fit a {spec.title}: {first}", path=path) from None
+        describe_module(model, thresholds=thresholds, meta=meta)
+        return model.to(map_location).eval()
+
     name = registry_spec.name if registry_spec is not None else None
-    return LoadedModel(model, spec, thresholds, meta, path, sha256_file(path), name)
+    network = Deferred(build) if deferred else build()
+    return LoadedModel(network, spec, thresholds, meta, path, sha256_file(path), name)
 
 
-def load_models(names: str | list[str] | None, kind: str) -> LoadedModel | None:
+def load_models(names: str | list[str] | None, kind: str, *, deferred: bool = False) -> LoadedModel | None:
     """The model ``names`` names (registry names, checkpoints or ensemble files) as one :class:`LoadedModel`:
     several make an ensemble of them (:func:`~pneumotriage.models.ensemble.ensemble_of`), none gives None. Each
-    must be a ``kind`` ("classifier" or "segmenter")."""
+    must be a ``kind`` ("classifier" or "segmenter"). ``deferred``: as :func:`load_model`'s."""
     from pneumotriage.models.ensemble import ensemble_of
 
     if not names:
         return None
     loaded = []
     for name in [names] if isinstance(names, str) else names:
-        model = load_model(name)
+        model = load_model(name, deferred=deferred)
         if model.spec.kind != kind:
             raise UsageError(f"--{kind} {name}: that is a {model.spec.kind}, not a {kind}")
         loaded.append(model)

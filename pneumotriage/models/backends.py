@@ -40,6 +40,7 @@ from pneumotriage.models.exported import (
     output_names,
     require,
     runtime_version,
+    spec_outputs,
     with_metadata,
 )
 from pneumotriage.models.spec import LoadedModel
@@ -99,18 +100,27 @@ def cpu_name() -> str:
 def graph_for(loaded: LoadedModel, home: Path | None) -> bytes:
     """The exported graph of one model (not an ensemble), from the cache under ``home`` when it was exported
     before by this torch, else exported now (and kept there when ``home`` is given)."""
-    if isinstance(loaded.model, OnnxNet):
-        return loaded.model.graph
+    source = _graph_source(loaded, home)
+    return source.read_bytes() if isinstance(source, Path) else source
+
+
+def _graph_source(loaded: LoadedModel, home: Path | None) -> bytes | Path:
+    """:func:`graph_for`'s graph, as the file in the cache under ``home`` that holds it where there is one (a
+    runtime then reads it itself), else as bytes."""
+    graph = _graph_of(loaded)
+    if graph is not None:
+        return graph.graph
     # Only a model read from a file is known by its sha256 (one made in memory may carry any placeholder).
     path = home / "exported" / f"{model_key(loaded)}-opset{OPSET}.onnx" if home and loaded.path else None
     if path is not None and path.is_file():
-        return path.read_bytes()
+        return path
     names = output_names(loaded.model, loaded.spec.kind)
-    graph = with_metadata(export_graph(loaded), describe(loaded, names))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, graph)
-    return graph
+    exported = with_metadata(export_graph(loaded), describe(loaded, names))
+    if path is None:
+        return exported
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, exported)
+    return path
 
 
 def model_key(loaded: LoadedModel) -> str:
@@ -126,17 +136,26 @@ def runtime_net(
     """``loaded``'s network run by ``runtime`` in ``precision`` (an ensemble: each member's graph, averaged as
     before). The same model asked for again (a node scanning batch after batch) gets the network made before,
     session and all."""
-    kept = _RUNTIME_NETS.setdefault(loaded.model, {})
+    kept = _RUNTIME_NETS.setdefault(loaded, {})
     key = (runtime, threads, str(home), precision)
     if key not in kept:
         kept[key] = _runtime_net(loaded, runtime, threads, home, precision)
     return kept[key]
 
 
-#: Networks made for a runtime, by the loaded model's network (forgotten with it).
-_RUNTIME_NETS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, str, str], nn.Module]] = (
+#: Networks made for a runtime, by the loaded model (forgotten with it).
+_RUNTIME_NETS: weakref.WeakKeyDictionary[LoadedModel, dict[tuple[str, int, str, str], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _graph_of(loaded: LoadedModel) -> OnnxNet | None:
+    """``loaded``'s network where it is an exported graph (read from an ONNX file), else None. A network not
+    built yet is a torch network (graphs are never deferred), and is left unbuilt."""
+    if not loaded.built:
+        return None
+    net = loaded.model
+    return net if isinstance(net, OnnxNet) else None
 
 
 def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | None, precision: str) -> nn.Module:
@@ -145,10 +164,11 @@ def _runtime_net(loaded: LoadedModel, runtime: str, threads: int, home: Path | N
     if loaded.members:
         members = [runtime_net(m, runtime, threads, home, precision) for m in loaded.members]
         return EnsembleNet(members, [m.spec.input_size for m in loaded.members], loaded.spec.kind)
-    if isinstance(loaded.model, OnnxNet):
-        return loaded.model.on(runtime, threads, precision)
-    names = output_names(loaded.model, loaded.spec.kind)
-    return OnnxNet(graph_for(loaded, home), loaded.spec.kind, names, runtime, threads, precision)
+    graph = _graph_of(loaded)
+    if graph is not None:
+        return graph.on(runtime, threads, precision)
+    names = spec_outputs(loaded.spec)
+    return OnnxNet(_graph_source(loaded, home), loaded.spec.kind, names, runtime, threads, precision)
 
 
 def probabilities(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +208,7 @@ def _load_choices(path: Path | None) -> dict[str, Any]:
 
 def choose(
     loaded: LoadedModel,
-    prepared: nn.Module,
+    prepared: nn.Module | LoadedModel,
     backend: str,
     device: torch.device,
     *,
@@ -197,12 +217,18 @@ def choose(
     home: Path | None,
     bf16: bool = False,
 ) -> tuple[nn.Module, BackendChoice]:
-    """The network to run ``loaded`` with (``prepared``: its torch network made ready for ``device``) and the
-    choice made. See the module docstring for ``auto``. With ``bf16`` (``--precision bf16``; torch runs under
-    bf16 autocast) a runtime computes in bf16 too, and ``auto`` weighs only those that can."""
+    """The network to run ``loaded`` with (``prepared``: its torch network made ready for ``device``, or a
+    :class:`LoadedModel` that builds it when first asked) and the choice made. See the module docstring for
+    ``auto``. With ``bf16`` (``--precision bf16``; torch runs under bf16 autocast) a runtime computes in bf16 too,
+    and ``auto`` weighs only those that can.
+
+    The torch network is built only where torch runs, is measured, or is exported: a choice remembered for this
+    model and machine, whose graph was exported before, never builds it."""
     check_backend(backend, device, bf16)
     precision, note = ("bf16", _BF16_NOTE) if bf16 else ("fp32", "")
-    is_graph = isinstance(loaded.model, OnnxNet) or any(isinstance(m.model, OnnxNet) for m in loaded.members)
+    if not isinstance(prepared, LoadedModel):
+        prepared = loaded.with_model(prepared)
+    is_graph = _graph_of(loaded) is not None or any(_graph_of(m) is not None for m in loaded.members)
     if backend == "torch" and is_graph:
         raise UsageError(
             f"{loaded.path or loaded.name}: an ONNX model runs in ONNX Runtime or OpenVINO, not torch",
@@ -210,7 +236,7 @@ def choose(
         )
     if backend == "torch" or (backend == "auto" and device.type != "cpu"):
         why = "asked for" if backend == "torch" else f"{device.type}: torch"
-        return prepared, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
+        return prepared.model, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
     if backend in RUNTIMES:
         net = runtime_net(loaded, backend, threads, home, precision)
         return net, BackendChoice(backend, f"{runtime_version(backend)}{note}", "asked for")
@@ -226,7 +252,7 @@ def choose(
         # Built in memory: no file to key a measurement or an exported graph by, and a choice measured afresh in
         # every process could differ between two scans of the same folder.
         why = "auto: a model not read from a file"
-        return prepared, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
+        return prepared.model, BackendChoice("torch", f"torch {torch.__version__}{note}", why)
     cache = home / "backends.json" if home is not None else None
     with _measuring(cache):  # processes started together (torchrun ranks) measure once, and agree
         return _auto(
@@ -256,7 +282,7 @@ def _measuring(cache: Path | None) -> Iterator[None]:
 
 def _auto(
     loaded: LoadedModel,
-    prepared: nn.Module,
+    prepared: LoadedModel,
     candidates: list[str],
     is_graph: bool,
     key: str,
@@ -282,14 +308,14 @@ def _auto(
 
 
 def _net_for(
-    backend: str, loaded: LoadedModel, prepared: nn.Module, threads: int, home: Path | None, precision: str
+    backend: str, loaded: LoadedModel, prepared: LoadedModel, threads: int, home: Path | None, precision: str
 ) -> nn.Module:
-    return prepared if backend == "torch" else runtime_net(loaded, backend, threads, home, precision)
+    return prepared.model if backend == "torch" else runtime_net(loaded, backend, threads, home, precision)
 
 
 def _measure(
     loaded: LoadedModel,
-    prepared: nn.Module,
+    prepared: LoadedModel,
     candidates: list[str],
     is_graph: bool,
     *,
@@ -305,8 +331,8 @@ def _measure(
     notes: list[str] = []
     note = _BF16_NOTE if bf16 else ""
     if not is_graph:
-        timings["torch"] = _time_ms(prepared, x.contiguous(memory_format=torch.channels_last), bf16)
-        nets["torch"] = prepared
+        timings["torch"] = _time_ms(prepared.model, x.contiguous(memory_format=torch.channels_last), bf16)
+        nets["torch"] = prepared.model
         if not candidates or timings["torch"] < SMALL_MS * batch:
             small = f"under {SMALL_MS:g} ms an image: not worth exporting"
             why = f"no ONNX runtime installed{' that computes in bf16' if bf16 else ''}" if not candidates else small
@@ -320,7 +346,7 @@ def _measure(
         if not is_graph:
             # The graph is checked in float32, where it must give torch's answers; bf16 moves them, as it does
             # torch's own under autocast.
-            gap = parity(prepared, net, x)
+            gap = parity(prepared.model, net, x)
             if gap > PARITY:  # never run a graph that does not give torch's answers
                 timings[f"{runtime} (refused: differs by {gap:.1e})"] = float("nan")
                 continue

@@ -9,15 +9,15 @@ normalisation) keeps its RGB first convolution and sees the grey image on each c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
-import torchvision.models as tvm
 from torch import nn
 
-from pneumotriage.models.encoders import densenet, grey_conv
+from pneumotriage.models.encoders import densenet, grey_conv, torchvision_models
 from pneumotriage.models.normalise import Normalise
 from pneumotriage.normalisations import channels_of
 
@@ -32,26 +32,34 @@ def _densenet(name: str) -> Builder:
     return build
 
 
-class KerasDenseNet(tvm.DenseNet):  # type: ignore[misc]
-    """DenseNet121 as Keras 2.1.4 built it (``keras.applications.DenseNet121``, CheXNet-Keras's base): torchvision's
-    network with no ReLU between the last batch norm and the global average pool (keras-applications added one in
-    1.0.6, August 2018). Its weights are named as torchvision's; Keras's batch-norm epsilon (1.001e-5) is folded
-    into the running variances when a file is converted."""
+@functools.cache
+def keras_densenet() -> type[nn.Module]:
+    """The class of DenseNet121 as Keras 2.1.4 built it (made at first use: it subclasses torchvision's, whose
+    import is left until a network is built)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(self.features(x), (1, 1))
-        out: torch.Tensor = self.classifier(torch.flatten(pooled, 1))
-        return out
+    class KerasDenseNet(torchvision_models().DenseNet):  # type: ignore[misc]
+        """DenseNet121 as Keras 2.1.4 built it (``keras.applications.DenseNet121``, CheXNet-Keras's base):
+        torchvision's network with no ReLU between the last batch norm and the global average pool
+        (keras-applications added one in 1.0.6, August 2018). Its weights are named as torchvision's; Keras's
+        batch-norm epsilon (1.001e-5) is folded into the running variances when a file is converted."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pooled = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+            out: torch.Tensor = self.classifier(torch.flatten(pooled, 1))
+            return out
+
+    return KerasDenseNet
 
 
 def _keras_densenet121(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
     if state is not None or grey:
         raise ValueError("Keras's DenseNet121 is only ever imported, three-channel (pneumotriage convert)")
-    return KerasDenseNet(32, (6, 12, 24, 16), 64, num_classes=outputs)
+    return keras_densenet()(32, (6, 12, 24, 16), 64, num_classes=outputs)
 
 
 def _resnet(depth: int) -> Builder:
     def build(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
+        tvm = torchvision_models()
         net = {34: tvm.resnet34, 50: tvm.resnet50}[depth](weights=None)
         if state is not None:
             net.load_state_dict(state)
@@ -64,7 +72,7 @@ def _resnet(depth: int) -> Builder:
 
 
 def _efficientnet_b0(state: dict[str, Any] | None, outputs: int, grey: bool) -> nn.Module:
-    net = tvm.efficientnet_b0(weights=None)
+    net = torchvision_models().efficientnet_b0(weights=None)
     if state is not None:
         net.load_state_dict(state)
     if grey:

@@ -12,11 +12,22 @@ gives that convolution the response it gave to the grey RGB image.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-import torchvision.models as tvm
 from torch import nn
+
+if TYPE_CHECKING:
+    import torchvision.models as tvm
+
+
+def torchvision_models() -> Any:
+    """``torchvision.models``, imported when a network is first built. Importing torchvision imports
+    ``torch._dynamo`` (through ``torchvision.ops``): ~1.3 s of a scan's start on a 2-core CPU, which a scan run
+    by an exported graph never needs."""
+    import torchvision.models
+
+    return torchvision.models
 
 
 def grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -61,6 +72,7 @@ class Encoder(nn.Module):
 class ResNetEncoder(Encoder):
     def __init__(self, depth: int = 34, state: dict[str, Any] | None = None) -> None:
         super().__init__()
+        tvm = torchvision_models()
         net = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50}[depth](weights=None)
         load_backbone_state(net, state)
         net.conv1 = grey_conv(net.conv1)
@@ -83,7 +95,7 @@ class VGGEncoder(Encoder):
 
     def __init__(self, state: dict[str, Any] | None = None) -> None:
         super().__init__()
-        net = tvm.vgg19_bn(weights=None)
+        net = torchvision_models().vgg19_bn(weights=None)
         load_backbone_state(net, state)
         layers = list(net.features)
         layers[0] = grey_conv(layers[0])
@@ -98,7 +110,7 @@ class VGGEncoder(Encoder):
 class EfficientNetEncoder(Encoder):
     def __init__(self, state: dict[str, Any] | None = None) -> None:
         super().__init__()
-        net = tvm.efficientnet_b0(weights=None)
+        net = torchvision_models().efficientnet_b0(weights=None)
         load_backbone_state(net, state)
         f = net.features
         f[0][0] = grey_conv(f[0][0])
@@ -121,7 +133,7 @@ def densenet(name: str, state: dict[str, Any] | None = None, outputs: int = 1000
     """A torchvision DenseNet of shape ``name`` with one grey input channel, or three (``grey=False``, an imported
     RGB network); an ImageNet ``state`` is loaded first."""
     growth, blocks, initial = DENSENETS[name]
-    net = tvm.DenseNet(growth, blocks, initial, num_classes=1000)
+    net = torchvision_models().DenseNet(growth, blocks, initial, num_classes=1000)
     load_backbone_state(net, state)
     if grey:
         net.features.conv0 = grey_conv(net.features.conv0)

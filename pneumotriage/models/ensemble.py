@@ -35,7 +35,7 @@ from torch import nn
 
 from pneumotriage.errors import UsageError
 from pneumotriage.io import atomic_write_bytes
-from pneumotriage.models.spec import LoadedModel, describe_module
+from pneumotriage.models.spec import Deferred, LoadedModel, describe_module
 from pneumotriage.pipelines import NATIVE
 from pneumotriage.weights import WeightError
 
@@ -125,7 +125,6 @@ def ensemble_of(
         )
     first = members[0]
     size = max(m.spec.input_size for m in members)
-    net = EnsembleNet([m.model for m in members], [m.spec.input_size for m in members], first.spec.kind)
     info = [member_info(m) for m in members]
     digest = hashlib.sha256("\n".join(str(m.sha256) for m in members).encode()).hexdigest()
     notes = sorted({str(m.meta["note"]) for m in members if m.meta.get("note")})
@@ -139,11 +138,17 @@ def ensemble_of(
     titles = sorted({m.spec.title for m in members})
     spec = replace(first.spec, input_size=size)
     label = name or f"ensemble of {len(members)} ({', '.join(_short(m) for m in members)})"
-    loaded = LoadedModel(net, spec, chosen, meta, None, digest, label, list(members))
-    describe_module(net, thresholds=chosen, meta=meta)
     if len(titles) > 1:
-        loaded.meta["architectures"] = titles
-    return loaded
+        meta["architectures"] = titles
+
+    def build() -> nn.Module:
+        net = EnsembleNet([m.model for m in members], [m.spec.input_size for m in members], first.spec.kind)
+        describe_module(net, thresholds=chosen, meta=meta)
+        return net
+
+    # built when its members are; members whose networks wait (a scan run by exported graphs) keep it waiting
+    network = build() if all(m.built for m in members) else Deferred(build)
+    return LoadedModel(network, spec, chosen, meta, None, digest, label, list(members))
 
 
 def is_ensemble_file(path: Path) -> bool:

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
-import torchvision.models as tvm
 from torch import nn
 
 from pneumotriage.models.blocks import pad_to_multiple
+from pneumotriage.models.encoders import torchvision_models
 from pneumotriage.models.normalise import Normalise
 
 Features = Callable[[Any, torch.Tensor], list[torch.Tensor]]
@@ -184,12 +184,15 @@ class _VGG(nn.Module):
 
     def __init__(self, batch_norm: bool) -> None:
         super().__init__()
-        self.features = tvm.vgg.make_layers(tvm.vgg.cfgs["E"], batch_norm=batch_norm)
+        vgg = torchvision_models().vgg
+        self.features = vgg.make_layers(vgg.cfgs["E"], batch_norm=batch_norm)
 
 
-def _torchvision(builder: Callable[..., nn.Module], *drop: str) -> Callable[[], nn.Module]:
+def _torchvision(builder: str, *drop: str) -> Callable[[], nn.Module]:
+    """torchvision's network ``builder`` (its function's name) without the attributes ``drop``."""
+
     def build() -> nn.Module:
-        net = builder(weights=None)
+        net: nn.Module = getattr(torchvision_models(), builder)(weights=None)
         for name in drop:
             delattr(net, name)
         return net
@@ -211,14 +214,12 @@ class SmpEncoder:
 
 #: Encoders whose smp state dicts load here, by smp's name.
 SMP_ENCODERS: dict[str, SmpEncoder] = {
-    "resnet34": SmpEncoder(_torchvision(tvm.resnet34, "fc", "avgpool"), (3, 64, 64, 128, 256, 512), _resnet_features),
-    "resnet50": SmpEncoder(
-        _torchvision(tvm.resnet50, "fc", "avgpool"), (3, 64, 256, 512, 1024, 2048), _resnet_features
-    ),
+    "resnet34": SmpEncoder(_torchvision("resnet34", "fc", "avgpool"), (3, 64, 64, 128, 256, 512), _resnet_features),
+    "resnet50": SmpEncoder(_torchvision("resnet50", "fc", "avgpool"), (3, 64, 256, 512, 1024, 2048), _resnet_features),
     "vgg19": SmpEncoder(lambda: _VGG(batch_norm=False), (64, 128, 256, 512, 512, 512), _vgg_features, True),
     "vgg19_bn": SmpEncoder(lambda: _VGG(batch_norm=True), (64, 128, 256, 512, 512, 512), _vgg_features, True),
     "densenet121": SmpEncoder(
-        _torchvision(tvm.densenet121, "classifier"), (3, 64, 256, 512, 1024, 1024), _densenet_features
+        _torchvision("densenet121", "classifier"), (3, 64, 256, 512, 1024, 1024), _densenet_features
     ),
     "efficientnet-b0": SmpEncoder(_EfficientNetB0, (3, 32, 24, 40, 112, 320), _efficientnet_features),
 }

@@ -6,7 +6,9 @@ A leaf of :mod:`pneumotriage.models`: the checkpoint loader and the ensembles bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,19 +142,66 @@ def meta_of(model: nn.Module) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint or a registry weight, in eval mode, with what describes it."""
+class Deferred:
+    """A network not built yet: how to build it. A :class:`LoadedModel` given one builds it when its ``model`` is
+    first read, so that a scan whose backend runs an exported graph never builds (nor imports torchvision for)
+    the torch network."""
 
-    model: nn.Module
-    spec: ModelSpec
-    thresholds: dict[str, float]
-    meta: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-    sha256: str | None = None
-    name: str | None = None
-    #: An ensemble's members (:mod:`pneumotriage.models.ensemble`); empty for one model.
-    members: list[LoadedModel] = field(default_factory=list)
+    def __init__(self, build: Callable[[], nn.Module]) -> None:
+        self.build = build
+
+
+class LoadedModel:
+    """A model rebuilt from a checkpoint or a registry weight, in eval mode, with what describes it.
+
+    ``model`` is the network; given as a :class:`Deferred`, it is built the first time it is read (once, whichever
+    thread reads it first). ``members``: an ensemble's (:mod:`pneumotriage.models.ensemble`); empty for one model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Deferred,
+        spec: ModelSpec,
+        thresholds: dict[str, float],
+        meta: dict[str, Any] | None = None,
+        path: Path | None = None,
+        sha256: str | None = None,
+        name: str | None = None,
+        members: list[LoadedModel] | None = None,
+    ) -> None:
+        self._network = model
+        self.spec, self.thresholds, self.meta = spec, thresholds, meta if meta is not None else {}
+        self.path, self.sha256, self.name = path, sha256, name
+        self.members: list[LoadedModel] = members if members is not None else []
+
+    @property
+    def model(self) -> nn.Module:
+        network = self._network
+        if isinstance(network, Deferred):
+            with _BUILDING:
+                if isinstance(self._network, Deferred):  # not built by another thread meanwhile
+                    self._network = self._network.build()
+                network = self._network
+        assert isinstance(network, nn.Module)
+        return network
+
+    @property
+    def built(self) -> bool:
+        """Whether the network exists yet (reading ``model`` builds it)."""
+        return not isinstance(self._network, Deferred)
+
+    def with_model(self, model: nn.Module | Deferred) -> LoadedModel:
+        """The same description over another network (a prepared copy, a runtime's)."""
+        return LoadedModel(
+            model, self.spec, self.thresholds, self.meta, self.path, self.sha256, self.name, self.members
+        )
 
     def __call__(self, x: torch.Tensor) -> Any:
         return self.model(x)
+
+    def __repr__(self) -> str:
+        network = type(self._network).__name__ if self.built else "not built yet"
+        return f"LoadedModel({self.name or self.spec.title!r}, {network}, sha256={str(self.sha256)[:12]})"
+
+
+_BUILDING = threading.RLock()  # re-entered: a prepared copy or an ensemble builds the networks it is made of

@@ -9,6 +9,7 @@ the convolutions, channels_last, one torch thread per core. On CUDA: channels_la
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pneumotriage.models import LoadedModel
+from pneumotriage.models import Deferred, LoadedModel
 from pneumotriage.models.backends import BackendChoice, choose
 from pneumotriage.runtime import autocast_for, one_thread
 from pneumotriage.scan.finish import MapWindow
@@ -80,26 +81,28 @@ def prepare_models(
 ) -> list[LoadedModel | None]:
     """The models ready for inference on ``device``, as copies (the caller's stay as they are): eval mode,
     batch norm folded into the convolutions, channels_last memory format (oneDNN's fast path on a CPU,
-    tensor cores' on CUDA); with ``compile_batch``, compiled for batches of that many images (:class:`FixedBatch`)."""
-    prepared: list[LoadedModel | None] = []
-    for m in models:
-        if m is None:
-            prepared.append(None)
-            continue
-        # The same model prepared again for the same device (a node scanning study after study) is the copy made
-        # before, while none of its weights has changed since (an in-place update bumps a tensor's version).
-        key = _weights_key(device, m.model)
-        kept = _PREPARED.get(m.model) if compile_batch is None and key is not None else None
-        if kept is not None and kept[0] == key:
-            prepared.append(replace(m, model=kept[1]))
-            continue
-        net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
-        if compile_batch is not None:
-            net = FixedBatch(net, compile_batch)
-        elif key is not None:
-            _PREPARED[m.model] = (key, net)
-        prepared.append(replace(m, model=net))
-    return prepared
+    tensor cores' on CUDA); with ``compile_batch``, compiled for batches of that many images (:class:`FixedBatch`).
+    Each copy is made when its network is first used (:class:`~pneumotriage.models.spec.Deferred`): a model run
+    by an exported graph is never prepared, nor built."""
+    return [
+        None if m is None else m.with_model(Deferred(functools.partial(_prepared, m, device, compile_batch)))
+        for m in models
+    ]
+
+
+def _prepared(m: LoadedModel, device: torch.device, compile_batch: int | None) -> nn.Module:
+    # The same model prepared again for the same device (a node scanning study after study) is the copy made
+    # before, while none of its weights has changed since (an in-place update bumps a tensor's version).
+    key = _weights_key(device, m.model)
+    kept = _PREPARED.get(m.model) if compile_batch is None and key is not None else None
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    net = fold_batch_norm(m.model.eval()).to(device).to(memory_format=torch.channels_last)
+    if compile_batch is not None:
+        return FixedBatch(net, compile_batch)
+    if key is not None:
+        _PREPARED[m.model] = (key, net)
+    return net
 
 
 def choose_backends(
@@ -123,10 +126,8 @@ def choose_backends(
             ready.append(None)
             choices.append(None)
             continue
-        net, chosen = choose(
-            loaded, prepared.model, backend, device, batch=batch, threads=threads, home=home, bf16=bf16
-        )
-        ready.append(replace(prepared, model=net))
+        net, chosen = choose(loaded, prepared, backend, device, batch=batch, threads=threads, home=home, bf16=bf16)
+        ready.append(prepared.with_model(net))
         choices.append(chosen)
     return ready, choices
 
