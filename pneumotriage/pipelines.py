@@ -99,8 +99,6 @@ def _grey_stored(ds: Dataset, header: DicomHeader, name: str, stored: np.ndarray
 
 def xrv_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | None = None) -> np.ndarray:
     """TorchXRayVision's input for one image (see the module docstring), in [-1024, 1024]."""
-    from skimage.transform import resize
-
     photometric, data = _grey_stored(ds, header, "TorchXRayVision", stored)
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
     maxval = 2**bits - 1
@@ -120,6 +118,8 @@ def xrv_input(ds: Dataset, header: DicomHeader, size: int, stored: np.ndarray | 
     img = img[top : top + side, left : left + side]
     if side >= size:
         return xrv_resize(img, size)
+    from skimage.transform import resize  # only here: importing it costs a worker ~0.1 s before its first file
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         resized = resize(img[None], (1, size, size), mode="constant", preserve_range=True)  # type: ignore[no-untyped-call]

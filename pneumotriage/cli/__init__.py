@@ -9,6 +9,7 @@ Exit codes: 0 all went well; 1 an error stopped the command; 2 usage error; 3 we
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Annotated, Any
 
@@ -92,6 +93,10 @@ def main() -> None:
     except typer.Abort:
         err.print("[yellow]interrupted[/]")
         raise SystemExit(ExitCode.INTERRUPTED) from None
+    finally:
+        # Everything alive now lives until the process ends: the interpreter's last collection need not walk it.
+        # With torch imported that walk took ~0.4 s of a 2-core CPU at every exit, a scan's included.
+        gc.freeze()
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
