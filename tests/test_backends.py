@@ -5,6 +5,7 @@ metadata), `--backend` in scans (same answers, the choice recorded), `auto` (mea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,37 @@ def test_a_choice_made_before_runs_its_graph_with_no_torch_network_built_nor_tor
     assert done.returncode == 0, done.stderr
     backend, built, torchvision = done.stdout.split()
     assert backend in ("onnxruntime", "openvino") and (built, torchvision) == ("False", "False")
+
+
+def test_onnx_runtime_keeps_its_optimised_graph_for_this_cpu_and_gives_the_same_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph file of the cache is optimised by ONNX Runtime once per ONNX Runtime and CPU (model name and
+    instruction-set flags): later sessions load the optimised form, with the same outputs to the bit; no partial
+    file is left; where the CPU cannot be told, nothing is kept."""
+    from pneumotriage.models import exported
+
+    assert runner.invoke(app, ["export", "demo-classifier", "--onnx", str(tmp_path / "c.onnx")]).exit_code == 0
+    graph = tmp_path / "cache" / "g.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes((tmp_path / "c.onnx").read_bytes())
+    size = load_model(tmp_path / "c.onnx").spec.input_size
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(5))
+    first = OnnxNet(graph, "classifier", ["logit"], "onnxruntime", 1)(x)
+    kept = list((graph.parent / exported.ONNXRUNTIME_CACHE).iterdir())
+    assert [p.name.startswith("g-") and p.suffix == ".onnx" for p in kept] == [True]
+    stamp = kept[0].stat().st_mtime_ns
+    again = OnnxNet(graph, "classifier", ["logit"], "onnxruntime", 1)(x)
+    assert torch.equal(first, again) and kept[0].stat().st_mtime_ns == stamp  # read, not written again
+    from_bytes = OnnxNet(graph.read_bytes(), "classifier", ["logit"], "onnxruntime", 1)(x)
+    assert torch.equal(first, from_bytes)
+    monkeypatch.setattr(exported, "cpu_features", lambda: "another cpu|other flags")
+    OnnxNet(graph, "classifier", ["logit"], "onnxruntime", 1)(x)
+    assert len(list((graph.parent / exported.ONNXRUNTIME_CACHE).iterdir())) == 2  # its own, beside the first
+    monkeypatch.setattr(exported, "cpu_features", lambda: None)
+    shutil.rmtree(graph.parent / exported.ONNXRUNTIME_CACHE)
+    assert torch.equal(OnnxNet(graph, "classifier", ["logit"], "onnxruntime", 1)(x), first)
+    assert not (graph.parent / exported.ONNXRUNTIME_CACHE).exists()
 
 
 def test_a_deferred_network_whose_weights_do_not_fit_fails_when_built_naming_the_file(tmp_path: Path) -> None:
