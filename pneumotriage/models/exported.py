@@ -79,17 +79,19 @@ def runtime_version(runtime: str) -> str:
 
 def output_names(model: nn.Module, kind: str) -> list[str]:
     """The graph's outputs for ``model``: ``logit``, or ``mask`` and (with an image-level head) ``present``."""
-    if kind == "classifier":
-        return ["logit"]
-    return ["mask", "present"] if getattr(getattr(model, "spec", None), "empty_head", False) else ["mask"]
+    return _outputs(kind, bool(getattr(getattr(model, "spec", None), "empty_head", False)))
 
 
 def spec_outputs(spec: ModelSpec) -> list[str]:
     """The graph's outputs for a network built from ``spec``, as :func:`output_names` names them, with no
     network at hand."""
-    if spec.kind == "classifier":
+    return _outputs(spec.kind, spec.empty_head)
+
+
+def _outputs(kind: str, empty_head: bool) -> list[str]:
+    if kind == "classifier":
         return ["logit"]
-    return ["mask", "present"] if spec.empty_head else ["mask"]
+    return ["mask", "present"] if empty_head else ["mask"]
 
 
 class _Outputs(nn.Module):
