@@ -171,8 +171,10 @@ def _smooth_columns(a: np.ndarray, sigma: float) -> np.ndarray:
     for first in range(0, n, band):
         m = min(band, n - first)
         lo, hi = first - radius, first + m + radius
-        rows[: hi - lo] = 0.0
-        rows[max(lo, 0) - lo : min(hi, n) - lo] = a[max(lo, 0) : min(hi, n)]
+        inside_lo, inside_hi = max(lo, 0) - lo, min(hi, n) - lo
+        rows[:inside_lo] = 0.0  # above the image's first row, and below its last
+        rows[inside_hi : hi - lo] = 0.0
+        rows[inside_lo:inside_hi] = a[lo + inside_lo : lo + inside_hi]
         o, p = out[:m], pair[:m]
         np.multiply(rows[radius : radius + m], kernel[radius], out=o)
         for k in range(radius, 0, -1):

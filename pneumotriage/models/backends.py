@@ -34,6 +34,7 @@ from pneumotriage.models.exported import (
     OPSET,
     RUNTIMES,
     OnnxNet,
+    cpuinfo,
     describe,
     export_graph,
     installed,
@@ -88,13 +89,7 @@ def check_backend(name: str, device: torch.device, bf16: bool = False) -> None:
 
 def cpu_name() -> str:
     """This machine's CPU model, as the OS names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def graph_for(loaded: LoadedModel, home: Path | None) -> bytes:

@@ -336,20 +336,25 @@ OPENVINO_CACHE = "openvino-compiled"
 ONNXRUNTIME_CACHE = "onnxruntime-optimised"
 
 
-def cpu_features() -> str | None:
-    """The CPU's model name and instruction-set flags as Linux reports them; None where they cannot be read. An
-    optimised graph made for one set of flags is never run on another (a VM can hide AVX-512 from a CPU whose
-    name says it has it)."""
+def cpuinfo() -> dict[str, str]:
+    """The fields of Linux's ``/proc/cpuinfo`` (``model name``, ``flags``, ...), each as it first appears; empty
+    elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
+        return {}
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-        if "model name" in fields and ("flags" in fields or "Features" in fields):
-            break
+    return fields
+
+
+def cpu_features() -> str | None:
+    """The CPU's model name and instruction-set flags as Linux reports them; None where they cannot be read. An
+    optimised graph made for one set of flags is never run on another (a VM can hide AVX-512 from a CPU whose
+    name says it has it)."""
+    fields = cpuinfo()
     flags = fields.get("flags") or fields.get("Features")
     return f"{fields.get('model name', '')}|{flags}" if flags else None
 
@@ -377,28 +382,26 @@ def _session(graph: bytes | Path, runtime: str, threads: int, precision: str = "
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The decoding workers share the cores: threads that spin while waiting take time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not isinstance(graph, Path):
-            return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
         # A graph file of the cache: ONNX Runtime's optimised form of it is kept beside it, for this ONNX Runtime
         # and CPU. Optimising ResNet50 took ~0.25 s of every scan's start on a 2-core CPU; the optimised form
         # loads in ~0.05 s and gives the same outputs, bit for bit.
-        optimised = _onnxruntime_optimised(graph)
-        if optimised is not None and optimised.is_file():
-            return ort.InferenceSession(str(optimised), options, providers=["CPUExecutionProvider"])
-        if optimised is not None:
-            optimised.parent.mkdir(parents=True, exist_ok=True)
-            partial = optimised.with_name(f".{optimised.name}.{os.getpid()}.partial")
-            options.optimized_model_filepath = str(partial)
-            options.log_severity_level = 3  # its warning that the file suits this machine only: it is kept so
+        optimised = _onnxruntime_optimised(graph) if isinstance(graph, Path) else None
+        if optimised is None:
+            return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, options, providers=providers)
+        if optimised.is_file():
+            return ort.InferenceSession(str(optimised), options, providers=providers)
+        optimised.parent.mkdir(parents=True, exist_ok=True)
+        partial = optimised.with_name(f".{optimised.name}.{os.getpid()}.partial")
+        options.optimized_model_filepath = str(partial)
+        options.log_severity_level = 3  # its warning that the file suits this machine only: it is kept so
         try:
-            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-            if optimised is not None:
-                with contextlib.suppress(OSError):  # a cache that cannot be written: optimised again next time
-                    os.replace(partial, optimised)
+            session = ort.InferenceSession(str(graph), options, providers=providers)
+            with contextlib.suppress(OSError):  # a cache that cannot be written: optimised again next time
+                os.replace(partial, optimised)
         finally:
-            if optimised is not None:
-                with contextlib.suppress(OSError):
-                    partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         return session
     import openvino as ov
 
