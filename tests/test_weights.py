@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from pneumotriage.cli import app
 from pneumotriage.errors import UsageError
+from pneumotriage.io import sha256_file
 from pneumotriage.weights import (
     UnsafeWeightsError,
     WeightCache,
@@ -28,6 +29,7 @@ from pneumotriage.weights import (
     load_registry,
     load_state_dict,
     resolve,
+    resolve_verified,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,6 +329,34 @@ def test_resolve_name_or_path(setup: dict, tmp_path: Path) -> None:
         resolve(str(tmp_path / "absent.pt"), registry=reg, home=home)
     with pytest.raises(UsageError, match="valid names: full, prefix, free"):
         resolve("fulll", registry=reg, home=home)
+
+
+def test_a_registry_weight_is_hashed_once_not_at_every_load(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """resolve_verified gives the sha256 the cache checked; while the file is its stamp's, nothing hashes it again,
+    and a model loaded by name carries that sha256 (its exported graphs' caches are keyed by it)."""
+    import pneumotriage.models
+    import pneumotriage.weights.cache
+
+    reg, home = setup["registry"], setup["home"]
+    setup["cache"].fetch(reg["full"])
+    path, spec, digest = resolve_verified("full", registry=reg, home=home)
+    assert spec is reg["full"] and digest == setup["hashes"]["full"] == sha256_file(path)
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(pneumotriage.weights.cache, "sha256_file", no_hashing)
+    monkeypatch.setattr(pneumotriage.models, "sha256_file", no_hashing)
+    assert resolve_verified("full", registry=reg, home=home) == (path, spec, digest)
+    own = setup["root"] / "full.pt"
+    assert resolve_verified(str(own), registry=reg, home=home) == (own, None, None)  # a file given: the caller hashes
+    monkeypatch.setenv("PNEUMOTRIAGE_HOME", str(home))
+    monkeypatch.setattr("pneumotriage.weights.load.load_registry", lambda: reg)
+    assert pneumotriage.models.load_model("full", deferred=True).sha256 == digest
+    # A file changed since its stamp is hashed again (and refused here: it no longer matches its pin).
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
+    with pytest.raises(AssertionError, match="hashed"):
+        resolve_verified("full", registry=reg, home=home)
 
 
 class _Payload:

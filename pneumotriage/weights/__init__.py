@@ -23,7 +23,7 @@ read together to be trusted), :mod:`~pneumotriage.weights.load` (resolving a nam
 """
 
 from pneumotriage.weights.cache import WeightCache, bundled_path, default_home, mirror_from_env, offline_from_env
-from pneumotriage.weights.load import READ_ERRORS, error_line, load_state_dict, resolve
+from pneumotriage.weights.load import READ_ERRORS, error_line, load_state_dict, resolve, resolve_verified
 from pneumotriage.weights.registry import (
     UnsafeWeightsError,
     WeightError,
@@ -51,4 +51,5 @@ __all__ = [
     "mirror_from_env",
     "offline_from_env",
     "resolve",
+    "resolve_verified",
 ]

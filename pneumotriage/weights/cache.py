@@ -210,15 +210,26 @@ class WeightCache:
 
     def require(self, spec: WeightSpec) -> Path:
         """The cached file of a weight that passed its check (hashing it once if it has no valid stamp)."""
+        return self.require_verified(spec)[0]
+
+    def require_verified(self, spec: WeightSpec) -> tuple[Path, str]:
+        """:meth:`require`'s file and the sha256 its check found: its stamp's, or (without a valid one) its bytes'
+        hashed now."""
         if not self.path(spec).is_file():
             raise self.missing_error(spec)
-        if self._stamp_matches(spec) is None:
-            if spec.bundled and self.status(spec, rehash=True).status == "corrupt":
+        digest = self._stamp_matches(spec)
+        if digest is not None:
+            return self.path(spec), digest
+        if spec.bundled:
+            checked = self.status(spec, rehash=True)
+            if checked.status == "corrupt":
                 # An earlier release's copy of a bundled weight (or a damaged one): the package's own file is the
                 # one pinned now, and it is checked against its sha256 on the way in.
-                return self.import_file(spec, bundled_path(spec))[0]
-            self.verify(spec)
-        return self.path(spec)
+                return self.import_file(spec, bundled_path(spec))
+        else:
+            checked = self.verify(spec)
+        assert checked.sha256 is not None  # hashed, and it matched
+        return self.path(spec), checked.sha256
 
     # getting files in
 

@@ -28,15 +28,25 @@ def resolve(
     Returns the file and, for a registry name, its spec. A name not in the cache raises
     :class:`WeightMissingError` (exit code 3) with the commands that get it.
     """
+    path, spec, _ = resolve_verified(name_or_path, registry=registry, home=home)
+    return path, spec
+
+
+def resolve_verified(
+    name_or_path: str | Path, *, registry: Registry | None = None, home: str | Path | None = None
+) -> tuple[Path, WeightSpec | None, str | None]:
+    """:func:`resolve`, with the sha256 the cache checked a registry weight's file against (from its stamp while the
+    file's size and time are the stamp's, so not hashed again); None for a file given by path."""
     text = str(name_or_path)
     candidate = Path(text).expanduser()
     if isinstance(name_or_path, Path) or candidate.is_file() or looks_like_path(text):
         if not candidate.is_file():
             raise UsageError("no such weight file", path=candidate, hint="give a file path or a registry name")
-        return candidate, None
+        return candidate, None, None
     registry = registry if registry is not None else load_registry()
     spec = registry.get_spec(text)
-    return WeightCache(registry, home).require(spec), spec
+    path, digest = WeightCache(registry, home).require_verified(spec)
+    return path, spec, digest
 
 
 #: What torch.load raises on a file that is not a checkpoint at all (a text file, a truncated or damaged one): the
