@@ -199,10 +199,14 @@ def test_the_xrv_pipeline_gives_torchxrayvisions_own_pixels(real_data: Path, siz
         assert ours.shape == (size, size) and float(np.abs(ours - theirs[0]).max()) <= 2048 * 1e-3, path.name
 
 
-@pytest.mark.parametrize(("side", "size"), [(1024, 512), (1024, 224), (1000, 320), (2048, 512), (513, 512), (512, 512)])
+@pytest.mark.parametrize(
+    ("side", "size"),
+    [(1024, 512), (1030, 515), (66, 33), (1024, 224), (1000, 320), (2048, 512), (513, 512), (512, 512)],
+)
 def test_the_xrv_resize_is_skimages_bit_for_bit(side: int, size: int) -> None:
     """xrv_resize does skimage's resize (smoothing, then zoom) with numpy where scipy is slow: the same values to
-    the last bit, at SIIM's 1,024 px to both of TorchXRayVision's sizes, odd factors, a factor under 1.002 and none."""
+    the last bit, at SIIM's 1,024 px to both of TorchXRayVision's sizes, odd factors, a factor under 1.002 and none;
+    halvings (done band by band) whose last band is short, to an odd size."""
     from skimage.transform import resize
 
     from pneumotriage.pipelines import xrv_resize
@@ -215,6 +219,22 @@ def test_the_xrv_resize_is_skimages_bit_for_bit(side: int, size: int) -> None:
         theirs = np.asarray(resize(img[None], (1, size, size), mode="constant", preserve_range=True), np.float32)[0]
     ours = xrv_resize(img, size)
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_halving_is_skimages_bit_for_bit_whatever_the_values(seed: int) -> None:
+    """The halving rounds to float32 where scipy does, between its passes: values from 1e-30 to 1e3 of either sign
+    give skimage's bits too (without the rounding between the two smoothings a third of them differ)."""
+    from skimage.transform import resize
+
+    from pneumotriage.pipelines import xrv_resize
+
+    rng = np.random.default_rng(seed)
+    img = (rng.standard_normal((258, 258)) * 10.0 ** rng.uniform(-30, 3, (258, 258))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = np.asarray(resize(img[None], (1, 129, 129), mode="constant", preserve_range=True), np.float32)[0]
+    assert np.array_equal(xrv_resize(img, 129).view(np.uint32), theirs.view(np.uint32))
 
 
 def _png8_reference(path: Path, size: int) -> np.ndarray:
