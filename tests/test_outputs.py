@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import scan_args
 from typer.testing import CliRunner
 
@@ -77,3 +78,48 @@ def test_a_rows_fields_have_one_definition_that_every_list_follows() -> None:
     # Every row field is in the worklist, or is bookkeeping the worklist leaves out on purpose.
     internal = {"segmented", "rows", "columns", "rle", "key", "file_stem", "seq"}
     assert row_fields - internal <= set(WORKLIST_FIELDS)
+
+
+def test_the_indented_json_is_byte_for_byte_jsons_own(tmp_path: Path) -> None:
+    """strict_json with ``indent`` writes what ``json.dumps(finite(value), allow_nan=False, indent=...)`` writes,
+    byte for byte, whatever the values; what it does not handle itself goes to json.dumps, error and all."""
+    import enum
+
+    from pneumotriage.io import finite, strict_json
+
+    class Tier(enum.IntEnum):
+        URGENT = 3
+
+    class Text(str):
+        pass
+
+    text = ["plain", "é ü 中 🫁", 'quote " back \\ slash / tab \t nl \n cr \r', "\x00\x1f\x7f", "\udcff lone", ""]
+    floats = [0.1, 1e-07, 1e16, -0.0, 1.5e300, 5e-324, float("nan"), float("inf"), -float("inf"), np.float64(0.25)]
+    value = {
+        "rows": [
+            {"t": t, "f": f, "i": i} for t, f, i in zip(text * 2, floats, [0, -1, 2**70, True, False], strict=False)
+        ],
+        "empty": {"d": {}, "l": [], "t": (), "nested": [[], {}, [[{}]]]},
+        "none": None,
+        "tuple": (1, (2.5, "x"), [None]),
+        "tier": Tier.URGENT,
+        "text": Text("sub"),
+        "": "empty key",
+    }
+    for indent in (0, 1, 2, 4):
+        assert strict_json(value, indent=indent) == json.dumps(finite(value), allow_nan=False, indent=indent)
+    for odd in ({1: "int key"}, {"set": {1, 2}}, [np.int64(3)]):
+        try:
+            expected: object = json.dumps(finite(odd), allow_nan=False, indent=1)
+        except TypeError as exc:
+            expected = type(exc)
+        try:
+            ours: object = strict_json(odd, indent=1)
+        except TypeError as exc:
+            ours = type(exc)
+        assert ours == expected, odd
+    cycle: list[object] = []
+    cycle.append(cycle)
+    with pytest.raises(RecursionError):  # as before: finite() follows it forever
+        strict_json(cycle, indent=1)
+    assert strict_json(value) == json.dumps(finite(value), allow_nan=False)  # no indent: json.dumps itself
