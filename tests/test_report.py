@@ -225,3 +225,15 @@ def test_report_legend_and_an_implausible_outline(tmp_path: Path) -> None:
     write_outputs(summary)
     html = (tmp_path / "report.html").read_text()
     assert "classifier probability ≥ 0.85" in html and "pixels of a 1024 x 1024 image" not in html
+
+
+def test_the_rows_escape_every_value_as_markupsafe_does() -> None:
+    """The report writes its worklist rows itself; each value is escaped exactly as the template's autoescape
+    (markupsafe) would: a header's text never reaches the page as markup."""
+    from markupsafe import Markup, escape
+
+    from pneumotriage.scan.report import _escape
+
+    hostile = ['<script>alert("x")</script>', "O'Brien & Sons", "&amp; already", "\"'<>&", "é 中 \x00", "", "plain"]
+    for value in (*hostile, 3, 0.125, -0.0, True, Markup("<b>kept</b>")):
+        assert _escape(value) == str(escape(value)), value
