@@ -163,6 +163,23 @@ def test_first_batch_is_classified_before_discovery_ends(
     assert summary.counts["classified"] == 12 and len(summary.results) == 12
 
 
+def test_each_file_found_has_its_real_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's real path (what keys it, and what decides a shard) is os.path.realpath's, found once a folder:
+    through a relative root, '..', a link to the folder named as a root, and a link to a file (kept under the
+    first path that reached it)."""
+    folder = tmp_path / "in" / "a"
+    folder.mkdir(parents=True)
+    (folder / "x.dcm").write_bytes(b"x")
+    (folder / "y.dcm").write_bytes(b"y")
+    (folder / "l.dcm").symlink_to(folder / "y.dcm")
+    (tmp_path / "in" / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path / "in")
+    for roots in ([Path("a")], [Path("link")], [Path("a/../a")], [folder / "x.dcm"], [Path("link/l.dcm")]):
+        found = list(found_files(roots))
+        assert found and all(f.real == os.path.realpath(f.path) for f in found), roots
+        assert len({f.real for f in found}) == len(found), roots  # each file once
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_a_fifo_is_passed_over_without_being_opened(study: StudySummary, tmp_path: Path) -> None:
     folder = tmp_path / "in"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -77,7 +77,7 @@ def image_id_for(path: str | Path) -> str:
 
     Only known DICOM suffixes are stripped: a SIIM file named by its UID without a suffix keeps every dot.
     """
-    name = Path(path).name
+    name = path.name if isinstance(path, PurePath) else PurePath(path).name  # a Path's own name: no parsing again
     lower = name.lower()
     for suffix in DICOM_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):

@@ -63,6 +63,9 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
     path it was found by."""
     seen: set[str] = set()
     passed: list[Found] = []
+    #: Each folder's real path, found once: a file that is not a link is its folder's real path and its name
+    #: (os.path.realpath looks at every part of every file's path).
+    folders: dict[str, str] = {}
 
     def tell(path: Path, why: str) -> None:
         passed.append(Found(path, image_id_for(path), f"{path}|passed", str(path), passed=why))
@@ -70,7 +73,13 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
     for path, st in walk_files(roots, exclude=exclude, passed=tell):
         yield from passed
         passed.clear()
-        real = os.path.realpath(path)
+        folder, name = os.path.split(path)
+        if name and not os.path.islink(path):
+            if folder not in folders:
+                folders[folder] = os.path.realpath(folder)
+            real = os.path.join(folders[folder], name)
+        else:
+            real = os.path.realpath(path)
         if real in seen:
             continue
         seen.add(real)
