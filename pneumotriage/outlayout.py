@@ -56,6 +56,11 @@ def overlay_file(stem: str) -> str:
     return f"{OVERLAYS}/{stem}.jpg"
 
 
+def thumbnail_name(stem: str) -> str:
+    """The name of an image's report picture in its folder (:meth:`OutLayout.thumbnail`)."""
+    return f"{stem}.jpg"
+
+
 @dataclass(frozen=True)
 class OutLayout:
     """The paths of one ``--out``."""
@@ -94,7 +99,7 @@ class OutLayout:
 
     def thumbnail(self, stem: str) -> Path:
         """The report's picture of an image: its overlay's crop or its grey thumbnail."""
-        return self.thumbs / f"{stem}.jpg"
+        return self.thumbs / thumbnail_name(stem)
 
     def plain_thumbnail(self, stem: str) -> Path:
         """The report's picture of an outlined image without its outline."""

@@ -169,10 +169,9 @@ def write_outputs(
     rows = worklist_rows(summary, no_phi=no_phi)
     fields = [f for f in WORKLIST_FIELDS if not rows or f in rows[0]]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fields)
+    writer.writerows([_csv_value(row.get(f)) for f in fields] for row in rows)  # every row has these fields
     atomic_write_text(out / WORKLIST_CSV, buffer.getvalue())
     atomic_write_text(out / WORKLIST_JSON, strict_json(worklist_document(summary, rows), indent=1) + "\n")
     if submission:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
@@ -25,7 +26,7 @@ from jinja2 import Environment, Template
 from markupsafe import Markup
 
 from pneumotriage.io import atomic_open_text, printable, store_files
-from pneumotriage.outlayout import REPORT, OutLayout
+from pneumotriage.outlayout import REPORT, OutLayout, thumbnail_name
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.tiers import legend_items, order_key
@@ -84,9 +85,17 @@ class ReportThumbnails:
 
 
 def thumbnail_files(out: Path, results: Sequence[ImageResult]) -> list[Path | None]:
-    """Each result's thumbnail file where one was written."""
-    paths = [OutLayout(out).thumbnail(r.file_stem) if r.file_stem else None for r in results]
-    return [path if path is not None and path.exists() else None for path in paths]
+    """Each result's thumbnail file where one was written (the folder listed once, not each row's file looked
+    for: most rows have none)."""
+    layout = OutLayout(out)
+    try:
+        with os.scandir(layout.thumbs) as entries:
+            there = {entry.name for entry in entries if entry.is_file()}
+    except OSError:  # no thumbnails at all
+        return [None] * len(results)
+    return [
+        layout.thumbnail(r.file_stem) if r.file_stem and thumbnail_name(r.file_stem) in there else None for r in results
+    ]
 
 
 #: Names of skipped files shown in the report's footer (all are in skipped.csv).
