@@ -144,11 +144,10 @@ def xrv_resize(img: np.ndarray, size: int) -> np.ndarray:
     the outermost in), rounded to float32 where scipy rounds. The rest is scipy's own call, on the 2-D image
     (skimage's third axis of one only adds zeros), except for a square halved (SIIM's 1,024 px to 512, the common
     case): :func:`_halved`. tests/test_imports.py holds it to skimage's output."""
-    from scipy import ndimage
-
     rows, cols = img.shape
     if rows == cols == 2 * size:
         return _halved(img)
+    from scipy import ndimage
     a = np.ascontiguousarray(img, dtype=np.float32)
     sigma_rows, sigma_cols = (max(0.0, (n / size - 1) / 2) for n in (rows, cols))
     if sigma_rows > 1e-15:  # gaussian_filter's own test for an axis to smooth
