@@ -3,6 +3,7 @@ files or images at a time. Each must give exactly what the one-at-a-time path ga
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,24 @@ def test_tasks_handed_over_a_few_at_a_time_answer_in_order(count: int) -> None:
         parts: list[Part[Any]] = pool.submit_each(_square, [(i,) for i in range(10)], chunk=3)
         assert [p.result() for p in parts] == [i * i for i in range(10)]
         assert len({id(p.future) for p in parts}) == 4  # one task for each three
+
+
+def _frozen_here() -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_workers_are_forked_with_what_lives_frozen() -> None:
+    """A worker's garbage collections never walk the objects it inherited (each walk writes to every page the
+    fork shares): they are frozen when the workers are forked, and unfrozen in the scan's process after."""
+    import gc
+
+    gc.unfreeze()  # whatever an earlier test froze in this process
+    with Workers(1, slots=1, keys=[], map_size=None) as pool:
+        assert gc.get_freeze_count() == 0
+        assert pool.submit(_frozen_here).result() > 1000
 
 
 class _OneRegion(nn.Module):

@@ -7,6 +7,7 @@ With ``workers=0`` every task runs inline in the calling process (for tests, deb
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -315,16 +316,25 @@ class Workers:
     def _start_pool(self) -> None:
         if self.count <= 0:
             return
-        self._pool = ProcessPoolExecutor(
-            max_workers=self.count,
-            mp_context=multiprocessing.get_context(self._method),
-            initializer=_start,
-            initargs=(self.arena.name, self.arena.layout, self._nice, os.getpid()),
-        )
-        # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
-        # started is not safe (a restart after a worker died is the exception: see revive).
-        for future in [self._pool.submit(os.getpid) for _ in range(self.count)]:
-            future.result()
+        # The workers are forked with every object alive here frozen (gc.freeze): a worker's collections never
+        # walk what it inherited. Each walk wrote to every page of those objects, which the fork shares until
+        # written: a worker's first file took ~0.14 s instead of ~0.05 on a 2-core CPU. Unfrozen here after.
+        frozen = gc.get_freeze_count()
+        gc.freeze()
+        try:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.count,
+                mp_context=multiprocessing.get_context(self._method),
+                initializer=_start,
+                initargs=(self.arena.name, self.arena.layout, self._nice, os.getpid()),
+            )
+            # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
+            # started is not safe (a restart after a worker died is the exception: see revive).
+            for future in [self._pool.submit(os.getpid) for _ in range(self.count)]:
+                future.result()
+        finally:
+            if not frozen:  # what was frozen before (the console script's end) stays so
+                gc.unfreeze()
 
     def revive(self) -> bool:
         """Start the pool again if a worker died (killed by a signal, the OOM killer): every task it held failed
