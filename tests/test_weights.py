@@ -380,9 +380,40 @@ def test_pickled_code_is_refused_not_run(tmp_path: Path) -> None:
     with pytest.raises(UnsafeWeightsError):
         load_state_dict(evil2)
     assert not marker.exists()
+    for mapped in (False, True):  # mapped or read whole, the same refusal
+        with pytest.raises(UnsafeWeightsError):
+            load_state_dict(evil2, mapped=mapped)
+    assert not marker.exists()
     good = tmp_path / "good.pt"
     _weight_file(good)
     assert set(load_state_dict(good)) == {"conv.weight", "conv.bias"}
+
+
+def _file_backed(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether ``tensor``'s memory is a mapping of ``path`` (Linux: /proc/self/maps)."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        low, high = (int(x, 16) for x in parts[0].split("-"))
+        if low <= address < high:
+            return len(parts) > 5 and parts[5] == str(path.resolve())
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc to see the mappings")
+def test_a_mapped_load_reads_the_weights_only_when_used(tmp_path: Path) -> None:
+    """load_state_dict(mapped=True) maps the tensors from the file (a deferred network that is never built reads
+    none of them); a file of torch's older format, which cannot be mapped, is read whole; the values are the same."""
+    torch.manual_seed(0)
+    weights = {"w": torch.randn(100_000)}
+    new, old = tmp_path / "new.pt", tmp_path / "old.pt"
+    torch.save(weights, new)
+    torch.save(weights, old, _use_new_zipfile_serialization=False)
+    assert _file_backed(load_state_dict(new, mapped=True)["w"], new)
+    assert not _file_backed(load_state_dict(new)["w"], new)
+    assert not _file_backed(load_state_dict(old, mapped=True)["w"], old)
+    for path in (new, old):
+        assert torch.equal(load_state_dict(path, mapped=True)["w"], weights["w"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

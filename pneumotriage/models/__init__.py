@@ -209,7 +209,7 @@ def load_model(
 
         return load_onnx(candidate)
     path, registry_spec, verified = resolve_verified(name_or_path)
-    data = load_state_dict(path)
+    data = load_state_dict(path, mapped=deferred)
     if data.get("format") == CHECKPOINT_FORMAT:
         version = data.get("format_version", 0)
         damaged = "a damaged checkpoint"
