@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import json.encoder
 import math
@@ -94,42 +95,36 @@ def _indented(value: Any, out: list[str], pad: str, step: str) -> None:
         out.append(int.__repr__(value))
     elif isinstance(value, float):
         out.append(_json_float(value))
-    elif isinstance(value, list | tuple):
+    elif isinstance(value, list | tuple | dict):
+        items: Iterator[tuple[str, Any]]
         if not value:
-            out.append("[]")
+            out.append("[]" if isinstance(value, list | tuple) else "{}")
             return
+        if isinstance(value, list | tuple):  # json's order: a list before a dict
+            opening, closing, items = "[", "]", zip(itertools.repeat(""), value, strict=False)
+        else:
+            opening, closing, items = "{", "}", zip([_json_key(k) for k in value], value.values(), strict=True)
         inner = pad + step[1:]
-        out.append("[")
+        out.append(opening)
         separator = inner
-        for item in value:
+        for label, item in items:
             scalar = _SCALARS.get(type(item))
             if scalar is not None:
-                out.append(separator + scalar(item))
+                out.append(f"{separator}{label}{scalar(item)}")
             else:
-                out.append(separator)
+                out.append(separator + label)
                 _indented(item, out, inner, step)
             separator = "," + inner
-        out.append(pad + "]")
-    elif isinstance(value, dict):
-        if not value:
-            out.append("{}")
-            return
-        inner = pad + step[1:]
-        out.append("{")
-        separator = inner
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _NotPlain
-            scalar = _SCALARS.get(type(item))
-            if scalar is not None:
-                out.append(f"{separator}{_json_text(key)}: {scalar(item)}")
-            else:
-                out.append(f"{separator}{_json_text(key)}: ")
-                _indented(item, out, inner, step)
-            separator = "," + inner
-        out.append(pad + "}")
+        out.append(pad + closing)
     else:
         raise _NotPlain
+
+
+def _json_key(key: Any) -> str:
+    """A dict's key and the colon after it; a key that is not text is left to json.dumps."""
+    if type(key) is not str:
+        raise _NotPlain
+    return _json_text(key) + ": "
 
 
 def _json_float(value: float) -> str:
