@@ -237,3 +237,17 @@ def test_the_rows_escape_every_value_as_markupsafe_does() -> None:
     hostile = ['<script>alert("x")</script>', "O'Brien & Sons", "&amp; already", "\"'<>&", "é 中 \x00", "", "plain"]
     for value in (*hostile, 3, 0.125, -0.0, True, Markup("<b>kept</b>")):
         assert _escape(value) == str(escape(value)), value
+
+
+def test_report_thumbnails_sets_how_many_rows_have_a_picture(tmp_path: Path, models: dict[str, Path]) -> None:
+    """`--report-thumbnails N` (what the page names when it shows fewer pictures than rows) keeps pictures for the
+    first N rows; the rest are rows without one."""
+    study = write_study(tmp_path / "s", 4, positive_rate=0.0, size=(128, 128), seed=2)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, scan_args(study.out, out, models, "--report-thumbnails", "2"))
+    assert result.exit_code in (0, 4), result.output  # the study's CSVs are not DICOM
+    html = (out / "report.html").read_text()
+    assert html.count('title="enlarge"><img') == 2 and html.count(">details</button>") == 2
+    assert "Pictures are kept for the first 2 rows (<code>--report-thumbnails</code>)" in html
+    bad = CliRunner().invoke(app, scan_args(study.out, tmp_path / "bad", models, "--report-thumbnails", "-1"))
+    assert bad.exit_code == 2 and "give 0 or more" in bad.output

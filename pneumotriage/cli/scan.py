@@ -110,6 +110,9 @@ def scan(
     ] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlays/<image>.jpg for each outlined image.")] = True,
+    report_thumbnails: Annotated[
+        int, typer.Option(metavar="N", help="Pictures in report.html for the first N rows of the worklist.")
+    ] = 100,
     accept: AcceptOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the worklist as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
@@ -166,6 +169,7 @@ def scan(
         no_phi=no_phi,
         resume=resume,
         overlays=overlays,
+        report_thumbnails=report_thumbnails,
         accept=tuple(accept or ()),
     )
     one_shard = Shard.parse(shard) if shard is not None else None
