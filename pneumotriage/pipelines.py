@@ -148,6 +148,7 @@ def xrv_resize(img: np.ndarray, size: int) -> np.ndarray:
     if rows == cols == 2 * size:
         return _halved(img)
     from scipy import ndimage
+
     a = np.ascontiguousarray(img, dtype=np.float32)
     sigma_rows, sigma_cols = (max(0.0, (n / size - 1) / 2) for n in (rows, cols))
     if sigma_rows > 1e-15:  # gaussian_filter's own test for an axis to smooth
@@ -183,14 +184,21 @@ def _smooth_columns(a: np.ndarray, sigma: float) -> np.ndarray:
     out, pair = np.empty((band, cols), dtype=np.float64), np.empty((band, cols), dtype=np.float64)
     for first in range(0, n, band):
         m = min(band, n - first)
-        lo, hi = first - radius, first + m + radius
-        inside_lo, inside_hi = max(lo, 0) - lo, min(hi, n) - lo
-        rows[:inside_lo] = 0.0  # above the image's first row, and below its last
-        rows[inside_hi : hi - lo] = 0.0
-        rows[inside_lo:inside_hi] = a[lo + inside_lo : lo + inside_hi]
+        _band(a, first, m, radius, rows)
         _taps(rows, radius, kernel, m, out[:m], pair[:m])
         result[first : first + m] = out[:m]
     return result
+
+
+def _band(a: np.ndarray, first: int, m: int, radius: int, rows: np.ndarray) -> None:
+    """Rows ``first`` to ``first + m`` of ``a`` with ``radius`` rows of margin each side into ``rows`` (float64),
+    zeros above the image's first row and below its last, as scipy's "constant" mode reads them."""
+    n = a.shape[0]
+    lo, hi = first - radius, first + m + radius
+    inside_lo, inside_hi = max(lo, 0) - lo, min(hi, n) - lo
+    rows[:inside_lo] = 0.0
+    rows[inside_hi : hi - lo] = 0.0
+    rows[inside_lo:inside_hi] = a[lo + inside_lo : lo + inside_hi]
 
 
 def _taps(x: np.ndarray, radius: int, kernel: np.ndarray, m: int, out: np.ndarray, pair: np.ndarray) -> None:
@@ -220,11 +228,7 @@ def _halved(img: np.ndarray) -> np.ndarray:
     smooth = np.empty((band, n), dtype=np.float32)
     for first in range(0, n, band):
         m = min(band, n - first)
-        lo, hi = first - radius, first + m + radius
-        inside_lo, inside_hi = max(lo, 0) - lo, min(hi, n) - lo
-        rows[:inside_lo] = 0.0
-        rows[inside_hi : hi - lo] = 0.0
-        rows[inside_lo:inside_hi] = img[lo + inside_lo : lo + inside_hi]
+        _band(img, first, m, radius, rows)
         o, p, s = along[:m], pair[:m], smooth[:m]
         _taps(rows, radius, kernel, m, o, p)
         s[...] = o  # float32, as scipy's first pass writes it
