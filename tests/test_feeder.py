@@ -27,22 +27,28 @@ from pneumotriage.synth import StudySummary
 class _Given(nn.Module):
     """A segmenter that answers with the logits it is given (and, with ``present``, an image-level head)."""
 
-    def __init__(self, logits: torch.Tensor, present: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, logits: torch.Tensor, present: torch.Tensor | None = None, mirrored: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
-        self.logits, self.present = logits, present
+        self.logits, self.present, self.mirrored = logits, present, mirrored
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # A mirrored input (TTA) gets other logits: the mirror of these, shifted, so the mean is not trivial.
         mirrored = bool((x[:, :, :, 0] < 0).all())
-        out = {"mask": torch.flip(self.logits, dims=[-1]) + 0.5 if mirrored else self.logits}
+        # (or, with ``mirrored``, those logits as the mirrored input's).
+        other = torch.flip(self.logits, dims=[-1]) + 0.5 if self.mirrored is None else self.mirrored
+        out = {"mask": other if mirrored else self.logits}
         if self.present is not None:
             out["present"] = self.present
         return out
 
 
-def _model(logits: torch.Tensor, present: torch.Tensor | None = None) -> LoadedModel:
+def _model(
+    logits: torch.Tensor, present: torch.Tensor | None = None, mirrored: torch.Tensor | None = None
+) -> LoadedModel:
     spec = ModelSpec("segmenter", "unet", "resnet34", input_size=int(logits.shape[-1]))
-    return LoadedModel(_Given(logits, present), spec, {}, {"clinical": True}, None, "0" * 64, "given")
+    return LoadedModel(_Given(logits, present, mirrored), spec, {}, {"clinical": True}, None, "0" * 64, "given")
 
 
 def _logits(n: int, side: int, seed: int) -> torch.Tensor:
@@ -130,6 +136,58 @@ def test_map_windows_give_segments_scores_and_maps_with_tta_a_head_and_nans() ->
             if window is not None:
                 size = window.height * window.width
                 np.testing.assert_array_equal(copied[j][:size], places[j][:size])
+
+
+def _hostile_logits(n: int, side: int, seed: int) -> torch.Tensor:
+    """Logits that test a window and a maximum found on the logits: noise with many near ties, saturated and
+    infinite values, maps far below any floor (probabilities under float32's normal range), constant maps."""
+    rng = np.random.default_rng(seed)
+    base = _logits(n, side, seed).numpy()
+    noise = rng.normal(size=base.shape).astype(np.float32)
+    out = base + noise * rng.uniform(0, 3, size=(n, 1, 1, 1)).astype(np.float32)
+    out[0] = 0.0  # a constant map: every value ties
+    out[1] = -90.0 + noise[1]  # sigmoid under 1e-38
+    out[2] = 17.0 + noise[2]  # saturated: many values round to 1
+    out[3, 0, 5:9, 3:30] = np.inf
+    out[4] = -np.inf
+    out[4, 0, 40, 41] = -3.0
+    out[5] = np.float32(-0.8473) + noise[5] * 1e-6  # on a floor of 0.3, to the last bits
+    out[6] = -10.0  # with TTA, the largest logit's mean is not the largest mean: the mirror's logit there is low
+    out[6, 0, 10, 10], out[6, 0, 50, 60] = 2.0, 1.5
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windows_and_maxima_found_on_the_logits_are_those_of_the_whole_map(tta: bool, dtype: torch.dtype) -> None:
+    """On a CPU the sigmoid is computed only in boxes found on the logits: every window, every value in it and
+    every map's maximum are the whole map's, bit for bit, on hostile maps and floors (none, the whole map, on the
+    edge of float32, above every probability)."""
+    side, n = 96, 11
+    logits = _hostile_logits(n, side, seed=5 + tta).to(dtype)
+    mirrored = torch.flip(_hostile_logits(n, side, seed=9), dims=[-1]).roll(1, dims=0).to(dtype)
+    mirrored[6] = torch.flip(logits[6], dims=[-1])
+    mirrored[6, 0, 10, side - 1 - 10] = -10.0
+    images = -torch.ones(n, 1, side, side)  # mirrored by TTA: the model tells the two apart
+    images[..., 1:] = 1.0
+    model = _model(logits, mirrored=mirrored)
+    maps, _ = segment(model, images, torch.device("cpu"), tta)
+    empty = found = 0
+    for floor in (0.3, 0.0, 1e-30, 0.5, float(np.nextafter(np.float32(1), np.float32(0))), 1.0, 1.5):
+        places = [np.full(side * side, np.nan, dtype=np.float32) for _ in range(n)]
+        _, peak, windows = MapWindows(model, torch.device("cpu"), tta=tta, floor=floor).run(images, places)
+        expected_places = [np.full(side * side, np.nan, dtype=np.float32) for _ in range(n)]
+        expected_windows: list[Any] = []
+        whole_way = MapWindows(model, torch.device("cpu"), tta=tta, floor=floor)
+        expected_peak = whole_way._hand_on(maps, expected_places, expected_windows).numpy()
+        np.testing.assert_array_equal(peak, expected_peak)
+        assert windows == expected_windows, floor
+        for j, window in enumerate(windows):
+            if window is not None:
+                size = window.height * window.width
+                np.testing.assert_array_equal(places[j][:size], expected_places[j][:size])
+        empty, found = empty + windows.count(None), found + n - windows.count(None)
+    assert empty > 10 and found > 10, "both ways to a maximum, in the window and without one"
 
 
 def _square(x: int) -> int:

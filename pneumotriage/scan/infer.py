@@ -248,16 +248,19 @@ class MapWindows:
     rebuilt with zeros there (:meth:`MapWindow.rebuild`) gives the same outline (``floor`` >= 0; a lower one
     makes the window the whole map). An image with no window has nothing to outline.
 
-    On a CPU the maps are made :data:`AT_ONCE` at a time in one kept buffer (fresh memory costs a page fault
-    every 4 kB: more than the sigmoid itself, docs/performance.md); on a GPU they come back in one copy per
-    batch, into kept pinned memory."""
+    On a CPU the sigmoid is computed only where it can matter (:meth:`_from_logits`): the window and the map's
+    maximum are found on the logits first, the sigmoid being monotonic, with a margin for its rounding. On a GPU
+    the maps are made whole on the device and come back in one copy per batch, into kept pinned memory."""
 
-    #: Maps made at once on a CPU: a few megabytes of buffer, used again and again while it is in the cache.
-    AT_ONCE = 8
+    #: Relative margin, in float32 steps of a probability, for the sigmoid's rounding when a probability bound
+    #: is turned into a logit bound: the vectorised sigmoid is within a few steps of the true one.
+    STEPS = 64
 
     def __init__(self, model: LoadedModel, device: torch.device, *, tta: bool, floor: float) -> None:
         self.model, self.device, self.tta, self.floor = model, device, tta, floor
         self._buffer: torch.Tensor | None = None
+        #: Every logit whose probability is above the floor is above this (-inf: the whole map can be).
+        self._floor_logit = _logit_below(floor) if floor > 0 else -np.inf
 
     @torch.inference_mode()
     def run(
@@ -268,25 +271,15 @@ class MapWindows:
         for a map that holds one (a sigmoid's other values are finite), and each map's window."""
         out, flipped = _run_segmenter(self.model, images, self.device, self.tta, bf16)
         mask, mirrored = out["mask"], flipped["mask"] if flipped is not None else None
-        n = mask.shape[0]
-        peaks: list[torch.Tensor] = []
         windows: list[MapWindow | None] = []
         with one_thread(self.device):
             if self.device.type == "cpu":
-                for start in range(0, n, self.AT_ONCE):
-                    part = slice(start, min(start + self.AT_ONCE, n))
-                    probs = self._held((part.stop - start, *mask.shape[1:]))
-                    # What _probabilities computes, in the kept buffer.
-                    torch.sigmoid(mask[part] if mask.dtype == torch.float32 else mask[part].float(), out=probs)
-                    if mirrored is not None:
-                        probs.add_(torch.flip(torch.sigmoid(mirrored[part].float()), dims=[-1])).div_(2)
-                    peaks.append(self._hand_on(probs[:, 0], places[part], windows))
+                peak = self._from_logits(mask[:, 0], None if mirrored is None else mirrored[:, 0], places, windows)
             else:
                 probs = _probabilities(mask, mirrored)
                 host = self._held(probs.shape)
                 host.copy_(probs, non_blocking=self.device.type == "cuda")  # waited for by a .cpu() in _hand_on
-                peaks.append(self._hand_on(probs, places, windows, host))
-            peak = torch.cat(peaks) if peaks else torch.empty(0)
+                peak = self._hand_on(probs, places, windows, host)
             present = torch.sigmoid(out["present"].float()) if "present" in out else peak
             return present.float().cpu().numpy(), peak.cpu().numpy(), windows
 
@@ -324,3 +317,135 @@ class MapWindows:
             place[: window.height * window.width].reshape(window.height, window.width)[...] = part.numpy()
             windows.append(window)
         return rows.amax(1)
+
+    def _from_logits(
+        self,
+        logits: torch.Tensor,
+        mirrored: torch.Tensor | None,
+        places: Sequence[np.ndarray],
+        windows: list[MapWindow | None],
+    ) -> torch.Tensor:
+        """:meth:`_hand_on` on a CPU from the logits (B, S, S) (and the mirrored input's, not yet turned back),
+        with the sigmoid computed only in boxes that hold every value that can matter: the window, or where the
+        window is empty, every value that can be the map's maximum. Each value is the one the whole map's sigmoid
+        gives, bit for bit (:meth:`_probabilities_in`); where a map holds a NaN, the whole map is made. The
+        boxes are found and cut with numpy: a torch operation costs a few microseconds even on a few values."""
+        logits = logits.float()  # the model's own where it gave float32 (bfloat16 only by request on a CPU)
+        rows = logits.amax(2)  # (B, S); turning a row back does not change its maximum
+        if mirrored is not None:
+            mirrored = mirrored.float()
+            rows = torch.maximum(rows, mirrored.amax(2))  # NaN propagates
+        maps, mirrors, rows_np = logits.numpy(), None if mirrored is None else mirrored.numpy(), rows.numpy()
+        side = maps.shape[-1]
+        peaks = np.empty(len(places), dtype=np.float32)
+        for j, place in enumerate(places):
+            row_max, mirror = rows_np[j], None if mirrors is None else mirrors[j]
+            top_logit = float(row_max.max())
+            if np.isnan(top_logit):  # damaged: found as from the whole map, the maximum NaN
+                whole = torch.from_numpy(self._probabilities_in(maps[j], mirror, 0, side, 0, side))
+                peaks[j] = self._hand_on(whole[None], [place], windows)[0]
+                continue
+            window = None
+            box = _box(maps[j], mirror, row_max, self._floor_logit, strict=True)
+            if box is not None:
+                # With the margin of one pixel the resize reads: the window's own margin lies inside.
+                top, left = max(box[0] - 1, 0), max(box[2] - 1, 0)
+                probs = self._probabilities_in(maps[j], mirror, top, min(box[1] + 1, side), left, min(box[3] + 1, side))
+                hot = probs > self.floor
+                ys, xs = np.flatnonzero(hot.any(1)), np.flatnonzero(hot.any(0))
+                if ys.size:
+                    y0, x0 = max(top + int(ys[0]) - 1, 0), max(left + int(xs[0]) - 1, 0)
+                    window = MapWindow(
+                        y0, x0, min(top + int(ys[-1]) + 2, side) - y0, min(left + int(xs[-1]) + 2, side) - x0, side
+                    )
+                    part = probs[y0 - top : y0 - top + window.height, x0 - left : x0 - left + window.width]
+                    place[: window.height * window.width].reshape(window.height, window.width)[...] = part
+                    peaks[j] = probs.max()  # every value outside the box is at most the floor
+            windows.append(window)
+            if window is None:
+                peaks[j] = self._peak(maps[j], mirror, row_max, top_logit)
+        return torch.from_numpy(peaks)
+
+    def _peak(self, logits: np.ndarray, mirrored: np.ndarray | None, row_max: np.ndarray, top_logit: float) -> float:
+        """The largest probability of a map (logits (S, S)), from the values near its largest logit only.
+        Without TTA a value is the sigmoid of its logit, so only logits whose sigmoid is within the rounding
+        margin of the largest can give it. With TTA a value is at most the sigmoid of the larger of its two
+        logits, so a first maximum, over those, bounds where a larger one can be."""
+        best = -np.inf
+        bound = _logit_below(_sigmoid(top_logit))
+        for _ in range(1 if mirrored is None else 2):
+            box = _box(logits, mirrored, row_max, bound, strict=False)
+            assert box is not None  # the largest logit itself is in it
+            best = max(best, float(self._probabilities_in(logits, mirrored, *box).max()))
+            bound = _logit_below(best)
+        return best
+
+    def _probabilities_in(
+        self, logits: np.ndarray, mirrored: np.ndarray | None, top: int, bottom: int, left: int, right: int
+    ) -> np.ndarray:
+        """The probabilities of rows ``top:bottom``, columns ``left:right`` of one map (logits (S, S)), as
+        :func:`_probabilities` makes them for the whole map: the sigmoid of each value by torch's vectorised
+        kernel (a box is copied into a kept buffer of whole vectors first: a row's last values, computed one at
+        a time by another formula, can differ in the last bit), then with TTA the mean with the mirrored one's
+        (a sum and a halving, exact operations: numpy's give the same bits). A view of the kept buffer."""
+        side = logits.shape[-1]
+        height, width = bottom - top, right - left
+        size = height * width
+        whole = -(-size // _VECTOR) * _VECTOR
+        if self._buffer is None or self._buffer.numel() < 3 * whole:
+            self._buffer = torch.empty(3 * max(whole, 16 * _VECTOR))
+        kept = self._buffer
+        values, probs = kept[:whole], kept[whole : 2 * whole]
+        values_np, probs_np = values.numpy(), probs.numpy()
+        values_np[size:] = 0.0
+        values_np[:size].reshape(height, width)[...] = logits[top:bottom, left:right]
+        torch.sigmoid(values, out=probs)
+        if mirrored is not None:
+            values_np[:size].reshape(height, width)[...] = mirrored[top:bottom, side - right : side - left][:, ::-1]
+            other = kept[2 * whole : 3 * whole]
+            torch.sigmoid(values, out=other)
+            np.add(probs_np, other.numpy(), out=probs_np)
+            np.divide(probs_np, 2, out=probs_np)
+        return probs_np[:size].reshape(height, width)
+
+
+def _box(
+    logits: np.ndarray, mirrored: np.ndarray | None, row_max: np.ndarray, bound: float, *, strict: bool
+) -> tuple[int, int, int, int] | None:
+    """Rows ``top:bottom``, columns ``left:right`` of the box around a map's logits (S, S) above ``bound`` (at
+    or above, unless ``strict``; with TTA, the larger of each value's two logits; ``row_max``, each row's
+    largest), or None if none is."""
+    above = np.greater if strict else np.greater_equal
+    ys = np.flatnonzero(above(row_max, bound))
+    if ys.size == 0:
+        return None
+    top, bottom = int(ys[0]), int(ys[-1]) + 1
+    cols = logits[top:bottom].max(0)
+    if mirrored is not None:
+        cols = np.maximum(cols, mirrored[top:bottom].max(0)[::-1])
+    xs = np.flatnonzero(above(cols, bound))
+    return top, bottom, int(xs[0]), int(xs[-1]) + 1
+
+
+#: A multiple of every CPU's vector of floats, twice over (the kernels take two vectors a step): AVX-512's 16.
+_VECTOR = 64
+
+
+def _sigmoid(x: float) -> float:
+    """The sigmoid in double precision."""
+    return float(1.0 / (1.0 + np.exp(-np.float64(x)))) if x > -700 else 0.0  # below, it is under 1e-304
+
+
+def _logit_below(p: float) -> float:
+    """A float32 logit under which no value's float32 sigmoid can exceed ``p``, less the rounding margin
+    (:attr:`MapWindows.STEPS` float32 steps at ``p``): -inf if every value can, +inf if none can."""
+    low = float(np.float64(p) - MapWindows.STEPS * np.spacing(np.float32(p)))
+    if low <= 0.0 or np.isnan(low):
+        return -np.inf
+    if low >= 1.0:
+        return np.inf
+    x = float(np.log(low) - np.log1p(-low))
+    below = np.float32(x)
+    if float(below) > x:
+        below = np.nextafter(below, np.float32(-np.inf))
+    return float(below)
