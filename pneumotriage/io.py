@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 #: A string as JSON, ASCII only (json's own function: its C version where there is one).
 _json_text = json.encoder.encode_basestring_ascii
@@ -213,7 +213,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open_text(path: str | Path) -> Iterator[TextIO]:
-    """Write a large text file piece by piece; it appears at ``path`` complete, or not at all."""
-    with _atomic(path, "w") as fh:
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Write a large file piece by piece; it appears at ``path`` complete, or not at all."""
+    with _atomic(path, "wb") as fh:
         yield fh

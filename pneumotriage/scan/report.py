@@ -13,7 +13,6 @@ its own; the page's script reads no data from outside the file.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -24,8 +23,9 @@ from typing import Any
 
 from jinja2 import Environment, Template
 from markupsafe import Markup
+from pybase64 import b64encode
 
-from pneumotriage.io import atomic_open_text, printable, store_files
+from pneumotriage.io import atomic_open, printable, store_files
 from pneumotriage.outlayout import REPORT, OutLayout, thumbnail_name
 from pneumotriage.postprocess import shown
 from pneumotriage.scan.records import ImageResult, ScanSummary
@@ -33,20 +33,22 @@ from pneumotriage.scan.tiers import legend_items, order_key
 from pneumotriage.version import __version__
 
 
-def _base64(data: bytes) -> Markup:
-    """Bytes as base64 for a data URI. Marked safe: base64's alphabet holds nothing HTML escapes, and escaping
-    tens of megabytes of pictures character by character was most of the report's time."""
-    return Markup(base64.b64encode(data).decode("ascii"))
-
-
-def _data(path: Path | None) -> Markup | None:
-    """A picture file's bytes as base64 for a data URI (None where there is none)."""
+def _data(path: Path | None) -> bytes | None:
+    """A picture file's bytes in base64 for a data URI (None where there is none). Bytes, written to the page as
+    they are: base64's alphabet holds nothing HTML escapes, and the page's text around them holds letters
+    outside ASCII, so as text each picture would be widened to two bytes a letter and narrowed again."""
     if path is None:
         return None
     try:
-        return _base64(path.read_bytes())
+        with open(path, "rb", buffering=0) as fh:
+            return b64encode(fh.read())
     except OSError:
         return None
+
+
+#: Where the rows go in the rendered page: the template renders the page around them; the rows, written by
+#: :func:`_row`, go to the file as bytes.
+_ROWS = "<!-- the worklist's rows -->"
 
 
 class ReportThumbnails:
@@ -187,8 +189,9 @@ def _escape(value: Any) -> str:
 _CELLS = tuple((key, f'<td class="{cls}', f' data-label="{_escape(label)}" data-v="') for key, label, cls in _COLUMNS)
 
 
-def _row(out: Path, result: ImageResult, row: dict[str, Any], thumb: bytes | None, shown_keys: set[str]) -> Markup:
-    """One row of the page as HTML: its picture, cells (those of ``shown_keys``), caption and pictures (base64).
+def _row(out: Path, result: ImageResult, row: dict[str, Any], thumb: bytes | None, shown_keys: set[str]) -> list[bytes]:
+    """One row of the page as HTML in UTF-8, in parts: its picture, cells (those of ``shown_keys``), caption and
+    pictures (base64).
 
     Written here, not by the template: Jinja's lookup and escape of each attribute of each cell were most of the
     report's time (~0.06 ms a row). Every value is escaped as the template escapes it (markupsafe's ``escape``,
@@ -218,19 +221,23 @@ def _row(out: Path, result: ImageResult, row: dict[str, Any], thumb: bytes | Non
     image_id = _escape(row.get("image_id") or "")  # made printable with the row (a file name may not be UTF-8)
     full = _data(out / result.overlay_file) if result.overlay_file else None
     plain = _data(OutLayout(out).plain_thumbnail(stem)) if result.overlay_file and stem else None
-    picture = (
-        f'<button class="open" type="button" title="enlarge"><img alt="picture of {image_id}" '
-        f'src="data:image/jpeg;base64,{_base64(thumb)}"></button>'
-        if thumb
-        else '<button class="open none" type="button" title="details">details</button>'
-    )
-    return Markup(
+    parts = [
         f'<tr class="row {_escape(" ".join(classes))}" data-tier="{_escape(result.tier)}" data-id="{image_id}" '
-        f'data-caption="{_escape(_caption(row))}"'
-        + (f' data-full="data:image/jpeg;base64,{full}"' if full else "")
-        + (f' data-plain="data:image/jpeg;base64,{plain}"' if plain else "")
-        + f'>\n<td class="pic">{picture}</td>{"".join(cells)}</tr>\n'
-    )
+        f'data-caption="{_escape(_caption(row))}"'.encode()
+    ]
+    if full:
+        parts += (b' data-full="data:image/jpeg;base64,', full, b'"')
+    if plain:
+        parts += (b' data-plain="data:image/jpeg;base64,', plain, b'"')
+    if thumb:
+        opening = (
+            f'>\n<td class="pic"><button class="open" type="button" title="enlarge"><img alt="picture of {image_id}" '
+        )
+        parts += (f'{opening}src="data:image/jpeg;base64,'.encode(), b64encode(thumb), b'"></button>')
+    else:
+        parts.append(b'>\n<td class="pic"><button class="open none" type="button" title="details">details</button>')
+    parts.append(f"</td>{''.join(cells)}</tr>\n".encode())
+    return parts
 
 
 def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bool = False) -> None:
@@ -272,13 +279,13 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
     t = summary.thresholds
     timings = summary.timings
     pictured = sum(thumb is not None for thumb in thumbs)
-    page = _template().generate(
+    page = _template().render(
         notes=summary.notes,
         counts=counts,
         legend=[(key, Markup(text)) for key, text in legend_items(summary)],  # built here, from numbers only
         outlines=summary.decisions != "classifier",
         columns=[{"label": label} for key, label, _ in _COLUMNS if key in shown_keys],
-        rows=page_rows,
+        rows=Markup(_ROWS),
         pictured=pictured,
         more_rows=0 < pictured < len(thumbs),
         timing=f"{timings.get('total_s', 0.0):.1f} s in all, {timings.get('model_s', 0.0):.1f} s in the models",
@@ -292,5 +299,10 @@ def write_report(summary: ScanSummary, rows: list[dict[str, Any]], *, no_phi: bo
         no_phi=no_phi,
         version=__version__,
     )
-    with atomic_open_text(summary.out / REPORT) as fh:
-        fh.writelines(page)
+    head, rows_here, tail = page.partition(_ROWS)
+    assert rows_here, "the template has a place for the rows"
+    with atomic_open(summary.out / REPORT) as fh:
+        fh.write(head.encode())
+        for parts in page_rows:
+            fh.writelines(parts)
+        fh.write(tail.encode())
