@@ -235,7 +235,7 @@ def test_the_rows_escape_every_value_as_markupsafe_does() -> None:
     from pneumotriage.scan.report import _escape
 
     hostile = ['<script>alert("x")</script>', "O'Brien & Sons", "&amp; already", "\"'<>&", "é 中 \x00", "", "plain"]
-    for value in (*hostile, 3, 0.125, -0.0, True, Markup("<b>kept</b>")):
+    for value in (*hostile, 3, 0.125, -0.0, 1e-7, float("inf"), float("nan"), 10**30, True, Markup("<b>kept</b>")):
         assert _escape(value) == str(escape(value)), value
 
 
