@@ -258,7 +258,8 @@ class MapWindows:
 
     def __init__(self, model: LoadedModel, device: torch.device, *, tta: bool, floor: float) -> None:
         self.model, self.device, self.tta, self.floor = model, device, tta, floor
-        self._buffer: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None  # the batch's maps on the host, from a GPU
+        self._boxes: torch.Tensor | None = None  # a box's logits and probabilities, on a CPU
         #: Every logit whose probability is above the floor is above this (-inf: the whole map can be).
         self._floor_logit = _logit_below(floor) if floor > 0 else -np.inf
 
@@ -392,9 +393,9 @@ class MapWindows:
         height, width = bottom - top, right - left
         size = height * width
         whole = -(-size // _VECTOR) * _VECTOR
-        if self._buffer is None or self._buffer.numel() < 3 * whole:
-            self._buffer = torch.empty(3 * max(whole, 16 * _VECTOR))
-        kept = self._buffer
+        if self._boxes is None or self._boxes.numel() < 3 * whole:
+            self._boxes = torch.empty(3 * max(whole, 16 * _VECTOR))
+        kept = self._boxes
         values, probs = kept[:whole], kept[whole : 2 * whole]
         values_np, probs_np = values.numpy(), probs.numpy()
         values_np[size:] = 0.0

@@ -180,6 +180,7 @@ def _escape(value: Any) -> str:
     kind = type(value)
     if kind is int or kind is float or kind is bool:  # a number's text holds nothing to escape
         return str(value)
+    text: str
     if kind is str:
         text = value
     elif hasattr(value, "__html__"):
