@@ -428,7 +428,8 @@ def _box(
     return top, bottom, int(xs[0]), int(xs[-1]) + 1
 
 
-#: A multiple of every CPU's vector of floats, twice over (the kernels take two vectors a step): AVX-512's 16.
+#: A multiple of the values torch's vectorised kernels take a step on any CPU (two vectors of floats: 32 with
+#: AVX-512, 16 with AVX2): a buffer of this many leaves no value to the one-at-a-time tail.
 _VECTOR = 64
 
 
@@ -438,8 +439,9 @@ def _sigmoid(x: float) -> float:
 
 
 def _logit_below(p: float) -> float:
-    """A float32 logit under which no value's float32 sigmoid can exceed ``p``, less the rounding margin
-    (:attr:`MapWindows.STEPS` float32 steps at ``p``): -inf if every value can, +inf if none can."""
+    """A float32 logit at or under which no value's sigmoid, as float32 computes it, reaches ``p``: the logit of
+    ``p`` less a margin for the sigmoid's rounding (:attr:`MapWindows.STEPS` float32 steps at ``p``), rounded
+    down; -inf where any value can (``p`` at most the margin), +inf where none can (``p`` above 1)."""
     low = float(np.float64(p) - MapWindows.STEPS * np.spacing(np.float32(p)))
     if low <= 0.0 or np.isnan(low):
         return -np.inf
