@@ -311,10 +311,8 @@ class MapWindows:
                 continue
             # The columns, over the band of rows that holds a value above the floor only.
             cols = maps[j, int(ys[0]) : int(ys[-1]) + 1].amax(0)
-            xs = np.flatnonzero((cols > self.floor).numpy())
-            top, left = max(int(ys[0]) - 1, 0), max(int(xs[0]) - 1, 0)
-            window = MapWindow(top, left, min(int(ys[-1]) + 2, side) - top, min(int(xs[-1]) + 2, side) - left, side)
-            part = maps[j, top : top + window.height, left : left + window.width]
+            window = _window_around(ys, np.flatnonzero((cols > self.floor).numpy()), side)
+            part = maps[j, window.top : window.top + window.height, window.left : window.left + window.width]
             place[: window.height * window.width].reshape(window.height, window.width)[...] = part.numpy()
             windows.append(window)
         return rows.amax(1)
@@ -355,11 +353,9 @@ class MapWindows:
                 hot = probs > self.floor
                 ys, xs = np.flatnonzero(hot.any(1)), np.flatnonzero(hot.any(0))
                 if ys.size:
-                    y0, x0 = max(top + int(ys[0]) - 1, 0), max(left + int(xs[0]) - 1, 0)
-                    window = MapWindow(
-                        y0, x0, min(top + int(ys[-1]) + 2, side) - y0, min(left + int(xs[-1]) + 2, side) - x0, side
-                    )
-                    part = probs[y0 - top : y0 - top + window.height, x0 - left : x0 - left + window.width]
+                    window = _window_around(ys + top, xs + left, side)
+                    y0, x0 = window.top - top, window.left - left
+                    part = probs[y0 : y0 + window.height, x0 : x0 + window.width]
                     place[: window.height * window.width].reshape(window.height, window.width)[...] = part
                     peaks[j] = probs.max()  # every value outside the box is at most the floor
             windows.append(window)
@@ -408,6 +404,13 @@ class MapWindows:
             np.add(probs_np, other.numpy(), out=probs_np)
             np.divide(probs_np, 2, out=probs_np)
         return probs_np[:size].reshape(height, width)
+
+
+def _window_around(ys: np.ndarray, xs: np.ndarray, side: int) -> MapWindow:
+    """The window of a ``side`` x ``side`` map whose rows ``ys`` and columns ``xs`` (ascending) hold the values
+    above the floor: their box, with the margin of one pixel the bilinear resize reads."""
+    top, left = max(int(ys[0]) - 1, 0), max(int(xs[0]) - 1, 0)
+    return MapWindow(top, left, min(int(ys[-1]) + 2, side) - top, min(int(xs[-1]) + 2, side) - left, side)
 
 
 def _box(
