@@ -46,9 +46,9 @@ from pneumotriage.scan.outputs import summarise, write_outputs
 from pneumotriage.scan.records import ImageResult, ScanSummary
 from pneumotriage.scan.report import ReportThumbnails
 from pneumotriage.scan.shards import Shard, shard_started, write_shard
-from pneumotriage.scan.stream import MAX_CHUNK, Batch, Item, Stream, rows_for, slots_for, window_for
+from pneumotriage.scan.stream import Batch, Item, Stream, rows_for, slots_for, window_for
 from pneumotriage.scan.tiers import tier_of, tiered
-from pneumotriage.scan.workers import Part, Workers, error_row, finish_task
+from pneumotriage.scan.workers import MAX_CHUNK, Part, Workers, error_row, finish_task
 
 #: Niceness of the worker processes on a CPU: decoding needs a few ms per image against the models' hundreds,
 #: so the workers fill the models' idle moments instead of taking cores from them.

@@ -29,10 +29,7 @@ from pneumotriage.scan.discover import Discovery, Found
 from pneumotriage.scan.finish import grey_thumbnail
 from pneumotriage.scan.options import Plan
 from pneumotriage.scan.read import read
-from pneumotriage.scan.workers import Decoded, Part, Workers, decode_task
-
-#: The most files one decode task reads (one round trip to a worker for them all).
-MAX_CHUNK = 16
+from pneumotriage.scan.workers import MAX_CHUNK, Decoded, Part, Workers, decode_task
 
 
 def window_for(plan: Plan) -> int:

@@ -285,6 +285,11 @@ def _each(fn: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
     return [fn(*args) for args in calls]
 
 
+#: The most calls one task holds (one round trip to a worker for them all: files to decode, images to finish,
+#: thumbnails to make).
+MAX_CHUNK = 16
+
+
 class Workers:
     """The pool and the arena, for one scan; a context manager that stops both."""
 
@@ -375,15 +380,16 @@ class Workers:
         return parts
 
     def map(self, fn: Callable[..., T], *iterables: Sequence[Any]) -> list[T]:
-        """``fn`` over the arguments in the workers, a few calls to a task (two tasks a worker, at most 16 calls
-        each: a round trip costs the scan's process a fraction of a millisecond); if a worker dies meanwhile, the
-        pool is started again and the whole map is done here instead (its tasks are written to be done again:
-        each writes one file)."""
+        """``fn`` over the arguments in the workers, a few calls to a task (two tasks a worker, at most
+        :data:`MAX_CHUNK` each: a round trip costs the scan's process a fraction of a millisecond); if a worker
+        dies meanwhile, the pool is started again and the whole map is done here instead (its tasks are written to
+        be done again: each writes one file)."""
         if self._pool is None:
             return [fn(*a) for a in zip(*iterables, strict=True)]
         calls = min((len(x) for x in iterables), default=0)
+        chunk = max(1, min(MAX_CHUNK, -(-calls // (2 * self.count))))
         try:
-            return list(self._pool.map(fn, *iterables, chunksize=max(1, min(16, -(-calls // (2 * self.count))))))
+            return list(self._pool.map(fn, *iterables, chunksize=chunk))
         except BrokenProcessPool:
             self.revive()
             return [fn(*a) for a in zip(*iterables, strict=True)]
