@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,11 +206,11 @@ class Stream:
             # Nothing ready: let the consumer drain, then wait for the next decoded file, a slot or discovery.
             if not self.free or not self._rows_free(1):
                 if not self.on_wait(True) and self.decoding:
-                    wait([self.decoding[0][3].future], return_when=FIRST_COMPLETED)
+                    self.workers.wait(self.decoding[0][3].future)
                 continue
             self.on_wait(False)
             if self.decoding:
-                wait([self.decoding[0][3].future], timeout=None if self.files.finished else 0.05)
+                self.workers.wait(self.decoding[0][3].future, timeout=None if self.files.finished else 0.05)
 
     def _recover(self) -> None:
         """A worker died (killed by a signal or the OOM killer: a bomb of a file, an operator) and took every task

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from pneumotriage.pipelines import InputKey
 from pneumotriage.scan.decode import SlotArena, decode_into, display_shape, make_display, turned
 from pneumotriage.scan.discover import Found
 from pneumotriage.scan.finish import THUMBNAIL, FinishJob, finish, grey_thumbnail, overlay, write_thumbnail
+from pneumotriage.scan.pool import ExecutorPool, Pool, start_pool
 from pneumotriage.scan.read import read
 from pneumotriage.scan.records import ImageResult, Status
 
@@ -311,7 +312,7 @@ class Workers:
         inherited = method == "fork" or count == 0
         self.arena = SlotArena(slots, keys, map_size, rows=rows, inherited=inherited)
         _ARENA = self.arena
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Pool | ExecutorPool | None = None
         self._method = method
         self._nice = nice
         #: How many times the pool was started again after a worker died (:meth:`revive`).
@@ -327,11 +328,11 @@ class Workers:
         frozen = gc.get_freeze_count()
         gc.freeze()
         try:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.count,
-                mp_context=multiprocessing.get_context(self._method),
-                initializer=_start,
-                initargs=(self.arena.name, self.arena.layout, self._nice, os.getpid()),
+            self._pool = start_pool(
+                self.count,
+                multiprocessing.get_context(self._method),
+                _start,
+                (self.arena.name, self.arena.layout, self._nice, os.getpid()),
             )
             # Start every worker now, before the main process runs a model: a fork after OpenMP's threads have
             # started is not safe (a restart after a worker died is the exception: see revive).
@@ -352,7 +353,7 @@ class Workers:
             return False
         except BrokenProcessPool:
             pass
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)
         self._pool = None
         self.restarts += 1
         self._start_pool()
@@ -379,20 +380,25 @@ class Workers:
             parts += [Part(future, i) for i in range(len(some))]
         return parts
 
+    def wait(self, future: Future[Any], timeout: float | None = None) -> None:
+        """Return when ``future`` is done (a worker's answer read) or ``timeout`` seconds have passed."""
+        if self._pool is not None and not future.done():
+            self._pool.wait([future], timeout)
+
     def map(self, fn: Callable[..., T], *iterables: Sequence[Any]) -> list[T]:
         """``fn`` over the arguments in the workers, a few calls to a task (two tasks a worker, at most
         :data:`MAX_CHUNK` each: a round trip costs the scan's process a fraction of a millisecond); if a worker
         dies meanwhile, the pool is started again and the whole map is done here instead (its tasks are written to
         be done again: each writes one file)."""
+        calls = list(zip(*iterables, strict=True))
         if self._pool is None:
-            return [fn(*a) for a in zip(*iterables, strict=True)]
-        calls = min((len(x) for x in iterables), default=0)
-        chunk = max(1, min(MAX_CHUNK, -(-calls // (2 * self.count))))
+            return [fn(*a) for a in calls]
+        chunk = max(1, min(MAX_CHUNK, -(-len(calls) // (2 * self.count))))
         try:
-            return list(self._pool.map(fn, *iterables, chunksize=chunk))
+            return [part.result() for part in self.submit_each(fn, calls, chunk)]
         except BrokenProcessPool:
             self.revive()
-            return [fn(*a) for a in zip(*iterables, strict=True)]
+            return [fn(*a) for a in calls]
 
     def store(self, paths: Sequence[Path], contents: Sequence[bytes]) -> None:
         """Write small files (:func:`~pneumotriage.io.store_files`) in the workers, a few to a task: each
@@ -419,7 +425,7 @@ class Workers:
     def close(self) -> None:
         global _ARENA
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)
             self._pool = None
         self.arena.close()
         _ARENA = None
