@@ -100,11 +100,15 @@ def _indented(value: Any, out: list[str], pad: str, step: str) -> None:
         if not value:
             out.append("[]" if isinstance(value, list | tuple) else "{}")
             return
+        inner = pad + step[1:]
         if isinstance(value, list | tuple):  # json's order: a list before a dict
             opening, closing, items = "[", "]", zip(itertools.repeat(""), value, strict=False)
         else:
+            flat = _flat_dict(value, inner)
+            if flat is not None:
+                out.append(f"{{{inner}{flat[1:-1]}{pad}}}")
+                return
             opening, closing, items = "{", "}", zip([_json_key(k) for k in value], value.values(), strict=True)
-        inner = pad + step[1:]
         out.append(opening)
         separator = inner
         for label, item in items:
@@ -118,6 +122,35 @@ def _indented(value: Any, out: list[str], pad: str, step: str) -> None:
         out.append(pad + closing)
     else:
         raise _NotPlain
+
+
+#: json's C encoder (absent from Pythons built without it).
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+#: json's C encoder of flat dicts, by the newline and indentation between items (see :func:`_flat_dict`).
+_FLAT_ENCODERS: dict[str, Any] = {}
+#: The types a flat dict's values may have: json's C encoder writes each as its indented form does.
+_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _flat_dict(value: Any, inner: str) -> str | None:
+    """A dict of text keys and plain values (a worklist row) in json's compact form with ``inner`` between its
+    items, by json's C encoder: the indented form is then its braces moved onto lines of their own. None for any
+    other dict (a nested value, a key that is not text, a float that is not finite), and where json has no C
+    encoder."""
+    if type(value) is not dict or _C_ENCODER is None:
+        return None
+    for key, item in value.items():
+        if type(key) is not str or type(item) not in _FLAT_TYPES:
+            return None
+    encode = _FLAT_ENCODERS.get(inner)
+    if encode is None:
+        # (markers, default, encoder, indent, key separator, item separator, sort_keys, skipkeys, allow_nan)
+        encode = _C_ENCODER(None, None, _json_text, None, ": ", "," + inner, False, False, False)
+        _FLAT_ENCODERS[inner] = encode
+    try:
+        return "".join(encode(value, 0))
+    except ValueError:  # a float that is not finite: written as null by the caller's own path
+        return None
 
 
 def _json_key(key: Any) -> str:
@@ -145,6 +178,8 @@ def printable(text: str) -> str:
     """``text`` safe to write as UTF-8: a file name that is not valid UTF-8 (Python holds its bytes as lone
     surrogates) is shown with those bytes as ``\\xNN`` escapes, so a worklist names it and never fails to be
     written. Valid text comes back unchanged."""
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -153,13 +188,13 @@ def printable(text: str) -> str:
 
 
 #: What makes a spreadsheet read a cell as a formula (OWASP "CSV injection"): its first character.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def cell(text: str) -> str:
     """``text`` as a CSV cell no spreadsheet runs: one that starts like a formula (``=HYPERLINK(...)``,
     ``+cmd|...``, ``@SUM``, ``-2+3``) gets a leading apostrophe, as OWASP recommends; anything else is unchanged."""
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def terminal_safe(text: str) -> str:

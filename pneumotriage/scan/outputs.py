@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pneumotriage.io import atomic_write_text, cell, printable, strict_json
+from pneumotriage.io import FORMULA_START, atomic_write_text, cell, printable, strict_json
 from pneumotriage.labels import write_rle_csv
 from pneumotriage.models import SYNTHETIC_NOTE
 from pneumotriage.models.foreign import RUNTIMES as GENERIC
@@ -171,7 +171,7 @@ def write_outputs(
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fields)
-    writer.writerows([_csv_value(row.get(f)) for f in fields] for row in rows)  # every row has these fields
+    writer.writerows(_csv_cells([row[f] for f in fields]) for row in rows)  # every row has these fields
     atomic_write_text(out / WORKLIST_CSV, buffer.getvalue())
     atomic_write_text(out / WORKLIST_JSON, strict_json(worklist_document(summary, rows), indent=1) + "\n")
     if submission:
@@ -192,6 +192,22 @@ def write_outputs(
         lines.writerow([cell(printable(r.path)), cell(printable(r.error or "not DICOM"))])
     atomic_write_text(out / SKIPPED, skipped.getvalue())
     write_report(summary, rows, no_phi=no_phi)
+
+
+def _csv_cells(values: list[Any]) -> list[Any]:
+    """A worklist row's values as its CSV cells (:func:`_csv_value`), in place. The common types are tested here
+    without a call for each cell; csv writes None as an empty cell itself."""
+    for i, value in enumerate(values):
+        kind = type(value)
+        if kind is str:
+            if value.startswith(FORMULA_START):
+                values[i] = cell(value)
+        elif kind is float:
+            if not math.isfinite(value):
+                values[i] = ""
+        elif value is not None and kind is not int and kind is not bool:
+            values[i] = _csv_value(value)
+    return values
 
 
 def _csv_value(value: Any) -> Any:
