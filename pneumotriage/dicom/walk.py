@@ -54,6 +54,19 @@ def walk_files(
     file there. Each file or folder passed over for any other reason is handed to ``passed`` with why (a scan lists
     them in skipped.csv: nothing found goes unaccounted for). A path that cannot be ``stat``-ed comes with None:
     reading it then says why."""
+    for path, st, _ in walk_entries(roots, exclude=exclude, passed=passed, outputs=outputs):
+        yield path, st
+
+
+def walk_entries(
+    roots: Iterable[Path],
+    *,
+    exclude: Iterable[Path] = (),
+    passed: Callable[[Path, str], None] | None = None,
+    outputs: OutputRule = scan_outputs_in,
+) -> Iterator[tuple[Path, os.stat_result | None, bool]]:
+    """:func:`walk_files`'s files, each with whether its path is a symbolic link: known from its folder's
+    listing, with no ``lstat`` of its own."""
     skip = set()
     for folder in exclude:
         try:
@@ -63,13 +76,13 @@ def walk_files(
             pass  # not made yet: nothing of it to find
     tell = passed or (lambda path, why: None)
     for root in roots:
-        for path in _paths(root, skip, tell, outputs):
+        for path, link in _paths(root, skip, tell, outputs):
             try:
-                st: os.stat_result | None = path.stat()
+                st: os.stat_result | None = os.stat(path)
             except OSError:
                 st = None
             if st is None or stat.S_ISREG(st.st_mode):
-                yield path, st
+                yield path, st, link
             else:
                 tell(path, f"not a regular file ({_kind(st.st_mode)}): never opened")
 
@@ -83,11 +96,12 @@ def _kind(mode: int) -> str:
 
 def _paths(
     root: Path, skip: set[tuple[int, int]], tell: Callable[[Path, str], None], outputs: OutputRule
-) -> Iterator[Path]:
-    """Depth first with a stack, not recursion: a folder nested thousands deep is walked like any other. Folders
-    are told apart by (device, inode), never by resolving long paths."""
+) -> Iterator[tuple[Path, bool]]:
+    """Each path with whether it is a symbolic link. Depth first with a stack, not recursion: a folder nested
+    thousands deep is walked like any other. Folders are told apart by (device, inode), never by resolving long
+    paths."""
     if not root.is_dir():
-        yield root  # a file, or a path that reading will report
+        yield root, os.path.islink(root)  # a file, or a path that reading will report
         return
     stack = [str(root)]
     while stack:
@@ -118,12 +132,19 @@ def _paths(
         folders = []
         for entry in entries:
             if not _is_dir(entry):
-                yield Path(entry.path)
+                yield Path(entry.path), _is_link(entry)
             elif entry.is_symlink():
                 tell(Path(entry.path), "a link to a folder: not followed (name the folder itself to scan it)")
             else:
                 folders.append(entry.path)
         stack.extend(reversed(folders))
+
+
+def _is_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()  # the listing's own type: no system call where the file system gives it
+    except OSError:
+        return os.path.islink(entry.path)
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from pneumotriage.dicom import image_id_for, walk_files
+from pneumotriage.dicom import image_id_for
+from pneumotriage.dicom.walk import walk_entries
 from pneumotriage.io import file_key
 from pneumotriage.scan.shards import Shard
 
@@ -58,7 +59,7 @@ def safe_name(image_id: str, taken: set[str]) -> str:
 
 
 def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Iterator[Found]:
-    """:func:`pneumotriage.dicom.walk_files` (regular files only, never opened here), each keyed, and each file
+    """:func:`pneumotriage.dicom.walk.walk_entries` (regular files only, never opened here), each keyed, and each file
     once: a file reached twice (named twice, or through a symbolic link to a sibling) is scanned under the first
     path it was found by."""
     seen: set[str] = set()
@@ -70,11 +71,11 @@ def found_files(roots: Iterable[Path], *, exclude: Iterable[Path] = ()) -> Itera
     def tell(path: Path, why: str) -> None:
         passed.append(Found(path, image_id_for(path), f"{path}|passed", str(path), passed=why))
 
-    for path, st in walk_files(roots, exclude=exclude, passed=tell):
+    for path, st, link in walk_entries(roots, exclude=exclude, passed=tell):
         yield from passed
         passed.clear()
         folder, name = os.path.split(path)
-        if name and not os.path.islink(path):
+        if name and not link:
             if folder not in folders:
                 folders[folder] = os.path.realpath(folder)
             real = os.path.join(folders[folder], name)
@@ -108,7 +109,11 @@ class Discovery:
         exclude: Iterable[Path] = (),
         shard: Shard | None = None,
     ) -> None:
-        self._queue: queue.Queue[object] = queue.Queue()
+        # Found files, handed over without a lock each (a deque's ends are thread-safe); the condition wakes a
+        # poll that waits, and is taken only while one does.
+        self._found: deque[object] = deque()
+        self._arrived = threading.Condition(threading.Lock())
+        self._waiting = False
         self._files = files if files is not None else found_files(list(roots), exclude=exclude)
         self._shard = shard
         self._error: BaseException | None = None
@@ -127,26 +132,40 @@ class Discovery:
         taken: set[str] = set()
         try:
             for seq, item in enumerate(self._files):
-                found = replace(item, seq=seq, name=safe_name(item.image_id, taken), real=item.real or item.key)
+                found = Found(
+                    item.path, item.image_id, item.key, item.real or item.key, seq, safe_name(item.image_id, taken),
+                    item.passed,
+                )  # fmt: skip
                 self.walked = seq + 1
                 if self._shard is None or self._shard.owns(found.real):
                     self.found += 1
-                    self._queue.put(found)
+                    self._hand_on(found)
         except BaseException as exc:  # handed to the scanning thread, which re-raises it
             self._error = exc
         finally:
             self.walk_done = True
-            self._queue.put(_END)
+            self._hand_on(_END)
+
+    def _hand_on(self, item: object) -> None:
+        self._found.append(item)
+        if self._waiting:  # read after the append: a poll that saw no file set it before looking
+            with self._arrived:
+                self._arrived.notify()
 
     def poll(self, limit: int, timeout: float | None = 0.0) -> list[Found]:
         """Up to ``limit`` files found so far; waits up to ``timeout`` seconds for the first one (None: until one
         comes or the walk ends)."""
         got: list[Found] = []
-        while len(got) < limit and not self.finished:
-            try:
-                item = self._queue.get(block=not got and timeout != 0.0, timeout=timeout if not got else None)
-            except queue.Empty:
-                break
+        found = self._found
+        if not found and timeout != 0.0 and not self.finished:
+            with self._arrived:
+                self._waiting = True
+                try:
+                    self._arrived.wait_for(lambda: found, timeout)
+                finally:
+                    self._waiting = False
+        while len(got) < limit and found and not self.finished:
+            item = found.popleft()
             if item is _END:
                 self.finished = True
                 if self._error is not None:

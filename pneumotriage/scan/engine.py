@@ -306,25 +306,30 @@ class _Scan:
     def drain(self, block: bool) -> bool:
         """Journal finished images from the head of the queue (with ``block``, wait for one); True when one was."""
         any_done = False
-        while self.finishing and (self.finishing[0].done() or (block and not any_done)):
-            head = self.finishing.popleft()
-            assert head.part is not None
-            try:
-                result, outlined = head.part.result()
-            except BrokenProcessPool:
-                if head.job is None:
-                    raise
-                self.workers.revive()
-                result, outlined = finish_task(head.job, head.slot)
-            self.journal.add(result)
-            if head.slot >= 0:
-                self.stream.release(head.slot)
-            # An outlined image's thumbnail is its own (or, with an overlay, cut from it at the end), never the grey.
-            thumb = outlined if result.mask_file else head.grey
-            if thumb is not None:
-                result.tier = tier_of(result, self.thresholds, self.options.decide, self.segmenter is not None)
-                self.thumbs.offer(result, thumb)
-            any_done = True
+        try:
+            while self.finishing and (self.finishing[0].done() or (block and not any_done)):
+                head = self.finishing.popleft()
+                assert head.part is not None
+                try:
+                    result, outlined = head.part.result()
+                except BrokenProcessPool:
+                    if head.job is None:
+                        raise
+                    self.workers.revive()
+                    result, outlined = finish_task(head.job, head.slot)
+                self.journal.add(result, flush=False)  # the lines of the images drained here in one write
+                if head.slot >= 0:
+                    self.stream.release(head.slot)
+                # An outlined image's thumbnail is its own (or, with an overlay, cut from it at the end), never
+                # the grey.
+                thumb = outlined if result.mask_file else head.grey
+                if thumb is not None:
+                    result.tier = tier_of(result, self.thresholds, self.options.decide, self.segmenter is not None)
+                    self.thumbs.offer(result, thumb)
+                any_done = True
+        finally:
+            if any_done:
+                self.journal.flush()
         if time.perf_counter() - self.synced > 1.0:  # durable against a power cut at least every second
             self.journal.sync()
             self.synced = time.perf_counter()

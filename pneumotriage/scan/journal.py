@@ -112,16 +112,21 @@ class Journal:
     def forget(self, key: str) -> None:
         self.done.pop(key, None)
 
-    def add(self, result: ImageResult) -> None:
-        """Record a finished image. The line reaches the OS at once (a killed process loses nothing);
-        :meth:`sync` makes a batch of lines durable against a power cut with one fsync."""
+    def add(self, result: ImageResult, *, flush: bool = True) -> None:
+        """Record a finished image. The line reaches the OS at once (a killed process loses nothing), or with
+        ``flush`` False at the next :meth:`flush` (a caller recording several answers read together: one write
+        for them all); :meth:`sync` makes a batch of lines durable against a power cut with one fsync."""
         if self.no_phi:  # no identifier under --out, hidden files included (and a resumed run is the same)
             for k in PHI_FIELDS:
                 setattr(result, k, None)
         self._fh.write(json.dumps(vars(result)) + "\n")  # its fields are plain values: no deep copy
-        self._fh.flush()
+        if flush:
+            self._fh.flush()
         self.done[result.key] = result
         self._by_path[result.path] = result
+
+    def flush(self) -> None:
+        self._fh.flush()
 
     def sync(self) -> None:
         os.fsync(self._fh.fileno())
