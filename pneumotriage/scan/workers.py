@@ -371,7 +371,7 @@ class Workers:
 
     def submit_each(self, fn: Callable[..., T], calls: Sequence[tuple[Any, ...]], chunk: int) -> list[Part[T]]:
         """``fn(*args)`` for each of ``calls``, ``chunk`` calls to a task: one round trip to a worker for several
-        items (each costs the scan's process ~0.1 ms of pickling and the pool's threads' work). The answers come
+        items (each costs the scan's process pickling, a write, and reading the answer). The answers come
         back a task at a time, as :class:`Part` s in the order of ``calls``."""
         parts: list[Part[T]] = []
         for start in range(0, len(calls), max(chunk, 1)):
