@@ -320,16 +320,14 @@ class _Scan:
                 self.journal.add(result, flush=False)  # the lines of the images drained here in one write
                 if head.slot >= 0:
                     self.stream.release(head.slot)
-                # An outlined image's thumbnail is its own (or, with an overlay, cut from it at the end), never
-                # the grey.
+                # An outlined image's thumbnail is its own (with an overlay, cut from it at the end), never grey.
                 thumb = outlined if result.mask_file else head.grey
                 if thumb is not None:
                     result.tier = tier_of(result, self.thresholds, self.options.decide, self.segmenter is not None)
                     self.thumbs.offer(result, thumb)
                 any_done = True
         finally:
-            if any_done:
-                self.journal.flush()
+            self.journal.flush()  # nothing to write where nothing was drained
         if time.perf_counter() - self.synced > 1.0:  # durable against a power cut at least every second
             self.journal.sync()
             self.synced = time.perf_counter()
@@ -422,8 +420,7 @@ class _Scan:
         self.stream.release(item.slot)
 
     def _hand_over(self) -> None:
-        """The batch's images for the workers, a few to a task: one round trip for several images, and every
-        worker given a share."""
+        """The batch's images for the workers, a few to a task: one round trip for several, every worker a share."""
         if not self.to_workers:
             return
         chunk = min(MAX_CHUNK, -(-len(self.to_workers) // max(self.workers.count, 1)))
