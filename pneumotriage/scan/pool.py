@@ -417,17 +417,9 @@ class ExecutorPool:
         initargs: tuple[Any, ...] = (),
     ) -> None:
         self._executor = ProcessPoolExecutor(count, mp_context=context, initializer=initializer, initargs=initargs)
-        self.broken: str | None = None
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        try:
-            return self._executor.submit(fn, *args)
-        except BrokenProcessPool as exc:
-            self.broken = str(exc)
-            raise
-
-    def collect(self) -> None:
-        pass
+        return self._executor.submit(fn, *args)
 
     def wait(self, futures: Iterable[Future[Any]], timeout: float | None = None) -> None:
         wait_futures(list(futures), timeout=timeout, return_when=FIRST_COMPLETED)
